@@ -1,0 +1,160 @@
+"""The backend contract: :class:`DatabaseInterface`, kept from the original SDK.
+
+A backend stores JSON-shaped values under string keys in one *domain* and
+never sees another domain's keys. It implements four methods; everything else
+has a correct default here, which a backend overrides when it can do better
+(one Redis round trip for many keys, one folder fsync for many files).
+
+Every subclass's operations are wrapped by
+:func:`chanstore.instrumentation.instrument` when the class is defined; see
+that module for how raising and returning ``(False, message)`` relate.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from chanstore.errors import BackendError, BulkWriteError, CorruptValue
+from chanstore.instrumentation import NOT_FOUND, OPERATIONS, failure_kind, instrument
+
+__all__ = ["DatabaseInterface"]
+
+
+class DatabaseInterface(ABC):
+    """Abstract base of every backend.
+
+    Subclasses take ``domain`` and their own settings as keyword arguments and
+    implement :meth:`get_value`, :meth:`set_value`, :meth:`delete_key` and
+    :meth:`all_keys`.
+    """
+
+    #: The name metrics and logs call this backend by (``backend`` label).
+    engine_name: ClassVar[str | None] = None
+    #: Settings this backend understands, with the types each accepts.
+    #: :mod:`chanstore.config` checks db_config entries against it.
+    SETTINGS: ClassVar[Mapping[str, tuple[type, ...]]] = {}
+
+    def __init__(self, domain: str = "", **settings: Any) -> None:
+        self.domain = domain
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _instrument_operations(cls)
+
+    # -- the original four -------------------------------------------------
+
+    @abstractmethod
+    def get_value(self, key: str) -> tuple[bool, Any]:
+        """``(True, value)``, or ``(False, message)`` when ``key`` is absent."""
+
+    @abstractmethod
+    def set_value(self, key: str, value: Any) -> tuple[bool, Any]:
+        """Store ``value`` under ``key``: ``(True, key)`` or ``(False, error message)``."""
+
+    @abstractmethod
+    def delete_key(self, key: str) -> tuple[bool, Any]:
+        """Remove ``key``: ``(True, key)`` or ``(False, error message)``."""
+
+    @abstractmethod
+    def all_keys(self) -> Iterable[str]:
+        """Every key in this domain, and only this domain."""
+
+    # -- bulk operations, correct by default --------------------------------
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of those ``keys`` that exist.
+
+        A value that exists but cannot be decoded maps to its
+        :class:`~chanstore.errors.CorruptValue` instead of failing the call.
+        """
+        found: dict[str, Any] = {}
+        for key in keys:
+            ok, value = self.get_value(key)
+            if ok:
+                found[key] = value
+                continue
+            kind = failure_kind(value, default=NOT_FOUND)
+            if kind == "corrupt":
+                found[key] = CorruptValue(str(value))
+            elif kind != NOT_FOUND:
+                error = BackendError(str(value))
+                error.kind = kind
+                raise error
+        return found
+
+    def load_all(self) -> dict[str, Any]:
+        """Every key and value in this domain (see :meth:`get_many` for bad values)."""
+        return self.get_many(list(self.all_keys()))
+
+    def set_many(self, items: Mapping[str, Any]) -> None:
+        """Store every item; :class:`BulkWriteError` names what was done if one fails."""
+        done: list[str] = []
+        for key, value in items.items():
+            ok, message = self.set_value(key, value)
+            if not ok:
+                raise BulkWriteError(str(message), done=done, cause=BackendError(message))
+            done.append(key)
+
+    def delete_many(self, keys: Iterable[str]) -> list[str]:
+        """Remove ``keys``; returns those that existed. Absent keys are skipped."""
+        deleted: list[str] = []
+        for key in keys:
+            ok, message = self.delete_key(key)
+            if ok:
+                deleted.append(key)
+            elif failure_kind(message, default="refused") != NOT_FOUND:
+                raise BulkWriteError(str(message), done=deleted, cause=BackendError(message))
+        return deleted
+
+    # -- life cycle ----------------------------------------------------------
+
+    def check_available(self) -> None:
+        """Raise :class:`~chanstore.errors.BackendError` unless the backend can serve now.
+
+        Readiness checks call it. A backend with nothing to reach is always available.
+        """
+        return None
+
+    def close(self) -> None:
+        """Release connections and files. The backend is not used afterwards."""
+        return None
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+        """``(problems, warnings)`` about ``settings`` for this backend.
+
+        A known setting of the wrong type is a problem; an unknown one only a
+        warning, because the original SDK ignored settings it did not use (its
+        own example config gave a redis entry a ``root_dir``).
+        """
+        problems: list[str] = []
+        warnings: list[str] = []
+        for name, value in settings.items():
+            accepted = cls.SETTINGS.get(name)
+            if accepted is None:
+                known = ", ".join(sorted(cls.SETTINGS)) or "none"
+                warnings.append(f"setting {name!r} is not used by {cls.__name__} (known: {known})")
+            elif not isinstance(value, accepted) or (
+                isinstance(value, bool) and bool not in accepted
+            ):
+                expected = " or ".join(t.__name__ for t in accepted)
+                problems.append(
+                    f"setting {name!r} must be {expected}, not {type(value).__name__} ({value!r})"
+                )
+        return problems, warnings
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(domain={self.domain!r})"
+
+
+def _instrument_operations(cls: type) -> None:
+    """Wrap the operations ``cls`` defines itself (inherited ones are wrapped already)."""
+    for name in OPERATIONS:
+        method = cls.__dict__.get(name)
+        if callable(method) and not getattr(method, "__isabstractmethod__", False):
+            setattr(cls, name, instrument(method, name))
+
+
+_instrument_operations(DatabaseInterface)

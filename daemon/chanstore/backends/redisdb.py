@@ -1,0 +1,248 @@
+"""The redis backend: one Redis hash per domain, in one logical database.
+
+A domain's keys are the fields of the hash ``<key_prefix><domain>`` (prefix
+``chanstore:`` by default). The domain is the whole rest of the name, so no
+two domains can share a hash whatever characters they hold, and every domain
+lives in the configured ``db``: the original derived a database index from
+``hash(domain)``, which changes between Python processes and lands on
+databases that do not exist.
+
+Values are compact type-marked JSON. Loading a domain is one ``HGETALL``,
+listing its keys one ``HKEYS``; ``KEYS`` is never used.
+
+Backends with the same connection settings share one connection pool, so a
+daemon with thousands of channels holds a handful of connections, not one
+pool per channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from chanstore import codec
+from chanstore.backends.base import DatabaseInterface
+from chanstore.errors import BackendUnavailable, CorruptValue
+from chanstore.keys import check_key
+
+__all__ = ["RedisDatabase"]
+
+_NONE = type(None)
+
+
+class RedisDatabase(DatabaseInterface):
+    """Values in Redis.
+
+    Settings: ``host``, ``port``, ``db``, ``username``, ``password`` or ``url``
+    (``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS,
+    ``unix://path``); ``socket_timeout`` and ``socket_connect_timeout`` in
+    seconds; ``key_prefix`` for the hash names.
+    """
+
+    engine_name = "redis"
+    SETTINGS = {
+        "host": (str,),
+        "port": (int,),
+        "db": (int,),
+        "username": (str, _NONE),
+        "password": (str, _NONE),
+        "url": (str,),
+        "socket_timeout": (int, float),
+        "socket_connect_timeout": (int, float),
+        "key_prefix": (str,),
+    }
+
+    def __init__(
+        self,
+        domain: str = "",
+        host: str = "localhost",
+        port: int = 6379,
+        db: int = 0,
+        password: str | None = None,
+        *,
+        username: str | None = None,
+        url: str | None = None,
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 2.0,
+        key_prefix: str = "chanstore:",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(domain, **kwargs)
+        self.hash_name = f"{key_prefix}{domain}".encode()
+        options = {
+            "socket_timeout": float(socket_timeout),
+            "socket_connect_timeout": float(socket_connect_timeout),
+        }
+        if url:
+            self.where = _redacted(url)
+            pool_key: tuple[Any, ...] = ("url", url, *options.values())
+            self._pool_args: dict[str, Any] = {"url": url, **options}
+        else:
+            # The original's default password "" means "no password".
+            password = password or None
+            self.where = f"{host}:{port}/{db}"
+            pool_key = (host, port, db, username, password, *options.values())
+            self._pool_args = {"host": host, "port": port, "db": db, "username": username,
+                               "password": password, **options}  # fmt: skip
+        self._pool_key = pool_key
+        self.client = _pools.acquire(pool_key, self._pool_args)
+        self._closed = False
+
+    # -- the four ------------------------------------------------------------
+
+    def get_value(self, key: str) -> tuple[bool, Any]:
+        with self._reaching():
+            data = self.client.hget(self.hash_name, check_key(key))
+        if data is None:
+            raise KeyError(key)
+        return True, self._decode(key, data)
+
+    def set_value(self, key: str, value: Any) -> tuple[bool, Any]:
+        data = codec.encode(value)
+        with self._reaching():
+            self.client.hset(self.hash_name, check_key(key), data)
+        return True, key
+
+    def delete_key(self, key: str) -> tuple[bool, Any]:
+        with self._reaching():
+            removed = self.client.hdel(self.hash_name, check_key(key))
+        if not removed:
+            raise KeyError(key)
+        return True, key
+
+    def all_keys(self) -> list[str]:
+        with self._reaching():
+            fields = self.client.hkeys(self.hash_name)
+        return [field.decode("utf-8") for field in fields]
+
+    # -- bulk: one round trip each ---------------------------------------------
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        keys = [check_key(key) for key in keys]
+        if not keys:
+            return {}
+        with self._reaching():
+            values = self.client.hmget(self.hash_name, keys)
+        return {key: self._decode_or_error(key, data)
+                for key, data in zip(keys, values, strict=True) if data is not None}  # fmt: skip
+
+    def load_all(self) -> dict[str, Any]:
+        with self._reaching():
+            items = self.client.hgetall(self.hash_name)
+        return {
+            key: self._decode_or_error(key, data)
+            for field, data in items.items()
+            for key in [field.decode("utf-8")]
+        }
+
+    def set_many(self, items: Mapping[str, Any]) -> None:
+        if not items:
+            return
+        mapping = {check_key(key): codec.encode(value) for key, value in items.items()}
+        with self._reaching():
+            self.client.hset(self.hash_name, mapping=mapping)
+
+    def delete_many(self, keys: Iterable[str]) -> list[str]:
+        keys = [check_key(key) for key in keys]
+        if not keys:
+            return []
+        with self._reaching():
+            # One atomic round trip that also says which keys were there.
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hmget(self.hash_name, keys)
+            pipe.hdel(self.hash_name, *keys)
+            present, _removed = pipe.execute()
+        return [key for key, data in zip(keys, present, strict=True) if data is not None]
+
+    # -- life cycle ------------------------------------------------------------
+
+    def check_available(self) -> None:
+        with self._reaching():
+            self.client.ping()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _pools.release(self._pool_key)
+
+    def __repr__(self) -> str:
+        return f"RedisDatabase(where={self.where!r}, hash={self.hash_name.decode()!r})"
+
+    # -- internals -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Say which Redis could not be reached, not just that a socket failed."""
+        try:
+            yield
+        except redis.TimeoutError as exc:
+            error = BackendUnavailable(f"Redis at {self.where} did not answer in time: {exc}")
+            error.kind = "timeout"
+            raise error from exc
+        except redis.ConnectionError as exc:
+            raise BackendUnavailable(f"Redis at {self.where} is unreachable: {exc}") from exc
+
+    def _decode(self, key: str, data: bytes) -> Any:
+        try:
+            return codec.decode(data)
+        except (ValueError, TypeError) as exc:
+            raise CorruptValue(
+                f"Redis hash {self.hash_name.decode()!r} field {key!r} is not a readable "
+                f"value: {exc}"
+            ) from exc
+
+    def _decode_or_error(self, key: str, data: bytes) -> Any:
+        try:
+            return self._decode(key, data)
+        except CorruptValue as exc:
+            return exc
+
+
+class _SharedPools:
+    """Connection pools shared by every backend with the same settings, counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[tuple[Any, ...], tuple[redis.Redis, int]] = {}
+
+    def acquire(self, key: tuple[Any, ...], args: dict[str, Any]) -> redis.Redis:
+        with self._lock:
+            client, users = self._pools.get(key) or (_new_client(args), 0)
+            self._pools[key] = (client, users + 1)
+            return client
+
+    def release(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            client, users = self._pools[key]
+            if users > 1:
+                self._pools[key] = (client, users - 1)
+                return
+            del self._pools[key]
+        client.close()
+        client.connection_pool.disconnect()
+
+
+def _new_client(args: dict[str, Any]) -> redis.Redis:
+    # One quick retry covers a pooled connection that went stale while Redis
+    # restarted; anything longer is an outage that callers should hear about.
+    retry = Retry(NoBackoff(), 1)
+    if "url" in args:
+        args = dict(args)
+        return redis.Redis.from_url(args.pop("url"), retry=retry, **args)
+    return redis.Redis(retry=retry, **args)
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    return f"{scheme}{sep}{location}" if at and credentials else url
+
+
+_pools = _SharedPools()

@@ -1,0 +1,187 @@
+"""Values to type-marked JSON and back, in the original SDK's format.
+
+JSON carries dicts, lists, strings, numbers, booleans and null. Anything else
+chanstore stores is written as a *type mark*::
+
+    {"_moobius_type": "<module.Class>", "_moobius_val": <JSON>}
+
+exactly as the original SDK wrote dataclasses, so data moves between the two:
+sets and tuples are marked ``builtins.set`` and ``builtins.tuple`` (which the
+original revives with its generic constructor), and a dataclass is marked with
+its module and class name, its value being :func:`dataclasses.asdict` of it.
+
+Reviving a mark never looks a name up in the interpreter: only the builtins
+above and the classes an application has :func:`register_type`-ed are revived.
+The original revived *any* importable name (``pydoc.locate``), so stored data
+could make it call an arbitrary function. A mark chanstore does not know is
+left as the plain dict it is, so nothing is lost when the value is written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import dacite
+
+from chanstore.errors import UnstorableValue
+
+__all__ = [
+    "TYPE_KEY",
+    "VALUE_KEY",
+    "decode",
+    "encode",
+    "mark_name",
+    "register_type",
+    "registered_types",
+    "to_json_shape",
+    "unregister_type",
+]
+
+TYPE_KEY = "_moobius_type"
+VALUE_KEY = "_moobius_val"
+
+T = TypeVar("T", bound=type)
+
+_registry: dict[str, type] = {}
+_registry_lock = threading.Lock()
+_DACITE_CONFIG = dacite.Config(cast=[tuple, set, frozenset], strict=False)
+
+# Marks the original SDK (or chanstore) wrote for builtins, revived without
+# consulting the registry: they are containers of already-decoded JSON.
+_BUILTIN_REVIVERS: dict[str, Callable[[Any], Any]] = {
+    "builtins.set": lambda value: set(map(_hashable, value)),
+    "builtins.frozenset": lambda value: frozenset(map(_hashable, value)),
+    "builtins.tuple": tuple,
+    "NoneType": lambda _value: None,
+}
+
+
+def mark_name(cls: type) -> str:
+    """The type mark the original SDK writes for instances of ``cls``."""
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def register_type(cls: T | None = None, *, name: str | None = None) -> Any:
+    """Allow values marked with ``cls``'s name to be revived as ``cls``.
+
+    Use it as a decorator (``@register_type``) or call it
+    (``register_type(Profile)``). ``name`` overrides the mark, for data written
+    when the class lived in another module. Only dataclasses and classes
+    whose constructor takes the marked JSON value are sensible here.
+    """
+
+    def register(target: T) -> T:
+        with _registry_lock:
+            _registry[name or mark_name(target)] = target
+        return target
+
+    return register(cls) if cls is not None else register
+
+
+def unregister_type(cls_or_name: type | str) -> None:
+    """Forget a registration made with :func:`register_type`."""
+    name = cls_or_name if isinstance(cls_or_name, str) else mark_name(cls_or_name)
+    with _registry_lock:
+        _registry.pop(name, None)
+
+
+def registered_types() -> dict[str, type]:
+    """A copy of the registry: mark name to class."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+def to_json_shape(value: Any) -> Any:
+    """``value`` with every non-JSON part replaced by its type mark.
+
+    Raises :class:`UnstorableValue` for what JSON cannot hold faithfully: a
+    non-string dict key (JSON would silently turn ``1`` into ``"1"``), NaN or
+    an infinity, or an object that is not a dataclass.
+    """
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise UnstorableValue(f"{value!r} cannot be stored: JSON has no NaN or infinity")
+        return value
+    if kind is dict:
+        return {_checked_key(k): to_json_shape(v) for k, v in value.items()}
+    if kind is list:
+        return [to_json_shape(item) for item in value]
+    if kind is tuple:
+        return {TYPE_KEY: "builtins.tuple", VALUE_KEY: [to_json_shape(i) for i in value]}
+    if kind is set or kind is frozenset:
+        items = [to_json_shape(item) for item in value]
+        return {TYPE_KEY: f"builtins.{kind.__name__}", VALUE_KEY: items}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = to_json_shape(dataclasses.asdict(value))
+        return {TYPE_KEY: mark_name(kind), VALUE_KEY: fields}
+    # Subclasses of the JSON types (IntEnum, OrderedDict, ...) are stored as their base.
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return to_json_shape(base(value))
+    if isinstance(value, dict):
+        return to_json_shape(dict(value))
+    if isinstance(value, list):
+        return to_json_shape(list(value))
+    raise UnstorableValue(
+        f"a value of type {kind.__qualname__} cannot be stored: expected JSON types "
+        "(dict, list, str, int, float, bool, None), a set, a tuple or a dataclass"
+    )
+
+
+def encode(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as type-marked JSON text (``indent=2`` is the original's file form)."""
+    shaped = to_json_shape(value)
+    if indent is None:
+        return json.dumps(shaped, separators=(",", ":"), allow_nan=False)
+    return json.dumps(shaped, indent=indent, allow_nan=False)
+
+
+def decode(text: str | bytes) -> Any:
+    """The value that :func:`encode` (or the original SDK) wrote as ``text``.
+
+    Raises :class:`ValueError` (``json.JSONDecodeError``) when ``text`` is not JSON.
+    """
+    return json.loads(text, object_hook=_revive)
+
+
+def _checked_key(key: Any) -> str:
+    if type(key) is str:
+        return key
+    raise UnstorableValue(
+        f"dict key {key!r} ({type(key).__name__}) cannot be stored: JSON object keys "
+        "must be str, and converting it would change the value that reads back"
+    )
+
+
+def _hashable(item: Any) -> Any:
+    # Members of a set came back from JSON; lists among them were tuples.
+    return tuple(_hashable(i) for i in item) if isinstance(item, list) else item
+
+
+def _revive(obj: dict[str, Any]) -> Any:
+    """``json.loads`` object hook: called innermost first, so marks nest."""
+    if len(obj) != 2 or TYPE_KEY not in obj or VALUE_KEY not in obj:
+        return obj
+    name, value = obj[TYPE_KEY], obj[VALUE_KEY]
+    if not isinstance(name, str):
+        return obj
+    builtin = _BUILTIN_REVIVERS.get(name)
+    if builtin is not None:
+        try:
+            return builtin(value)
+        except TypeError:
+            return obj
+    cls = _registry.get(name)
+    if cls is None:
+        return obj
+    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
+        return dacite.from_dict(data_class=cls, data=value, config=_DACITE_CONFIG)
+    return cls(value)

@@ -1,0 +1,132 @@
+"""The exceptions chanstore raises, and the short kinds its metrics count them by.
+
+Every error carries a ``kind``: a short, stable word that becomes the ``error``
+label of ``chanstore_backend_operation_errors_total``. Kinds form a small closed
+set so that label sets stay bounded whatever a backend's messages say.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "BulkWriteError",
+    "ChanstoreError",
+    "ConfigError",
+    "CorruptValue",
+    "InvalidKey",
+    "UnknownEngine",
+    "UnstorableValue",
+    "WriteRefused",
+    "error_kind",
+]
+
+
+class ChanstoreError(Exception):
+    """Base class of every error chanstore raises on purpose."""
+
+    kind = "error"
+
+
+class ConfigError(ChanstoreError, ValueError):
+    """A db_config (or a daemon setting) is not what chanstore expects.
+
+    ``problems`` lists every reason, one sentence each, so that a validator can
+    report them all at once rather than one per run.
+    """
+
+    kind = "config"
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class UnknownEngine(ConfigError):
+    """``get_engine`` was asked for a backend name that nobody registered."""
+
+
+class InvalidKey(ChanstoreError, ValueError):
+    """A key (or channel id) is not a string chanstore can store under."""
+
+    kind = "invalid_key"
+
+
+class UnstorableValue(ChanstoreError, ValueError):
+    """A value cannot be encoded as (type-marked) JSON."""
+
+    kind = "invalid_value"
+
+
+class BackendError(ChanstoreError):
+    """A backend failed to do what it was asked."""
+
+    kind = "backend"
+
+
+class BackendUnavailable(BackendError):
+    """The backend's server or storage cannot be reached at all."""
+
+    kind = "unavailable"
+
+
+class CorruptValue(BackendError):
+    """A stored value exists but cannot be decoded (a torn or foreign file)."""
+
+    kind = "corrupt"
+
+
+class WriteRefused(BackendError):
+    """A strict CachedDict's backend refused a write or a delete."""
+
+    kind = "refused"
+
+    def __init__(self, message: str, *, error_kind: str = "refused") -> None:
+        super().__init__(message)
+        self.kind = error_kind
+
+
+class BulkWriteError(BackendError):
+    """A bulk write stopped part-way; ``done`` lists the keys it did write."""
+
+    def __init__(self, message: str, *, done: list[str], cause: BaseException) -> None:
+        super().__init__(message)
+        self.done = done
+        self.kind = error_kind(cause)
+
+
+_ERRNO_KINDS = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "disk_full",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.ENAMETOOLONG: "invalid_key",
+}
+
+
+def error_kind(exc: BaseException) -> str:
+    """The bounded ``error`` label for ``exc``.
+
+    chanstore's own errors name their kind; timeouts, refused connections and
+    the common disk errors get a kind of their own; anything else is
+    ``internal``, so that an unexpected message can never mint a new label.
+    """
+    if isinstance(exc, ChanstoreError):
+        return exc.kind
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout"
+    # redis-py's errors do not derive from the builtins, so they are matched by name.
+    name = type(exc).__name__
+    if name == "TimeoutError":
+        return "timeout"
+    if isinstance(exc, ConnectionError) or name in {"ConnectionError", "BusyLoadingError"}:
+        return "unavailable"
+    if name in {"AuthenticationError", "AuthorizationError", "NoPermissionError"}:
+        return "permission"
+    if isinstance(exc, OSError):
+        return _ERRNO_KINDS.get(exc.errno or 0, "io")
+    return "internal"

@@ -1,0 +1,264 @@
+"""The one decorator that measures and logs every backend operation.
+
+:class:`~chanstore.backends.base.DatabaseInterface` applies :func:`instrument`
+to the operations of every subclass as the subclass is defined, so a
+third-party backend is measured and logged without a line of metrics code.
+The wrapper records ``chanstore_backend_operation_duration_seconds`` for each
+call and ``chanstore_backend_operation_errors_total`` for each failure (an
+absent key is an answer, not a failure), logs every failure as a structlog
+event, and turns what a backend raised into the contract's answers:
+
+* ``get_value``, ``set_value`` and ``delete_key`` never raise: a failure comes
+  back as ``(False, Failure)``, where :class:`Failure` is the message string
+  carrying a ``kind`` (``not_found`` for an absent key);
+* ``all_keys`` and the bulk operations raise a
+  :class:`~chanstore.errors.BackendError`.
+
+So a backend may be written either way: returning the tuples, as the original
+SDK's were, or raising (``KeyError`` for an absent key).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from chanstore import logs
+from chanstore.errors import BackendError, ChanstoreError, CorruptValue, error_kind
+from chanstore.metrics import Metrics, default_metrics
+
+__all__ = ["OPERATIONS", "Failure", "Probe", "attach", "instrument", "probe_of"]
+
+NOT_FOUND = "not_found"
+
+# Backend method name -> (operation label, how the method answers).
+OPERATIONS: dict[str, tuple[str, str]] = {
+    "get_value": ("get", "read"),
+    "set_value": ("set", "write"),
+    "delete_key": ("delete", "write"),
+    "all_keys": ("all_keys", "keys"),
+    "get_many": ("get_many", "bulk_read"),
+    "load_all": ("load_all", "bulk_read"),
+    "set_many": ("set_many", "bulk_write"),
+    "delete_many": ("delete_many", "bulk_write"),
+}
+
+
+class Failure(str):
+    """The message of a ``(False, message)`` answer, with the failure's ``kind``.
+
+    It is a ``str``, so code written against the original contract sees the
+    message it always saw; chanstore reads ``kind`` to tell an absent key
+    (``not_found``) from a backend that failed.
+    """
+
+    kind: str
+    exception: BaseException | None
+
+    def __new__(cls, message: str, kind: str, exception: BaseException | None = None) -> Failure:
+        failure = super().__new__(cls, message)
+        failure.kind = kind
+        failure.exception = exception
+        return failure
+
+
+def failure_kind(answer: Any, *, default: str) -> str:
+    """The kind of the message in a ``(False, message)`` answer."""
+    return getattr(answer, "kind", default)
+
+
+class Probe:
+    """Where one backend instance reports: metric children bound to its labels.
+
+    Binding the label values once, when a container is built, keeps the cost
+    of a measured call to about one histogram observation.
+    """
+
+    def __init__(self, metrics: Metrics, backend: str, container: str, domain: str) -> None:
+        self.backend = backend
+        self.container = container
+        self._errors = metrics.backend_errors
+        self.durations = {
+            label: metrics.backend_duration.labels(backend, container, label)
+            for label, _style in OPERATIONS.values()
+        }
+        self.log = logs.get_logger(backend=backend, container=container, domain=domain)
+
+    def failed(self, operation: str, exc: BaseException, kind: str, **fields: Any) -> None:
+        """Count and log one failed operation."""
+        self._errors.labels(self.backend, self.container, operation, kind).inc()
+        self.log.error(
+            "backend_operation_failed", operation=operation, error=str(exc), error_kind=kind,
+            **fields,
+        )  # fmt: skip
+
+
+def engine_label(backend_class: type) -> str:
+    """The ``backend`` label of a backend class: its engine name."""
+    return getattr(backend_class, "engine_name", None) or backend_class.__name__
+
+
+def attach(
+    backend: Any, *, container: str, metrics: Metrics | None = None, backend_label: str = ""
+) -> Probe:
+    """Make ``backend`` report as ``container`` to ``metrics`` (default: the process's)."""
+    probe = Probe(
+        metrics if metrics is not None else default_metrics(),
+        backend_label or engine_label(type(backend)),
+        container,
+        str(getattr(backend, "domain", "")),
+    )
+    backend._chanstore_probe = probe
+    return probe
+
+
+def probe_of(backend: Any) -> Probe:
+    """The probe ``backend`` reports to; one for an unnamed container if none was attached."""
+    probe = getattr(backend, "_chanstore_probe", None)
+    return probe if probe is not None else attach(backend, container="unnamed")
+
+
+_inside = threading.local()
+
+
+def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Wrap the backend ``method`` called ``name`` (a key of :data:`OPERATIONS`)."""
+    if getattr(method, "__chanstore_instrumented__", False):
+        return method
+    operation, style = OPERATIONS[name]
+    finish = _FINISHERS[style]
+    materialize = style == "keys"
+
+    @functools.wraps(method)
+    def measured(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # A subclass method calling super() is one operation, measured once.
+        active = _inside.__dict__.setdefault("calls", set())
+        token = (id(self), name)
+        if token in active:
+            return method(self, *args, **kwargs)
+        probe = probe_of(self)
+        active.add(token)
+        started = time.perf_counter()
+        try:
+            result = method(self, *args, **kwargs)
+            if materialize:
+                # A lazy iterator would fail, and take its time, outside the measurement.
+                result = list(result)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                raise
+            result = _Raised(exc)
+        finally:
+            active.discard(token)
+        elapsed = time.perf_counter() - started
+        probe.durations[operation].observe(elapsed)
+        if logs.debug_enabled():
+            probe.log.debug(
+                "backend_operation", operation=operation, key=_subject(args), duration=elapsed
+            )
+        return finish(probe, operation, result, args)
+
+    measured.__chanstore_instrumented__ = True  # type: ignore[attr-defined]
+    return measured
+
+
+class _Raised:
+    """What a wrapped method raised, passed to the finisher in place of a result."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def _subject(args: tuple[Any, ...]) -> Any:
+    if not args:
+        return None
+    first = args[0]
+    return first if isinstance(first, str) else f"<{len(first)} keys>"
+
+
+def _finish_read(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+    if isinstance(result, _Raised):
+        exc = result.exc
+        if isinstance(exc, KeyError):
+            return False, Failure(f"key {args[0]!r} not found", NOT_FOUND, exc)
+        return _tuple_failure(probe, operation, exc, args)
+    ok, value = result
+    if not ok and not isinstance(value, Failure):
+        # (False, message) from a get is the contract's "absent", not a failure.
+        return False, Failure(str(value), NOT_FOUND)
+    if not ok and value.kind != NOT_FOUND:
+        probe.failed(operation, value.exception or BackendError(value), value.kind, key=args[0])
+    return result
+
+
+def _finish_write(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+    if isinstance(result, _Raised):
+        exc = result.exc
+        if isinstance(exc, KeyError) and operation == "delete":
+            return False, Failure(f"key {args[0]!r} not found", NOT_FOUND, exc)
+        return _tuple_failure(probe, operation, exc, args)
+    ok, message = result
+    if not ok:
+        kind = failure_kind(message, default="refused")
+        if kind != NOT_FOUND:
+            probe.failed(operation, BackendError(message), kind, key=args[0] if args else None)
+        if not isinstance(message, Failure):
+            return False, Failure(str(message), kind)
+    return result
+
+
+def _tuple_failure(
+    probe: Probe, operation: str, exc: Exception, args: tuple[Any, ...]
+) -> tuple[bool, Failure]:
+    kind = error_kind(exc)
+    key = args[0] if args else None
+    probe.failed(operation, exc, kind, key=key)
+    return False, Failure(f"{probe.backend} {operation} of key {key!r} failed: {exc}", kind, exc)
+
+
+def _finish_keys(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+    if isinstance(result, _Raised):
+        raise _raised_as_backend_error(probe, operation, result.exc)
+    return result
+
+
+def _finish_bulk_read(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+    if isinstance(result, _Raised):
+        raise _raised_as_backend_error(probe, operation, result.exc)
+    # One unreadable value must not fail a whole load: it comes back in place
+    # of its value, and is counted and logged here, once.
+    for key, value in result.items():
+        if isinstance(value, CorruptValue):
+            probe.failed(operation, value, value.kind, key=key)
+    return result
+
+
+def _finish_bulk_write(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+    if isinstance(result, _Raised):
+        raise _raised_as_backend_error(probe, operation, result.exc)
+    return result
+
+
+def _raised_as_backend_error(probe: Probe, operation: str, exc: Exception) -> Exception:
+    kind = error_kind(exc)
+    probe.failed(operation, exc, kind)
+    if isinstance(exc, ChanstoreError):
+        return exc
+    error = BackendError(f"{probe.backend} {operation} failed: {exc}")
+    error.kind = kind
+    error.__cause__ = exc
+    return error
+
+
+_FINISHERS: dict[str, Callable[[Probe, str, Any, tuple[Any, ...]], Any]] = {
+    "read": _finish_read,
+    "write": _finish_write,
+    "keys": _finish_keys,
+    "bulk_read": _finish_bulk_read,
+    "bulk_write": _finish_bulk_write,
+}

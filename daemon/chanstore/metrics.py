@@ -1,0 +1,114 @@
+"""Every Prometheus metric chanstore exports, defined in one place.
+
+:class:`Metrics` registers the whole set on one registry. The process-wide
+set lives on prometheus_client's default registry (:func:`default_metrics`);
+tests and embedders make their own with ``Metrics(CollectorRegistry())`` and
+hand it to :class:`~chanstore.storage.MoobiusStorage` or
+:class:`~chanstore.cache.CachedDict`.
+
+Labels are bounded by construction: ``container`` is a db_config name,
+``backend`` an engine name, ``operation`` one of the backend methods, ``error``
+one of :func:`chanstore.errors.error_kind`'s words. Channel ids and keys are
+never labels.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["BACKEND_BUCKETS", "HTTP_BUCKETS", "Metrics", "default_metrics"]
+
+# Storage operations run from ~10 µs (a cached json read, the null backend) to
+# seconds (a fsync on a busy disk, a Redis timeout); the client library's
+# default buckets start at 5 ms and would put every fast operation in one bucket.
+BACKEND_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+HTTP_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """The chanstore metric families, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        on = {"registry": self.registry}
+        self.backend_duration = Histogram(
+            "chanstore_backend_operation_duration_seconds",
+            "Time a backend operation took, failures included.",
+            ["backend", "container", "operation"],
+            buckets=BACKEND_BUCKETS,
+            **on,
+        )
+        self.backend_errors = Counter(
+            "chanstore_backend_operation_errors_total",
+            "Backend operations that failed, by kind of failure.",
+            ["backend", "container", "operation", "error"],
+            **on,
+        )
+        self.cache_requests = Counter(
+            "chanstore_cache_requests_total",
+            "Key lookups in a CachedDict: hit when answered from memory, miss when "
+            "the backend was asked.",
+            ["container", "result"],
+            **on,
+        )
+        self.cache_entries = Gauge(
+            "chanstore_cache_entries",
+            "Values held in memory, summed over the channels in memory.",
+            ["container"],
+            **on,
+        )
+        self.channels = Gauge("chanstore_channels", "Channels held in memory.", **on)
+        self.http_requests = Counter(
+            "chanstore_http_requests_total",
+            "HTTP requests answered, by route template and status.",
+            ["method", "route", "status"],
+            **on,
+        )
+        self.http_duration = Histogram(
+            "chanstore_http_request_duration_seconds",
+            "Time from a request's arrival to its response.",
+            ["method", "route"],
+            buckets=HTTP_BUCKETS,
+            **on,
+        )
+        self.reload_successful = Gauge(
+            "chanstore_config_last_reload_successful",
+            "1 when the last db_config reload was applied, 0 when it was rejected.",
+            **on,
+        )
+        self.reload_success_timestamp = Gauge(
+            "chanstore_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last db_config load that was applied.",
+            **on,
+        )
+        self.reloads = Counter(
+            "chanstore_config_reloads_total",
+            "db_config reloads, by result.",
+            ["result"],
+            **on,
+        )
+        self.build_info = Gauge(
+            "chanstore_build_info", "Always 1; the labels say which chanstore runs.",
+            ["version"], **on,
+        )  # fmt: skip
+
+
+_default: Metrics | None = None
+_default_lock = threading.Lock()
+
+
+def default_metrics() -> Metrics:
+    """The process-wide metrics, on prometheus_client's default registry."""
+    global _default  # noqa: PLW0603 - one registry per process is the point
+    with _default_lock:
+        if _default is None:
+            _default = Metrics(REGISTRY)
+        return _default
