@@ -31,9 +31,23 @@ from chanstore.instrumentation import NOT_FOUND, attach, failure_kind
 from chanstore.keys import check_key
 from chanstore.metrics import Metrics, default_metrics
 
-__all__ = ["CachedDict"]
+__all__ = ["ABSENT", "UNKNOWN", "CachedDict"]
 
 _MISSING: Any = object()
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: :meth:`CachedDict.lookup`'s answer for a key the complete cache knows is absent.
+ABSENT: Any = _Marker("ABSENT")
+#: :meth:`CachedDict.lookup`'s answer when only the backend knows.
+UNKNOWN: Any = _Marker("UNKNOWN")
 _CALLER_ERRORS = {"invalid_value": UnstorableValue, "invalid_key": InvalidKey}
 
 
@@ -106,13 +120,51 @@ class CachedDict(MutableMapping[str, Any]):
         """Yield the value of ``key`` to change in place; save it when the block ends.
 
         ``default`` is stored first when ``key`` is absent. The value is saved
-        only if the block finishes without an exception. The dict stays locked
+        only if the block finishes without an exception; otherwise (or if the
+        backend refuses it) the cache goes back to the stored value. The dict stays locked
         for the block, so the read-modify-write is atomic among threads.
         """
         with self._lock:
             value = self[key] if default is _MISSING else self.setdefault(key, default)
-            yield value
-            self[key] = value
+            try:
+                yield value
+                self[key] = value
+            except BaseException:
+                # The value was changed in place but not stored: cache what is stored.
+                self._reread(key)
+                raise
+
+    def remember(self, key: str, value: Any) -> None:
+        """Cache ``value`` for ``key``, which the backend already holds.
+
+        For callers that write to the backend themselves, in batches (the
+        daemon's write lanes); everyone else writes with ``d[key] = value``.
+        """
+        with self._lock:
+            self._store(key, value)
+
+    def discard(self, key: str) -> None:
+        """Drop ``key`` from the cache after the caller deleted it from the backend."""
+        with self._lock:
+            self._drop(key)
+
+    def lookup(self, key: str) -> Any:
+        """What memory alone says of ``key``: its value, :data:`ABSENT` or :data:`UNKNOWN`.
+
+        Never asks the backend and never waits for a lock, so an event loop
+        may call it; a value or ABSENT counts as a cache hit.
+        """
+        value = self._cache.get(key, UNKNOWN)
+        if value is UNKNOWN:
+            if not self._complete:
+                return UNKNOWN
+            value = ABSENT
+        self._hits.inc()
+        return value
+
+    def count_miss(self) -> None:
+        """Count a lookup that had to ask the backend (for callers that ask it themselves)."""
+        self._misses.inc()
 
     def forget(self) -> None:
         """Drop the cache (not the stored data): the next reads ask the backend."""
@@ -291,6 +343,16 @@ class CachedDict(MutableMapping[str, Any]):
     def _drop(self, key: str) -> None:
         if self._cache.pop(key, _MISSING) is not _MISSING:
             self._entries.dec()
+
+    def _reread(self, key: str) -> None:
+        """Replace the cached value of ``key`` with the backend's."""
+        ok, value = self.database.get_value(key)
+        if ok:
+            self._store(key, value)
+            return
+        self._drop(key)
+        if failure_kind(value, default=NOT_FOUND) != NOT_FOUND:
+            self._complete = False  # whatever is stored, the cache no longer knows it
 
     def _refused(self, operation: str, key: str, failure: Any) -> None:
         """Raise for a refused write, or (non-strict) log that memory now differs."""

@@ -52,19 +52,34 @@ def configure(
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
         raise ValueError(f"log format {log_format!r} is not one of json, console")
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    _route_standard_logging(shared, renderer, stream, level)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     _debug = level == "debug"
+
+
+def _route_standard_logging(shared: list[Any], renderer: Any, stream: Any, level: str) -> None:
+    """Render the libraries' stdlib logging (uvicorn, watchdog) as chanstore's events."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    # Libraries chatter at debug; their warnings are what an operator needs.
+    root.setLevel(max(getattr(logging, level.upper()), logging.INFO))
 
 
 def debug_enabled() -> bool:

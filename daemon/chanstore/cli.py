@@ -1,0 +1,163 @@
+"""The ``chanstore`` command.
+
+::
+
+    chanstore serve                      run the daemon (flags or CHANSTORE_* variables)
+    chanstore check-config FILE          check a db_config file; non-zero with the reasons
+    chanstore reload                     ask the running daemon to reload; exit says the verdict
+    chanstore get CHANNEL CONTAINER KEY  print a value
+    chanstore set CHANNEL CONTAINER KEY JSON
+    chanstore delete CHANNEL CONTAINER KEY
+    chanstore keys CHANNEL CONTAINER
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import chanstore
+from chanstore.config import load_db_config
+from chanstore.errors import ConfigError
+
+__all__ = ["main"]
+
+#: Exit statuses, as sysexits(3) would have them where one fits.
+OK, FAILED, USAGE, UNREACHABLE, NOT_FOUND = 0, 1, 2, 3, 4
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``chanstore`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"chanstore: {problem}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from chanstore.server.settings import add_arguments  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="chanstore", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=chanstore.__version__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    add_arguments(serve)
+    serve.set_defaults(command=_serve)
+
+    check = commands.add_parser("check-config", help="check a db_config file")
+    check.add_argument("path", help="the db_config JSON file")
+    check.set_defaults(command=_check_config)
+
+    client_flags = ("listen", "token-file")
+    reload = commands.add_parser("reload", help="reload the running daemon's db_config")
+    add_arguments(reload, client_flags)
+    reload.set_defaults(command=_reload)
+
+    for name, params, help_text in (
+        ("get", ("channel", "container", "key"), "print the JSON value of a key"),
+        ("set", ("channel", "container", "key", "value"), "store a JSON value"),
+        ("delete", ("channel", "container", "key"), "delete a key"),
+        ("keys", ("channel", "container"), "list a container's keys"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        for param in params:
+            sub.add_argument(param, help="JSON text" if param == "value" else None)
+        add_arguments(sub, client_flags)
+        sub.set_defaults(command=_data_command, action=name)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from chanstore.server.daemon import serve  # noqa: PLC0415
+    from chanstore.server.settings import settings_from_arguments  # noqa: PLC0415
+
+    return serve(settings_from_arguments(args))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_db_config(Path(args.path))
+    except ConfigError as exc:
+        print(f"{args.path}: invalid", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return FAILED
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    names = ", ".join(f"{spec.name} ({spec.implementation})" for spec in config)
+    print(f"{args.path}: ok, {len(config)} containers: {names or 'none'}")
+    return OK
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from chanstore.client import Client  # noqa: PLC0415
+    from chanstore.server.settings import settings_from_arguments  # noqa: PLC0415
+
+    settings = settings_from_arguments(args)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return Client(f"http://{host}:{settings.port}", token=settings.read_token())
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from chanstore.client import ClientError  # noqa: PLC0415
+
+    with _client(args) as client:
+        try:
+            verdict = client.reload()
+        except ClientError as exc:
+            print(f"chanstore reload: {exc}", file=sys.stderr)
+            return UNREACHABLE if exc.status is None else FAILED
+    if verdict.get("ok"):
+        changes = verdict.get("changes", {})
+        summary = "; ".join(f"{k}: {', '.join(v)}" for k, v in changes.items() if v)
+        print(f"reloaded ({summary or 'no changes'})")
+        return OK
+    print("reload rejected; the daemon keeps its running config:", file=sys.stderr)
+    for problem in verdict.get("problems", []):
+        print(f"  {problem}", file=sys.stderr)
+    return FAILED
+
+
+def _data_command(args: argparse.Namespace) -> int:
+    from chanstore.client import ClientError  # noqa: PLC0415
+
+    with _client(args) as client:
+        try:
+            if args.action == "get":
+                print(json.dumps(client.get(args.channel, args.container, args.key), indent=2))
+            elif args.action == "set":
+                try:
+                    value = json.loads(args.value)
+                except json.JSONDecodeError as exc:
+                    print(f"chanstore set: VALUE is not JSON: {exc}", file=sys.stderr)
+                    return USAGE
+                client.set(args.channel, args.container, args.key, value)
+            elif args.action == "delete":
+                client.delete(args.channel, args.container, args.key)
+            else:
+                for key in client.keys(args.channel, args.container):
+                    print(key)
+        except KeyError:
+            print(f"chanstore {args.action}: no key {args.key!r}", file=sys.stderr)
+            return NOT_FOUND
+        except ClientError as exc:
+            print(f"chanstore {args.action}: {exc}", file=sys.stderr)
+            return UNREACHABLE if exc.status is None else FAILED
+    return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

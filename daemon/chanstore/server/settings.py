@@ -1,0 +1,156 @@
+"""The daemon's settings: each a flag of ``chanstore serve`` and a CHANSTORE_* variable.
+
+A flag wins over its variable, which wins over the default, so that a systemd
+``EnvironmentFile`` configures the service and a person can still override one
+setting on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from chanstore.errors import ConfigError
+from chanstore.logs import LEVELS
+
+__all__ = ["DaemonSettings", "add_arguments", "parse_listen", "settings_from_arguments"]
+
+DEFAULT_LISTEN = "127.0.0.1:8470"
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """Everything ``chanstore serve`` is told, checked."""
+
+    db_config: Path = Path("config/db.json")
+    service_id: str = "chanstore"
+    host: str = "127.0.0.1"
+    port: int = 8470
+    log_format: str | None = None
+    log_level: str = "info"
+    token_file: Path | None = None
+    max_body_bytes: int = 1024 * 1024
+    idle_timeout: float = 300.0
+    max_channels: int = 100_000
+    write_lanes: int = 4
+    config_poll_interval: float = 5.0
+    shutdown_timeout: float = 15.0
+    backend_timeout: float = 10.0
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def read_token(self) -> str | None:
+        """The bearer token from ``token_file``, or None when auth is off."""
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"token file {str(self.token_file)!r}: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"token file {str(self.token_file)!r} is empty")
+        return token
+
+
+# flag name -> (environment variable, type, help)
+_OPTIONS: dict[str, tuple[type, str]] = {
+    "db-config": (str, "db_config file to serve (default config/db.json)"),
+    "service-id": (str, "service id: the service_<id> part of every domain (default chanstore)"),
+    "listen": (str, f"HOST:PORT to serve HTTP on (default {DEFAULT_LISTEN})"),
+    "log-format": (str, "json or console (default: console on a terminal, json otherwise)"),
+    "log-level": (str, f"one of {', '.join(LEVELS)} (default info)"),
+    "token-file": (str, "file holding the bearer token that /v1 and /-/reload require"),
+    "max-body-bytes": (int, "largest request body accepted, in bytes (default 1048576)"),
+    "idle-timeout": (float, "seconds after which an unused channel leaves memory (default 300)"),
+    "max-channels": (int, "channels kept in memory at most; the idlest leave first"),
+    "write-lanes": (int, "parallel write queues per container (default 4)"),
+    "config-poll-interval": (float, "seconds between checksum polls of db_config (default 5)"),
+    "shutdown-timeout": (float, "seconds to finish in-flight requests on SIGTERM (default 15)"),
+    "backend-timeout": (float, "seconds a request waits for a backend before 503 (default 10)"),
+}
+
+
+def env_name(flag: str) -> str:
+    """``db-config`` -> ``CHANSTORE_DB_CONFIG``."""
+    return "CHANSTORE_" + flag.upper().replace("-", "_")
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add the daemon's flags (or ``only`` some of them) to ``parser``."""
+    for flag, (kind, text) in _OPTIONS.items():
+        if only is None or flag in only:
+            parser.add_argument(
+                f"--{flag}", type=kind, default=None, help=f"{text} [{env_name(flag)}]"
+            )
+
+
+def _value(args: argparse.Namespace, flag: str) -> str | None:
+    given = getattr(args, flag.replace("-", "_"), None)
+    if given is not None:
+        return str(given)
+    return os.environ.get(env_name(flag)) or None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a pair; ConfigError says what was wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen address {text!r} is not HOST:PORT with a port of 1-65535")
+    return host, int(port)
+
+
+def settings_from_arguments(args: argparse.Namespace) -> DaemonSettings:
+    """DaemonSettings from parsed flags, then CHANSTORE_* variables, then defaults."""
+    defaults = DaemonSettings()
+    problems: list[str] = []
+    values: dict[str, object] = {}
+
+    def number(flag: str, kind: type, minimum: float) -> None:
+        text = _value(args, flag)
+        if text is None:
+            return
+        try:
+            value = kind(text)
+        except ValueError:
+            problems.append(f"--{flag} ({env_name(flag)}) must be a {kind.__name__}, not {text!r}")
+            return
+        if value < minimum:
+            problems.append(f"--{flag} ({env_name(flag)}) must be at least {minimum}, not {text}")
+            return
+        values[flag.replace("-", "_")] = value
+
+    if (text := _value(args, "db-config")) is not None:
+        values["db_config"] = Path(text)
+    if (text := _value(args, "service-id")) is not None:
+        values["service_id"] = text
+    if (text := _value(args, "listen")) is not None:
+        try:
+            values["host"], values["port"] = parse_listen(text)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if (text := _value(args, "log-format")) is not None:
+        if text not in ("json", "console"):
+            problems.append(f"--log-format must be json or console, not {text!r}")
+        values["log_format"] = text
+    if (text := _value(args, "log-level")) is not None:
+        if text.lower() not in LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LEVELS)}, not {text!r}")
+        values["log_level"] = text.lower()
+    if (text := _value(args, "token-file")) is not None:
+        values["token_file"] = Path(text)
+    number("max-body-bytes", int, 1)
+    number("idle-timeout", float, 0.1)
+    number("max-channels", int, 1)
+    number("write-lanes", int, 1)
+    number("config-poll-interval", float, 0.1)
+    number("shutdown-timeout", float, 0)
+    number("backend-timeout", float, 0.1)
+    if problems:
+        raise ConfigError(problems)
+    return DaemonSettings(**{**defaults.__dict__, **values})
