@@ -9,6 +9,7 @@
     chanstore set CHANNEL CONTAINER KEY JSON
     chanstore delete CHANNEL CONTAINER KEY
     chanstore keys CHANNEL CONTAINER
+    chanstore stats                      request rate, errors, p99s, cache, reloads
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     reload = commands.add_parser("reload", help="reload the running daemon's db_config")
     add_arguments(reload, client_flags)
     reload.set_defaults(command=_reload)
+
+    stats = commands.add_parser("stats", help="summarize a running daemon's metrics")
+    stats.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between the two scrapes that give rates (default 2)",
+    )
+    add_arguments(stats, client_flags)
+    stats.set_defaults(command=_stats)
 
     for name, params, help_text in (
         ("get", ("channel", "container", "key"), "print the JSON value of a key"),
@@ -129,6 +140,20 @@ def _reload(args: argparse.Namespace) -> int:
     for problem in verdict.get("problems", []):
         print(f"  {problem}", file=sys.stderr)
     return FAILED
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from chanstore import stats  # noqa: PLC0415
+    from chanstore.client import ClientError  # noqa: PLC0415
+
+    with _client(args) as client:
+        try:
+            before, after = stats.scrape_samples(client.metrics_text, max(args.interval, 0.1))
+        except ClientError as exc:
+            print(f"chanstore stats: {exc}", file=sys.stderr)
+            return UNREACHABLE if exc.status is None else FAILED
+    print(stats.render(before, after))
+    return OK
 
 
 def _data_command(args: argparse.Namespace) -> int:

@@ -159,6 +159,15 @@ class Client:
         _raise_for(response)
         return response.json()
 
+    def metrics_text(self) -> str:
+        """The daemon's /metrics page, in Prometheus's text format."""
+        try:
+            response = self._http.get("/metrics")
+        except httpx.TransportError as exc:
+            raise DaemonUnreachable(f"no chanstore daemon answers at {self.url}: {exc}") from exc
+        _raise_for(response)
+        return response.text
+
     def channel(self, channel: str) -> ChannelView:
         """A channel whose containers are attributes (``client.channel("c1").stats``)."""
         return ChannelView(self, channel)
