@@ -1,91 +1,29 @@
-"""Fixtures shared by every test: real redis-servers, metrics registries, data folders."""
+"""Fixtures shared by every test: real redis-servers, metrics registries, backends.
+
+``backend_factory`` is the one place that knows every storing backend: the
+contract suite and the CachedDict tests run once per param, so a new backend
+is tested everywhere by adding one param (and one branch in ``_build``).
+Helpers that are not fixtures live in support.py.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from prometheus_client import CollectorRegistry
 
+from chanstore.backends.base import DatabaseInterface
 from chanstore.metrics import Metrics
+from support import DictDatabase, RedisServer, free_port, wait_until
+
+__all__ = ["RedisServer", "free_port", "wait_until"]  # importable from here, as they were
 
 IN_CI = bool(os.environ.get("CI"))
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll ``predicate`` until it returns a true value or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class RedisServer:
-    """A redis-server process this test session started, on a free port."""
-
-    def __init__(self, folder: Path, *extra: str) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def settings(self) -> dict[str, object]:
-        return {"host": "127.0.0.1", "port": self.port, "socket_timeout": 2.0,
-                "socket_connect_timeout": 1.0}  # fmt: skip
-
-    def start(self) -> RedisServer:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder), *self.extra],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_until(lambda: _pings(client), 10, f"redis-server on port {self.port}")
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
-
-    def flush(self) -> None:
-        client = redis.Redis(port=self.port)
-        client.flushall()
-        client.close()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +51,66 @@ def redis_settings(redis_server: RedisServer) -> Iterator[dict[str, object]]:
 def metrics() -> Metrics:
     """Metrics on a registry of their own, so tests can read exact values."""
     return Metrics(CollectorRegistry())
+
+
+BACKENDS = ["json-fsync", "json-nofsync", "redis", "dict"]
+
+
+class BackendFactory:
+    """Builds backends of one kind on any domain; the same domain means the same data."""
+
+    def __init__(self, kind: str, build: Callable[[str], DatabaseInterface]) -> None:
+        self.kind = kind
+        self._build = build
+        self.built: list[DatabaseInterface] = []
+
+    def __call__(self, domain: str = "contract.test") -> DatabaseInterface:
+        backend = self._build(domain)
+        self.built.append(backend)
+        return backend
+
+    def close_all(self) -> None:
+        for backend in self.built:
+            backend.close()
+
+
+def _build(kind: str, request: pytest.FixtureRequest, folder: Path) -> BackendFactory:
+    if kind.startswith("json"):
+        from chanstore.backends.jsonfiles import JSONDatabase  # noqa: PLC0415
+
+        fsync = kind == "json-fsync"
+        return BackendFactory(
+            kind, lambda domain: JSONDatabase(domain=domain, root_dir=str(folder), fsync=fsync)
+        )
+    if kind == "redis":
+        from chanstore.backends.redisdb import RedisDatabase  # noqa: PLC0415
+
+        settings = request.getfixturevalue("redis_settings")
+        return BackendFactory(kind, lambda domain: RedisDatabase(domain=domain, **settings))
+    if kind == "dict":
+        store: dict[str, dict[str, str]] = {}
+        return BackendFactory(kind, lambda domain: DictDatabase(domain, store))
+    raise AssertionError(f"no way to build backend {kind!r}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
+    """A factory of backends of each storing kind in turn, closed after the test."""
+    factory = _build(request.param, request, tmp_path / "data")
+    yield factory
+    factory.close_all()
+
+
+@pytest.fixture
+def backend(backend_factory: BackendFactory) -> DatabaseInterface:
+    """One backend of each storing kind, on the domain ``contract.test``."""
+    return backend_factory()
+
+
+@pytest.fixture
+def open_tmp_path() -> Iterator[Path]:
+    """A fresh folder that every user may enter (pytest's own are 0700, root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="chanstore-test-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base)

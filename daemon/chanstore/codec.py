@@ -48,6 +48,9 @@ VALUE_KEY = "_moobius_val"
 T = TypeVar("T", bound=type)
 
 _registry: dict[str, type] = {}
+# The mark each registered class is written with: the name it was registered
+# under, so that what is written reads back as the same class.
+_marks: dict[type, str] = {}
 _registry_lock = threading.Lock()
 _DACITE_CONFIG = dacite.Config(cast=[tuple, set, frozenset], strict=False)
 
@@ -71,13 +74,16 @@ def register_type(cls: T | None = None, *, name: str | None = None) -> Any:
 
     Use it as a decorator (``@register_type``) or call it
     (``register_type(Profile)``). ``name`` overrides the mark, for data written
-    when the class lived in another module. Only dataclasses and classes
-    whose constructor takes the marked JSON value are sensible here.
+    when the class lived in another module: instances are then written with it
+    too, so that they read back as ``cls``. Only dataclasses and classes whose
+    constructor takes the marked JSON value are sensible here.
     """
 
     def register(target: T) -> T:
+        mark = name or mark_name(target)
         with _registry_lock:
-            _registry[name or mark_name(target)] = target
+            _registry[mark] = target
+            _marks[target] = mark
         return target
 
     return register(cls) if cls is not None else register
@@ -85,9 +91,15 @@ def register_type(cls: T | None = None, *, name: str | None = None) -> Any:
 
 def unregister_type(cls_or_name: type | str) -> None:
     """Forget a registration made with :func:`register_type`."""
-    name = cls_or_name if isinstance(cls_or_name, str) else mark_name(cls_or_name)
     with _registry_lock:
-        _registry.pop(name, None)
+        if isinstance(cls_or_name, str):
+            names = [cls_or_name]
+        else:
+            names = [name for name, cls in _registry.items() if cls is cls_or_name]
+        for name in names:
+            cls = _registry.pop(name, None)
+            if cls is not None and _marks.get(cls) == name:
+                del _marks[cls]
 
 
 def registered_types() -> dict[str, type]:
@@ -121,7 +133,7 @@ def to_json_shape(value: Any) -> Any:
         return {TYPE_KEY: f"builtins.{kind.__name__}", VALUE_KEY: items}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = to_json_shape(dataclasses.asdict(value))
-        return {TYPE_KEY: mark_name(kind), VALUE_KEY: fields}
+        return {TYPE_KEY: _marks.get(kind) or mark_name(kind), VALUE_KEY: fields}
     # Subclasses of the JSON types (IntEnum, OrderedDict, ...) are stored as their base.
     for base in (bool, int, float, str):
         if isinstance(value, base):
@@ -147,7 +159,8 @@ def encode(value: Any, *, indent: int | None = None) -> str:
 def decode(text: str | bytes) -> Any:
     """The value that :func:`encode` (or the original SDK) wrote as ``text``.
 
-    Raises :class:`ValueError` (``json.JSONDecodeError``) when ``text`` is not JSON.
+    Raises :class:`ValueError` when ``text`` is not JSON (``json.JSONDecodeError``)
+    or holds a registered type's mark whose value does not fit that type.
     """
     return json.loads(text, object_hook=_revive)
 
@@ -182,6 +195,11 @@ def _revive(obj: dict[str, Any]) -> Any:
     cls = _registry.get(name)
     if cls is None:
         return obj
-    if dataclasses.is_dataclass(cls) and isinstance(value, dict):
-        return dacite.from_dict(data_class=cls, data=value, config=_DACITE_CONFIG)
-    return cls(value)
+    # A value that does not fit its class is a corrupt value (a ValueError, as
+    # for text that is not JSON), not a crash of whatever is reading it.
+    try:
+        if dataclasses.is_dataclass(cls) and isinstance(value, dict):
+            return dacite.from_dict(data_class=cls, data=value, config=_DACITE_CONFIG)
+        return cls(value)
+    except (dacite.DaciteError, TypeError, ValueError) as exc:
+        raise ValueError(f"a {name} value does not fit the registered class: {exc}") from exc

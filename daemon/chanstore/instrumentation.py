@@ -134,13 +134,17 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def measured(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # A subclass method calling super() is one operation, measured once.
-        active = _inside.__dict__.setdefault("calls", set())
-        token = (id(self), name)
-        if token in active:
+        # The operations of each backend instance in progress in this thread.
+        active = _inside.__dict__.setdefault("calls", {})
+        running = active.get(id(self))
+        if running is not None and name in running:
+            # A subclass method calling super() is one operation, measured once.
             return method(self, *args, **kwargs)
         probe = probe_of(self)
-        active.add(token)
+        if running is None:
+            running = active[id(self)] = set()
+        outer = not running
+        running.add(name)
         started = time.perf_counter()
         try:
             result = method(self, *args, **kwargs)
@@ -152,7 +156,14 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
                 raise
             result = _Raised(exc)
         finally:
-            active.discard(token)
+            running.discard(name)
+            if outer:
+                del active[id(self)]
+        if not outer:
+            # Called by another operation of this backend (a default bulk operation
+            # built from the four): answered in the contract's form, but measured,
+            # counted and logged once, as the operation that called it.
+            return finish(_Unmeasured(probe.backend), operation, result, args)
         elapsed = time.perf_counter() - started
         probe.durations[operation].observe(elapsed)
         if logs.debug_enabled():
@@ -163,6 +174,18 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
 
     measured.__chanstore_instrumented__ = True  # type: ignore[attr-defined]
     return measured
+
+
+class _Unmeasured:
+    """Stands in for a probe where a failure is the calling operation's to report."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def failed(self, operation: str, exc: BaseException, kind: str, **fields: Any) -> None:
+        return None
 
 
 class _Raised:
@@ -178,7 +201,10 @@ def _subject(args: tuple[Any, ...]) -> Any:
     if not args:
         return None
     first = args[0]
-    return first if isinstance(first, str) else f"<{len(first)} keys>"
+    if isinstance(first, str):
+        return first
+    # Bulk operations take any iterable of keys; a generator has no length.
+    return f"<{len(first)} keys>" if hasattr(first, "__len__") else "<keys>"
 
 
 def _finish_read(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:

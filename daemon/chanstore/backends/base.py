@@ -94,7 +94,7 @@ class DatabaseInterface(ABC):
         for key, value in items.items():
             ok, message = self.set_value(key, value)
             if not ok:
-                raise BulkWriteError(str(message), done=done, cause=BackendError(message))
+                raise BulkWriteError(str(message), done=done, cause=_cause_of(message))
             done.append(key)
 
     def delete_many(self, keys: Iterable[str]) -> list[str]:
@@ -105,7 +105,7 @@ class DatabaseInterface(ABC):
             if ok:
                 deleted.append(key)
             elif failure_kind(message, default="refused") != NOT_FOUND:
-                raise BulkWriteError(str(message), done=deleted, cause=BackendError(message))
+                raise BulkWriteError(str(message), done=deleted, cause=_cause_of(message))
         return deleted
 
     # -- life cycle ----------------------------------------------------------
@@ -147,6 +147,16 @@ class DatabaseInterface(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(domain={self.domain!r})"
+
+
+def _cause_of(failure: Any) -> BaseException:
+    """The error behind a ``(False, failure)`` answer, keeping the failure's kind."""
+    cause = getattr(failure, "exception", None)
+    if cause is not None:
+        return cause
+    error = BackendError(str(failure))
+    error.kind = failure_kind(failure, default="refused")
+    return error
 
 
 def _instrument_operations(cls: type) -> None:

@@ -123,7 +123,9 @@ class JSONDatabase(DatabaseInterface):
     def check_available(self) -> None:
         if not self.path.is_dir():
             raise BackendUnavailable(f"json folder {self.path} does not exist")
-        if not os.access(self.path, os.W_OK | os.X_OK):
+        # The process writes with its effective ids; os.access checks the real ones unless told.
+        effective = os.access in os.supports_effective_ids
+        if not os.access(self.path, os.W_OK | os.X_OK, effective_ids=effective):
             raise BackendUnavailable(f"json folder {self.path} is not writable")
 
     def __repr__(self) -> str:
@@ -138,7 +140,9 @@ class JSONDatabase(DatabaseInterface):
         return self.path / name
 
     def _key_of_file(self, name: str) -> str | None:
-        if not name.endswith(SUFFIX) or name.startswith(TEMP_PREFIX):
+        # Temp files have no suffix, so they are never keys; a key may start
+        # like one (".chanstore-tmp-x" is stored as ".chanstore-tmp-x.json").
+        if not name.endswith(SUFFIX):
             return None
         stem = name[: -len(SUFFIX)]
         if _is_hashed(stem):

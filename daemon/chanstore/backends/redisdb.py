@@ -181,6 +181,12 @@ class RedisDatabase(DatabaseInterface):
         """Say which Redis could not be reached, not just that a socket failed."""
         try:
             yield
+        except redis.AuthenticationError as exc:
+            # redis-py derives it from ConnectionError, but Redis answered: it is
+            # the credentials that are wrong, not the network.
+            error = BackendUnavailable(f"Redis at {self.where} refused the credentials: {exc}")
+            error.kind = "permission"
+            raise error from exc
         except redis.TimeoutError as exc:
             error = BackendUnavailable(f"Redis at {self.where} did not answer in time: {exc}")
             error.kind = "timeout"

@@ -1,0 +1,229 @@
+"""The DatabaseInterface contract, run against every storing backend.
+
+Every test here takes ``backend`` or ``backend_factory`` (see conftest.py),
+which is parametrized over json (fsync on and off), redis and a third-party
+backend that implements only the four abstract methods. A new backend is
+tested by adding one param there.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chanstore.backends.null import NullDatabase
+from chanstore.errors import BackendError, BulkWriteError, ChanstoreError, UnstorableValue
+from chanstore.instrumentation import Failure
+from support import ODD_KEYS, VALUES, Point, assert_same
+
+
+def assert_absent(answer: tuple[bool, object]) -> None:
+    ok, message = answer
+    assert ok is False
+    assert isinstance(message, str)
+    assert isinstance(message, Failure)
+    assert message.kind == "not_found"
+
+
+# -- the four ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(VALUES))
+def test_every_value_kind_round_trips(backend_factory, kind):
+    value = VALUES[kind]
+    writer = backend_factory("round.trip")
+    assert writer.set_value("k", value) == (True, "k")
+    ok, read = writer.get_value("k")
+    assert ok is True
+    assert_same(read, value)
+    # A second instance reads what the first stored, not a copy it kept in memory.
+    ok, reread = backend_factory("round.trip").get_value("k")
+    assert ok is True
+    assert_same(reread, value)
+
+
+def test_set_overwrites(backend):
+    assert backend.set_value("k", {"v": 1}) == (True, "k")
+    assert backend.set_value("k", [2]) == (True, "k")
+    assert backend.get_value("k") == (True, [2])
+    assert list(backend.all_keys()) == ["k"]
+
+
+def test_get_of_absent_key_is_false_with_not_found(backend):
+    assert_absent(backend.get_value("never-set"))
+
+
+def test_delete(backend):
+    backend.set_value("gone", 1)
+    backend.set_value("kept", 2)
+    assert backend.delete_key("gone") == (True, "gone")
+    assert_absent(backend.get_value("gone"))
+    assert list(backend.all_keys()) == ["kept"]
+
+
+def test_delete_of_absent_key_is_false_with_not_found(backend):
+    assert_absent(backend.delete_key("never-set"))
+    backend.set_value("once", 1)
+    backend.delete_key("once")
+    assert_absent(backend.delete_key("once"))
+
+
+def test_all_keys_lists_exactly_the_stored_keys(backend):
+    assert list(backend.all_keys()) == []
+    keys = {f"key-{n}" for n in range(25)}
+    for key in keys:
+        backend.set_value(key, key)
+    assert sorted(backend.all_keys()) == sorted(keys)
+    backend.delete_key("key-3")
+    assert sorted(backend.all_keys()) == sorted(keys - {"key-3"})
+
+
+def test_none_is_a_value_not_an_absence(backend):
+    backend.set_value("nothing", None)
+    assert backend.get_value("nothing") == (True, None)
+    assert list(backend.all_keys()) == ["nothing"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), float("nan"), float("inf"), {1: "int key"}, [1, {2: "nested int key"}], b"bytes"],
+    ids=["object", "nan", "inf", "int-dict-key", "nested-int-key", "bytes"],
+)
+def test_unstorable_value_is_refused_and_stores_nothing(backend, value):
+    backend.set_value("k", "old")
+    ok, message = backend.set_value("k", value)
+    assert ok is False
+    assert message.kind == "invalid_value"
+    assert backend.get_value("k") == (True, "old")
+    assert list(backend.all_keys()) == ["k"]
+
+
+# -- domains -------------------------------------------------------------------
+
+
+def test_same_key_in_two_domains_is_two_entries(backend_factory):
+    first, second = backend_factory("iso.first"), backend_factory("iso.second")
+    first.set_value("shared", "one")
+    second.set_value("shared", "two")
+    first.set_value("only-first", 1)
+    assert first.get_value("shared") == (True, "one")
+    assert second.get_value("shared") == (True, "two")
+    assert sorted(first.all_keys()) == ["only-first", "shared"]
+    assert list(second.all_keys()) == ["shared"]
+    assert_absent(second.get_value("only-first"))
+    first.delete_key("shared")
+    assert second.get_value("shared") == (True, "two")
+
+
+def test_nested_domains_do_not_see_each_other(backend_factory):
+    parent, child = backend_factory("svc.chan"), backend_factory("svc.chan.name")
+    parent.set_value("name", "a key named like the child domain")
+    child.set_value("k", "child")
+    assert list(parent.all_keys()) == ["name"]
+    assert list(child.all_keys()) == ["k"]
+    assert parent.load_all() == {"name": "a key named like the child domain"}
+    assert child.load_all() == {"k": "child"}
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ODD_KEYS, ids=range(len(ODD_KEYS)))
+def test_odd_key_round_trips(backend_factory, key):
+    backend = backend_factory("odd.keys")
+    assert backend.set_value(key, {"key": key}) == (True, key)
+    assert backend.get_value(key) == (True, {"key": key})
+    assert list(backend_factory("odd.keys").all_keys()) == [key]
+    assert backend.delete_key(key) == (True, key)
+    assert_absent(backend.get_value(key))
+    assert list(backend.all_keys()) == []
+
+
+def test_odd_keys_do_not_collide(backend_factory):
+    backend = backend_factory("odd.together")
+    for index, key in enumerate(ODD_KEYS):
+        backend.set_value(key, index)
+    reopened = backend_factory("odd.together")
+    assert sorted(reopened.all_keys()) == sorted(ODD_KEYS)
+    assert reopened.load_all() == {key: index for index, key in enumerate(ODD_KEYS)}
+    # Nothing spilled into a neighbouring domain.
+    assert list(backend_factory("odd").all_keys()) == []
+
+
+# -- bulk operations -------------------------------------------------------------
+
+
+def test_set_many_and_get_many(backend):
+    items = {"a": 1, "b": {"x": [1, 2]}, "c": (1, (2, 3)), "p": Point(1, 2), "odd/key": None}
+    assert backend.set_many(items) is None
+    found = backend.get_many(["a", "c", "missing", "p", "odd/key"])
+    assert_same(found, {"a": 1, "c": (1, (2, 3)), "p": Point(1, 2), "odd/key": None})
+    assert backend.get_many(iter(["b"])) == {"b": {"x": [1, 2]}}
+    assert backend.get_many([]) == {}
+    assert sorted(backend.all_keys()) == sorted(items)
+
+
+def test_load_all(backend):
+    assert backend.load_all() == {}
+    items = {f"k{n}": {"n": n} for n in range(30)}
+    backend.set_many(items)
+    loaded = backend.load_all()
+    assert loaded == items
+    assert_same(loaded["k7"], {"n": 7})
+
+
+def test_delete_many_returns_the_keys_that_existed(backend):
+    backend.set_many({"a": 1, "b": 2, "c": 3})
+    assert sorted(backend.delete_many(["a", "missing", "c"])) == ["a", "c"]
+    assert list(backend.all_keys()) == ["b"]
+    assert backend.delete_many([]) == []
+    assert backend.delete_many(iter(["b"])) == ["b"]
+    assert backend.load_all() == {}
+
+
+def test_set_many_with_an_unstorable_value(backend):
+    backend.set_value("before", 0)
+    with pytest.raises(ChanstoreError) as raised:
+        backend.set_many({"a": 1, "bad": object(), "c": 3})
+    assert raised.value.kind == "invalid_value"
+    # Either nothing was written, or the error says exactly what was.
+    done = raised.value.done if isinstance(raised.value, BulkWriteError) else []
+    assert isinstance(raised.value, BackendError | UnstorableValue)
+    assert sorted(backend.all_keys()) == sorted(["before", *done])
+
+
+def test_set_many_empty_is_a_no_op(backend):
+    backend.set_many({})
+    assert list(backend.all_keys()) == []
+
+
+# -- life cycle ----------------------------------------------------------------
+
+
+def test_data_outlives_close(backend_factory):
+    backend = backend_factory("life")
+    backend.set_value("k", [1, 2, 3])
+    backend.close()
+    assert backend_factory("life").get_value("k") == (True, [1, 2, 3])
+
+
+def test_check_available(backend):
+    assert backend.check_available() is None
+
+
+# -- the null backend ----------------------------------------------------------
+
+
+def test_null_backend_stores_nothing_and_answers_none():
+    null = NullDatabase(domain="any.thing")
+    assert null.get_value("k") == (True, None)
+    assert null.set_value("k", {"v": 1}) == (True, "k")
+    assert null.get_value("k") == (True, None)
+    assert list(null.all_keys()) == []
+    assert null.delete_key("k") == (True, "k")
+    assert null.delete_key("never") == (True, "never")
+    assert null.load_all() == {}
+    assert null.get_many(["a", "b"]) == {"a": None, "b": None}
+    null.set_many({"a": 1})
+    assert list(null.all_keys()) == []
+    assert null.delete_many(["a"]) == ["a"]
+    null.close()

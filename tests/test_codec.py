@@ -1,0 +1,189 @@
+"""chanstore.codec: values to the original SDK's type-marked JSON and back."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import json
+
+import pytest
+
+from chanstore import codec
+from chanstore.errors import UnstorableValue
+from support import VALUES, Inventory, Player, Point, assert_same
+
+
+@pytest.mark.parametrize("kind", list(VALUES))
+@pytest.mark.parametrize("indent", [None, 2])
+def test_every_value_kind_round_trips(kind, indent):
+    value = VALUES[kind]
+    assert_same(codec.decode(codec.encode(value, indent=indent)), value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"hp": 100, "name": "alice"}, [1, 2.5, None, True, "ü"], "text", 7, None, {"a": {"b": []}}],
+)
+def test_json_values_are_written_as_plain_json(value):
+    assert codec.encode(value, indent=2) == json.dumps(value, indent=2)
+    assert codec.encode(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_marks_are_the_original_sdks():
+    assert json.loads(codec.encode(Point(1, 2))) == {
+        "_moobius_type": "support.Point",
+        "_moobius_val": {"x": 1, "y": 2},
+    }
+    assert json.loads(codec.encode((1, "a"))) == {
+        "_moobius_type": "builtins.tuple",
+        "_moobius_val": [1, "a"],
+    }
+    assert json.loads(codec.encode({"only"})) == {
+        "_moobius_type": "builtins.set",
+        "_moobius_val": ["only"],
+    }
+    assert json.loads(codec.encode(frozenset())) == {
+        "_moobius_type": "builtins.frozenset",
+        "_moobius_val": [],
+    }
+
+
+def test_nested_dataclasses_are_marked_once_and_revived_from_type_hints():
+    player = VALUES["nested dataclass"]
+    shaped = json.loads(codec.encode(player))
+    assert shaped["_moobius_type"] == "support.Player"
+    # asdict() flattens the nested dataclasses, as the original SDK stored them.
+    assert shaped["_moobius_val"]["where"] == {"x": 3, "y": 4}
+    revived = codec.decode(json.dumps(shaped))
+    assert isinstance(revived.where, Point)
+    assert isinstance(revived.inventory, Inventory)
+    assert revived == player
+
+
+def test_mark_name():
+    assert codec.mark_name(Player) == "support.Player"
+    assert codec.mark_name(set) == "builtins.set"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (object(), "object"),
+        (float("nan"), "NaN"),
+        (float("-inf"), "infinity"),
+        ({1: "a"}, "dict key 1"),
+        ({"ok": {(1, 2): "tuple key"}}, "dict key (1, 2)"),
+        ([1, [2, {3}], b"raw"], "bytes"),
+        ({"fn": print}, "builtin_function_or_method"),
+    ],
+)
+def test_unstorable_values_say_why(value, says):
+    with pytest.raises(UnstorableValue, match="cannot be stored") as raised:
+        codec.encode(value)
+    assert says in str(raised.value)
+    assert raised.value.kind == "invalid_value"
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Name(str):
+    pass
+
+
+def test_subclasses_of_json_types_are_stored_as_their_base():
+    assert_same(codec.decode(codec.encode(Color.RED)), 1)
+    assert_same(codec.decode(codec.encode(Name("n"))), "n")
+    ordered = collections.OrderedDict([("b", 1), ("a", 2)])
+    assert_same(codec.decode(codec.encode(ordered)), {"b": 1, "a": 2})
+    assert_same(codec.decode(codec.encode(collections.UserList([1]).data)), [1])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"_moobius_type": "nowhere.Thing", "_moobius_val": {"a": 1}}',
+        '{"_moobius_type": 5, "_moobius_val": [1]}',
+        '{"_moobius_type": "builtins.set", "_moobius_val": [1], "extra": true}',
+        '{"_moobius_type": "builtins.set"}',
+        '{"_moobius_type": "builtins.tuple", "_moobius_val": 5}',
+    ],
+)
+def test_marks_that_cannot_be_revived_stay_plain_dicts(text):
+    assert codec.decode(text) == json.loads(text)
+
+
+def test_an_unknown_mark_survives_being_written_back():
+    text = '{"_moobius_type": "other.app.Thing", "_moobius_val": {"a": [1, 2]}}'
+    assert json.loads(codec.encode(codec.decode(text))) == json.loads(text)
+
+
+def test_register_type_with_a_name_and_unregister():
+    @dataclasses.dataclass
+    class Moved:
+        a: int
+
+    text = '{"_moobius_type": "old.module.Moved", "_moobius_val": {"a": 1}}'
+    assert codec.decode(text) == {"_moobius_type": "old.module.Moved", "_moobius_val": {"a": 1}}
+    assert codec.register_type(Moved, name="old.module.Moved") is Moved
+    try:
+        assert codec.registered_types()["old.module.Moved"] is Moved
+        assert codec.decode(text) == Moved(1)
+        # Written back under the same mark, so it reads back as the class again.
+        assert json.loads(codec.encode(Moved(2)))["_moobius_type"] == "old.module.Moved"
+        assert codec.decode(codec.encode(Moved(2))) == Moved(2)
+    finally:
+        codec.unregister_type("old.module.Moved")
+    assert "old.module.Moved" not in codec.registered_types()
+    assert codec.decode(text) == json.loads(text)
+    assert json.loads(codec.encode(Moved(3)))["_moobius_type"] == codec.mark_name(Moved)
+
+
+def test_register_type_as_a_decorator_and_unregister_by_class():
+    @codec.register_type
+    @dataclasses.dataclass
+    class Local:
+        v: list[int]
+
+    try:
+        assert codec.decode(codec.encode(Local([1, 2]))) == Local([1, 2])
+    finally:
+        codec.unregister_type(Local)
+    assert codec.mark_name(Local) not in codec.registered_types()
+    assert codec.decode(codec.encode(Local([1]))) == {
+        "_moobius_type": codec.mark_name(Local),
+        "_moobius_val": {"v": [1]},
+    }
+
+
+def test_registered_types_is_a_copy():
+    codec.registered_types()["x.Y"] = Point
+    assert "x.Y" not in codec.registered_types()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"x": 1},  # a field missing
+        {"x": "one", "y": 2},  # a field of the wrong type
+        ["not", "a", "dict"],
+    ],
+    ids=["missing-field", "wrong-type", "not-a-dict"],
+)
+def test_a_registered_mark_whose_value_does_not_fit_is_a_value_error(stored):
+    # A value error is what the backends report as a corrupt value for that key.
+    text = json.dumps({"_moobius_type": "support.Point", "_moobius_val": stored})
+    with pytest.raises(ValueError, match=r"support\.Point"):
+        codec.decode(text)
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"a": 1', "not json", "\x00\x01"])
+def test_text_that_is_not_json_is_a_value_error(text):
+    with pytest.raises(ValueError):
+        codec.decode(text)
+
+
+def test_decode_accepts_bytes():
+    assert codec.decode('{"a": "ü"}'.encode()) == {"a": "ü"}

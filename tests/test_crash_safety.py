@@ -1,0 +1,112 @@
+"""A json writer killed with SIGKILL mid-write leaves only whole values that were written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from chanstore.backends.jsonfiles import TEMP_PREFIX, JSONDatabase
+from chanstore.errors import CorruptValue
+from support import wait_until
+
+KEYS = ["a", "b", "c/d", "long " + "k" * 300]
+PAD = 100_000  # big values keep the writer inside a write most of the time
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from chanstore.backends.jsonfiles import JSONDatabase
+
+    root, fsync, first, log_path = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
+    keys = {keys!r}
+    pad = "x" * {pad}
+    db = JSONDatabase(domain="crash.test", root_dir=root, fsync=fsync)
+    log = open(log_path, "a", buffering=1)
+    seq = first
+    while True:
+        # Every write is logged before it starts: the log is what "was written" may hold.
+        for key in keys:
+            log.write(f"{{key}}\\t{{seq}}\\n")
+            ok, message = db.set_value(key, {{"seq": seq, "pad": pad}})
+            assert ok, message
+            seq += 1
+        batch = {{}}
+        for key in keys:
+            log.write(f"{{key}}\\t{{seq}}\\n")
+            batch[key] = {{"seq": seq, "pad": pad}}
+            seq += 1
+        db.set_many(batch)
+    """
+).format(keys=KEYS, pad=PAD)
+
+
+def attempted(log_path):
+    """Per key, the sequence numbers the writer started to write, in order."""
+    seqs: dict[str, list[int]] = {key: [] for key in KEYS}
+    if not log_path.exists():
+        return seqs
+    for line in log_path.read_text().splitlines():
+        key, _tab, seq = line.rpartition("\t")
+        if key in seqs and seq.isdigit():  # the last line may be cut short
+            seqs[key].append(int(seq))
+    return seqs
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_sigkill_mid_write_leaves_every_file_whole(tmp_path, fsync):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    root = tmp_path / "data"
+    log_path = tmp_path / "attempts.log"
+    db = JSONDatabase(domain="crash.test", root_dir=str(root))
+    rnd = random.Random()
+    for round_number in range(4):
+        writer = subprocess.Popen(
+            [sys.executable, str(script), str(root), "1" if fsync else "0",
+             str(round_number * 1_000_000), str(log_path)],
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            # Wait until this round has written something, then kill it at a random moment.
+            first = round_number * 1_000_000
+            wait_until(
+                lambda writer=writer, first=first: (
+                    writer.poll() is not None
+                    or any(seq >= first for seqs in attempted(log_path).values() for seq in seqs)
+                ),
+                30,
+                "the writer to start writing",
+            )
+            assert writer.poll() is None, writer.stderr.read().decode()
+            with pytest.raises(subprocess.TimeoutExpired):
+                writer.wait(timeout=rnd.uniform(0.0, 0.25))  # it writes for a random while
+            os.kill(writer.pid, signal.SIGKILL)
+            assert writer.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait(timeout=10)
+            writer.stderr.close()
+
+        seqs = attempted(log_path)
+        for name in os.listdir(db.path):
+            if name.startswith(TEMP_PREFIX):
+                continue  # a write the kill interrupted before its rename
+            assert name.endswith(".json")
+            value = json.loads((db.path / name).read_text())  # every file parses
+            assert value.keys() in ({"seq", "pad"}, {"_chanstore_key", "_chanstore_val"})
+        loaded = db.load_all()
+        assert not any(isinstance(value, CorruptValue) for value in loaded.values())
+        assert sorted(db.all_keys()) == sorted(loaded)
+        assert set(loaded) <= set(KEYS)
+        for key, value in loaded.items():
+            assert value["pad"] == "x" * PAD
+            # The old value or the new one: one of the last two writes begun for the key.
+            assert value["seq"] in seqs[key][-2:], (key, value["seq"], seqs[key][-3:])
