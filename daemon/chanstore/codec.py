@@ -162,7 +162,10 @@ def decode(text: str | bytes) -> Any:
     Raises :class:`ValueError` when ``text`` is not JSON (``json.JSONDecodeError``)
     or holds a registered type's mark whose value does not fit that type.
     """
-    return json.loads(text, object_hook=_revive)
+    if isinstance(text, bytes | bytearray):
+        text = text.decode("utf-8")  # a UnicodeDecodeError is a ValueError too
+    # One decoder for every call: json.loads with a hook builds a new one each time.
+    return _DECODER.decode(text)
 
 
 def _checked_key(key: Any) -> str:
@@ -203,3 +206,6 @@ def _revive(obj: dict[str, Any]) -> Any:
         return cls(value)
     except (dacite.DaciteError, TypeError, ValueError) as exc:
         raise ValueError(f"a {name} value does not fit the registered class: {exc}") from exc
+
+
+_DECODER = json.JSONDecoder(object_hook=_revive)

@@ -17,7 +17,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from chanstore.errors import BackendError, BulkWriteError, CorruptValue
-from chanstore.instrumentation import NOT_FOUND, OPERATIONS, failure_kind, instrument
+from chanstore.instrumentation import (
+    NOT_FOUND,
+    OPERATIONS,
+    call_unmeasured,
+    failure_kind,
+    instrument,
+)
 
 __all__ = ["DatabaseInterface"]
 
@@ -71,7 +77,7 @@ class DatabaseInterface(ABC):
         """
         found: dict[str, Any] = {}
         for key in keys:
-            ok, value = self.get_value(key)
+            ok, value = call_unmeasured(self, "get_value", key)
             if ok:
                 found[key] = value
                 continue
@@ -86,13 +92,13 @@ class DatabaseInterface(ABC):
 
     def load_all(self) -> dict[str, Any]:
         """Every key and value in this domain (see :meth:`get_many` for bad values)."""
-        return self.get_many(list(self.all_keys()))
+        return call_unmeasured(self, "get_many", call_unmeasured(self, "all_keys"))
 
     def set_many(self, items: Mapping[str, Any]) -> None:
         """Store every item; :class:`BulkWriteError` names what was done if one fails."""
         done: list[str] = []
         for key, value in items.items():
-            ok, message = self.set_value(key, value)
+            ok, message = call_unmeasured(self, "set_value", key, value)
             if not ok:
                 raise BulkWriteError(str(message), done=done, cause=_cause_of(message))
             done.append(key)
@@ -101,7 +107,7 @@ class DatabaseInterface(ABC):
         """Remove ``keys``; returns those that existed. Absent keys are skipped."""
         deleted: list[str] = []
         for key in keys:
-            ok, message = self.delete_key(key)
+            ok, message = call_unmeasured(self, "delete_key", key)
             if ok:
                 deleted.append(key)
             elif failure_kind(message, default="refused") != NOT_FOUND:
