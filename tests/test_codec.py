@@ -187,3 +187,26 @@ def test_text_that_is_not_json_is_a_value_error(text):
 
 def test_decode_accepts_bytes():
     assert codec.decode('{"a": "ü"}'.encode()) == {"a": "ü"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"_moobius_type": "builtins.set", "_moobius_val": [1, 1, 2]},
+        {"_moobius_type": "NoneType", "_moobius_val": 5},
+        {"_moobius_type": "builtins.dict", "_moobius_val": [["a", 1]]},
+        {"_moobius_type": "os.system", "_moobius_val": "true"},
+        {"outer": {"_moobius_type": "builtins.tuple", "_moobius_val": [1, 2]}},
+    ],
+)
+def test_a_plain_dict_shaped_like_a_mark_reads_back_as_itself(value):
+    decoded = codec.decode(codec.encode(value))
+    assert decoded == value
+    assert type(decoded) is dict
+
+
+def test_an_unknown_mark_is_written_back_exactly_as_it_was_read():
+    stored = '{"_moobius_type": "app.models.Profile", "_moobius_val": {"name": "Ann"}}'
+    value = codec.decode(stored)
+    assert value == {"_moobius_type": "app.models.Profile", "_moobius_val": {"name": "Ann"}}
+    assert json.loads(codec.encode(value)) == json.loads(stored)

@@ -33,6 +33,7 @@ from chanstore.errors import UnstorableValue
 __all__ = [
     "TYPE_KEY",
     "VALUE_KEY",
+    "UnknownMark",
     "decode",
     "encode",
     "mark_name",
@@ -61,7 +62,18 @@ _BUILTIN_REVIVERS: dict[str, Callable[[Any], Any]] = {
     "builtins.frozenset": lambda value: frozenset(map(_hashable, value)),
     "builtins.tuple": tuple,
     "NoneType": lambda _value: None,
+    # A plain dict that happens to look like a mark, stored as its items.
+    "builtins.dict": lambda value: dict(map(tuple, value)),
 }
+
+
+class UnknownMark(dict):  # type: ignore[type-arg]
+    """A type mark nothing here revives: read as the plain dict it is.
+
+    It is written back exactly as it was read (a plain dict shaped like a
+    mark would be escaped instead), so data that names a class this
+    application does not know survives a round trip through chanstore.
+    """
 
 
 def mark_name(cls: type) -> str:
@@ -123,7 +135,14 @@ def to_json_shape(value: Any) -> Any:
             raise UnstorableValue(f"{value!r} cannot be stored: JSON has no NaN or infinity")
         return value
     if kind is dict:
+        if len(value) == 2 and TYPE_KEY in value and VALUE_KEY in value:
+            # A plain dict shaped like a mark would be revived as one: store it
+            # as its items, so it reads back as the dict it is.
+            items = [[key, to_json_shape(item)] for key, item in value.items()]
+            return {TYPE_KEY: "builtins.dict", VALUE_KEY: items}
         return {_checked_key(k): to_json_shape(v) for k, v in value.items()}
+    if kind is UnknownMark:
+        return {key: to_json_shape(item) for key, item in value.items()}
     if kind is list:
         return [to_json_shape(item) for item in value]
     if kind is tuple:
@@ -193,11 +212,11 @@ def _revive(obj: dict[str, Any]) -> Any:
     if builtin is not None:
         try:
             return builtin(value)
-        except TypeError:
-            return obj
+        except (TypeError, ValueError):
+            return UnknownMark(obj)
     cls = _registry.get(name)
     if cls is None:
-        return obj
+        return UnknownMark(obj)
     # A value that does not fit its class is a corrupt value (a ValueError, as
     # for text that is not JSON), not a crash of whatever is reading it.
     try:
