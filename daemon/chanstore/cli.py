@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import chanstore
-from chanstore.config import load_db_config
 from chanstore.errors import ConfigError
 
 __all__ = ["main"]
@@ -98,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from chanstore.config import load_db_config  # noqa: PLC0415 - the other commands need none of it
+
     try:
         config = load_db_config(Path(args.path))
     except ConfigError as exc:
