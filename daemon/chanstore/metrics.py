@@ -15,10 +15,19 @@ never labels.
 from __future__ import annotations
 
 import threading
+import time
 
+import prometheus_client
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["BACKEND_BUCKETS", "HTTP_BUCKETS", "Metrics", "default_metrics"]
+__all__ = [
+    "BACKEND_BUCKETS",
+    "HTTP_BUCKETS",
+    "Metrics",
+    "ProcessCollector",
+    "default_metrics",
+    "install_process_collector",
+]
 
 # Storage operations run from ~10 µs (a cached json read, the null backend) to
 # seconds (a fsync on a busy disk, a Redis timeout); the client library's
@@ -95,6 +104,17 @@ class Metrics:
             ["result"],
             **on,
         )
+        self.ready = Gauge(
+            "chanstore_ready",
+            "1 when the last readiness check passed (what /readyz answers), 0 when it failed.",
+            **on,
+        )
+        self.backend_up = Gauge(
+            "chanstore_backend_up",
+            "1 when the container's backend answered the last readiness check, 0 when not.",
+            ["backend", "container"],
+            **on,
+        )
         self.build_info = Gauge(
             "chanstore_build_info", "Always 1; the labels say which chanstore runs.",
             ["version"], **on,
@@ -112,3 +132,34 @@ def default_metrics() -> Metrics:
         if _default is None:
             _default = Metrics(REGISTRY)
         return _default
+
+
+class ProcessCollector(prometheus_client.ProcessCollector):
+    """prometheus_client's ``process_*`` metrics, also where ``/proc/stat`` is hidden.
+
+    The stock collector reads the boot time from ``/proc/stat`` and exports
+    nothing at all when it cannot; systemd's ``ProcSubset=pid`` (set by the
+    shipped unit) leaves only the process folders in ``/proc``. The boot time
+    is also the wall clock minus ``CLOCK_BOOTTIME``, and the rest of what the
+    collector reads (``/proc/self/stat``, ``limits``, ``fd``) stays visible.
+    """
+
+    def _boot_time(self) -> float:
+        try:
+            return super()._boot_time()
+        except OSError:
+            return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def install_process_collector(registry: CollectorRegistry = REGISTRY) -> None:
+    """Export the process metrics on ``registry`` with :class:`ProcessCollector`.
+
+    On the default registry it takes the place of prometheus_client's own
+    collector; where that one was already removed, nothing is added.
+    """
+    if registry is REGISTRY:
+        try:
+            REGISTRY.unregister(prometheus_client.PROCESS_COLLECTOR)
+        except KeyError:
+            return
+    ProcessCollector(registry=registry)
