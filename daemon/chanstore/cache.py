@@ -148,6 +148,17 @@ class CachedDict(MutableMapping[str, Any]):
         with self._lock:
             self._drop(key)
 
+    def unsure(self, key: str) -> None:
+        """Stop answering for ``key`` from memory: a write of it failed with an unknown outcome.
+
+        A write that timed out or lost its connection may still land (Redis
+        applies a command it received before it stalled), so what the backend
+        holds is not known: the next read of ``key`` asks the backend.
+        """
+        with self._lock:
+            self._drop(key)
+            self._complete = False
+
     def lookup(self, key: str) -> Any:
         """What memory alone says of ``key``: its value, :data:`ABSENT` or :data:`UNKNOWN`.
 

@@ -29,7 +29,16 @@ from chanstore import logs
 from chanstore.errors import BackendError, ChanstoreError, CorruptValue, error_kind
 from chanstore.metrics import Metrics, default_metrics
 
-__all__ = ["OPERATIONS", "Failure", "Probe", "attach", "call_unmeasured", "instrument", "probe_of"]
+__all__ = [
+    "OPERATIONS",
+    "Failure",
+    "Probe",
+    "attach",
+    "call_unmeasured",
+    "instrument",
+    "probe_of",
+    "record_operation",
+]
 
 NOT_FOUND = "not_found"
 
@@ -186,6 +195,28 @@ def call_unmeasured(backend: Any, name: str, *args: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - the finisher turns it into the answer
         result = _Raised(exc)
     return _FINISHERS[style](_Unmeasured(engine_label(type(backend))), operation, result, args)
+
+
+def record_operation(
+    backend: Any, name: str, elapsed: float, error: Exception | None, subject: Any = None
+) -> Exception | None:
+    """Measure and report a bulk operation ``name`` that ``backend`` took part in.
+
+    For work done for several backend instances in one call (one Redis
+    pipeline for many domains), outside their wrapped methods: each
+    instance's share is recorded as the wrapper records ``name``, and a
+    failure comes back as the error the wrapped method would have raised.
+    """
+    operation, style = OPERATIONS[name]
+    if not style.startswith("bulk"):
+        raise ValueError(f"{name} is not a bulk operation")
+    probe = probe_of(backend)
+    probe.durations[operation].observe(elapsed)
+    if logs.debug_enabled():
+        probe.log.debug("backend_operation", operation=operation, key=subject, duration=elapsed)
+    if error is None:
+        return None
+    return _raised_as_backend_error(probe, operation, error)
 
 
 class _Unmeasured:

@@ -19,7 +19,9 @@ writes go through the write lanes and misses call the backend directly.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import json
 import time
 from collections import OrderedDict
@@ -28,12 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import structlog
+
 from chanstore import codec, logs
 from chanstore.backends.base import DatabaseInterface
 from chanstore.cache import ABSENT, UNKNOWN, CachedDict
 from chanstore.config import ContainerSpec, DbConfig
-from chanstore.errors import BackendError, ChanstoreError, error_kind
-from chanstore.instrumentation import NOT_FOUND, attach, failure_kind
+from chanstore.errors import BackendError, BackendUnavailable, ChanstoreError, error_kind
+from chanstore.instrumentation import NOT_FOUND, attach, engine_label, failure_kind
 from chanstore.keys import encode_domain_part
 from chanstore.metrics import Metrics
 from chanstore.server.settings import DaemonSettings
@@ -71,11 +75,17 @@ class ContainerRuntime:
         self.executor = ThreadPoolExecutor(READ_THREADS, f"chanstore-{spec.name}")
         #: The last write failure, until a write succeeds again (readiness reports it).
         self.write_problem: str | None = None
+        #: Whether that failure was the backend being unreachable, which a probe
+        #: that reaches it again settles (else readiness would wait for a write
+        #: that a not-ready daemon may never be sent).
+        self.write_problem_unreachable = False
         self._probe: DatabaseInterface | None = None
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on this container's threads, within the backend timeout."""
-        future = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        # The thread runs in the request's logging context (request id, channel).
+        call = functools.partial(contextvars.copy_context().run, function, *args)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, call)
         try:
             return await asyncio.wait_for(future, self.settings.backend_timeout)
         except TimeoutError:
@@ -90,6 +100,9 @@ class ContainerRuntime:
             await self.run(self._check_available)
         except Exception as exc:  # noqa: BLE001 - any failure is the answer
             return str(exc)
+        if self.write_problem_unreachable:
+            self.write_problem = None
+            self.write_problem_unreachable = False
         return self.write_problem
 
     def _check_available(self) -> None:
@@ -132,6 +145,18 @@ class Slot:
             self.cached.discard(key)
         else:
             self.cached.remember(key, value)
+
+    def failed(self, key: str) -> None:
+        """Forget the cached value of ``key``: a write of it failed, and may still land.
+
+        (A Redis that stalled applies the commands it had received once it
+        resumes.) The next read asks the backend; a read under way now does
+        not cache what it finds.
+        """
+        assert self.cached is not None
+        self.writes += 1
+        self.encoded.pop(key, None)
+        self.cached.unsure(key)
 
     def body_of(self, key: str, value: Any) -> bytes:
         """``value`` as a JSON response body, made once per value."""
@@ -191,6 +216,8 @@ class ChannelRegistry:
         # process creates it, not again after it was dropped for idleness.
         self._cleared: set[tuple[str, str]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
+        #: The (backend, container) labels chanstore_backend_up was last set for.
+        self._up_labels: set[tuple[str, str]] = set()
 
     # -- reading -------------------------------------------------------------
 
@@ -315,36 +342,38 @@ class ChannelRegistry:
         runtime = slot.runtime
         channel.busy += 1
 
-        def settled(future: asyncio.Future[bool]) -> None:
+        def settled(result: bool | BaseException) -> None:
             # Runs on the loop as the lane finishes, even if the request gave up waiting.
             channel.busy -= 1
-            if future.cancelled():
-                return
-            error = future.exception()
-            if error is None:
-                runtime.write_problem = None
-                slot.applied(key, value, deleted=delete)
+            if isinstance(result, BaseException):
+                runtime.write_problem = f"last write failed: {result}"
+                runtime.write_problem_unreachable = isinstance(result, BackendUnavailable)
+                slot.failed(key)
             else:
-                runtime.write_problem = f"last write failed: {error}"
+                runtime.write_problem = None
+                runtime.write_problem_unreachable = False
+                slot.applied(key, value, deleted=delete)
 
-        write = Write(slot.cached.database, key, value, delete)
-        write.future.add_done_callback(settled)
-        return runtime.lanes.submit(write)
+        return runtime.lanes.submit(Write(slot.cached.database, key, value, delete, settle=settled))
 
     async def _await_writes(self, slot: Slot, futures: list[asyncio.Future[bool]]) -> list[bool]:
+        # A timer fails the futures still pending when the timeout passes (cheaper
+        # than asyncio.timeout on every write). The lane brings the cache up to
+        # date itself when the write lands anyway (Write.settle), whoever waits.
         timeout = self.settings.backend_timeout
-        gathered = asyncio.gather(*(asyncio.shield(f) for f in futures))
+        timer = asyncio.get_running_loop().call_later(
+            timeout, _expire, futures, slot.runtime.spec.name, timeout
+        )
         try:
-            return list(await asyncio.wait_for(gathered, timeout))
-        except TimeoutError:
-            raise BackendTimeout(
-                f"container {slot.runtime.spec.name!r}: the backend did not store the write "
-                f"within {timeout:g}s (it may still land)"
-            ) from None
+            if len(futures) == 1:
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
         except BackendError:
             raise
         except ChanstoreError as exc:
             raise _as_backend_error(exc) from exc
+        finally:
+            timer.cancel()
 
     # -- channels and slots --------------------------------------------------
 
@@ -401,7 +430,24 @@ class ChannelRegistry:
         spec = slot.runtime.spec
         if slot.cached is None:
             quiet = dataclasses.replace(spec, load=False, clear=False)
-            slot.cached = await slot.runtime.run(channel.storage.add_spec, quiet)
+            try:
+                cached = await slot.runtime.run(channel.storage.add_spec, quiet)
+            except ChanstoreError:
+                raise
+            except Exception as exc:
+                # Opening the backend failed (a json folder that cannot be made):
+                # a backend failure with its reason, not a crash of the request.
+                error = BackendUnavailable(
+                    f"container {spec.name!r}: the {spec.implementation} backend cannot be "
+                    f"opened: {exc}"
+                )
+                error.kind = error_kind(exc)
+                raise error from exc
+            if self.runtimes.get(spec.name) is not slot.runtime:
+                # A reload retired this container while its backend was being opened.
+                channel.storage.remove_container(spec.name).close()
+                raise UnknownContainer(f"container {spec.name!r} was removed by a reload")
+            slot.cached = cached
         if spec.clear and (channel.id, spec.name) not in self._cleared:
             await slot.runtime.run(slot.cached.clear)
             self._cleared.add((channel.id, spec.name))
@@ -474,10 +520,26 @@ class ChannelRegistry:
     # -- health and shutdown -------------------------------------------------
 
     async def readiness(self) -> dict[str, str]:
-        """Each container whose backend cannot serve now, with the reason."""
-        names = list(self.runtimes)
-        problems = await asyncio.gather(*(self.runtimes[n].check() for n in names))
-        return {name: problem for name, problem in zip(names, problems, strict=True) if problem}
+        """Each container whose backend cannot serve now, with the reason.
+
+        Also sets ``chanstore_ready`` and ``chanstore_backend_up`` to the answer,
+        and drops the ``chanstore_backend_up`` series of containers no longer served.
+        """
+        runtimes = dict(self.runtimes)
+        problems = await asyncio.gather(*(runtime.check() for runtime in runtimes.values()))
+        # A reload may have retired some of them meanwhile: only those still served count.
+        checked = {name: problem for (name, runtime), problem
+                   in zip(runtimes.items(), problems, strict=True)
+                   if self.runtimes.get(name) is runtime}  # fmt: skip
+        found = {name: problem for name, problem in checked.items() if problem}
+        labels = {(engine_label(runtimes[name].spec.engine), name) for name in checked}
+        for backend, name in labels:
+            self.metrics.backend_up.labels(backend, name).set(0 if name in found else 1)
+        for gone in self._up_labels - labels:
+            self.metrics.backend_up.remove(*gone)
+        self._up_labels = labels
+        self.metrics.ready.set(0 if found else 1)
+        return found
 
     async def close(self) -> None:
         """Finish every queued write, then close every backend."""
@@ -497,6 +559,8 @@ class _ChannelUse:
         self._channel: Channel | None = None
 
     async def __aenter__(self) -> Channel:
+        # Every event this request causes from here on names its channel.
+        structlog.contextvars.bind_contextvars(channel=self._channel_id)
         self._channel = self._registry._channel(self._channel_id)
         self._channel.busy += 1
         return self._channel
@@ -513,6 +577,14 @@ async def _close_retired(runtime: ContainerRuntime, slots: list[Slot]) -> None:
         for slot in slots:
             if slot.cached is not None:
                 slot.cached.close()
+
+
+def _expire(futures: list[asyncio.Future[bool]], name: str, timeout: float) -> None:
+    late = BackendTimeout(f"container {name!r}: the backend did not store the write within "
+                          f"{timeout:g}s (it may still land)")  # fmt: skip
+    for future in futures:
+        if not future.done():
+            future.set_exception(late)
 
 
 def _as_backend_error(failure: Any) -> BackendError:

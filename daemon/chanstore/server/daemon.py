@@ -23,10 +23,11 @@ import chanstore
 from chanstore import logs
 from chanstore.config import DbConfig, load_db_config
 from chanstore.errors import ConfigError
-from chanstore.metrics import Metrics, default_metrics
+from chanstore.metrics import Metrics, default_metrics, install_process_collector
 from chanstore.server import systemd
 from chanstore.server.app import App
 from chanstore.server.channels import ChannelRegistry
+from chanstore.server.protocol import CoalescingProtocol
 from chanstore.server.reload import Reloader, checksum
 from chanstore.server.settings import DaemonSettings
 
@@ -36,6 +37,9 @@ log = logs.get_logger()
 
 #: Seconds a readiness answer is reused, so probes cannot hammer the backends.
 READINESS_TTL = 1.0
+#: Seconds between the readiness checks that keep chanstore_ready and
+#: chanstore_backend_up fresh when nobody calls /readyz.
+READINESS_INTERVAL = 5.0
 
 
 class Daemon:
@@ -85,9 +89,11 @@ class Daemon:
         for warning in self.config.warnings:
             log.warning("config_warning", warning=warning)
 
+        # httptools with one write per response (see protocol.py); no proxy-header
+        # rewriting, which nothing here reads (the daemon never logs client addresses).
         server = self._server = _Server(uvicorn.Config(
-            App(self), loop="none", http="httptools", lifespan="off", access_log=False,
-            log_config=None, server_header=False, date_header=False,
+            App(self), loop="none", http=CoalescingProtocol, lifespan="off", access_log=False,
+            log_config=None, server_header=False, date_header=False, proxy_headers=False,
             timeout_graceful_shutdown=settings.shutdown_timeout, timeout_keep_alive=30,
         ))  # fmt: skip
         loop = asyncio.get_running_loop()
@@ -99,7 +105,10 @@ class Daemon:
         try:
             await self._until_started(server, serving)
             self.reloader.start()
-            helpers = [loop.create_task(self._sweep_idle_channels(), name="idle sweeper")]
+            helpers = [
+                loop.create_task(self._sweep_idle_channels(), name="idle sweeper"),
+                loop.create_task(self._check_readiness(), name="readiness checks"),
+            ]
             if (interval := systemd.watchdog_interval()) is not None:
                 helpers.append(loop.create_task(_ping_watchdog(interval), name="watchdog"))
             log.info(
@@ -145,6 +154,15 @@ class Daemon:
                 log.debug("idle_channels_dropped", count=dropped,
                           remaining=self.registry.channel_count)  # fmt: skip
 
+    async def _check_readiness(self) -> None:
+        # /readyz answers from the same checks; this keeps the metrics fresh between calls.
+        while True:
+            try:
+                await self.readiness()
+            except Exception:
+                log.exception("readiness_check_crashed")
+            await asyncio.sleep(READINESS_INTERVAL)
+
 
 class _Server(uvicorn.Server):
     """uvicorn, minus its signal handling: the daemon owns the signals."""
@@ -185,6 +203,8 @@ def serve(settings: DaemonSettings) -> int:
     logs.configure(settings.log_format, settings.log_level)  # type: ignore[arg-type]
     # One series per metric: the *_created twins double the scrape and no query here uses them.
     prometheus_client.disable_created_metrics()
+    # process_* metrics that survive systemd's ProcSubset=pid.
+    install_process_collector()
     try:
         daemon = Daemon(settings)
         sock = bind(settings)

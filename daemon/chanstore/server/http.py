@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -98,9 +99,12 @@ class Request:
 
 def split_path(raw_path: bytes) -> list[str]:
     """The path's segments, each percent-decoded exactly once, as UTF-8 text."""
-    parts = raw_path.split(b"/")
     try:
-        return [unquote_to_bytes(part).decode("utf-8") for part in parts[1:]]
+        if b"%" not in raw_path:
+            # Nothing to decode (the usual case): one decode and one split. "/" is
+            # ASCII, so splitting before or after decoding UTF-8 is the same.
+            return raw_path.decode("utf-8").split("/")[1:]
+        return [unquote_to_bytes(part).decode("utf-8") for part in raw_path.split(b"/")[1:]]
     except UnicodeDecodeError:
         raise HttpError(400, "the path is not valid UTF-8 once percent-decoded") from None
 
@@ -137,6 +141,18 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON grammar but overflows to infinity, which no backend can store.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+# One decoder for every request: json.loads with options builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def parse_json(body: bytes, what: str = "the body") -> Any:
     """``body`` as JSON; 400 saying why when it is not (NaN, deep nesting included)."""
     try:
@@ -146,7 +162,7 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
     if not text.strip():
         raise HttpError(400, f"{what} is empty; expected a JSON value")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise HttpError(400, f"{what} is not valid JSON: line {exc.lineno} column "
                              f"{exc.colno}: {exc.msg}") from None  # fmt: skip
@@ -154,7 +170,10 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
         raise HttpError(400, f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise HttpError(400, f"{what} is nested too deeply") from None
-    if _depth_exceeds(value, MAX_JSON_DEPTH):
+    # Every level of nesting opens with a bracket, so a text with few brackets
+    # (the usual case) cannot be too deep and need not be walked.
+    brackets = text.count("[") + text.count("{")
+    if brackets > MAX_JSON_DEPTH and _depth_exceeds(value, MAX_JSON_DEPTH):
         raise HttpError(400, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
     return value
 

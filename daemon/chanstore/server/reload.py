@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,21 @@ class _FolderEvents(FileSystemEventHandler):
         paths = (event.src_path, getattr(event, "dest_path", "") or "")
         if any(Path(str(p)).name == self._name for p in paths if p):
             self._reloader.file_event()
+
+
+class _QuietStop(logging.Filter):
+    """Drops watchdog's error for the read that races the observer's stop.
+
+    Stopping the watch while its thread waits on inotify makes watchdog log
+    "queue_events() called when the thread is inactive" at error level: at
+    shutdown, that would be an error in every few logs of a clean stop.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
 
 
 def _ignore_result(task: asyncio.Task[Any]) -> None:

@@ -5,9 +5,13 @@ to one key are applied, and acknowledged, in the order they arrived. A lane
 takes everything that queued up while its previous batch was being written
 and writes it as one batch on its own thread: one ``set_many`` per backend
 (one Redis round trip, or one folder fsync for many files) instead of one
-call per write. A write is acknowledged only when its batch is stored, so
-batching makes nothing less durable; it only shares the cost of the disk or
-the round trip among the writes that were waiting anyway.
+call per write. A batch usually spans several channels, so several backends:
+their calls run at the same time, on the container's fan-out threads, so that
+the batch costs about one round trip or one disk flush rather than one per
+channel (a file system merges concurrent fsyncs into one journal commit). A
+write is acknowledged only when its batch is stored, so batching makes
+nothing less durable; it only shares the cost of the disk or the round trip
+among the writes that were waiting anyway.
 
 Lanes belong to one container, so a slow or dead backend stalls only the
 writes to its own container.
@@ -16,9 +20,10 @@ writes to its own container.
 from __future__ import annotations
 
 import asyncio
+import functools
 import zlib
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,21 +34,31 @@ __all__ = ["MAX_BATCH", "Write", "WriteLanes", "apply_batch"]
 
 #: Writes one batch holds at most; the rest wait for the next batch.
 MAX_BATCH = 512
+#: Threads per container that write to the several backends of one batch at once.
+FAN_OUT_THREADS = 8
 
 
 def _loop_future() -> asyncio.Future[bool]:
     return asyncio.get_running_loop().create_future()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Write:
-    """One queued set (``delete`` false) or delete of ``key`` in ``backend``."""
+    """One queued set (``delete`` false) or delete of ``key`` in ``backend``.
+
+    ``settle``, if given, is called on the event loop with the outcome (True or
+    False, or the error) as soon as the backend answered, before ``future`` is
+    resolved and even if nobody waits for ``future`` any more (it may have
+    been cancelled): what must follow a stored write (the cache) never
+    depends on the caller still being there.
+    """
 
     backend: DatabaseInterface
     key: str
     value: Any = None
     delete: bool = False
     future: asyncio.Future[bool] = field(default_factory=_loop_future)
+    settle: Callable[[bool | BaseException], None] | None = None
 
 
 class WriteLanes:
@@ -51,7 +66,8 @@ class WriteLanes:
 
     def __init__(self, name: str, lanes: int) -> None:
         self.name = name
-        self._lanes = [_Lane(f"{name}-{index}") for index in range(lanes)]
+        self._fan_out = ThreadPoolExecutor(FAN_OUT_THREADS, f"chanstore-fan-out-{name}")
+        self._lanes = [_Lane(f"{name}-{index}", self._fan_out) for index in range(lanes)]
 
     def submit(self, write: Write) -> asyncio.Future[bool]:
         """Queue ``write``; the future is True once stored (for a delete: the key existed)."""
@@ -67,12 +83,14 @@ class WriteLanes:
     async def close(self) -> None:
         """Finish every queued write, then stop the lanes' threads."""
         await asyncio.gather(*(lane.close() for lane in self._lanes))
+        self._fan_out.shutdown(wait=True)
 
 
 class _Lane:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, fan_out: Executor) -> None:
         self._queue: list[Write] = []
         self._writing = 0
+        self._fan_out = fan_out
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"chanstore-write-{name}")
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -97,18 +115,15 @@ class _Lane:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 self._writing = len(batch)
                 try:
-                    results = await loop.run_in_executor(self._thread, apply_batch, batch)
+                    results = await loop.run_in_executor(
+                        self._thread, apply_batch, batch, self._fan_out
+                    )
                 except Exception as exc:  # noqa: BLE001 - the pool itself failed: fail the batch
                     results = [exc] * len(batch)
                 finally:
                     self._writing = 0
                 for write, result in zip(batch, results, strict=True):
-                    if write.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        write.future.set_exception(result)
-                    else:
-                        write.future.set_result(result)
+                    _resolve(write, result)
 
     async def close(self) -> None:
         self._closing = True
@@ -117,11 +132,26 @@ class _Lane:
         self._thread.shutdown(wait=True)
 
 
-def apply_batch(batch: Sequence[Write]) -> list[bool | BaseException]:
+def _resolve(write: Write, result: bool | BaseException) -> None:
+    if write.settle is not None:
+        write.settle(result)
+    if write.future.done():  # the caller gave up waiting (cancelled)
+        return
+    if isinstance(result, BaseException):
+        write.future.set_exception(result)
+    else:
+        write.future.set_result(result)
+
+
+def apply_batch(
+    batch: Sequence[Write], fan_out: Executor | None = None
+) -> list[bool | BaseException]:
     """Apply ``batch`` in order; each write's result is True/False or the error it met.
 
     The batch is cut wherever a key repeats, so that within one run every
-    key is written at most once and runs apply in order.
+    key is written at most once and runs apply in order. Within a run, the
+    calls to different backends (and a backend's sets and its deletes, which
+    touch other keys) run at the same time on ``fan_out`` when it is given.
     """
     results: list[bool | BaseException] = [False] * len(batch)
     start = 0
@@ -134,22 +164,82 @@ def apply_batch(batch: Sequence[Write]) -> list[bool | BaseException]:
                 break
             seen.add(token)
             end += 1
-        _apply_run(batch, range(start, end), results)
+        _apply_run(batch, range(start, end), results, fan_out)
         start = end
     return results
 
 
-def _apply_run(batch: Sequence[Write], run: range, results: list[bool | BaseException]) -> None:
+def _apply_run(batch: Sequence[Write], run: range, results: list[bool | BaseException],
+               fan_out: Executor | None) -> None:  # fmt: skip
     groups: dict[int, tuple[DatabaseInterface, dict[str, int], dict[str, int]]] = {}
     for index in run:
         write = batch[index]
         _backend, sets, deletes = groups.setdefault(id(write.backend), (write.backend, {}, {}))
         (deletes if write.delete else sets)[write.key] = index
+    calls: list[Callable[[], None]] = []
+    together: dict[Hashable, list[tuple[DatabaseInterface, dict[str, int]]]] = {}
     for backend, sets, deletes in groups.values():
         if sets:
-            _store(backend, batch, sets, results)
+            key = _together_key(backend)
+            if key is None:
+                calls.append(functools.partial(_store, backend, batch, sets, results))
+            else:
+                together.setdefault(key, []).append((backend, sets))
         if deletes:
-            _remove(backend, deletes, results)
+            calls.append(functools.partial(_remove, backend, deletes, results))
+    for parts in together.values():
+        calls.append(functools.partial(_store_together, parts, batch, results))
+    _call_all(calls, fan_out)
+
+
+def _together_key(backend: DatabaseInterface) -> Hashable | None:
+    """Equal for backends whose sets one ``set_many_together`` call can store; None if alone.
+
+    A backend class may offer ``set_many_together(parts)``: the ``set_many``
+    of several of its instances in one go (Redis: one pipeline for every
+    domain on one connection pool), one error or None per part, each part
+    measured as that instance's ``set_many``. ``together_key`` says which
+    instances it can take at once.
+    """
+    if getattr(type(backend), "set_many_together", None) is None:
+        return None
+    return (type(backend), backend.together_key)  # type: ignore[attr-defined]
+
+
+def _store_together(
+    parts: list[tuple[DatabaseInterface, dict[str, int]]],
+    batch: Sequence[Write],
+    results: list[bool | BaseException],
+) -> None:
+    if len(parts) == 1:
+        backend, sets = parts[0]
+        _store(backend, batch, sets, results)
+        return
+    items = [{key: batch[index].value for key, index in sets.items()} for _backend, sets in parts]
+    try:
+        errors = type(parts[0][0]).set_many_together(  # type: ignore[attr-defined]
+            [(backend, part) for (backend, _sets), part in zip(parts, items, strict=True)]
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
+        errors = [exc] * len(parts)
+    for (_backend, sets), error in zip(parts, errors, strict=True):
+        for index in sets.values():
+            results[index] = True if error is None else error
+
+
+def _call_all(calls: list[Callable[[], None]], fan_out: Executor | None) -> None:
+    """Make every call, at the same time on ``fan_out`` when there are several.
+
+    Each call records its outcome in the results and raises nothing.
+    """
+    if fan_out is None or len(calls) < 2:
+        for call in calls:
+            call()
+        return
+    others = [fan_out.submit(call) for call in calls[1:]]
+    calls[0]()  # this thread makes one of them itself
+    for other in others:
+        other.result()
 
 
 def _store(backend: DatabaseInterface, batch: Sequence[Write], sets: dict[str, int],
