@@ -1,0 +1,747 @@
+"""Benchmarks of the chanstore daemon over HTTP, each beside a baseline from the same run.
+
+What is measured (32 keep-alive connections everywhere):
+
+1. Cached GET: ``GET /v1/channels/{c}/{container}/{key}`` of keys stored
+   beforehand, so every GET is a cache hit (checked on /metrics: the run
+   fails if a cache miss is counted), against redis-server's own GET
+   throughput measured by ``redis-benchmark`` at the same concurrency.
+2. PUT to a json container with fsync on, spread over many keys and several
+   channels so that the write lanes batch, against a plain Python loop that
+   writes one file at a time the usual atomic way (write a temp file, fsync
+   it, rename it over the key's file) in the same folder. The loop runs just
+   before and just after the daemon's PUT rounds, because a disk's speed
+   drifts; both figures are shown and their mean is the baseline.
+3. PUT to a redis container against ``redis-benchmark`` SET.
+
+How: the benchmark starts everything itself on free loopback ports and stops
+it at the end: a redis-server of its own (no persistence) and the daemon as a
+real process (``chanstore serve``) in a temporary working directory, with a
+db_config holding a json container (fsync on) and a redis container. Load
+comes from wrk, a C load generator, so that the client is not what is
+measured; its Lua scripts (written to the temporary folder) pick a different
+key for each request and report exact counts and latency percentiles. GET
+and redis PUT rounds alternate with redis-benchmark rounds; figures are
+medians over rounds. wrk shares the machine's cores with the daemon (and
+redis-benchmark with redis-server), which the report says.
+
+Run: ``python bench/daemon.py`` (about 3 minutes) or ``python bench/daemon.py
+--quick`` (about a minute). ``--profile DIR`` also records py-spy flame graphs
+of the daemon during the first round of each daemon measurement (py-spy
+slows the daemon a little while it samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import itertools
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+CONNECTIONS = 32
+WRK_THREADS = 2
+CHANNELS = 8
+WARM_UP_SECONDS = 2
+JSON_CONTAINER = "files"
+REDIS_CONTAINER = "kv"
+#: The value every PUT stores (and every preloaded key holds).
+VALUE: dict[str, Any] = {"hp": 100, "mana": 35, "name": "player", "flags": [1, 2, 3]}
+
+
+@dataclass(frozen=True)
+class Goal:
+    minimum: float
+    aim: float | None = None
+
+    def text(self) -> str:
+        aim = f", aim {self.aim:g}x" if self.aim is not None else ""
+        return f">= {self.minimum:g}x{aim}"
+
+
+GOAL_GET = Goal(0.4, 0.8)
+GOAL_PUT_JSON = Goal(1.0, 3.0)
+GOAL_PUT_REDIS = Goal(0.1, 0.3)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how large each part of the run is."""
+
+    rounds: int  # rounds of each side; figures are medians over them
+    seconds: int  # one wrk run (and one raw fsync loop, and about one redis-benchmark run)
+    get_keys: int  # keys preloaded for the cached GETs
+    put_keys: int  # keys the PUTs cycle through
+    time_limit: float  # seconds; past it the run is aborted (and everything stopped)
+
+
+FULL = Settings(rounds=4, seconds=8, get_keys=2000, put_keys=20_000, time_limit=480.0)
+QUICK = Settings(rounds=2, seconds=3, get_keys=1000, put_keys=10_000, time_limit=150.0)
+
+
+# -- figures -------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One measured run: throughput and latency percentiles."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class Measure:
+    """Every sample of one side of a comparison."""
+
+    label: str
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(s.rps for s in self.samples)
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(s.p50_ms for s in self.samples)
+
+    @property
+    def p99_ms(self) -> float:
+        return statistics.median(s.p99_ms for s in self.samples)
+
+
+@dataclass
+class Comparison:
+    name: str
+    daemon: Measure
+    baseline: Measure
+    goal: Goal
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """chanstore / baseline throughput: the median of the rounds' ratios when paired.
+
+        A round's two sides run back to back, so their ratio is steadier than the
+        ratio of medians taken minutes apart on a machine whose speed drifts.
+        """
+        ours, theirs = self.daemon.samples, self.baseline.samples
+        if len(ours) == len(theirs) > 1:
+            return statistics.median(o.rps / t.rps for o, t in zip(ours, theirs, strict=True))
+        return self.daemon.rps / self.baseline.rps
+
+    def verdict(self) -> str:
+        if self.ratio < self.goal.minimum:
+            return "MISSED"
+        if self.goal.aim is not None and self.ratio >= self.goal.aim:
+            return "aim met"
+        return "met"
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """Stop ``process`` with SIGTERM (SIGKILL past ``timeout``); its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    return process.returncode
+
+
+def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str,
+               log: Path, timeout: float) -> None:  # fmt: skip
+    """Poll ``check`` until it holds; explain (with ``log``'s tail) if it never does."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if process.poll() is not None or time.monotonic() > deadline:
+            state = (f"exited with status {process.returncode}" if process.poll() is not None
+                     else f"was not ready within {timeout:g}s")  # fmt: skip
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{what} {state}; its output ends with:\n{tail}")
+        time.sleep(0.05)
+
+
+def redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[int]:
+    """A redis-server of our own on a free port, without persistence; yields the port."""
+    port = free_port()
+    log = workdir / "redis.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"],
+            cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: redis_pings(port), process, "redis-server", log, 10)
+            yield port
+        finally:
+            stop(process)
+
+
+def http(port: int, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+    """One request to the daemon; the decoded JSON answer (text for /metrics)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"content-type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        text = answer.read().decode()
+    return text if path == "/metrics" else json.loads(text)
+
+
+def healthy(port: int) -> bool:
+    try:
+        return http(port, "GET", "/healthz", timeout=1).get("status") == "serving"
+    except (OSError, ValueError):
+        return False
+
+
+def chanstore_command() -> str:
+    """The ``chanstore`` script of the running Python, or the one on PATH."""
+    beside = Path(sys.executable).with_name("chanstore")
+    found = str(beside) if beside.exists() else shutil.which("chanstore")
+    if found is None:
+        raise SystemExit("chanstore is not installed: pip install -e '.[test]'")
+    return found
+
+
+@dataclass
+class Daemon:
+    port: int
+    process: subprocess.Popen[bytes]
+    command: list[str]
+
+
+def write_db_config(workdir: Path, redis_port: int) -> Path:
+    entries = [
+        {"implementation": "json", "name": JSON_CONTAINER, "load": True, "clear": False,
+         "settings": {"root_dir": str(workdir / "data"), "fsync": True}},
+        {"implementation": "redis", "name": REDIS_CONTAINER, "load": True, "clear": False,
+         "settings": {"host": "127.0.0.1", "port": redis_port}},
+    ]  # fmt: skip
+    path = workdir / "db.json"
+    path.write_text(json.dumps(entries, indent=2))
+    return path
+
+
+def serve_command(port: int | str, extra: Sequence[str]) -> list[str]:
+    """The arguments of ``chanstore serve``, run in the working directory that holds db.json."""
+    return ["serve", "--db-config", "db.json", "--listen", f"127.0.0.1:{port}",
+            "--log-level", "warning", *extra]  # fmt: skip
+
+
+@contextlib.contextmanager
+def daemon_process(workdir: Path, redis_port: int, extra: Sequence[str]) -> Iterator[Daemon]:
+    """``chanstore serve`` on a free port, stopped (SIGTERM) at the end."""
+    write_db_config(workdir, redis_port)
+    port = free_port()
+    command = [chanstore_command(), *serve_command(port, extra)]
+    log = workdir / "daemon.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: healthy(port), process, "chanstore serve", log, 20)
+            yield Daemon(port, process, command)
+        finally:
+            status = stop(process)
+            if status != 0:
+                progress(f"chanstore serve exited with status {status}; see its log:\n"
+                         f"{log.read_text(errors='replace')[-2000:]}")  # fmt: skip
+
+
+# -- wrk -------------------------------------------------------------------------------
+
+# Each wrk thread builds its requests once (cycling through the keys from a
+# different starting point), so the per-request work in wrk is an index bump,
+# and reports exact figures from done() as one JSON line.
+WRK_SCRIPT = """
+local threads = {}
+local counter = 0
+
+function setup(thread)
+  thread:set("offset", #threads * 7919)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  requests = {}
+  for k = 0, KEYS - 1 do
+    local path = string.format("/v1/channels/bench-%d/%s/%s-%d", k % CHANNELS, CONTAINER, PREFIX, k)
+    requests[k + 1] = wrk.format(METHOD, path, {["Content-Type"] = "application/json"}, BODY)
+  end
+  counter = offset
+end
+
+function request()
+  counter = counter + 1
+  return requests[(counter % KEYS) + 1]
+end
+
+function done(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"status": %d, "connect": %d, "read": %d, "write": %d, "timeout": %d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    errors.status, errors.connect, errors.read, errors.write, errors.timeout))
+end
+"""
+
+
+def lua_string(text: str | None) -> str:
+    return "nil" if text is None else json.dumps(text)  # a JSON string is a valid Lua string
+
+
+@dataclass(frozen=True)
+class Load:
+    """What one wrk script sends: METHOD /v1/channels/bench-N/CONTAINER/PREFIX-K."""
+
+    name: str
+    method: str
+    container: str
+    prefix: str
+    keys: int
+    body: str | None = None
+
+    def script(self, workdir: Path) -> Path:
+        header = (
+            f"METHOD = {lua_string(self.method)}\nCONTAINER = {lua_string(self.container)}\n"
+            f"PREFIX = {lua_string(self.prefix)}\nKEYS = {self.keys}\nCHANNELS = {CHANNELS}\n"
+            f"BODY = {lua_string(self.body)}\n"
+        )
+        path = workdir / f"{self.name}.lua"
+        path.write_text(header + WRK_SCRIPT)
+        return path
+
+
+def wrk_command(seconds: int | str, script: str, url: str) -> list[str]:
+    return ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
+            "--timeout", "10s", "-s", script, url]  # fmt: skip
+
+
+def run_wrk(load: Load, daemon: Daemon, workdir: Path, seconds: int) -> Sample:
+    script = load.script(workdir)
+    command = wrk_command(seconds, str(script), f"http://127.0.0.1:{daemon.port}")
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", finished.stdout, re.MULTILINE)
+    if finished.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({finished.returncode}):\n{finished.stdout}"
+                           f"{finished.stderr}")  # fmt: skip
+    result = json.loads(match.group(1))
+    failures = {k: result[k] for k in ("status", "connect", "read", "write", "timeout")
+                if result[k]}  # fmt: skip
+    if failures:
+        raise RuntimeError(f"{load.name}: wrk saw failed requests {failures}:\n{finished.stdout}")
+    return Sample(
+        rps=result["requests"] / (result["duration_us"] / 1e6),
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+    )
+
+
+# -- redis-benchmark -------------------------------------------------------------------
+
+
+def redis_benchmark_command(port: int | str, requests: int | str) -> list[str]:
+    return ["redis-benchmark", "-p", str(port), "-c", str(CONNECTIONS), "-n", str(requests),
+            "-t", "get,set", "--csv"]  # fmt: skip
+
+
+def run_redis_benchmark(port: int, requests: int) -> dict[str, Sample]:
+    """redis-benchmark's GET and SET figures, by test name."""
+    finished = subprocess.run(redis_benchmark_command(port, requests), capture_output=True,
+                              text=True, check=True)  # fmt: skip
+    rows = csv.DictReader(io.StringIO(finished.stdout))
+    return {
+        row["test"]: Sample(
+            float(row["rps"]), float(row["p50_latency_ms"]), float(row["p99_latency_ms"])
+        )
+        for row in rows
+    }
+
+
+# -- the raw fsync loop ----------------------------------------------------------------
+
+
+def raw_fsync_loop(folder: Path, keys: int, seconds: float) -> Sample:
+    """Write one file at a time, atomically: temp file, fsync, rename over the key's file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(VALUE, indent=2).encode()
+    durations: list[float] = []
+    started = time.perf_counter()
+    deadline = started + seconds
+    for index in itertools.cycle(range(keys)):
+        begun = time.perf_counter()
+        temp = folder / f".tmp-{index}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, folder / f"key-{index}.json")
+        ended = time.perf_counter()
+        durations.append(ended - begun)
+        if ended >= deadline:
+            break
+    elapsed = time.perf_counter() - started
+    durations.sort()
+    return Sample(len(durations) / elapsed, percentile(durations, 0.5) * 1000,
+                  percentile(durations, 0.99) * 1000)  # fmt: skip
+
+
+# -- py-spy ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiled(pid: int, seconds: int, out: Path | None) -> Iterator[None]:
+    """Record a py-spy flame graph of ``pid`` for ``seconds`` into ``out`` (if given)."""
+    if out is None:
+        yield
+        return
+    command = ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds),
+               "--nonblocking", "--rate", "200", "--output", str(out)]  # fmt: skip
+    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        _, errors = recorder.communicate(timeout=seconds + 30)
+        if recorder.returncode != 0:
+            progress(f"py-spy failed: {errors.decode(errors='replace')[-500:]}")
+        else:
+            progress(f"profile written to {out}")
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def describe(sample: Sample) -> str:
+    return f"{sample.rps:,.0f}/s p50 {sample.p50_ms:.2f} ms p99 {sample.p99_ms:.2f} ms"
+
+
+def body_text() -> str:
+    return json.dumps(VALUE, separators=(",", ":"))
+
+
+def preload(daemon: Daemon, keys: int) -> None:
+    """Store the keys the GETs read, one bulk set per channel."""
+    for channel in range(CHANNELS):
+        values = {f"get-{k}": VALUE for k in range(channel, keys, CHANNELS)}
+        path = f"/v1/channels/bench-{channel}/{JSON_CONTAINER}/-/set"
+        http(daemon.port, "POST", path, {"values": values})
+
+
+def cache_misses(daemon: Daemon) -> float:
+    """chanstore_cache_requests_total{result="miss"}, summed over containers."""
+    text = http(daemon.port, "GET", "/metrics")
+    pattern = r'^chanstore_cache_requests_total\{[^}]*result="miss"[^}]*\} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
+
+
+class Run:
+    """One benchmark run: the processes, the loads and the figures gathered."""
+
+    def __init__(self, settings: Settings, workdir: Path, profile: Path | None,
+                 serve_args: Sequence[str]) -> None:  # fmt: skip
+        self.settings = settings
+        self.workdir = workdir
+        self.profile = profile
+        self.serve_args = serve_args
+        self.get_load = Load("get", "GET", JSON_CONTAINER, "get", settings.get_keys)
+        self.put_json = Load("put-json", "PUT", JSON_CONTAINER, "put", settings.put_keys,
+                             body_text())  # fmt: skip
+        self.put_redis = Load("put-redis", "PUT", REDIS_CONTAINER, "put", settings.put_keys,
+                              body_text())  # fmt: skip
+        self.redis_requests = 100_000
+
+    def wrk(self, load: Load, daemon: Daemon, round_index: int) -> Sample:
+        out = None
+        if self.profile is not None and round_index == 0:
+            out = self.profile / f"{load.name}.svg"
+        with profiled(daemon.process.pid, self.settings.seconds, out):
+            sample = run_wrk(load, daemon, self.workdir, self.settings.seconds)
+        progress(f"daemon {load.name} round {round_index + 1}: {describe(sample)}")
+        return sample
+
+    def warm_up(self, load: Load, daemon: Daemon) -> None:
+        """A short untimed run: creates the channels, files and hashes the rounds reuse."""
+        sample = run_wrk(load, daemon, self.workdir, WARM_UP_SECONDS)
+        progress(f"daemon {load.name} warm-up: {describe(sample)}")
+
+    def redis_benchmark(self, port: int, label: str) -> dict[str, Sample]:
+        samples = run_redis_benchmark(port, self.redis_requests)
+        # Size the next run to last about as long as one wrk run.
+        slowest = min(samples["GET"].rps, samples["SET"].rps)
+        self.redis_requests = max(20_000, int(slowest * self.settings.seconds / 2))
+        for name, sample in samples.items():
+            progress(f"redis-benchmark {name} {label}: {describe(sample)}")
+        return samples
+
+    def measure_json_puts(self, daemon: Daemon) -> Comparison:
+        """Daemon PUT rounds between a raw fsync loop before and one after."""
+        raw_folder = self.workdir / "data" / "raw"
+        seconds = self.settings.seconds
+        puts = Measure("PUT json (fsync on)")
+        before = raw_fsync_loop(raw_folder, self.settings.put_keys, seconds)
+        progress(f"raw fsync loop before: {describe(before)}")
+        self.warm_up(self.put_json, daemon)
+        for index in range(self.settings.rounds):
+            puts.samples.append(self.wrk(self.put_json, daemon, index))
+        after = raw_fsync_loop(raw_folder, self.settings.put_keys, seconds)
+        progress(f"raw fsync loop after: {describe(after)}")
+        baseline = Measure("write temp/fsync/rename loop (mean of before and after)")
+        mean = Sample(
+            statistics.fmean(s.rps for s in (before, after)),
+            statistics.fmean(s.p50_ms for s in (before, after)),
+            statistics.fmean(s.p99_ms for s in (before, after)),
+        )
+        baseline.samples = [mean]
+        note = (f"raw loop before {before.rps:,.0f}/s, after {after.rps:,.0f}/s; baseline = "
+                "their mean (the loop does not fsync the folder; the daemon does, so that "
+                "its renames survive a crash too)")  # fmt: skip
+        return Comparison("PUT json fsync=on", puts, baseline, GOAL_PUT_JSON, note)
+
+    def measure_interleaved(self, daemon: Daemon, redis_port: int) -> list[Comparison]:
+        """Cached GETs and redis PUTs, alternating with redis-benchmark rounds."""
+        gets = Measure("GET cached")
+        puts = Measure("PUT redis")
+        redis_get = Measure("redis-benchmark GET")
+        redis_set = Measure("redis-benchmark SET")
+        self.redis_benchmark(redis_port, "warm-up")  # and sizing
+        self.warm_up(self.put_redis, daemon)
+        self.warm_up(self.get_load, daemon)
+        misses_before = cache_misses(daemon)
+        for index in range(self.settings.rounds):
+            ours = [
+                lambda i=index: gets.samples.append(self.wrk(self.get_load, daemon, i)),
+                lambda i=index: puts.samples.append(self.wrk(self.put_redis, daemon, i)),
+            ]
+            theirs = [lambda i=index: self._redis_round(redis_port, i, redis_get, redis_set)]
+            for step in (ours + theirs) if index % 2 == 0 else (theirs + ours):
+                step()
+        misses = cache_misses(daemon) - misses_before
+        if misses:
+            raise RuntimeError(f"{misses:.0f} cache misses during the cached GETs")
+        return [
+            Comparison("GET cached", gets, redis_get, GOAL_GET,
+                       "every GET a cache hit (no cache miss counted on /metrics)"),
+            Comparison("PUT redis", puts, redis_set, GOAL_PUT_REDIS),
+        ]  # fmt: skip
+
+    def _redis_round(self, port: int, index: int, get: Measure, set_: Measure) -> None:
+        samples = self.redis_benchmark(port, f"round {index + 1}")
+        get.samples.append(samples["GET"])
+        set_.samples.append(samples["SET"])
+
+    def execute(self) -> tuple[list[Comparison], str]:
+        with redis_server(self.workdir) as redis_port, \
+                daemon_process(self.workdir, redis_port, self.serve_args) as daemon:  # fmt: skip
+            progress(f"daemon pid {daemon.process.pid} on port {daemon.port}, "
+                     f"redis-server on port {redis_port}")  # fmt: skip
+            preload(daemon, self.settings.get_keys)
+            json_puts = self.measure_json_puts(daemon)
+            others = self.measure_interleaved(daemon, redis_port)
+            env = environment(redis_port, self.workdir)
+        return [others[0], json_puts, others[1]], env
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def environment(redis_port: int, workdir: Path) -> str:
+    redis_version = first_line(["redis-server", "--version"]).split()[2].removeprefix("v=")
+    wrk_version = first_line(["wrk", "-v"]).split()[1]
+    packages = ", ".join(f"{name} {package_version(name)}"
+                         for name in ("uvicorn", "uvloop", "httptools", "redis"))  # fmt: skip
+    return (
+        f"Python {platform.python_version()}, {packages}, redis-server {redis_version}, "
+        f"wrk {wrk_version}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        f"data on {filesystem_of(workdir)}"
+    )
+
+
+def first_line(command: list[str]) -> str:
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    return (finished.stdout or finished.stderr).splitlines()[0]
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the file system holding ``path`` (from /proc/mounts), or 'unknown'."""
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _device, mount, fstype, *_ = line.split()
+            inside = str(path.resolve()).startswith(mount.rstrip("/") + "/") or mount == "/"
+            if inside and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
+RATIO_NOTE = (
+    "ratio = chanstore / baseline throughput, the median of the rounds' ratios where each "
+    "round ran both sides back to back (json: chanstore's median / the raw loop's mean)"
+)
+HEADERS = ("measure", "chanstore req/s", "p50 ms", "p99 ms", "baseline", "baseline ops/s",
+           "p50 ms", "p99 ms", "ratio", "target", "verdict")  # fmt: skip
+RIGHT = {1, 2, 3, 5, 6, 7, 8}
+
+
+def rows(results: list[Comparison]) -> list[list[str]]:
+    return [
+        [r.name, f"{r.daemon.rps:,.0f}", f"{r.daemon.p50_ms:.2f}", f"{r.daemon.p99_ms:.2f}",
+         r.baseline.label, f"{r.baseline.rps:,.0f}", f"{r.baseline.p50_ms:.2f}",
+         f"{r.baseline.p99_ms:.2f}", f"{r.ratio:.2f}x", r.goal.text(), r.verdict()]
+        for r in results
+    ]  # fmt: skip
+
+
+def text_table(headers: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(cells)
+        ).rstrip()
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, body)])
+
+
+def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
+    align = ["---:" if i in right else "---" for i in range(len(headers))]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [headers, align, *body])
+
+
+def sharing_note() -> str:
+    return (
+        f"The daemon and wrk ({WRK_THREADS} threads) share this machine's {os.cpu_count()} "
+        "cores, as redis-server and redis-benchmark do; a client on another machine would "
+        "leave the daemon more CPU"
+    )
+
+
+def report(settings: Settings, results: list[Comparison], env: str, serve_args: Sequence[str],
+           elapsed: float) -> None:  # fmt: skip
+    command = shlex.join(["python", "bench/daemon.py", *sys.argv[1:]])
+    wrk = shlex.join(wrk_command(settings.seconds, "<script>.lua", "http://127.0.0.1:PORT"))
+    redis = shlex.join(redis_benchmark_command("PORT", "N"))
+    serve = shlex.join(["chanstore", *serve_command("PORT", serve_args)])
+    notes = [f"{r.name}: {r.note}" for r in results if r.note]
+    print()
+    print(f"chanstore daemon benchmarks ({env})")
+    print(f"medians of {settings.rounds} rounds of {settings.seconds} s; "
+          f"{CONNECTIONS} keep-alive connections; {RATIO_NOTE}\n")  # fmt: skip
+    print(text_table(HEADERS, rows(results), RIGHT))
+    for note in notes:
+        print(f"  {note}")
+    print(f"note: {sharing_note()}.")
+    print(f"\nwhole run: {elapsed:.0f} s")
+
+    print("\n--- markdown for the README ---\n")
+    print(f"Measured with `{command}` ({env}). The daemon ran as `{serve}` with a json "
+          f"container (fsync on) and a redis container; load came from `{wrk}` (Lua scripts "
+          f"spread requests over {CHANNELS} channels and {settings.get_keys:,} keys for GET, "
+          f"{settings.put_keys:,} for PUT) and Redis's own figures from `{redis}`. Medians of "
+          f"{settings.rounds} rounds of {settings.seconds} s, every figure from the same run; "
+          f"{RATIO_NOTE}.\n")  # fmt: skip
+    print(markdown_table(HEADERS, rows(results), RIGHT))
+    print()
+    for note in notes:
+        print(f"- {note}.")
+    print(f"- {sharing_note()}.")
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a run of about a minute")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where to make the temporary working directory (default: the "
+                             "temp folder); the json data and the raw loop go there")  # fmt: skip
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="write py-spy flame graphs of the daemon to DIR")  # fmt: skip
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for chanstore serve, e.g. "
+                             "--serve-arg=--write-lanes=1 (repeatable)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def on_time_limit(signum: int, frame: object) -> None:
+    raise TimeoutError("the benchmark ran past its time limit")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = QUICK if args.quick else FULL
+    for tool in ("wrk", "redis-server", "redis-benchmark"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (apt-get install wrk redis-server)")
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGALRM, on_time_limit)
+    signal.alarm(int(settings.time_limit))
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="chanstore-bench-daemon-", dir=args.dir))
+    try:
+        results, env = Run(settings, workdir, args.profile, args.serve_arg).execute()
+    finally:
+        signal.alarm(0)
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(settings, results, env, args.serve_arg, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
