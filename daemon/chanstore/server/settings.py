@@ -34,7 +34,7 @@ class DaemonSettings:
     max_body_bytes: int = 1024 * 1024
     idle_timeout: float = 300.0
     max_channels: int = 100_000
-    write_lanes: int = 4
+    write_lanes: int = 1
     config_poll_interval: float = 5.0
     shutdown_timeout: float = 15.0
     backend_timeout: float = 10.0
@@ -68,7 +68,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "max-body-bytes": (int, "largest request body accepted, in bytes (default 1048576)"),
     "idle-timeout": (float, "seconds after which an unused channel leaves memory (default 300)"),
     "max-channels": (int, "channels kept in memory at most; the idlest leave first"),
-    "write-lanes": (int, "parallel write queues per container (default 4)"),
+    "write-lanes": (int, "write queues per container; each batches what queued up (default 1)"),
     "config-poll-interval": (float, "seconds between checksum polls of db_config (default 5)"),
     "shutdown-timeout": (float, "seconds to finish in-flight requests on SIGTERM (default 15)"),
     "backend-timeout": (float, "seconds a request waits for a backend before 503 (default 10)"),
