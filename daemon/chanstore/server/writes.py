@@ -244,31 +244,32 @@ def _call_all(calls: list[Callable[[], None]], fan_out: Executor | None) -> None
 
 def _store(backend: DatabaseInterface, batch: Sequence[Write], sets: dict[str, int],
            results: list[bool | BaseException]) -> None:  # fmt: skip
-    try:
+    def store() -> set[str]:
         backend.set_many({key: batch[index].value for key, index in sets.items()})
-    except BulkWriteError as exc:
-        done = set(exc.done)
-        for key, index in sets.items():
-            results[index] = True if key in done else exc
-    except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
-        for index in sets.values():
-            results[index] = exc
-    else:
-        for index in sets.values():
-            results[index] = True
+        return set(sets)
+
+    _answer(store, sets, results)
 
 
 def _remove(backend: DatabaseInterface, deletes: dict[str, int],
             results: list[bool | BaseException]) -> None:  # fmt: skip
+    _answer(lambda: set(backend.delete_many(list(deletes))), deletes, results)
+
+
+def _answer(
+    call: Callable[[], set[str]], indexes: dict[str, int], results: list[bool | BaseException]
+) -> None:
+    """Each key's result of ``call``: True when it is among the keys ``call`` returns
+    (stored, or deleted because it existed), False otherwise, or the error it met."""
     try:
-        existed = set(backend.delete_many(list(deletes)))
+        succeeded = call()
     except BulkWriteError as exc:
         done = set(exc.done)
-        for key, index in deletes.items():
+        for key, index in indexes.items():
             results[index] = True if key in done else exc
     except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
-        for index in deletes.values():
+        for index in indexes.values():
             results[index] = exc
     else:
-        for key, index in deletes.items():
-            results[index] = key in existed
+        for key, index in indexes.items():
+            results[index] = key in succeeded
