@@ -125,8 +125,36 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class Daemon:
+class _ServedProcess:
+    """A process these tests started that serves HTTP: polled until it answers, stopped."""
+
+    name = "process"
+    process: subprocess.Popen[bytes] | None
+    http: httpx.Client
+    log: Path
+
+    def _answers(self, path: str) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"{self.name} exited {self.process.returncode}:\n{_tail(self.log)}"
+            )
+        try:
+            return self.http.get(path).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.process is not None:
+            status = _stop(self.process)
+            assert status == 0, f"{self.name} exited {status}:\n{_tail(self.log)}"
+
+
+class Daemon(_ServedProcess):
     """A real ``chanstore serve`` process in ``folder`` on a free port."""
+
+    name = "chanstore serve"
 
     def __init__(self, folder: Path, entries: list[dict[str, Any]]) -> None:
         self.folder = folder
@@ -165,21 +193,7 @@ class Daemon:
         return self
 
     def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"chanstore serve exited {self.process.returncode}:\n{_tail(self.log)}"
-            )
-        try:
-            return self.http.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.process is not None:
-            status = _stop(self.process)
-            assert status == 0, f"chanstore serve exited {status}:\n{_tail(self.log)}"
+        return self._answers("/healthz")
 
     def log_text(self) -> str:
         return _tail(self.log, 200)
@@ -246,8 +260,10 @@ class Traffic:
         self._client.close()
 
 
-class Prometheus:
+class Prometheus(_ServedProcess):
     """A real Prometheus on a free port, with a configuration written for the test."""
+
+    name = "prometheus"
 
     def __init__(self, binary: str, folder: Path, config: dict[str, Any]) -> None:
         self.binary = binary
@@ -277,19 +293,7 @@ class Prometheus:
         return self
 
     def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"prometheus exited {self.process.returncode}:\n{_tail(self.log)}")
-        try:
-            return self.http.get("/-/ready").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.process is not None:
-            status = _stop(self.process)
-            assert status == 0, f"prometheus exited {status}:\n{_tail(self.log)}"
+        return self._answers("/-/ready")
 
     def api(self, path: str, **params: Any) -> dict[str, Any]:
         """A GET of the HTTP API; the decoded answer, whatever its status."""
