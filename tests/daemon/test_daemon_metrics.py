@@ -10,6 +10,13 @@ import chanstore
 KEY_ROUTE = "/v1/channels/{channel}/{container}/{key}"
 
 
+def test_a_wrong_method_is_counted_under_its_route(daemon: DaemonProcess, channel: str) -> None:
+    assert daemon.http.post(key_path(channel, "stats", "k")).status_code == 405
+    text = daemon.metrics_text()
+    assert metric(text, "chanstore_http_requests_total", method="POST", route=KEY_ROUTE,
+                  status="405") >= 1  # fmt: skip
+
+
 def test_metrics_after_traffic_use_route_templates_never_ids(
     daemon: DaemonProcess, channel: str
 ) -> None:

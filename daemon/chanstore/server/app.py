@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chanstore import logs
 from chanstore.cache import ABSENT
+from chanstore.codec import to_json_shape
 from chanstore.errors import BackendError, ChanstoreError, InvalidKey
 from chanstore.keys import check_channel_id, check_key
 from chanstore.server.channels import UnknownContainer
@@ -134,8 +135,8 @@ class App:
                 segments = split_path(raw_path)
                 request = Request(scope, receive, segments)
                 request.request_id = request_id
-                route, handler = self.route(request)
-                status, body = await handler(request)
+                route, handlers = self.route(request)
+                status, body = await _handler_for(request, route, handlers)(request)
             except HttpError as error:
                 status, body = error.status, error.body()
                 headers.extend(error.headers)
@@ -173,8 +174,8 @@ class App:
 
     # -- routing ---------------------------------------------------------------
 
-    def route(self, request: Request) -> tuple[str, Handler]:
-        """The route template and handler for ``request``; HttpError for 401/404/405."""
+    def route(self, request: Request) -> tuple[str, dict[str, Handler]]:
+        """The route template and its handlers by method; HttpError for 401 and 404."""
         segments = request.segments
         if segments[0] in ("v1", "-"):
             # Data and control routes answer nobody without the token, not even a 404.
@@ -186,12 +187,7 @@ class App:
             if fixed is None:
                 raise HttpError(404, f"no route for {request.scope['path'][:200]!r}")
             route, handlers = fixed
-        handler = handlers.get(request.method)
-        if handler is None:
-            allowed = ", ".join(handlers)
-            raise HttpError(405, f"{request.method} is not allowed on {route}; use {allowed}",
-                            [(b"allow", allowed.encode())])  # fmt: skip
-        return route, handler
+        return route, handlers
 
     def _channel_route(self, segments: list[str]) -> tuple[str, dict[str, Handler]]:
         if len(segments) == 5:
@@ -352,9 +348,20 @@ class App:
             raise HttpError(503, f"backend failure ({exc.kind}): {exc}") from None
 
 
-def _json_shaped(values: dict[str, Any]) -> dict[str, Any]:
-    from chanstore.codec import to_json_shape  # noqa: PLC0415
+def _handler_for(request: Request, route: str, handlers: dict[str, Handler]) -> Handler:
+    """The handler of ``request``'s method; 405 (the route still known to metrics) if none."""
+    handler = handlers.get(request.method)
+    if handler is None:
+        allowed = ", ".join(handlers)
+        raise HttpError(
+            405,
+            f"{request.method} is not allowed on {route}; use {allowed}",
+            [(b"allow", allowed.encode())],
+        )
+    return handler
 
+
+def _json_shaped(values: dict[str, Any]) -> dict[str, Any]:
     return {key: to_json_shape(value) for key, value in values.items()}
 
 

@@ -195,9 +195,6 @@ class Changes:
     changed: tuple[str, ...] = ()
     updated: tuple[str, ...] = ()
 
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.updated)
-
     def as_dict(self) -> dict[str, list[str]]:
         return {name: list(getattr(self, name)) for name in ("added", "removed", "changed",
                                                               "updated")}  # fmt: skip
