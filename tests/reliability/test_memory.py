@@ -70,7 +70,7 @@ def idle_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     assert not problems, "the daemon crashed or hung:\n" + "\n".join(problems)
 
 
-def test_memory_comes_back_after_idle_channels_leave(idle_daemon: DaemonProcess) -> None:
+def test_memory_is_reused_after_idle_channels_leave(idle_daemon: DaemonProcess) -> None:
     daemon = idle_daemon
     assert daemon.process is not None
     pid = daemon.process.pid
@@ -115,11 +115,12 @@ def test_memory_comes_back_after_idle_channels_leave(idle_daemon: DaemonProcess)
     assert growth > 0
     # The allocator keeps the freed heap for reuse, so RSS stays near its peak
     # (measured: baseline 37 MiB, peak 49-53 MiB, after idle the same); the
-    # bound is that it is reused: another 10,000 channels add at most a quarter
-    # of the first burst's growth (measured: +0.7 of +11.5 MiB), so memory does
-    # not grow with the number of channels ever touched.
+    # bound is that it is reused: another 10,000 channels add at most half of
+    # the first burst's growth (measured: +0 to +3.3 of +11 to +20 MiB; without
+    # reuse they would add all of it), so memory does not grow with the number
+    # of channels ever touched.
     assert after <= peak + 1024, (baseline, peak, after)
-    assert again <= after + growth / 4, (baseline, peak, after, again)
+    assert again <= after + growth / 2, (baseline, peak, after, again)
     # Every stored value survived its channel leaving memory.
     for number in range(0, CHANNELS, 1000):
         assert daemon.get(f"mem-{number}", "stats", "k").json() == {"n": number}
