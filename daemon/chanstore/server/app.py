@@ -74,6 +74,11 @@ _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _REQUEST_ID_PREFIX = os.urandom(4).hex()
 _request_numbers = itertools.count(1)
 _JSON_OK = b'{"ok":true}'
+#: A cached GET's response, as handle() and send_response() would have written it.
+_CACHED_GET_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+    b"x-request-id: %s\r\n\r\n%s"
+)
 
 Handler = Callable[[Request], Awaitable[tuple[int, bytes]]]
 
@@ -106,6 +111,10 @@ class App:
             ROUTE_CONTAINER,
             {"GET": self.list_keys},
         )
+        self._cached_get_measures = (
+            self.metrics.http_requests.labels("GET", ROUTE_KEY, "200"),
+            self.metrics.http_duration.labels("GET", ROUTE_KEY),
+        )
         bulk = {"get": self.bulk_get, "set": self.bulk_set, "delete": self.bulk_delete}
         self._bulk_routes: dict[str, tuple[str, dict[str, Handler]]] = {
             operation: (f"{ROUTE_CONTAINER}/-/{operation}", {"POST": bulk[operation]})
@@ -125,7 +134,7 @@ class App:
         method = scope["method"] if scope["method"] in METHODS else "other"
         route = ROUTE_UNMATCHED
         status = 500
-        request_id = _request_id(scope)
+        request_id = _request_id(scope["headers"])
         bound = logs.bind_request_id(request_id)
         headers = [(b"x-request-id", request_id.encode())]
         try:
@@ -172,6 +181,42 @@ class App:
         counter.inc()
         timer.observe(elapsed)
 
+    def answer_from_memory(self, method: bytes, url: bytes,
+                           headers: list[tuple[bytes, bytes]]) -> bytes | None:  # fmt: skip
+        """The whole HTTP response to a GET of a cached key, or None for the usual path.
+
+        The protocol (see protocol.py) asks this before it builds an ASGI request:
+        a cache hit is answered from the already-encoded body with no task, no
+        ASGI messages and no awaits, which is most of what a cached GET costs.
+        Anything else (a miss, an absent key, an encoded or odd path, a missing
+        token, debug logging) returns None and takes :meth:`handle`, which
+        answers it the same way it always has.
+        """
+        if method != b"GET" or not url.startswith(b"/v1/channels/") or logs.debug_enabled():
+            return None
+        started = time.perf_counter()
+        if b"%" in url or b"?" in url or b"#" in url:
+            return None
+        parts = url.split(b"/")
+        if len(parts) != 6:  # "", "v1", "channels", channel, container, key
+            return None
+        if self._token is not None and not self._token_matches(_header(headers, b"authorization")):
+            return None
+        try:
+            channel, container, key = parts[3].decode(), parts[4].decode(), parts[5].decode()
+        except UnicodeDecodeError:
+            return None
+        # No validation needed: a key can be in the cache only once it has passed
+        # check_key, and its channel check_channel_id, so a hit proves both valid.
+        body = self.registry.cached_body(channel, container, key)
+        if body is None or body is ABSENT:
+            return None
+        response = _CACHED_GET_RESPONSE % (len(body), _request_id(headers).encode(), body)
+        counter, timer = self._cached_get_measures
+        counter.inc()
+        timer.observe(time.perf_counter() - started)
+        return response
+
     # -- routing ---------------------------------------------------------------
 
     def route(self, request: Request) -> tuple[str, dict[str, Handler]]:
@@ -203,13 +248,14 @@ class App:
         )
 
     def _authorize(self, request: Request) -> None:
-        if self._token is None:
-            return
-        given = request.header(b"authorization") or b""
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._token):
+        if self._token is not None and not self._token_matches(request.header(b"authorization")):
             raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                             [(b"www-authenticate", b'Bearer realm="chanstore"')])  # fmt: skip
+
+    def _token_matches(self, authorization: bytes | None) -> bool:
+        assert self._token is not None
+        scheme, _, token = (authorization or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
 
     # -- /v1 handlers ------------------------------------------------------------
 
@@ -365,8 +411,15 @@ def _json_shaped(values: dict[str, Any]) -> dict[str, Any]:
     return {key: to_json_shape(value) for key, value in values.items()}
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for header, value in headers:
+        if header == name:
+            return value
+    return None
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
         if name == b"x-request-id" and _SANE_REQUEST_ID.fullmatch(value):
             return value.decode()
     # A random prefix per process and a counter: unique, and no system call per

@@ -1,0 +1,179 @@
+"""Connections as a client sees them on the wire: pipelining, keep-alive, cached reads.
+
+A GET of a cached key is answered straight from the protocol, without an
+ASGI request (see chanstore/server/protocol.py). These tests hold that
+shortcut to the usual path's behaviour: the same response, responses in
+request order on a pipelined connection, ``Connection: close`` and HTTP/1.0
+honoured, the bearer token still required.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pytest
+from daemon_harness import JSON_CONTAINERS, DaemonProcess, key_path
+
+TIMEOUT = 10.0
+TOKEN = "tok-connections-7Hq2"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@pytest.fixture
+def wire(daemon: DaemonProcess) -> Iterator[socket.socket]:
+    """A raw keep-alive connection to the module's daemon."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT) as sock:
+        yield sock
+
+
+def request(method: str, path: str, body: bytes = b"", *headers: str,
+            version: str = "HTTP/1.1") -> bytes:  # fmt: skip
+    head = [f"{method} {path} {version}", "Host: test", *headers]
+    if body or method == "PUT":
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def read_response(stream: BinaryIO) -> Response:
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = stream.read(int(headers.get("content-length", "0")))
+    return Response(int(status_line.split()[1]), headers, body)
+
+
+def exchange(sock: socket.socket, *requests: bytes) -> list[Response]:
+    """Send ``requests`` in one write (pipelined) and read one response for each."""
+    sock.sendall(b"".join(requests))
+    stream = sock.makefile("rb")
+    return [read_response(stream) for _ in requests]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    return closed_by_server_within(sock, TIMEOUT)
+
+
+def closed_by_server_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (it must send nothing)."""
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return False
+    assert data == b"", f"unexpected bytes after the last response: {data!r}"
+    return True
+
+
+def test_pipelined_requests_are_answered_in_order(
+    daemon: DaemonProcess, wire: socket.socket, channel: str
+) -> None:
+    path = key_path(channel, "stats", "HP")
+    # Cached before the pipeline arrives: each GET below could be answered from
+    # memory at once, so a wrong answer would show the shortcut jumping the queue.
+    assert daemon.put(channel, "stats", "HP", 0).status_code == 200
+    responses = exchange(
+        wire,
+        request("PUT", path, b"1"),
+        request("GET", path),
+        request("GET", key_path(channel, "stats", "absent")),
+        request("PUT", path, b"2"),
+        request("GET", path),
+        request("GET", path, b"", "X-Request-Id: pipelined-6"),
+        request("DELETE", path),
+        request("GET", path),
+    )
+    assert [(r.status, r.body) for r in responses] == [
+        (200, b'{"ok":true}'),
+        (200, b"1"),
+        (404, responses[2].body),
+        (200, b'{"ok":true}'),
+        (200, b"2"),
+        (200, b"2"),
+        (200, b'{"ok":true}'),
+        (404, responses[7].body),
+    ]
+    assert b"not_found" in responses[2].body
+    assert responses[5].headers["x-request-id"] == "pipelined-6"
+    ids = [r.headers["x-request-id"] for r in responses]
+    assert len(set(ids)) == len(ids), ids
+
+
+def test_cached_gets_pipelined_alone_are_all_answered(
+    daemon: DaemonProcess, wire: socket.socket, channel: str
+) -> None:
+    assert daemon.put(channel, "stats", "HP", 7).status_code == 200
+    responses = exchange(wire, *[request("GET", key_path(channel, "stats", "HP"))] * 50)
+    assert [(r.status, r.body) for r in responses] == [(200, b"7")] * 50
+    assert not closed_by_server_within(wire, 0.2)
+
+
+def test_cached_get_answers_like_the_usual_path(
+    daemon: DaemonProcess, wire: socket.socket, channel: str
+) -> None:
+    assert daemon.put(channel, "stats", "HP", {"hp": [1, 2]}).status_code == 200
+    shortcut, usual = exchange(
+        wire,
+        request("GET", key_path(channel, "stats", "HP")),
+        # %48 is "H": the same key, but a percent-encoded path takes the ASGI path.
+        request("GET", key_path(channel, "stats", "HP").replace("/HP", "/%48P")),
+    )
+    assert shortcut.status == usual.status == 200
+    assert shortcut.body == usual.body == b'{"hp":[1,2]}'
+    del shortcut.headers["x-request-id"], usual.headers["x-request-id"]
+    assert shortcut.headers == usual.headers
+
+
+def test_cached_get_is_counted_under_its_route(daemon: DaemonProcess, channel: str) -> None:
+    labels = {"method": "GET", "route": "/v1/channels/{channel}/{container}/{key}"}
+    assert daemon.put(channel, "stats", "HP", 3).status_code == 200
+    before = daemon.metric("chanstore_http_requests_total", status="200", **labels) or 0
+    durations = daemon.metric("chanstore_http_request_duration_seconds_count", **labels) or 0
+    for _ in range(5):
+        assert daemon.get(channel, "stats", "HP").json() == 3
+    assert daemon.metric("chanstore_http_requests_total", status="200", **labels) == before + 5
+    assert daemon.metric("chanstore_http_request_duration_seconds_count", **labels) >= durations + 5
+
+
+@pytest.mark.parametrize(
+    ("version", "connection"),
+    [("HTTP/1.1", "Connection: close"), ("HTTP/1.0", "X-Nothing: 1")],
+    ids=["connection-close", "http-1.0"],
+)
+def test_cached_get_honours_a_closing_connection(
+    daemon: DaemonProcess, wire: socket.socket, channel: str, version: str, connection: str
+) -> None:
+    assert daemon.put(channel, "stats", "HP", 4).status_code == 200
+    wire.sendall(request("GET", key_path(channel, "stats", "HP"), b"", connection,
+                         version=version))  # fmt: skip
+    response = read_response(wire.makefile("rb"))
+    assert (response.status, response.body) == (200, b"4")
+    assert closed_by_server(wire)
+
+
+def test_cached_get_needs_the_token(start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Warning level: debug logging would send every request the usual way.
+    daemon = start_daemon(JSON_CONTAINERS, token=TOKEN, log_level="warning")
+    assert daemon.put("c1", "stats", "HP", 5).status_code == 200  # cached from here on
+    path = key_path("c1", "stats", "HP")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT) as sock:
+        missing, wrong, right = exchange(
+            sock,
+            request("GET", path),
+            request("GET", path, b"", f"Authorization: Bearer {TOKEN}x"),
+            request("GET", path, b"", f"Authorization: Bearer {TOKEN}"),
+        )
+    assert (missing.status, wrong.status) == (401, 401)
+    assert b"unauthorized" in missing.body
+    assert (right.status, right.body) == (200, b"5")
