@@ -441,21 +441,28 @@ def raw_fsync_loop(folder: Path, keys: int, seconds: float) -> Sample:
 
 @contextlib.contextmanager
 def profiled(pid: int, seconds: int, out: Path | None) -> Iterator[None]:
-    """Record a py-spy flame graph of ``pid`` for ``seconds`` into ``out`` (if given)."""
+    """Record a py-spy flame graph of ``pid`` for ``seconds`` into ``out`` (if given).
+
+    Beside the SVG, py-spy's raw output (collapsed stacks, one per line with
+    its sample count) goes to the same name with ``.txt``, for reading
+    without a browser.
+    """
     if out is None:
         yield
         return
     command = ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds),
                "--nonblocking", "--rate", "200", "--output", str(out)]  # fmt: skip
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    raw = [*command[:-1], str(out.with_suffix(".txt")), "--format", "raw"]
+    recorders = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for c in (command, raw)]  # fmt: skip
     try:
         yield
     finally:
-        _, errors = recorder.communicate(timeout=seconds + 30)
-        if recorder.returncode != 0:
-            progress(f"py-spy failed: {errors.decode(errors='replace')[-500:]}")
-        else:
-            progress(f"profile written to {out}")
+        for recorder in recorders:
+            _, errors = recorder.communicate(timeout=seconds + 30)
+            if recorder.returncode != 0:
+                progress(f"py-spy failed: {errors.decode(errors='replace')[-500:]}")
+        progress(f"profile written to {out} and {out.with_suffix('.txt')}")
 
 
 # -- the run -----------------------------------------------------------------------------

@@ -177,3 +177,93 @@ def test_cached_get_needs_the_token(start_daemon: Callable[..., DaemonProcess]) 
     assert (missing.status, wrong.status) == (401, 401)
     assert b"unauthorized" in missing.body
     assert (right.status, right.body) == (200, b"5")
+
+
+def encoded(path: str) -> str:
+    """``path`` with its last segment's first character percent-encoded: the same
+    address, but one the shortcuts decline, so the usual ASGI path answers it."""
+    head, _, last = path.rpartition("/")
+    return f"{head}/%{ord(last[0]):02X}{last[1:]}"
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "status"),
+    [
+        ("PUT", b'{"hp": [1, 2]}', 200),
+        ("PUT", b"{not json", 400),
+        ("PUT", b'"\xff"', 400),
+        ("PUT", b"", 400),
+        ("DELETE", b"", 404),
+    ],
+    ids=["put", "put-bad-json", "put-bad-utf8", "put-empty", "delete-absent"],
+)
+def test_single_key_writes_answer_like_the_usual_path(
+    wire: socket.socket, channel: str, method: str, body: bytes, status: int
+) -> None:
+    plain = key_path(channel, "stats", "Key")
+    shortcut, usual = exchange(wire, request(method, plain, body),
+                               request(method, encoded(plain), body))  # fmt: skip
+    assert shortcut.status == usual.status == status
+    assert shortcut.body == usual.body
+    del shortcut.headers["x-request-id"], usual.headers["x-request-id"]
+    assert shortcut.headers == usual.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v1/channels/{channel}/no-such-container/k", 404, b"unknown_container"),
+        ("/v1/channels/" + "c" * 1000 + "/stats/k", 400, b"bad_request"),
+        ("/v1/channels/{channel}/stats/" + "k" * 5000, 400, b"bad_request"),
+    ],
+    ids=["unknown-container", "long-channel-id", "long-key"],
+)
+def test_single_key_writes_refuse_bad_addresses(
+    daemon: DaemonProcess, wire: socket.socket, channel: str, path: str, status: int, code: bytes
+) -> None:
+    path = path.format(channel=channel)
+    put, delete = exchange(wire, request("PUT", path, b"1"), request("DELETE", path))
+    assert (put.status, delete.status) == (status, status)
+    assert code in put.body and code in delete.body
+
+
+def test_a_put_whose_body_comes_later_is_stored(
+    daemon: DaemonProcess, wire: socket.socket, channel: str
+) -> None:
+    path = key_path(channel, "stats", "late")
+    head = request("PUT", path, b'{"late": true}')
+    wire.sendall(head[:-5])
+    wire.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # nothing is answered before the body is complete
+        wire.recv(1)
+    wire.settimeout(TIMEOUT)
+    wire.sendall(head[-5:])
+    assert read_response(wire.makefile("rb")).status == 200
+    assert daemon.get(channel, "stats", "late").json() == {"late": True}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["Expect: 100-continue"], ["Transfer-Encoding: chunked"]],
+    ids=["expect-100-continue", "chunked"],
+)
+def test_puts_the_shortcut_declines_are_stored_the_usual_way(
+    daemon: DaemonProcess, wire: socket.socket, channel: str, extra: list[str]
+) -> None:
+    path = key_path(channel, "stats", "usual")
+    body = b'{"n": 1}'
+    if extra == ["Transfer-Encoding: chunked"]:
+        message = f"PUT {path} HTTP/1.1\r\nHost: t\r\n{extra[0]}\r\n\r\n".encode()
+        message += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        wire.sendall(message)
+    else:
+        wire.sendall(request("PUT", path, body, *extra))
+    stream = wire.makefile("rb")
+    first = read_response_allowing_continue(stream)
+    assert first.status == 200, first
+    assert daemon.get(channel, "stats", "usual").json() == {"n": 1}
+
+
+def read_response_allowing_continue(stream: BinaryIO) -> Response:
+    response = read_response(stream)
+    return read_response(stream) if response.status == 100 else response

@@ -23,6 +23,7 @@ it causes, and is logged at debug. Errors are JSON: ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import os
@@ -53,6 +54,7 @@ from chanstore.server.http import (
     send_response,
     split_path,
 )
+from chanstore.server.shortcuts import Shortcuts
 
 if TYPE_CHECKING:
     from chanstore.server.daemon import Daemon
@@ -74,11 +76,6 @@ _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _REQUEST_ID_PREFIX = os.urandom(4).hex()
 _request_numbers = itertools.count(1)
 _JSON_OK = b'{"ok":true}'
-#: A cached GET's response, as handle() and send_response() would have written it.
-_CACHED_GET_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-    b"x-request-id: %s\r\n\r\n%s"
-)
 
 Handler = Callable[[Request], Awaitable[tuple[int, bytes]]]
 
@@ -111,10 +108,8 @@ class App:
             ROUTE_CONTAINER,
             {"GET": self.list_keys},
         )
-        self._cached_get_measures = (
-            self.metrics.http_requests.labels("GET", ROUTE_KEY, "200"),
-            self.metrics.http_duration.labels("GET", ROUTE_KEY),
-        )
+        #: What the protocol answers without ASGI (see shortcuts.py).
+        self.shortcuts = Shortcuts(self, ROUTE_KEY)
         bulk = {"get": self.bulk_get, "set": self.bulk_set, "delete": self.bulk_delete}
         self._bulk_routes: dict[str, tuple[str, dict[str, Handler]]] = {
             operation: (f"{ROUTE_CONTAINER}/-/{operation}", {"POST": bulk[operation]})
@@ -134,7 +129,7 @@ class App:
         method = scope["method"] if scope["method"] in METHODS else "other"
         route = ROUTE_UNMATCHED
         status = 500
-        request_id = _request_id(scope["headers"])
+        request_id = self.request_id(scope["headers"])
         bound = logs.bind_request_id(request_id)
         headers = [(b"x-request-id", request_id.encode())]
         try:
@@ -163,14 +158,15 @@ class App:
                                 content_type=_content_type(route))  # fmt: skip
         finally:
             elapsed = time.perf_counter() - started
-            self._observe(method, route, status, elapsed)
+            self.observe(method, route, status, elapsed)
             if logs.debug_enabled():
                 log.debug("http_request", method=scope["method"], path=scope["path"],
                           route=route, status=status, duration=elapsed)  # fmt: skip
             logs.unbind_request_id(bound)
             structlog.contextvars.clear_contextvars()
 
-    def _observe(self, method: str, route: str, status: int, elapsed: float) -> None:
+    def observe(self, method: str, route: str, status: int, elapsed: float) -> None:
+        """Count and time one answered request."""
         measures = self._measures.get((method, route, status))
         if measures is None:
             measures = self._measures[(method, route, status)] = (
@@ -180,42 +176,6 @@ class App:
         counter, timer = measures
         counter.inc()
         timer.observe(elapsed)
-
-    def answer_from_memory(self, method: bytes, url: bytes,
-                           headers: list[tuple[bytes, bytes]]) -> bytes | None:  # fmt: skip
-        """The whole HTTP response to a GET of a cached key, or None for the usual path.
-
-        The protocol (see protocol.py) asks this before it builds an ASGI request:
-        a cache hit is answered from the already-encoded body with no task, no
-        ASGI messages and no awaits, which is most of what a cached GET costs.
-        Anything else (a miss, an absent key, an encoded or odd path, a missing
-        token, debug logging) returns None and takes :meth:`handle`, which
-        answers it the same way it always has.
-        """
-        if method != b"GET" or not url.startswith(b"/v1/channels/") or logs.debug_enabled():
-            return None
-        started = time.perf_counter()
-        if b"%" in url or b"?" in url or b"#" in url:
-            return None
-        parts = url.split(b"/")
-        if len(parts) != 6:  # "", "v1", "channels", channel, container, key
-            return None
-        if self._token is not None and not self._token_matches(_header(headers, b"authorization")):
-            return None
-        try:
-            channel, container, key = parts[3].decode(), parts[4].decode(), parts[5].decode()
-        except UnicodeDecodeError:
-            return None
-        # No validation needed: a key can be in the cache only once it has passed
-        # check_key, and its channel check_channel_id, so a hit proves both valid.
-        body = self.registry.cached_body(channel, container, key)
-        if body is None or body is ABSENT:
-            return None
-        response = _CACHED_GET_RESPONSE % (len(body), _request_id(headers).encode(), body)
-        counter, timer = self._cached_get_measures
-        counter.inc()
-        timer.observe(time.perf_counter() - started)
-        return response
 
     # -- routing ---------------------------------------------------------------
 
@@ -247,15 +207,17 @@ class App:
             "/v1/channels/{channel}/{container}/-/{get|set|delete}",
         )
 
-    def _authorize(self, request: Request) -> None:
-        if self._token is not None and not self._token_matches(request.header(b"authorization")):
-            raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                            [(b"www-authenticate", b'Bearer realm="chanstore"')])  # fmt: skip
-
-    def _token_matches(self, authorization: bytes | None) -> bool:
-        assert self._token is not None
+    def authorized(self, authorization: bytes | None) -> bool:
+        """Whether a request with this Authorization header may use /v1 and /-/ routes."""
+        if self._token is None:
+            return True
         scheme, _, token = (authorization or b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.authorized(request.header(b"authorization")):
+            raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                            [(b"www-authenticate", b'Bearer realm="chanstore"')])  # fmt: skip
 
     # -- /v1 handlers ------------------------------------------------------------
 
@@ -265,8 +227,7 @@ class App:
         if body is None:
             body = await self._backend(self.registry.get_body(channel, container, key))
         if body is ABSENT:
-            raise HttpError(404, f"key {key[:200]!r} is not in {container!r} of this channel",
-                            code="not_found")  # fmt: skip
+            raise self.not_found(key, container)
         return 200, body
 
     async def put_key(self, request: Request) -> tuple[int, bytes]:
@@ -279,8 +240,7 @@ class App:
         channel, container, key = self._address(request)
         existed = await self._backend(self.registry.delete(channel, container, key))
         if not existed:
-            raise HttpError(404, f"key {key[:200]!r} is not in {container!r} of this channel",
-                            code="not_found")  # fmt: skip
+            raise self.not_found(key, container)
         return 200, _JSON_OK
 
     async def list_keys(self, request: Request) -> tuple[int, bytes]:
@@ -340,14 +300,22 @@ class App:
     # -- request parts -------------------------------------------------------------
 
     def _channel_and_container(self, request: Request) -> tuple[str, str]:
-        segments = request.segments
+        channel, container = request.segments[2], request.segments[3]
+        self.check_channel_and_container(channel, container)
+        return channel, container
+
+    def check_channel_and_container(self, channel: str, container: str) -> None:
+        """HttpError 400 for an invalid channel id, 404 for a container not served."""
         try:
-            channel = check_channel_id(segments[2])
+            check_channel_id(channel)
         except InvalidKey as exc:
             raise HttpError(400, str(exc)) from None
-        container = segments[3]
         self._container(container)
-        return channel, container
+
+    @staticmethod
+    def not_found(key: str, container: str) -> HttpError:
+        return HttpError(404, f"key {key[:200]!r} is not in {container!r} of this channel",
+                         code="not_found")  # fmt: skip
 
     def _address(self, request: Request) -> tuple[str, str, str]:
         channel, container = self._channel_and_container(request)
@@ -384,14 +352,36 @@ class App:
         """Await a storage operation, answering 503 (404 for a container) on failure."""
         try:
             return await operation
-        except UnknownContainer as exc:
-            raise HttpError(404, str(exc), code="unknown_container") from None
-        except BackendError as exc:
-            raise HttpError(503, f"backend failure ({exc.kind}): {exc}") from None
-        except ChanstoreError as exc:
-            if isinstance(exc, ValueError):
-                raise HttpError(400, str(exc)) from None
-            raise HttpError(503, f"backend failure ({exc.kind}): {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - mapped, or raised again, by _http_error_of
+            raise _http_error_of(exc) from None
+
+    @staticmethod
+    def backend_outcome(future: asyncio.Future[Any]) -> Any:
+        """A finished storage operation's result; its failure as :meth:`_backend` words it."""
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - mapped, or raised again, by _http_error_of
+            raise _http_error_of(exc) from None
+
+    @staticmethod
+    def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+        """The client's X-Request-Id when it is sane, a new unique one otherwise."""
+        return _request_id(headers)
+
+
+def _http_error_of(exc: Exception) -> HttpError:
+    """The answer to a failed storage operation: 503, 404 for a container, 400 for a value.
+
+    Anything that is not a storage error is raised again: a crash, not an answer.
+    """
+    if isinstance(exc, UnknownContainer):
+        return HttpError(404, str(exc), code="unknown_container")
+    invalid_input = isinstance(exc, ValueError) and not isinstance(exc, BackendError)
+    if isinstance(exc, ChanstoreError) and invalid_input:
+        return HttpError(400, str(exc))
+    if isinstance(exc, ChanstoreError):
+        return HttpError(503, f"backend failure ({exc.kind}): {exc}")
+    raise exc
 
 
 def _handler_for(request: Request, route: str, handlers: dict[str, Handler]) -> Handler:
@@ -409,13 +399,6 @@ def _handler_for(request: Request, route: str, handlers: dict[str, Handler]) -> 
 
 def _json_shaped(values: dict[str, Any]) -> dict[str, Any]:
     return {key: to_json_shape(value) for key, value in values.items()}
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for header, value in headers:
-        if header == name:
-            return value
-    return None
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:

@@ -315,6 +315,48 @@ class ChannelRegistry:
         results = await self._write_many(channel_id, name, [(k, None, True) for k in keys])
         return [key for key, existed in zip(keys, results, strict=True) if existed]
 
+    def write_soon(self, channel_id: str, name: str, key: str, value: Any, *,
+                   delete: bool = False) -> asyncio.Future[bool]:  # fmt: skip
+        """:meth:`put` or :meth:`delete` as a future, queued now when it can be.
+
+        For a loaded container of a channel in memory (the usual case), the
+        write goes on its lane at once, with no task; otherwise (the channel
+        is still to be created or loaded) a task runs the awaitable method.
+        Either way the future ends as awaiting that method would.
+        """
+        channel = self._channels.get(channel_id)
+        slot = channel.slots.get(name) if channel is not None else None
+        if (
+            channel is None
+            or slot is None
+            or not slot.ready
+            or self.runtimes.get(name) is not slot.runtime
+        ):
+            return asyncio.ensure_future(self._write(channel_id, name, key, value, delete))
+        assert slot.cached is not None
+        self._touch(channel)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[bool] = loop.create_future()
+        if delete and slot.cached.lookup(key) is ABSENT:
+            outcome.set_result(False)  # deleting what the complete cache knows is absent
+            return outcome
+        written = self._submit(channel, slot, key, value, delete)
+        timeout = self.settings.backend_timeout
+        timer = loop.call_later(timeout, _expire, [written], name, timeout)
+
+        def settle(written: asyncio.Future[bool]) -> None:
+            timer.cancel()
+            error = written.exception()
+            if error is None:
+                outcome.set_result(written.result())
+            elif isinstance(error, ChanstoreError) and not isinstance(error, BackendError):
+                outcome.set_exception(_as_backend_error(error))
+            else:
+                outcome.set_exception(error)
+
+        written.add_done_callback(settle)
+        return outcome
+
     async def _write(self, channel_id: str, name: str, key: str, value: Any, delete: bool) -> bool:
         (result,) = await self._write_many(channel_id, name, [(key, value, delete)])
         return result

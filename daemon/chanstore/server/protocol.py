@@ -12,31 +12,35 @@ latest on the event loop's next turn (a ``100 Continue``, an error answer
 that uvicorn writes itself), so nothing waits longer than that, and the order
 of the bytes never changes. Flow control still watches the real transport.
 
-It also lets the app answer a request the moment its headers are parsed,
-without an ASGI request at all: when the app has an ``answer_from_memory``
-method (see :meth:`chanstore.server.app.App.answer_from_memory`) and it
-returns the whole response, that response is written and the request is
-done. This is only tried when every earlier request on the connection has
-been answered, so responses keep their order on a pipelined connection.
+It also offers each request to the app's ``shortcuts`` (see shortcuts.py),
+which answer cached reads and single-key writes without an ASGI request: a
+read the moment its headers are parsed, a write (a "claim") once its body is
+in and its lane has stored it. A shortcut is only tried when every earlier
+request on the connection has been answered, and a claim stands in for
+uvicorn's request cycle until it is answered, so that requests pipelined
+behind it wait their turn: responses keep their order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+if TYPE_CHECKING:
+    from chanstore.server.shortcuts import Shortcuts
 
 __all__ = ["CoalescingProtocol"]
 
 
 class CoalescingProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol (httptools), one write per response."""
+    """uvicorn's HTTP/1.1 protocol (httptools), one write per response, with shortcuts."""
 
     transport: Any
-    _answer_from_memory: Callable[[bytes, bytes, list[tuple[bytes, bytes]]], bytes | None] | None
-    #: Whether the request being parsed was answered by answer_from_memory.
+    _shortcuts: Shortcuts | None
+    #: Whether the request being parsed was answered as soon as its headers were.
     _answered = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -44,43 +48,127 @@ class CoalescingProtocol(HttpToolsProtocol):
         # The flow control made above keeps the real transport; the request
         # cycles and the rest of uvicorn write through this one.
         self.transport = _CoalescingTransport(transport, self.loop)
-        self._answer_from_memory = getattr(self.app, "answer_from_memory", None)
+        self._shortcuts = getattr(self.app, "shortcuts", None)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        claim = self.cycle
+        if isinstance(claim, _Claim) and claim.receiving and claim.timer is None:
+            # The body did not come with the headers: from now on it has a deadline
+            # (most bodies do come with them, and so never cost a timer).
+            assert self._shortcuts is not None
+            claim.timer = self.loop.call_later(
+                self._shortcuts.body_timeout, self._body_too_slow, claim
+            )
 
     def on_headers_complete(self) -> None:
-        response = self._answer_now() if self._answer_from_memory is not None else None
-        if response is None:
-            self._answered = False
+        self._answered = False
+        shortcuts = self._shortcuts
+        if shortcuts is None or not self._may_shortcut():
             super().on_headers_complete()
             return
-        self._answered = True
-        self.transport.write(response)
-        # What uvicorn does after each response: count it, resume reading, and
-        # arm the keep-alive timeout.
-        self.on_response_complete()
+        method = self.parser.get_method()
+        response = shortcuts.answer_now(method, self.url, self.headers)
+        if response is not None:
+            self._answered = True
+            self.transport.write(response)
+            # What uvicorn does after each response: count it, resume reading, and
+            # arm the keep-alive timeout.
+            self.on_response_complete()
+        elif not self.expect_100_continue and shortcuts.claim(method, self.url, self.headers):
+            # The claim stands in for uvicorn's cycle: requests pipelined behind
+            # it queue until it is answered, as they would behind a cycle.
+            self.cycle = _Claim(method, self.url, self.headers)  # type: ignore[assignment]
+        else:
+            super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._answered:  # an answered GET's body is read and dropped
+        if self._answered:
+            return  # an answered GET's body is read and dropped
+        claim = self.cycle
+        if isinstance(claim, _Claim):
+            claim.body += body
+        else:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._answered:
+        if self._answered:
+            return
+        claim = self.cycle
+        if not isinstance(claim, _Claim):
             super().on_message_complete()
+            return
+        claim.receiving = False
+        if claim.timer is not None:
+            claim.timer.cancel()
+        assert self._shortcuts is not None
+        self._shortcuts.answer_claimed(claim.method, claim.url, claim.headers, bytes(claim.body),
+                                       functools.partial(self._respond, claim))  # fmt: skip
 
-    def _answer_now(self) -> bytes | None:
+    def _may_shortcut(self) -> bool:
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            return None  # an earlier request is still being answered
+            return False  # an earlier request is still being answered
         parser = self.parser
         if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
-            return None  # the usual path closes the connection as asked
-        if parser.should_upgrade():
-            return None
-        assert self._answer_from_memory is not None
-        return self._answer_from_memory(parser.get_method(), self.url, self.headers)
+            return False  # the usual path closes the connection as asked
+        return not parser.should_upgrade()
+
+    def _respond(self, claim: _Claim, response: bytes) -> None:
+        """Answer a claimed request (once), as uvicorn's cycle ends a response."""
+        if claim.response_complete:
+            return
+        claim.response_complete = True
+        if claim.timer is not None:
+            claim.timer.cancel()
+        if claim.disconnected:
+            return
+        self.transport.write(response)
+        if not claim.keep_alive:  # the server is shutting down, or the body timed out
+            self.transport.close()
+        self.on_response_complete()
+
+    def _body_too_slow(self, claim: _Claim) -> None:
+        if claim.response_complete or claim.disconnected:
+            return
+        claim.keep_alive = False  # the rest of the body would be read as a request
+        assert self._shortcuts is not None
+        self._respond(claim, self._shortcuts.body_timed_out(claim.method, claim.headers))
 
     def on_response_complete(self) -> None:
         self.transport.flush()
         super().on_response_complete()
+
+
+class _Claim:
+    """A request the shortcuts answer; it stands in for uvicorn's request cycle.
+
+    uvicorn reads ``response_complete`` (to queue pipelined requests),
+    ``keep_alive`` (cleared on shutdown), ``disconnected`` and
+    ``message_event`` (set when the connection is lost) of the current cycle.
+    """
+
+    __slots__ = ("body", "disconnected", "headers", "keep_alive", "method", "receiving",
+                 "response_complete", "timer", "url")  # fmt: skip
+
+    def __init__(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = bytearray()
+        self.receiving = True
+        self.response_complete = False
+        self.keep_alive = True
+        self.disconnected = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def message_event(self) -> _Claim:
+        return self
+
+    def set(self) -> None:
+        """As ``message_event``: no task waits on a claim; a lost connection is
+        seen through ``disconnected`` when the answer comes."""
 
 
 class _CoalescingTransport:
