@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -281,3 +282,71 @@ def test_an_unreachable_url_does_not_show_its_password():
     assert f"127.0.0.1:{port}" in failure
     assert "hunter2" not in failure
     backend.close()
+
+
+# -- several domains in one round trip (the daemon's write lanes) -----------------------
+
+
+def store_together(parts, flavour):
+    """RedisDatabase.set_many_together, or its asyncio twin run on a fresh event loop."""
+
+    async def run():
+        try:
+            return await RedisDatabase.set_many_together_async(parts)
+        finally:
+            close(parts)  # on the loop: the last one closes the asyncio client too
+
+    if flavour == "async":
+        return asyncio.run(run())
+    try:
+        return RedisDatabase.set_many_together(parts)
+    finally:
+        close(parts)
+
+
+def close(parts):
+    for backend, _items in parts:
+        backend.close()
+
+
+def stored(redis_settings, domain):
+    backend = RedisDatabase(domain=domain, **redis_settings)
+    try:
+        return backend.load_all()
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_domains_stored_together_take_one_round_trip(redis_settings, redis_server, metrics,
+                                                     flavour):  # fmt: skip
+    backends = [RedisDatabase(domain=f"together.{n}", **redis_settings) for n in range(3)]
+    for n, backend in enumerate(backends):
+        CachedDict(backend, name=f"box{n}", metrics=metrics)  # attaches the metrics
+    parts = [(backends[0], {"a": 1, "b": [2]}), (backends[1], {"c": object()}),
+             (backends[2], {"d": {"e": None}})]  # fmt: skip
+    reset_commands(redis_server)
+    errors = store_together(parts, flavour)
+    assert errors[0] is None and errors[2] is None
+    assert errors[1] is not None and "object" in str(errors[1])  # unstorable: that part only
+    assert commands(redis_server) == {"hset": 2}  # one pipeline, nothing of the failed part
+    assert stored(redis_settings, "together.0") == {"a": 1, "b": [2]}
+    assert stored(redis_settings, "together.1") == {}
+    assert stored(redis_settings, "together.2") == {"d": {"e": None}}
+    labels = {"backend": "redis", "container": "box2", "operation": "set_many"}
+    count = metrics.registry.get_sample_value(
+        "chanstore_backend_operation_duration_seconds_count", labels
+    )
+    assert count == 1
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_domains_stored_together_fail_clearly_when_redis_is_down(flavour):
+    port = free_port()  # nothing listens there
+    backends = [RedisDatabase(domain=f"down.{n}", host="127.0.0.1", port=port,
+                              socket_connect_timeout=1.0) for n in range(2)]  # fmt: skip
+    errors = store_together([(backend, {"k": 1}) for backend in backends], flavour)
+    for error in errors:
+        assert isinstance(error, BackendUnavailable)
+        assert error.kind == "unavailable"
+        assert f"127.0.0.1:{port}" in str(error)

@@ -13,6 +13,10 @@ write is acknowledged only when its batch is stored, so batching makes
 nothing less durable; it only shares the cost of the disk or the round trip
 among the writes that were waiting anyway.
 
+A batch of sets to backends that can store on the event loop (Redis, with
+redis-py's asyncio client: ``set_many_together_async``) is stored there, with
+no thread at all: one pipeline per connection pool, awaited by the lane.
+
 Lanes belong to one container, so a slow or dead backend stalls only the
 writes to its own container.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import zlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +34,14 @@ from typing import Any
 from chanstore.backends.base import DatabaseInterface
 from chanstore.errors import BulkWriteError
 
-__all__ = ["MAX_BATCH", "Write", "WriteLanes", "apply_batch"]
+__all__ = [
+    "MAX_BATCH",
+    "Write",
+    "WriteLanes",
+    "applies_on_loop",
+    "apply_batch",
+    "apply_batch_async",
+]
 
 #: Writes one batch holds at most; the rest wait for the next batch.
 MAX_BATCH = 512
@@ -115,9 +126,12 @@ class _Lane:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 self._writing = len(batch)
                 try:
-                    results = await loop.run_in_executor(
-                        self._thread, apply_batch, batch, self._fan_out
-                    )
+                    if applies_on_loop(batch):
+                        results = await apply_batch_async(batch)
+                    else:
+                        results = await loop.run_in_executor(
+                            self._thread, apply_batch, batch, self._fan_out
+                        )
                 except Exception as exc:  # noqa: BLE001 - the pool itself failed: fail the batch
                     results = [exc] * len(batch)
                 finally:
@@ -154,6 +168,38 @@ def apply_batch(
     touch other keys) run at the same time on ``fan_out`` when it is given.
     """
     results: list[bool | BaseException] = [False] * len(batch)
+    for run in _runs(batch):
+        _apply_run(batch, run, results, fan_out)
+    return results
+
+
+def applies_on_loop(batch: Sequence[Write]) -> bool:
+    """Whether :func:`apply_batch_async` can store ``batch``: sets only, to backends
+    whose class offers ``set_many_together_async`` (see :func:`_together_key`)."""
+    return all(
+        not write.delete and getattr(type(write.backend), "set_many_together_async", None)
+        for write in batch
+    )
+
+
+async def apply_batch_async(batch: Sequence[Write]) -> list[bool | BaseException]:
+    """:func:`apply_batch` for a batch that :func:`applies_on_loop`, on the event loop.
+
+    No thread is involved: each run's sets go out as one
+    ``set_many_together_async`` call per connection pool, all at once.
+    """
+    results: list[bool | BaseException] = [False] * len(batch)
+    for run in _runs(batch):
+        together: dict[Hashable, list[tuple[DatabaseInterface, dict[str, int]]]] = {}
+        for backend, sets, _deletes in _groups(batch, run).values():
+            together.setdefault(_together_key(backend), []).append((backend, sets))
+        await asyncio.gather(*(_store_together_async(parts, batch, results)
+                               for parts in together.values()))  # fmt: skip
+    return results
+
+
+def _runs(batch: Sequence[Write]) -> Iterator[range]:
+    """The batch cut wherever a key (of one backend) repeats, in order."""
     start = 0
     while start < len(batch):
         seen: set[tuple[int, str]] = set()
@@ -164,18 +210,25 @@ def apply_batch(
                 break
             seen.add(token)
             end += 1
-        _apply_run(batch, range(start, end), results, fan_out)
+        yield range(start, end)
         start = end
-    return results
 
 
-def _apply_run(batch: Sequence[Write], run: range, results: list[bool | BaseException],
-               fan_out: Executor | None) -> None:  # fmt: skip
+def _groups(
+    batch: Sequence[Write], run: range
+) -> dict[int, tuple[DatabaseInterface, dict[str, int], dict[str, int]]]:
+    """The run's writes by backend: each backend's sets and deletes, key -> index in batch."""
     groups: dict[int, tuple[DatabaseInterface, dict[str, int], dict[str, int]]] = {}
     for index in run:
         write = batch[index]
         _backend, sets, deletes = groups.setdefault(id(write.backend), (write.backend, {}, {}))
         (deletes if write.delete else sets)[write.key] = index
+    return groups
+
+
+def _apply_run(batch: Sequence[Write], run: range, results: list[bool | BaseException],
+               fan_out: Executor | None) -> None:  # fmt: skip
+    groups = _groups(batch, run)
     calls: list[Callable[[], None]] = []
     together: dict[Hashable, list[tuple[DatabaseInterface, dict[str, int]]]] = {}
     for backend, sets, deletes in groups.values():
@@ -215,13 +268,41 @@ def _store_together(
         backend, sets = parts[0]
         _store(backend, batch, sets, results)
         return
-    items = [{key: batch[index].value for key, index in sets.items()} for _backend, sets in parts]
     try:
         errors = type(parts[0][0]).set_many_together(  # type: ignore[attr-defined]
-            [(backend, part) for (backend, _sets), part in zip(parts, items, strict=True)]
+            _together_items(parts, batch)
         )
     except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
         errors = [exc] * len(parts)
+    _note_together(parts, errors, results)
+
+
+async def _store_together_async(
+    parts: list[tuple[DatabaseInterface, dict[str, int]]],
+    batch: Sequence[Write],
+    results: list[bool | BaseException],
+) -> None:
+    try:
+        errors = await type(parts[0][0]).set_many_together_async(  # type: ignore[attr-defined]
+            _together_items(parts, batch)
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
+        errors = [exc] * len(parts)
+    _note_together(parts, errors, results)
+
+
+def _together_items(
+    parts: list[tuple[DatabaseInterface, dict[str, int]]], batch: Sequence[Write]
+) -> list[tuple[DatabaseInterface, dict[str, Any]]]:
+    return [(backend, {key: batch[index].value for key, index in sets.items()})
+            for backend, sets in parts]  # fmt: skip
+
+
+def _note_together(
+    parts: list[tuple[DatabaseInterface, dict[str, int]]],
+    errors: Sequence[BaseException | None],
+    results: list[bool | BaseException],
+) -> None:
     for (_backend, sets), error in zip(parts, errors, strict=True):
         for index in sets.values():
             results[index] = True if error is None else error
