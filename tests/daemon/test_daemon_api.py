@@ -314,12 +314,12 @@ def test_bad_input_gets_a_json_error_and_changes_nothing(
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("PATCH", "stats/HP", "GET, PUT, DELETE"),
-        ("POST", "stats/HP", "GET, PUT, DELETE"),
-        ("PUT", "stats", "GET"),
+        ("PATCH", "stats/HP", "GET, PUT, DELETE, HEAD"),
+        ("POST", "stats/HP", "GET, PUT, DELETE, HEAD"),
+        ("PUT", "stats", "GET, HEAD"),
         ("GET", "stats/-/set", "POST"),
-        ("DELETE", "/healthz", "GET"),
-        ("PUT", "/metrics", "GET"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+        ("PUT", "/metrics", "GET, HEAD"),
         ("GET", "/-/reload", "POST"),
     ],
 )
@@ -337,6 +337,21 @@ def test_wrong_method_gets_405_with_allow(
     assert response.headers["allow"] == allowed
     assert daemon.data_files() == before
     assert daemon.get(channel, "stats", "HP").json() == 5
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "stats/HP", "stats"])
+def test_head_answers_like_get_without_a_body(
+    daemon: DaemonProcess, channel: str, path: str
+) -> None:
+    daemon.put(channel, "stats", "HP", {"hp": 5})
+    url = path if path.startswith("/") else f"/v1/channels/{channel}/{path}"
+    head = daemon.http.head(url)
+    get = daemon.http.get(url)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if path != "/metrics":  # the metrics page changes between two requests
+        assert head.headers["content-length"] == str(len(get.content))
 
 
 def test_health_and_readiness(daemon: DaemonProcess) -> None:

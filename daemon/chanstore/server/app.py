@@ -385,10 +385,16 @@ def _http_error_of(exc: Exception) -> HttpError:
 
 
 def _handler_for(request: Request, route: str, handlers: dict[str, Handler]) -> Handler:
-    """The handler of ``request``'s method; 405 (the route still known to metrics) if none."""
+    """The handler of ``request``'s method; 405 (the route still known to metrics) if none.
+
+    HEAD is answered wherever GET is, by the GET handler: uvicorn sends the
+    headers (Content-Length included) and drops the body.
+    """
     handler = handlers.get(request.method)
+    if handler is None and request.method == "HEAD":
+        handler = handlers.get("GET")
     if handler is None:
-        allowed = ", ".join(handlers)
+        allowed = ", ".join([*handlers, "HEAD"] if "GET" in handlers else handlers)
         raise HttpError(
             405,
             f"{request.method} is not allowed on {route}; use {allowed}",
