@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from chanstore.backends.journal import JOURNAL_NAME
 from chanstore.client import Client, key_path, segment
 
 
@@ -335,8 +336,15 @@ class DaemonProcess:
         }
 
     def data_files(self) -> dict[str, bytes]:
-        """The json backends' files (the data root ``data/``), with their bytes."""
-        return {name: data for name, data in self.files().items() if name.startswith("data/")}
+        """The json backends' value files (under the data root ``data/``), with their bytes.
+
+        The root's write-ahead journal is the backend's own bookkeeping, not a value.
+        """
+        return {
+            name: data
+            for name, data in self.files().items()
+            if name.startswith("data/") and Path(name).name != JOURNAL_NAME
+        }
 
 
 def _clean_environment() -> dict[str, str]:

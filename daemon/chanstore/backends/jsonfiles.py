@@ -9,6 +9,16 @@ which is flushed to disk (``fsync``), renamed over the key's file, and the
 folder is flushed so the rename itself survives a crash. A reader, or a crash,
 sees the old value or the new one, never a torn file.
 
+Bulk sets with fsync on (``set_many``, and ``set_many_together`` for the
+daemon's write lanes, which store the keys of many domains of one root at
+once) are made durable by one flush of a write-ahead journal in the root
+instead of a flush per file: see :mod:`chanstore.backends.journal`. Their
+files are renamed into place at once, unflushed; after a machine crash the
+journal is replayed when the root is first opened, before anything is read,
+so chanstore too sees the old value or the new one. (Another program reading
+the folders between the crash and that replay may find such a file empty or
+old.)
+
 Keys become file names by :func:`chanstore.keys.encode_filename`. A name
 longer than the file system allows (255 bytes) is stored as ``%H<sha256>.json``
 holding the key beside the value.
@@ -20,22 +30,30 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from chanstore import codec
 from chanstore.backends.base import DatabaseInterface
+from chanstore.backends.files import (
+    SYNC_WRITERS,
+    TEMP_PREFIX,
+    call_each,
+    release_replaced,
+    rename_over,
+    write_temp,
+)
+from chanstore.backends.journal import NotJournaling, journals
 from chanstore.errors import BackendUnavailable, BulkWriteError, CorruptValue
+from chanstore.instrumentation import record_operation
 from chanstore.keys import check_key, decode_filename, encode_filename
 
-__all__ = ["JSONDatabase"]
+__all__ = ["TEMP_PREFIX", "JSONDatabase"]
 
 SUFFIX = ".json"
 NAME_MAX = 255
-TEMP_PREFIX = ".chanstore-tmp-"
 HASHED_PREFIX = "%H"
 LONG_KEY_FIELD = "_chanstore_key"
 LONG_VALUE_FIELD = "_chanstore_val"
@@ -59,8 +77,16 @@ class JSONDatabase(DatabaseInterface):
         super().__init__(domain, **kwargs)
         self.root_dir = root_dir
         self.fsync = fsync
-        self.path = Path(root_dir or ".").joinpath(*_domain_folders(domain))
+        folders = _domain_folders(domain)
+        root = Path(os.path.abspath(root_dir or "."))
+        self.path = root.joinpath(*folders)
+        #: The domain's folder relative to the root ("" for the root's own domain "").
+        self._folder = os.path.join(*folders) if folders else ""
         self.path.mkdir(parents=True, exist_ok=True)
+        # Shared by every backend of the root in this process; the first one
+        # replays what a crash left in it, before anything of the root is read.
+        self._journal = journals.acquire(root)
+        self._closed = False
 
     # -- the four ------------------------------------------------------------
 
@@ -68,15 +94,18 @@ class JSONDatabase(DatabaseInterface):
         return True, self._read(check_key(key))
 
     def set_value(self, key: str, value: Any) -> tuple[bool, Any]:
-        self._write_files({check_key(key): value})
+        # One key: the usual durable write (the journal is for batches).
+        self._write_files(self._encode_items({key: value}))
         return True, key
 
     def delete_key(self, key: str) -> tuple[bool, Any]:
-        try:
-            self._file_of(check_key(key)).unlink()
-        except FileNotFoundError:
-            raise KeyError(key) from None
-        self._sync_folder()
+        path = self._file_of(check_key(key))
+        with self._journal.bypassing([self._relative(path)]):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise KeyError(key) from None
+            self._sync_folder()
         return True, key
 
     def all_keys(self) -> list[str]:
@@ -100,23 +129,101 @@ class JSONDatabase(DatabaseInterface):
         return found
 
     def set_many(self, items: Mapping[str, Any]) -> None:
-        for key in items:
-            check_key(key)
-        self._write_files(items)
+        # With fsync on, through the root's journal: one flush for all of them.
+        encoded = self._encode_items(items)
+        if self.fsync and encoded:
+            try:
+                errors = self._journal.write(self._journal_files(encoded))
+            except NotJournaling:
+                pass  # another process journals this root: write the usual way
+            except OSError as exc:
+                raise self._failed(exc, list(encoded), []) from exc
+            else:
+                error = self._outcome(list(encoded), errors)
+                if error is not None:
+                    raise error
+                return
+        self._write_files(encoded)
+
+    @property
+    def together_key(self) -> tuple[str, bool]:
+        """Backends of one root (and fsync setting) share a journal: see set_many_together."""
+        return (self._journal.root, self.fsync)
+
+    @classmethod
+    def set_many_together(
+        cls, parts: Sequence[tuple[JSONDatabase, Mapping[str, Any]]]
+    ) -> list[Exception | None]:
+        """``set_many`` for several domains of one root, made durable by one journal flush.
+
+        For the daemon's write lanes, whose batches span many channels. Every
+        value is encoded first: a key or value that cannot be stored fails its
+        own part, which writes nothing. The rest is appended to the root's
+        journal and flushed once, then each file is written and renamed over
+        its key's file (see :mod:`chanstore.backends.journal`). Each backend's
+        share is measured and reported as its ``set_many``; returns each
+        part's error, or None. Parts are independent (distinct domains, as the
+        lanes make them), so a part that cannot be journaled here (fsync off,
+        or another process journals the root) is written alone, after the rest.
+        """
+        started = time.perf_counter()
+        errors: list[Exception | None] = [None] * len(parts)
+        encoded: list[dict[str, tuple[Path, bytes]]] = [{} for _part in parts]
+        for index, (backend, items) in enumerate(parts):
+            try:
+                encoded[index] = backend._encode_items(items)
+            except Exception as exc:  # noqa: BLE001 - that part's answer; the others go on
+                errors[index] = exc
+        journal = parts[0][0]._journal
+        alone = [  # written the usual way, one part at a time
+            index
+            for index, (backend, _items) in enumerate(parts)
+            if errors[index] is None and (not backend.fsync or backend._journal is not journal)
+        ]
+        shared = [index for index in range(len(parts)) if errors[index] is None
+                  and index not in alone and encoded[index]]  # fmt: skip
+        files = [file for index in shared
+                 for file in parts[index][0]._journal_files(encoded[index])]  # fmt: skip
+        try:
+            outcomes = journal.write(files)
+        except NotJournaling:
+            alone += shared  # another process journals this root
+        except OSError as exc:
+            for index in shared:
+                errors[index] = parts[index][0]._failed(exc, list(encoded[index]), [])
+        else:
+            position = 0
+            for index in shared:
+                keys = list(encoded[index])
+                mine = outcomes[position : position + len(keys)]
+                position += len(keys)
+                errors[index] = parts[index][0]._outcome(keys, mine)
+        for index in alone:
+            try:
+                parts[index][0]._write_files(encoded[index])
+            except Exception as exc:  # noqa: BLE001 - that part's answer
+                errors[index] = exc
+        elapsed = time.perf_counter() - started
+        return [
+            record_operation(backend, "set_many", elapsed, error, f"<{len(items)} keys>")
+            for (backend, items), error in zip(parts, errors, strict=True)
+        ]
 
     def delete_many(self, keys: Iterable[str]) -> list[str]:
+        keys = list(keys)
         deleted: list[str] = []
-        try:
-            for key in keys:
-                with contextlib.suppress(FileNotFoundError):
-                    self._file_of(check_key(key)).unlink()
-                    deleted.append(key)
-        except OSError as exc:
-            raise BulkWriteError(f"deleting from {self.path} failed: {exc}", done=deleted,
-                                 cause=exc) from exc  # fmt: skip
-        finally:
-            if deleted:
-                self._sync_folder()
+        with self._journal.bypassing(self._relatives(keys)):
+            try:
+                for key in keys:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._file_of(check_key(key)).unlink()
+                        deleted.append(key)
+            except OSError as exc:
+                raise BulkWriteError(f"deleting from {self.path} failed: {exc}", done=deleted,
+                                     cause=exc) from exc  # fmt: skip
+            finally:
+                if deleted:
+                    self._sync_folder()
         return deleted
 
     # -- life cycle ------------------------------------------------------------
@@ -129,6 +236,12 @@ class JSONDatabase(DatabaseInterface):
         if not os.access(self.path, os.W_OK | os.X_OK, effective_ids=effective):
             raise BackendUnavailable(f"json folder {self.path} is not writable")
 
+    def close(self) -> None:
+        """Let go of the root's journal; the last backend of a root checkpoints it."""
+        if not self._closed:
+            self._closed = True
+            journals.release(self._journal)
+
     def __repr__(self) -> str:
         return f"JSONDatabase(path={str(self.path.resolve())!r})"
 
@@ -140,9 +253,21 @@ class JSONDatabase(DatabaseInterface):
             name = _hashed_name(key) + SUFFIX
         return self.path / name
 
+    def _relative(self, path: Path) -> str:
+        """``path``, a file of this domain, relative to the root: how the journal names it."""
+        return os.path.join(self._folder, path.name) if self._folder else path.name
+
+    def _relatives(self, keys: Iterable[str]) -> list[str]:
+        found = []
+        for key in keys:
+            with contextlib.suppress(Exception):  # an invalid key fails in its own turn
+                found.append(self._relative(self._file_of(check_key(key))))
+        return found
+
     def _key_of_file(self, name: str) -> str | None:
         # Temp files have no suffix, so they are never keys; a key may start
         # like one (".chanstore-tmp-x" is stored as ".chanstore-tmp-x.json").
+        # Nor is the journal, which lives in the root (the domain "" too).
         if not name.endswith(SUFFIX):
             return None
         stem = name[: -len(SUFFIX)]
@@ -175,30 +300,65 @@ class JSONDatabase(DatabaseInterface):
             return json.dumps(shaped, indent=2, allow_nan=False).encode("ascii")
         return codec.encode(value, indent=2).encode("ascii")
 
-    def _write_files(self, items: Mapping[str, Any]) -> None:
-        """Write every item atomically, flushing the folder once for all of them."""
+    def _encode_items(self, items: Mapping[str, Any]) -> dict[str, tuple[Path, bytes]]:
+        """Each key's file and contents. Raises if any key or value cannot be stored:
+        everything is encoded before anything is written, so that an unstorable
+        value leaves no file behind."""
+        encoded = {}
+        for key, value in items.items():
+            path = self._file_of(check_key(key))
+            encoded[key] = (path, self._encode_file(key, value, path))
+        return encoded
+
+    def _journal_files(self, encoded: Mapping[str, tuple[Path, bytes]]) -> list[tuple[str, bytes]]:
+        return [(self._relative(path), data) for path, data in encoded.values()]
+
+    def _outcome(self, keys: list[str], errors: Sequence[OSError | None]) -> Exception | None:
+        """The error of a journaled write of ``keys`` whose files met ``errors``, or None."""
+        failed = next((error for error in errors if error is not None), None)
+        if failed is None:
+            return None
+        done = [key for key, error in zip(keys, errors, strict=True) if error is None]
+        return self._failed(failed, keys, done)
+
+    def _failed(self, exc: OSError, keys: list[str], done: list[str]) -> Exception:
+        """``exc`` as :meth:`_write_files` raises it: itself for one key, else a BulkWriteError."""
+        if len(keys) == 1:
+            return exc
+        error = BulkWriteError(f"writing to {self.path} failed: {exc}", done=done, cause=exc)
+        error.__cause__ = exc
+        return error
+
+    def _write_files(self, encoded: Mapping[str, tuple[Path, bytes]]) -> None:
+        """Write every encoded item atomically, flushing the folder once for all of them.
+
+        The usual durable way, without the journal (see ``Journal.bypassing``).
+        """
+        if not encoded:
+            return
+        paths = [self._relative(path) for path, _data in encoded.values()]
+        with self._journal.bypassing(paths):
+            self._write_files_now(encoded)
+
+    def _write_files_now(self, encoded: Mapping[str, tuple[Path, bytes]]) -> None:
         temps: dict[str, Path] = {}  # key -> its temp file, until renamed
         done: list[str] = []
+        held: list[int] = []  # the replaced versions, let go of off this thread
         try:
-            # Encode everything first: an unstorable value must leave no file behind.
-            paths = {key: self._file_of(key) for key in items}
-            encoded = {
-                key: self._encode_file(key, value, paths[key]) for key, value in items.items()
-            }
-            self._write_temps(encoded, temps)
-            for key in encoded:
-                os.replace(temps[key], paths[key])
+            self._write_temps({key: data for key, (_path, data) in encoded.items()}, temps)
+            for key, (path, _data) in encoded.items():
+                rename_over(str(temps[key]), str(path), held)
                 del temps[key]
                 done.append(key)
         except BaseException as exc:
             for temp in temps.values():
                 with contextlib.suppress(OSError):
                     temp.unlink()
-            if len(items) == 1 or not isinstance(exc, OSError):
+            if len(encoded) == 1 or not isinstance(exc, OSError):
                 raise
-            raise BulkWriteError(f"writing to {self.path} failed: {exc}", done=done,
-                                 cause=exc) from exc  # fmt: skip
+            raise self._failed(exc, list(encoded), done) from exc
         finally:
+            release_replaced(held)
             if done:
                 self._sync_folder()
 
@@ -221,21 +381,7 @@ class JSONDatabase(DatabaseInterface):
                 write(key)
 
     def _write_temp(self, data: bytes) -> Path:
-        temp = self.path / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        os.close(fd)
-        return temp
+        return Path(write_temp(self.path, data, self.fsync))
 
     def _sync_folder(self) -> None:
         if not self.fsync:
@@ -248,23 +394,12 @@ class JSONDatabase(DatabaseInterface):
 
 
 #: Threads that write and fsync the files of one batch at the same time.
-_SYNC_WRITERS = ThreadPoolExecutor(16, thread_name_prefix="chanstore-json-write")
+_SYNC_WRITERS = SYNC_WRITERS
 
 
 def _call_each(function: Callable[[str], None], keys: list[str]) -> None:
     """``function(key)`` for every key at once; the first error once all are done."""
-    others = [_SYNC_WRITERS.submit(function, key) for key in keys[1:]]
-    errors: list[BaseException] = []
-    try:
-        function(keys[0])  # this thread writes one of them itself
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
-        errors.append(exc)
-    for other in others:
-        error = other.exception()  # waits for it
-        if error is not None:
-            errors.append(error)
-    if errors:
-        raise errors[0]
+    call_each(function, keys)
 
 
 def _hashed_name(text: str) -> str:

@@ -304,8 +304,11 @@ def _note_together(
     results: list[bool | BaseException],
 ) -> None:
     for (_backend, sets), error in zip(parts, errors, strict=True):
-        for index in sets.values():
-            results[index] = True if error is None else error
+        # A part that stopped part-way (json: a file that could not be written
+        # after the others were) names the keys it did store.
+        done = set(error.done) if isinstance(error, BulkWriteError) else set()
+        for key, index in sets.items():
+            results[index] = True if error is None or key in done else error
 
 
 def _call_all(calls: list[Callable[[], None]], fan_out: Executor | None) -> None:
