@@ -65,6 +65,11 @@ class CachedDict(MutableMapping[str, Any]):
     between threads.
     """
 
+    # The daemon holds one per channel and container in memory: slots keep each
+    # one small (no per-instance __dict__), and a logger is made only to log.
+    __slots__ = ("_cache", "_complete", "_entries", "_hits", "_lock", "_misses", "database",
+                 "name", "strict_mode")  # fmt: skip
+
     def __init__(
         self,
         database: DatabaseInterface | None = None,
@@ -88,7 +93,6 @@ class CachedDict(MutableMapping[str, Any]):
         self._hits = metrics.cache_requests.labels(name, "hit")
         self._misses = metrics.cache_requests.labels(name, "miss")
         self._entries = metrics.cache_entries.labels(name)
-        self._log = logs.get_logger(container=name, domain=getattr(database, "domain", ""))
 
     # -- whole-domain operations --------------------------------------------------
 
@@ -375,7 +379,8 @@ class CachedDict(MutableMapping[str, Any]):
                 f"{self.name}: the backend refused to {operation} {key!r}: {failure}",
                 error_kind=kind,
             )
-        self._log.error(
+        log = logs.get_logger(container=self.name, domain=getattr(self.database, "domain", ""))
+        log.error(
             "write_kept_in_memory_only", operation=operation, key=key, error=str(failure),
             error_kind=kind,
         )  # fmt: skip

@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from chanstore.server.memory import exec_with_malloc  # noqa: PLC0415
+
+    # First, before a thread or a socket exists: so that the memory of channels
+    # that left goes back to the system (see chanstore.server.memory).
+    exec_with_malloc()
     from chanstore.server.daemon import serve  # noqa: PLC0415
     from chanstore.server.settings import settings_from_arguments  # noqa: PLC0415
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,18 +83,26 @@ class Probe:
     """Where one backend instance reports: metric children bound to its labels.
 
     Binding the label values once, when a container is built, keeps the cost
-    of a measured call to about one histogram observation.
+    of a measured call to about one histogram observation. The daemon builds
+    a backend (so a probe) for every channel in memory, so a probe holds no
+    more than it must: the bound children are shared by every probe of one
+    container (:func:`_timers`), and the logger is made only when an event
+    is logged.
     """
+
+    __slots__ = ("_errors", "backend", "container", "domain", "durations")
 
     def __init__(self, metrics: Metrics, backend: str, container: str, domain: str) -> None:
         self.backend = backend
         self.container = container
+        self.domain = domain
         self._errors = metrics.backend_errors
-        self.durations = {
-            label: metrics.backend_duration.labels(backend, container, label)
-            for label, _style in OPERATIONS.values()
-        }
-        self.log = logs.get_logger(backend=backend, container=container, domain=domain)
+        self.durations = _timers(metrics, backend, container)
+
+    @property
+    def log(self) -> Any:
+        """A logger naming this backend, container and domain in every event."""
+        return logs.get_logger(backend=self.backend, container=self.container, domain=self.domain)
 
     def failed(self, operation: str, exc: BaseException, kind: str, **fields: Any) -> None:
         """Count and log one failed operation."""
@@ -102,6 +111,31 @@ class Probe:
             "backend_operation_failed", operation=operation, error=str(exc), error_kind=kind,
             **fields,
         )  # fmt: skip
+
+
+#: Per Metrics, the duration children of each (backend, container), by operation label.
+_TIMERS: weakref.WeakKeyDictionary[Metrics, dict[tuple[str, str], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _timers(metrics: Metrics, backend: str, container: str) -> dict[str, Any]:
+    """The duration children of every operation of ``backend`` as ``container``, bound once.
+
+    Shared (read only) by all the probes of one container: one dict per
+    container instead of one per channel. Labels are bounded (no channel id
+    is one), and so is this cache.
+    """
+    by_labels = _TIMERS.get(metrics)
+    if by_labels is None:
+        by_labels = _TIMERS.setdefault(metrics, {})
+    timers = by_labels.get((backend, container))
+    if timers is None:
+        timers = by_labels.setdefault((backend, container), {
+            label: metrics.backend_duration.labels(backend, container, label)
+            for label, _style in OPERATIONS.values()
+        })  # fmt: skip
+    return timers
 
 
 def engine_label(backend_class: type) -> str:

@@ -1,6 +1,9 @@
 """10,000 channels touched once each, then left idle: the daemon's memory comes back down.
 
-Figures are printed (run with -s) so they can go into the README.
+The daemon's RSS must return to within :data:`AFTER_IDLE_BOUND` of what it was
+before the channels came, once they all left memory, and stay there after
+another 10,000 channels came and left. Figures are printed (run with -s) so
+they can go into the README.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +23,16 @@ from daemon_harness import DaemonProcess, json_entry, wait_until
 CHANNELS = 10_000
 CONNECTIONS = 16
 IDLE_TIMEOUT = 3.0
+#: Seconds from the last channel leaving to the measurement: the daemon gives
+#: the memory back at an idle sweep right after (sweeps are IDLE_TIMEOUT / 4
+#: apart, and at least a second goes between two returns).
+SETTLE = IDLE_TIMEOUT
+#: How far above its baseline the daemon's RSS may stay once the channels left,
+#: in KiB. Measured: +1.9 to +2.5 MiB after the first burst and +3.3 to +3.9
+#: after the second, of +10 to +13 MiB at the peak; it used to stay at the
+#: peak (+11 to +22 MiB). What stays is mostly glibc's per-thread caches of
+#: freed chunks (see chanstore.server.memory).
+AFTER_IDLE_BOUND = 6 * 1024
 
 
 def rss_kib(pid: int) -> int:
@@ -60,6 +74,13 @@ async def touch_channels(port: int, count: int, prefix: str = "mem") -> dict[int
     return statuses
 
 
+def idle_rss(daemon: DaemonProcess, pid: int) -> int:
+    """The RSS of the daemon, in KiB, once every channel left memory and it settled."""
+    wait_until(lambda: daemon.metric("chanstore_channels") == 0, 30, "idle channels to leave")
+    time.sleep(SETTLE)
+    return rss_kib(pid)
+
+
 @pytest.fixture
 def idle_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess(tmp_path / "daemon", [json_entry("stats", settings={"fsync": False})],
@@ -70,14 +91,13 @@ def idle_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     assert not problems, "the daemon crashed or hung:\n" + "\n".join(problems)
 
 
-def test_memory_is_reused_after_idle_channels_leave(idle_daemon: DaemonProcess) -> None:
+def test_memory_comes_back_down_after_idle_channels_leave(idle_daemon: DaemonProcess) -> None:
     daemon = idle_daemon
     assert daemon.process is not None
     pid = daemon.process.pid
     # Warm up: every code path a channel takes, so the baseline holds their one-off costs.
     asyncio.run(touch_channels(daemon.port, 200))
-    wait_until(lambda: daemon.metric("chanstore_channels") == 0, 30, "warm-up channels to leave")
-    baseline = rss_kib(pid)
+    baseline = idle_rss(daemon, pid)
 
     peak = baseline
     peak_channels = 0.0
@@ -99,28 +119,23 @@ def test_memory_is_reused_after_idle_channels_leave(idle_daemon: DaemonProcess) 
     peak = max(peak, rss_kib(pid))
     assert statuses == {200: CHANNELS // 10, 404: CHANNELS - CHANNELS // 10}, statuses
 
-    wait_until(lambda: daemon.metric("chanstore_channels") == 0, 30, "idle channels to leave")
-    after = rss_kib(pid)
-    # A second burst of other channels: freed memory is reused, not added to.
+    after = idle_rss(daemon, pid)
+    # A second burst of other channels: memory does not grow with the number of
+    # channels ever touched.
     asyncio.run(touch_channels(daemon.port, CHANNELS, prefix="again"))
-    wait_until(lambda: daemon.metric("chanstore_channels") == 0, 30, "idle channels to leave")
-    again = rss_kib(pid)
+    again = idle_rss(daemon, pid)
     growth = peak - baseline
     print(f"\nmemory: {CHANNELS} channels; RSS baseline {baseline / 1024:.1f} MiB, "
           f"peak {peak / 1024:.1f} MiB (+{growth / 1024:.1f} MiB, {peak_channels:.0f} channels "
           f"held at the end of the burst), after idle {after / 1024:.1f} MiB "
           f"(+{(after - baseline) / 1024:.1f} MiB); after a second burst of {CHANNELS} other "
-          f"channels, idle {again / 1024:.1f} MiB")  # fmt: skip
+          f"channels, idle {again / 1024:.1f} MiB "
+          f"(+{(again - baseline) / 1024:.1f} MiB)")  # fmt: skip
     assert peak_channels > 0, "no channel was held: the test measured nothing"
     assert growth > 0
-    # The allocator keeps the freed heap for reuse, so RSS stays near its peak
-    # (measured: baseline 37 MiB, peak 49-53 MiB, after idle the same); the
-    # bound is that it is reused: another 10,000 channels add at most half of
-    # the first burst's growth (measured: +0 to +3.3 of +11 to +20 MiB; without
-    # reuse they would add all of it), so memory does not grow with the number
-    # of channels ever touched.
-    assert after <= peak + 1024, (baseline, peak, after)
-    assert again <= after + growth / 2, (baseline, peak, after, again)
+    figures = {"baseline": baseline, "peak": peak, "after": after, "again": again}
+    assert after - baseline <= AFTER_IDLE_BOUND, figures
+    assert again - baseline <= AFTER_IDLE_BOUND, figures
     # Every stored value survived its channel leaving memory.
     for number in range(0, CHANNELS, 1000):
         assert daemon.get(f"mem-{number}", "stats", "k").json() == {"n": number}

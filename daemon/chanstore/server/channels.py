@@ -50,6 +50,8 @@ T = TypeVar("T")
 log = logs.get_logger()
 
 READ_THREADS = 4
+#: Tables of channels smaller than this are not worth rebuilding when channels leave.
+COMPACT_ABOVE = 1024
 
 
 class UnknownContainer(ChanstoreError, LookupError):
@@ -80,6 +82,17 @@ class ContainerRuntime:
         #: that a not-ready daemon may never be sent).
         self.write_problem_unreachable = False
         self._probe: DatabaseInterface | None = None
+        self._unloaded: tuple[ContainerSpec, ContainerSpec] | None = None
+
+    @property
+    def unloaded_spec(self) -> ContainerSpec:
+        """``spec`` with load and clear off, made once per spec rather than per channel.
+
+        A channel's copy is opened with it; the registry then loads or clears it.
+        """
+        if self._unloaded is None or self._unloaded[0] is not self.spec:
+            self._unloaded = (self.spec, dataclasses.replace(self.spec, load=False, clear=False))
+        return self._unloaded[1]
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on this container's threads, within the backend timeout."""
@@ -128,8 +141,9 @@ class Slot:
     def __init__(self, runtime: ContainerRuntime) -> None:
         self.runtime = runtime
         self.cached: CachedDict | None = None
-        #: Cached values as response bodies, made on first read.
-        self.encoded: dict[str, bytes] = {}
+        #: Cached values as response bodies, made on first read (None until then:
+        #: most channels in memory never answer a read from it).
+        self.encoded: dict[str, bytes] | None = None
         self.preparing: asyncio.Future[None] | None = None
         self.ready = False
         #: Writes applied so far; a read of the backend caches its answer only
@@ -140,7 +154,8 @@ class Slot:
         """Bring the cache up to date with a write the backend now holds."""
         assert self.cached is not None
         self.writes += 1
-        self.encoded.pop(key, None)
+        if self.encoded:
+            self.encoded.pop(key, None)
         if deleted:
             self.cached.discard(key)
         else:
@@ -155,11 +170,14 @@ class Slot:
         """
         assert self.cached is not None
         self.writes += 1
-        self.encoded.pop(key, None)
+        if self.encoded:
+            self.encoded.pop(key, None)
         self.cached.unsure(key)
 
     def body_of(self, key: str, value: Any) -> bytes:
         """``value`` as a JSON response body, made once per value."""
+        if self.encoded is None:
+            self.encoded = {}
         body = self.encoded.get(key)
         if body is None:
             body = json.dumps(codec.to_json_shape(value), separators=(",", ":")).encode()
@@ -209,6 +227,8 @@ class ChannelRegistry:
         self.config = config
         self.runtimes = {spec.name: ContainerRuntime(spec, settings, metrics) for spec in config}
         self._channels: OrderedDict[str, Channel] = OrderedDict()
+        #: The most channels held since the table of channels was last rebuilt.
+        self._channels_peak = 0
         # clear: true empties a channel's container the first time this
         # process creates it, not again after it was dropped for idleness.
         self._cleared: set[tuple[str, str]] = set()
@@ -438,6 +458,7 @@ class ChannelRegistry:
                 self.settings.service_id, channel_id, (), strict_mode=True, metrics=self.metrics
             )
             channel = self._channels[channel_id] = Channel(channel_id, storage)
+            self._channels_peak = max(self._channels_peak, len(self._channels))
             self.metrics.channels.set(len(self._channels))
             self._evict_over_limit(keep=channel)
         self._touch(channel)
@@ -468,9 +489,10 @@ class ChannelRegistry:
     async def _prepare(self, channel: Channel, slot: Slot) -> None:
         spec = slot.runtime.spec
         if slot.cached is None:
-            quiet = dataclasses.replace(spec, load=False, clear=False)
             try:
-                cached = await slot.runtime.run(channel.storage.add_spec, quiet)
+                cached = await slot.runtime.run(
+                    channel.storage.add_spec, slot.runtime.unloaded_spec
+                )
             except ChanstoreError:
                 raise
             except Exception as exc:
@@ -493,6 +515,10 @@ class ChannelRegistry:
         elif spec.load:
             await slot.runtime.run(slot.cached.load)
         slot.ready = True
+        # Let this task go: kept, a finished task holds its coroutine, its context
+        # (request id, channel) and an entry in asyncio's set of tasks for as long
+        # as the channel stays in memory.
+        slot.preparing = None
 
     def _evict_over_limit(self, keep: Channel) -> None:
         excess = len(self._channels) - self.settings.max_channels
@@ -518,6 +544,21 @@ class ChannelRegistry:
             del self._channels[channel.id]
             channel.storage.close()
         self.metrics.channels.set(len(self._channels))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the table of channels once most of them have left.
+
+        A dict never gives back the room it grew to when entries are deleted,
+        so after a burst of channels left it would keep a table sized for the
+        burst; a copy is sized for what is left (order, the LRU order, is kept).
+        """
+        count = len(self._channels)
+        if count > self._channels_peak // 4:
+            return
+        if self._channels_peak > COMPACT_ABOVE:
+            self._channels = OrderedDict(self._channels)
+        self._channels_peak = count
 
     # -- configuration -------------------------------------------------------
 

@@ -27,6 +27,7 @@ from chanstore.metrics import Metrics, default_metrics, install_process_collecto
 from chanstore.server import systemd
 from chanstore.server.app import App
 from chanstore.server.channels import ChannelRegistry
+from chanstore.server.memory import ReleaseSchedule, release_free_memory
 from chanstore.server.protocol import CoalescingProtocol
 from chanstore.server.reload import Reloader, checksum
 from chanstore.server.settings import DaemonSettings
@@ -147,12 +148,16 @@ class Daemon:
 
     async def _sweep_idle_channels(self) -> None:
         interval = min(max(self.settings.idle_timeout / 4, 0.05), 30.0)
+        # What channels that left freed stays resident until it is given back.
+        schedule = ReleaseSchedule()
         while True:
             await asyncio.sleep(interval)
             dropped = self.registry.sweep_idle()
             if dropped:
                 log.debug("idle_channels_dropped", count=dropped,
                           remaining=self.registry.channel_count)  # fmt: skip
+            if schedule.swept(dropped):
+                release_free_memory()
 
     async def _check_readiness(self) -> None:
         # /readyz answers from the same checks; this keeps the metrics fresh between calls.

@@ -118,26 +118,34 @@ class _Lane:
         self._wakeup.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while not (self._closing and not self._queue):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                self._writing = len(batch)
-                try:
-                    if applies_on_loop(batch):
-                        results = await apply_batch_async(batch)
-                    else:
-                        results = await loop.run_in_executor(
-                            self._thread, apply_batch, batch, self._fan_out
-                        )
-                except Exception as exc:  # noqa: BLE001 - the pool itself failed: fail the batch
-                    results = [exc] * len(batch)
-                finally:
-                    self._writing = 0
-                for write, result in zip(batch, results, strict=True):
-                    _resolve(write, result)
+                await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        """Write the next batch, then settle its writes.
+
+        A frame of its own, so that nothing of the batch stays referenced while
+        the lane waits for more: each write's ``settle`` holds its channel, which
+        would otherwise stay in memory after it left the registry.
+        """
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        self._writing = len(batch)
+        try:
+            if applies_on_loop(batch):
+                results = await apply_batch_async(batch)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, apply_batch, batch, self._fan_out
+                )
+        except Exception as exc:  # noqa: BLE001 - the pool itself failed: fail the batch
+            results = [exc] * len(batch)
+        finally:
+            self._writing = 0
+        for write, result in zip(batch, results, strict=True):
+            _resolve(write, result)
 
     async def close(self) -> None:
         self._closing = True
