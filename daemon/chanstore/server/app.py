@@ -282,6 +282,7 @@ class App:
     # -- operations handlers -------------------------------------------------------
 
     async def metrics_page(self, request: Request) -> tuple[int, bytes]:
+        self.metrics.fold()
         return 200, generate_latest(self.metrics.registry)
 
     async def healthz(self, request: Request) -> tuple[int, bytes]:

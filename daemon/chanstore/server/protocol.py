@@ -61,11 +61,27 @@ class CoalescingProtocol(HttpToolsProtocol):
                 self._shortcuts.body_timeout, self._body_too_slow, claim
             )
 
+    def on_message_begin(self) -> None:
+        # uvicorn builds the request's ASGI scope here (three dicts); a request
+        # that a shortcut answers never needs one, so it is made later, by
+        # _on_asgi_headers_complete, and only for the requests that take ASGI.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def _on_asgi_headers_complete(self) -> None:
+        """uvicorn's on_headers_complete, after uvicorn's own on_message_begin."""
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect_100_continue
+        self.headers = self.scope["headers"] = headers
+        super().on_headers_complete()
+
     def on_headers_complete(self) -> None:
         self._answered = False
         shortcuts = self._shortcuts
         if shortcuts is None or not self._may_shortcut():
-            super().on_headers_complete()
+            self._on_asgi_headers_complete()
             return
         method = self.parser.get_method()
         response = shortcuts.answer_now(method, self.url, self.headers)
@@ -80,7 +96,7 @@ class CoalescingProtocol(HttpToolsProtocol):
             # it queue until it is answered, as they would behind a cycle.
             self.cycle = _Claim(method, self.url, self.headers)  # type: ignore[assignment]
         else:
-            super().on_headers_complete()
+            self._on_asgi_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         if self._answered:
