@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from chanstore import codec, register_type
@@ -39,6 +41,36 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def files_under(folder: str | os.PathLike[str]) -> list[str]:
+    """Every file below ``folder``, as sorted paths relative to it."""
+    return sorted(
+        os.path.relpath(os.path.join(where, name), folder)
+        for where, _dirs, names in os.walk(folder)
+        for name in names
+    )
+
+
+@contextlib.contextmanager
+def reaped(process: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """``process``; on leaving, killed if still running, waited for, its stderr closed."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def sigkill_after(process: subprocess.Popen[bytes], seconds: float) -> None:
+    """Let ``process`` run ``seconds`` more (it must not exit meanwhile), then SIGKILL it."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(timeout=seconds)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=10) == -signal.SIGKILL
 
 
 class RedisServer:

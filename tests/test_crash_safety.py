@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import pytest
 
 from chanstore.backends.jsonfiles import TEMP_PREFIX, JSONDatabase
 from chanstore.errors import CorruptValue
-from support import wait_until
+from support import reaped, sigkill_after, wait_until
 
 KEYS = ["a", "b", "c/d", "long " + "k" * 300]
 PAD = 100_000  # big values keep the writer inside a write most of the time
@@ -73,7 +72,7 @@ def test_sigkill_mid_write_leaves_every_file_whole(tmp_path, fsync):
              str(round_number * 1_000_000), str(log_path)],
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        try:
+        with reaped(writer):
             # Wait until this round has written something, then kill it at a random moment.
             first = round_number * 1_000_000
             wait_until(
@@ -85,15 +84,7 @@ def test_sigkill_mid_write_leaves_every_file_whole(tmp_path, fsync):
                 "the writer to start writing",
             )
             assert writer.poll() is None, writer.stderr.read().decode()
-            with pytest.raises(subprocess.TimeoutExpired):
-                writer.wait(timeout=rnd.uniform(0.0, 0.25))  # it writes for a random while
-            os.kill(writer.pid, signal.SIGKILL)
-            assert writer.wait(timeout=10) == -signal.SIGKILL
-        finally:
-            if writer.poll() is None:
-                writer.kill()
-                writer.wait(timeout=10)
-            writer.stderr.close()
+            sigkill_after(writer, rnd.uniform(0.0, 0.25))  # it writes for a random while
 
         seqs = attempted(log_path)
         for name in os.listdir(db.path):

@@ -36,7 +36,7 @@ from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.errors import BulkWriteError, UnstorableValue
 from chanstore.instrumentation import attach
 from chanstore.metrics import Metrics
-from support import wait_until
+from support import reaped, sigkill_after, wait_until
 
 GENERATION = 0x1234_5678_9ABC_DEF0
 
@@ -490,8 +490,7 @@ def test_sigkill_at_random_loses_no_acknowledged_set(tmp_path):
     log_path = tmp_path / "writes.log"
     rnd = random.Random()
     for round_number in range(3):
-        writer = run_writer(root, log_path, "random", round_number * 1_000_000)
-        try:
+        with reaped(run_writer(root, log_path, "random", round_number * 1_000_000)) as writer:
             first = round_number * 1_000_000
             wait_until(
                 lambda first=first, writer=writer: (
@@ -501,15 +500,7 @@ def test_sigkill_at_random_loses_no_acknowledged_set(tmp_path):
                 "the writer to store a few batches",
             )  # fmt: skip
             assert writer.poll() is None, writer.stderr.read().decode()
-            with pytest.raises(subprocess.TimeoutExpired):
-                writer.wait(timeout=rnd.uniform(0.0, 0.3))
-            os.kill(writer.pid, signal.SIGKILL)
-            assert writer.wait(timeout=10) == -signal.SIGKILL
-        finally:
-            if writer.poll() is None:
-                writer.kill()
-                writer.wait(timeout=10)
-            writer.stderr.close()
+            sigkill_after(writer, rnd.uniform(0.0, 0.3))
         acked, sent = ledger(log_path)
         assert acked > round_number * 1_000_000
         check_read_back(root, acked, sent)
@@ -519,14 +510,8 @@ def test_sigkill_at_random_loses_no_acknowledged_set(tmp_path):
 def test_sigkill_between_the_journal_and_the_renames_is_replayed(tmp_path):
     root = tmp_path / "data"
     log_path = tmp_path / "writes.log"
-    writer = run_writer(root, log_path, "in-apply", 0)
-    try:
+    with reaped(run_writer(root, log_path, "in-apply", 0)) as writer:
         assert writer.wait(timeout=60) == -signal.SIGKILL, writer.stderr.read().decode()
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait(timeout=10)
-        writer.stderr.close()
     assert log_path.read_text().splitlines()[-1] == "killing"
     acked, sent = ledger(log_path)
     assert sent == acked + 1  # killed inside a batch, after its journal flush

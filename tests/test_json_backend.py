@@ -13,20 +13,12 @@ from structlog.testing import capture_logs
 from chanstore import CachedDict
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.errors import BackendError, BackendUnavailable, CorruptValue, WriteRefused
-from support import ODD_KEYS, Point, unwritable
+from support import ODD_KEYS, Point, files_under, unwritable
 
 
 @pytest.fixture
 def db(tmp_path):
     return JSONDatabase(domain="svc.chan.box", root_dir=str(tmp_path))
-
-
-def files_under(folder):
-    return sorted(
-        os.path.relpath(os.path.join(where, name), folder)
-        for where, _dirs, names in os.walk(folder)
-        for name in names
-    )
 
 
 # -- layout --------------------------------------------------------------------

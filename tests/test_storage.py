@@ -12,19 +12,11 @@ from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.backends.null import NullDatabase
 from chanstore.errors import ConfigError, InvalidKey, WriteRefused
 from chanstore.storage import RESERVED_NAMES, container_domain
-from support import unwritable
+from support import files_under, unwritable
 
 
 def json_entry(root, name="stats", **fields):
     return {"implementation": "json", "name": name, "settings": {"root_dir": str(root)}, **fields}
-
-
-def files_under(folder):
-    return sorted(
-        os.path.relpath(os.path.join(where, name), folder)
-        for where, _dirs, names in os.walk(folder)
-        for name in names
-    )
 
 
 def test_an_attribute_per_entry(tmp_path, metrics):
