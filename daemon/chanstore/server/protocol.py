@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 if TYPE_CHECKING:
-    from chanstore.server.shortcuts import Shortcuts
+    from chanstore.server.shortcuts import Address, Shortcuts
 
 __all__ = ["CoalescingProtocol"]
 
@@ -91,12 +91,17 @@ class CoalescingProtocol(HttpToolsProtocol):
             # What uvicorn does after each response: count it, resume reading, and
             # arm the keep-alive timeout.
             self.on_response_complete()
-        elif not self.expect_100_continue and shortcuts.claim(method, self.url, self.headers):
-            # The claim stands in for uvicorn's cycle: requests pipelined behind
-            # it queue until it is answered, as they would behind a cycle.
-            self.cycle = _Claim(method, self.url, self.headers)  # type: ignore[assignment]
-        else:
+            return
+        # A client that waits for 100 Continue gets it from the usual path.
+        address = (
+            None if self.expect_100_continue else shortcuts.claim(method, self.url, self.headers)
+        )
+        if address is None:
             self._on_asgi_headers_complete()
+            return
+        # The claim stands in for uvicorn's cycle: requests pipelined behind it
+        # queue until it is answered, as they would behind a cycle.
+        self.cycle = _Claim(method, address, self.headers)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if self._answered:
@@ -118,8 +123,9 @@ class CoalescingProtocol(HttpToolsProtocol):
         if claim.timer is not None:
             claim.timer.cancel()
         assert self._shortcuts is not None
-        self._shortcuts.answer_claimed(claim.method, claim.url, claim.headers, bytes(claim.body),
-                                       functools.partial(self._respond, claim))  # fmt: skip
+        respond = functools.partial(self._respond, claim)
+        self._shortcuts.answer_claimed(claim.method, claim.address, claim.headers,
+                                       bytes(claim.body), respond)  # fmt: skip
 
     def _may_shortcut(self) -> bool:
         cycle = self.cycle
@@ -164,12 +170,12 @@ class _Claim:
     ``message_event`` (set when the connection is lost) of the current cycle.
     """
 
-    __slots__ = ("body", "disconnected", "headers", "keep_alive", "method", "receiving",
-                 "response_complete", "timer", "url")  # fmt: skip
+    __slots__ = ("address", "body", "disconnected", "headers", "keep_alive", "method",
+                 "receiving", "response_complete", "timer")  # fmt: skip
 
-    def __init__(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, method: bytes, address: Address, headers: list[tuple[bytes, bytes]]) -> None:
         self.method = method
-        self.url = url
+        self.address = address
         self.headers = headers
         self.body = bytearray()
         self.receiving = True

@@ -37,9 +37,11 @@ from chanstore.server.http import BODY_TIMEOUT, HttpError, parse_json
 if TYPE_CHECKING:
     from chanstore.server.app import App
 
-__all__ = ["Headers", "Respond", "Shortcuts", "response_bytes"]
+__all__ = ["Address", "Headers", "Respond", "Shortcuts", "response_bytes"]
 
 Headers = list[tuple[bytes, bytes]]
+#: Channel, container and key of a single-key request.
+Address = tuple[str, str, str]
 #: Called with the whole response once a claimed request is answered.
 Respond = Callable[[bytes], None]
 
@@ -97,20 +99,24 @@ class Shortcuts:
         self._cached_get.observe(time.perf_counter() - started)
         return response
 
-    def claim(self, method: bytes, url: bytes, headers: Headers) -> bool:
-        """Whether :meth:`answer_claimed` will answer this request once its body is in."""
-        if method not in _CLAIMED_METHODS or self._address(url, headers) is None:
-            return False
+    def claim(self, method: bytes, url: bytes, headers: Headers) -> Address | None:
+        """The request's address if :meth:`answer_claimed` will answer it once its body is in."""
+        if method not in _CLAIMED_METHODS:
+            return None
         length = _header(headers, b"content-length")
         if method == b"DELETE":
-            return length is None and _header(headers, b"transfer-encoding") is None
+            if length is not None or _header(headers, b"transfer-encoding") is not None:
+                return None
         # A known length within the limit: a chunked or oversized body is the
         # usual path's to refuse, with its 413.
-        return length is not None and length.isdigit() and int(length) <= self.app.max_body
+        elif length is None or not length.isdigit() or int(length) > self.app.max_body:
+            return None
+        return self._address(url, headers)
 
-    def answer_claimed(self, method: bytes, url: bytes, headers: Headers, body: bytes,
+    def answer_claimed(self, method: bytes, address: Address, headers: Headers, body: bytes,
                        respond: Respond) -> None:  # fmt: skip
-        """Store or delete the key, then ``respond`` (maybe later, from a lane's callback)."""
+        """Store or delete the key at ``address`` (what :meth:`claim` returned), then
+        ``respond`` (maybe later, from a lane's callback)."""
         started = time.perf_counter()
         method_name = method.decode()
         request_id = self.app.request_id(headers)
@@ -130,8 +136,6 @@ class Shortcuts:
                           channel=channel)  # fmt: skip
             answer(error.status, error.body(), error.headers)
 
-        address = self._address(url, headers)
-        assert address is not None, "answer_claimed() of a request claim() declined"
         channel, container, key = address
         try:
             self.app.check_channel_and_container(channel, container)
@@ -165,7 +169,7 @@ class Shortcuts:
         self.app.observe(method.decode(), self.route, 408, self.body_timeout)
         return response_bytes(408, error.body(), self.app.request_id(headers))
 
-    def _address(self, url: bytes, headers: Headers) -> tuple[str, str, str] | None:
+    def _address(self, url: bytes, headers: Headers) -> Address | None:
         """Channel, container and key of a plain ``/v1/channels/c/container/key`` URL."""
         if not url.startswith(_PREFIX) or logs.debug_enabled():
             return None  # debug logging: the usual path logs every request
