@@ -320,7 +320,9 @@ def test_reloads_fail_no_request_in_flight(start_daemon, channel: str) -> None:
     def hammer(worker: int) -> None:
         with daemon.client() as client:
             while not done.is_set():
-                key = f"k{counts[worker] % 20}"
+                # A key of each worker's own: another worker's write between this
+                # one's set and get would otherwise read back as a lost write.
+                key = f"w{worker}-k{counts[worker] % 20}"
                 try:
                     client.set(channel, "stats", key, counts[worker])
                     if client.get(channel, "stats", key) != counts[worker]:
