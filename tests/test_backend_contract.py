@@ -8,6 +8,8 @@ tested by adding one param there.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from chanstore.backends.null import NullDatabase
@@ -194,6 +196,34 @@ def test_set_many_with_an_unstorable_value(backend):
 def test_set_many_empty_is_a_no_op(backend):
     backend.set_many({})
     assert list(backend.all_keys()) == []
+
+
+# -- several domains at once ----------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_set_many_together_stores_each_part(backend_factory, flavour):
+    """Parts of one together_key in one call; an unstorable part fails alone."""
+    backends = [backend_factory(f"together.n{n}") for n in range(3)]
+    cls = type(backends[0])
+    assert len({backend.together_key for backend in backends}) in (1, 3)
+    parts = [(backends[0], {"a": 1, "b": (2,)}), (backends[1], {"c": object()}),
+             (backends[2], {"d": {"e": None}})]  # fmt: skip
+    if flavour == "async":
+        errors = asyncio.run(cls.set_many_together_async(parts))
+    else:
+        errors = cls.set_many_together(parts)
+    assert errors[0] is None
+    assert errors[2] is None
+    assert isinstance(errors[1], ChanstoreError)
+    assert errors[1].kind == "invalid_value"
+    assert_same(backend_factory("together.n0").load_all(), {"a": 1, "b": (2,)})
+    assert backend_factory("together.n1").load_all() == {}
+    assert backend_factory("together.n2").load_all() == {"d": {"e": None}}
+
+
+def test_stores_on_loop_is_a_class_flag(backend):
+    assert isinstance(type(backend).stores_on_loop, bool)
 
 
 # -- life cycle ----------------------------------------------------------------

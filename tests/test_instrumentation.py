@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import errno
+from pathlib import Path
 
 import pytest
 import redis
 from structlog.testing import capture_logs
 
-from chanstore import logs
+from chanstore import codec, logs
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.errors import (
     BackendError,
     BackendUnavailable,
+    BulkWriteError,
     CorruptValue,
     InvalidKey,
     UnstorableValue,
     error_kind,
 )
-from chanstore.instrumentation import OPERATIONS, Failure, attach, instrument
+from chanstore.instrumentation import OPERATIONS, TOGETHER, Failure, attach, instrument
 from chanstore.metrics import BACKEND_BUCKETS
 from support import DictDatabase
 
@@ -354,3 +358,169 @@ def test_no_debug_events_when_debug_is_off(metrics):
 )
 def test_error_kinds_are_a_small_closed_set(exc, kind):
     assert error_kind(exc) == kind
+
+
+# -- several backends in one call: set_many_together ----------------------------------
+
+
+def set_many_count(metrics, container, backend="dictdb"):
+    return duration_count(metrics, backend, "set_many", container)
+
+
+def store_together(cls, parts, flavour):
+    if flavour == "async":
+        return asyncio.run(cls.set_many_together_async(parts))
+    return cls.set_many_together(parts)
+
+
+def test_the_batch_operations_are_declared_with_defaults():
+    """A third-party backend has them without writing them, and they are wrapped once."""
+    first, second = DictDatabase("one"), DictDatabase("two")
+    assert first.together_key != second.together_key  # by default, each instance alone
+    assert first.together_key == first.together_key
+    assert DictDatabase.stores_on_loop is False
+    for name in TOGETHER:
+        method = getattr(DictDatabase, name).__func__
+        assert getattr(method, "__chanstore_instrumented__", False), name
+        assert method is getattr(DatabaseInterface, name).__func__
+
+
+def test_a_batch_operation_must_be_a_classmethod():
+    with pytest.raises(TypeError, match="must be a classmethod"):
+
+        class Wrong(DictDatabase):
+            def set_many_together(self, parts):
+                return []
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_default_set_many_together_stores_each_part_measured_once(metrics, flavour):
+    """Each part is its backend's set_many, once: not again inside, per key or per part."""
+    store: dict[str, dict[str, str]] = {}
+    first, second = DictDatabase("one", store), DictDatabase("two", store)
+    attach(first, container="c1", metrics=metrics)
+    attach(second, container="c2", metrics=metrics)
+    errors = store_together(DictDatabase, [(first, {"a": 1}), (second, {"b": 2, "c": 3})], flavour)
+    assert errors == [None, None]
+    assert DictDatabase("one", store).load_all() == {"a": 1}
+    assert DictDatabase("two", store).load_all() == {"b": 2, "c": 3}
+    assert (set_many_count(metrics, "c1"), set_many_count(metrics, "c2")) == (1, 1)
+    assert duration_count(metrics, "dictdb", "set", "c2") == 0
+    assert error_samples(metrics) == {}
+    assert store_together(DictDatabase, [], flavour) == []
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_failed_part_is_its_own_counted_error(metrics, flavour):
+    """One error counter and one error log per failed part; the others are stored."""
+    store: dict[str, dict[str, str]] = {}
+    good, bad = DictDatabase("good", store), DictDatabase("bad", store)
+    attach(good, container="c", metrics=metrics)
+    attach(bad, container="c", metrics=metrics)
+    with capture_logs() as events:
+        errors = store_together(
+            DictDatabase, [(good, {"a": 1}), (bad, {"x": 1, "y": object()})], flavour
+        )
+    assert errors[0] is None
+    assert isinstance(errors[1], BulkWriteError)
+    assert errors[1].kind == "invalid_value"
+    assert errors[1].done == ["x"]  # a BulkWriteError still says what of its part was stored
+    assert DictDatabase("good", store).load_all() == {"a": 1}
+    assert set_many_count(metrics, "c") == 2
+    assert error_samples(metrics) == {("set_many", "invalid_value"): 1}
+    failed = [e for e in events if e["event"] == "backend_operation_failed"]
+    assert [(e["operation"], e["domain"], e["error_kind"]) for e in failed] == [
+        ("set_many", "bad", "invalid_value")
+    ]
+
+
+class Batched(DictDatabase):
+    """A backend with its own set_many_together (no metrics code), raising or answering."""
+
+    engine_name = "batched"
+    calls: list[int] = []
+    fail_with: Exception | None = None
+
+    @property
+    def together_key(self):
+        return "all"
+
+    @classmethod
+    def set_many_together(cls, parts):
+        cls.calls.append(len(parts))
+        if cls.fail_with is not None:
+            raise cls.fail_with
+        for backend, items in parts:
+            backend.data.update({key: codec.encode(value) for key, value in items.items()})
+        return [None if items else OSError(errno.EIO, "empty part") for _b, items in parts]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_an_overriding_backend_is_measured_by_the_one_wrapper(metrics, flavour, monkeypatch):
+    monkeypatch.setattr(Batched, "calls", [])
+    parts = [(Batched(f"b{n}"), {"k": n} if n else {}) for n in range(3)]
+    for backend, _items in parts:
+        attach(backend, container="c", metrics=metrics)
+    errors = store_together(Batched, parts, flavour)
+    assert Batched.calls == [3]  # one call for every part, also through the async default
+    assert errors[1:] == [None, None]
+    assert isinstance(errors[0], BackendError)  # made a BackendError by the wrapper
+    assert errors[0].kind == "io"
+    assert isinstance(errors[0].__cause__, OSError)
+    assert set_many_count(metrics, "c", "batched") == 3
+    assert error_samples(metrics) == {("set_many", "io"): 1}
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_batch_that_raises_fails_every_part(metrics, flavour, monkeypatch):
+    monkeypatch.setattr(Batched, "fail_with", ConnectionRefusedError("down"))
+    parts = [(Batched(f"b{n}"), {"k": n}) for n in range(2)]
+    for backend, _items in parts:
+        attach(backend, container="c", metrics=metrics)
+    errors = store_together(Batched, parts, flavour)
+    assert [error.kind for error in errors] == ["unavailable", "unavailable"]
+    assert error_samples(metrics) == {("set_many", "unavailable"): 2}
+
+
+def test_a_super_call_of_set_many_together_is_measured_once(metrics):
+    class Wrapping(Batched):
+        engine_name = "wrapping"
+
+        @classmethod
+        def set_many_together(cls, parts):
+            return super().set_many_together(parts)
+
+    backend = Wrapping("w")
+    attach(backend, container="c", metrics=metrics)
+    assert Wrapping.set_many_together([(backend, {"k": 1})]) == [None]
+    assert set_many_count(metrics, "c", "wrapping") == 1
+
+
+def test_a_debug_event_per_part_when_debug_is_on(metrics, monkeypatch):
+    monkeypatch.setattr(logs, "_debug", True)
+    first, second = DictDatabase("one"), DictDatabase("two")
+    attach(first, container="c", metrics=metrics)
+    attach(second, container="c", metrics=metrics)
+    with capture_logs() as events:
+        DictDatabase.set_many_together([(first, {"a": 1}), (second, {"b": 2, "c": 3})])
+    assert [(e["operation"], e["domain"], e["key"]) for e in events] == [
+        ("set_many", "one", "<1 keys>"),
+        ("set_many", "two", "<2 keys>"),
+    ]
+
+
+def test_backends_never_call_metrics_code():
+    """Only the base class (which applies the one wrapper) imports instrumentation."""
+    import chanstore.backends as package  # noqa: PLC0415
+
+    folder = Path(package.__file__).parent
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        allowed = {"chanstore.instrumentation"} if path.name == "base.py" else set()
+        assert imported & {"chanstore.instrumentation", "chanstore.metrics"} <= allowed, path

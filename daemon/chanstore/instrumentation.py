@@ -12,7 +12,11 @@ event, and turns what a backend raised into the contract's answers:
   back as ``(False, Failure)``, where :class:`Failure` is the message string
   carrying a ``kind`` (``not_found`` for an absent key);
 * ``all_keys`` and the bulk operations raise a
-  :class:`~chanstore.errors.BackendError`.
+  :class:`~chanstore.errors.BackendError`;
+* ``set_many_together`` and ``set_many_together_async`` (:data:`TOGETHER`:
+  one call storing the items of several backend instances) answer each
+  part's error, or None; each part is recorded as its backend's
+  ``set_many``, with the call's elapsed time.
 
 So a backend may be written either way: returning the tuples, as the original
 SDK's were, or raising (``KeyError`` for an absent key).
@@ -21,9 +25,10 @@ SDK's were, or raising (``KeyError`` for an absent key).
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from chanstore import logs
@@ -32,13 +37,14 @@ from chanstore.metrics import Metrics, default_metrics
 
 __all__ = [
     "OPERATIONS",
+    "TOGETHER",
     "Failure",
     "Probe",
     "attach",
     "call_unmeasured",
     "instrument",
+    "instrument_together",
     "probe_of",
-    "record_operation",
 ]
 
 NOT_FOUND = "not_found"
@@ -53,6 +59,13 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "load_all": ("load_all", "bulk_read"),
     "set_many": ("set_many", "bulk_write"),
     "delete_many": ("delete_many", "bulk_write"),
+}
+
+# Class methods that store the items of several backend instances in one call
+# -> the backend method each instance's share is recorded as.
+TOGETHER: dict[str, str] = {
+    "set_many_together": "set_many",
+    "set_many_together_async": "set_many",
 }
 
 
@@ -217,8 +230,12 @@ def call_unmeasured(backend: Any, name: str, *args: Any) -> Any:
 
     For operations built from others (the base class's default bulk
     operations): the outer operation is what is measured, counted and
-    logged, once.
+    logged, once. For a :data:`TOGETHER` class method, ``backend`` is the
+    class and the answer is each part's error as the method itself gave it.
     """
+    if name in TOGETHER:
+        function = getattr(backend, name).__func__
+        return getattr(function, "__wrapped__", function)(backend, *args)
     method = getattr(type(backend), name)
     raw = getattr(method, "__wrapped__", method)
     operation, style = OPERATIONS[name]
@@ -231,26 +248,79 @@ def call_unmeasured(backend: Any, name: str, *args: Any) -> Any:
     return _FINISHERS[style](_Unmeasured(engine_label(type(backend))), operation, result, args)
 
 
-def record_operation(
-    backend: Any, name: str, elapsed: float, error: Exception | None, subject: Any = None
-) -> Exception | None:
-    """Measure and report a bulk operation ``name`` that ``backend`` took part in.
+def instrument_together(function: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Wrap ``function``, the class method called ``name`` (a key of :data:`TOGETHER`).
 
-    For work done for several backend instances in one call (one Redis
-    pipeline for many domains), outside their wrapped methods: each
-    instance's share is recorded as the wrapper records ``name``, and a
-    failure comes back as the error the wrapped method would have raised.
+    Returns the function to make the class method of; a coroutine function
+    gets a coroutine wrapper. Each part is recorded as its backend's
+    operation with the elapsed time of the whole call (the parts share one
+    round trip or one flush, so that is the time each of them waited), and
+    each failed part is counted and logged there, once.
     """
-    operation, style = OPERATIONS[name]
-    if not style.startswith("bulk"):
-        raise ValueError(f"{name} is not a bulk operation")
-    probe = probe_of(backend)
-    probe.durations[operation].observe(elapsed)
-    if logs.debug_enabled():
-        probe.log.debug("backend_operation", operation=operation, key=subject, duration=elapsed)
-    if error is None:
-        return None
-    return _raised_as_backend_error(probe, operation, error)
+    if getattr(function, "__chanstore_instrumented__", False):
+        return function
+    operation = OPERATIONS[TOGETHER[name]][0]
+
+    def nested(cls: type) -> bool:
+        # A subclass's override called this one through super(): measured once, by it.
+        return getattr(getattr(cls, name), "__func__", None) is not measured
+
+    if inspect.iscoroutinefunction(function):
+
+        @functools.wraps(function)
+        async def measured(cls: type, parts: Sequence[tuple[Any, Mapping[str, Any]]]) -> Any:
+            if nested(cls):
+                return await function(cls, parts)
+            if not parts:
+                return []
+            started = time.perf_counter()
+            try:
+                errors = await function(cls, parts)
+            except Exception as exc:  # noqa: BLE001 - the call failed for every part
+                errors = [exc] * len(parts)
+            return _record_parts(operation, parts, errors, time.perf_counter() - started)
+
+    else:
+
+        @functools.wraps(function)
+        def measured(cls: type, parts: Sequence[tuple[Any, Mapping[str, Any]]]) -> Any:
+            if nested(cls):
+                return function(cls, parts)
+            if not parts:
+                return []
+            started = time.perf_counter()
+            try:
+                errors = function(cls, parts)
+            except Exception as exc:  # noqa: BLE001 - the call failed for every part
+                errors = [exc] * len(parts)
+            return _record_parts(operation, parts, errors, time.perf_counter() - started)
+
+    measured.__chanstore_instrumented__ = True  # type: ignore[attr-defined]
+    return measured
+
+
+def _record_parts(
+    operation: str,
+    parts: Sequence[tuple[Any, Mapping[str, Any]]],
+    errors: Sequence[BaseException | None],
+    elapsed: float,
+) -> list[BaseException | None]:
+    """Each part measured as its backend's ``operation``; its error as that would raise it."""
+    if len(errors) != len(parts):
+        raise TypeError(f"{len(parts)} parts were stored, but {len(errors)} answers came back")
+    debug = logs.debug_enabled()
+    answers: list[BaseException | None] = []
+    for (backend, items), error in zip(parts, errors, strict=True):
+        probe = probe_of(backend)
+        probe.durations[operation].observe(elapsed)
+        if debug:
+            probe.log.debug("backend_operation", operation=operation, key=_subject((items,)),
+                            duration=elapsed)  # fmt: skip
+        if error is None or not isinstance(error, Exception):
+            answers.append(error)
+        else:
+            answers.append(_raised_as_backend_error(probe, operation, error))
+    return answers
 
 
 class _Unmeasured:

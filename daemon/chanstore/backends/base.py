@@ -5,24 +5,35 @@ never sees another domain's keys. It implements four methods; everything else
 has a correct default here, which a backend overrides when it can do better
 (one Redis round trip for many keys, one folder fsync for many files).
 
+Every optional operation is declared here, so callers never look for one
+with ``getattr``: the bulk operations, and ``set_many_together`` (sync and
+async) for callers whose batches span many domains (the daemon's write
+lanes). A backend that can store several domains in one round trip or one
+flush overrides those and says which instances may share a call with
+:attr:`~DatabaseInterface.together_key`.
+
 Every subclass's operations are wrapped by
 :func:`chanstore.instrumentation.instrument` when the class is defined; see
 that module for how raising and returning ``(False, message)`` relate.
+Backends never call metrics code themselves.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from chanstore.errors import BackendError, BulkWriteError, CorruptValue
 from chanstore.instrumentation import (
     NOT_FOUND,
     OPERATIONS,
+    TOGETHER,
     call_unmeasured,
     failure_kind,
     instrument,
+    instrument_together,
 )
 
 __all__ = ["DatabaseInterface"]
@@ -41,6 +52,10 @@ class DatabaseInterface(ABC):
     #: Settings this backend understands, with the types each accepts.
     #: :mod:`chanstore.config` checks db_config entries against it.
     SETTINGS: ClassVar[Mapping[str, tuple[type, ...]]] = {}
+    #: Whether :meth:`set_many_together_async` stores on the running event loop
+    #: (an asyncio client) rather than on a worker thread: a caller on a busy
+    #: loop may then call it directly instead of handing the batch to a thread.
+    stores_on_loop: ClassVar[bool] = False
 
     def __init__(self, domain: str = "", **settings: Any) -> None:
         self.domain = domain
@@ -114,6 +129,51 @@ class DatabaseInterface(ABC):
                 raise BulkWriteError(str(message), done=deleted, cause=_cause_of(message))
         return deleted
 
+    # -- several domains at once ---------------------------------------------
+
+    @property
+    def together_key(self) -> Hashable:
+        """Instances of one class with equal keys may be stored in one :meth:`set_many_together`.
+
+        By default a value unique to this (live) instance: it is stored alone.
+        """
+        return id(self)
+
+    @classmethod
+    def set_many_together(
+        cls, parts: Sequence[tuple[DatabaseInterface, Mapping[str, Any]]]
+    ) -> list[BaseException | None]:
+        """``set_many`` of each ``(backend, items)`` part; each part's error, or None.
+
+        For callers whose batches span many domains (the daemon's write
+        lanes). Parts are independent: one that fails leaves the others
+        stored, and a :class:`BulkWriteError` says what of its own part was.
+        This default stores one part after another; a backend that can store
+        several domains in one round trip overrides it, and
+        :attr:`together_key` says which instances one call may take.
+        """
+        errors: list[BaseException | None] = []
+        for backend, items in parts:
+            try:
+                call_unmeasured(backend, "set_many", items)
+            except Exception as exc:  # noqa: BLE001 - that part's answer; the others go on
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
+
+    @classmethod
+    async def set_many_together_async(
+        cls, parts: Sequence[tuple[DatabaseInterface, Mapping[str, Any]]]
+    ) -> list[BaseException | None]:
+        """:meth:`set_many_together` for a caller on an event loop; the same answers.
+
+        By default it runs on a worker thread (``asyncio.to_thread``); a
+        backend with an asyncio client stores on the loop instead and sets
+        :attr:`stores_on_loop`.
+        """
+        return await asyncio.to_thread(call_unmeasured, cls, "set_many_together", parts)
+
     # -- life cycle ----------------------------------------------------------
 
     def check_available(self) -> None:
@@ -171,6 +231,13 @@ def _instrument_operations(cls: type) -> None:
         method = cls.__dict__.get(name)
         if callable(method) and not getattr(method, "__isabstractmethod__", False):
             setattr(cls, name, instrument(method, name))
+    for name in TOGETHER:
+        method = cls.__dict__.get(name)
+        if method is None:
+            continue
+        if not isinstance(method, classmethod):
+            raise TypeError(f"{cls.__name__}.{name} must be a classmethod, as declared")
+        setattr(cls, name, classmethod(instrument_together(method.__func__, name)))
 
 
 _instrument_operations(DatabaseInterface)

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ from chanstore.backends.files import (
 )
 from chanstore.backends.journal import NotJournaling, journals
 from chanstore.errors import BackendUnavailable, BulkWriteError, CorruptValue
-from chanstore.instrumentation import record_operation
 from chanstore.keys import check_key, decode_filename, encode_filename
 
 __all__ = ["TEMP_PREFIX", "JSONDatabase"]
@@ -153,21 +151,19 @@ class JSONDatabase(DatabaseInterface):
     @classmethod
     def set_many_together(
         cls, parts: Sequence[tuple[JSONDatabase, Mapping[str, Any]]]
-    ) -> list[Exception | None]:
+    ) -> list[BaseException | None]:
         """``set_many`` for several domains of one root, made durable by one journal flush.
 
         For the daemon's write lanes, whose batches span many channels. Every
         value is encoded first: a key or value that cannot be stored fails its
         own part, which writes nothing. The rest is appended to the root's
         journal and flushed once, then each file is written and renamed over
-        its key's file (see :mod:`chanstore.backends.journal`). Each backend's
-        share is measured and reported as its ``set_many``; returns each
+        its key's file (see :mod:`chanstore.backends.journal`). Returns each
         part's error, or None. Parts are independent (distinct domains, as the
         lanes make them), so a part that cannot be journaled here (fsync off,
         or another process journals the root) is written alone, after the rest.
         """
-        started = time.perf_counter()
-        errors: list[Exception | None] = [None] * len(parts)
+        errors: list[BaseException | None] = [None] * len(parts)
         encoded: list[dict[str, tuple[Path, bytes]]] = [{} for _part in parts]
         for index, (backend, items) in enumerate(parts):
             try:
@@ -203,11 +199,7 @@ class JSONDatabase(DatabaseInterface):
                 parts[index][0]._write_files(encoded[index])
             except Exception as exc:  # noqa: BLE001 - that part's answer
                 errors[index] = exc
-        elapsed = time.perf_counter() - started
-        return [
-            record_operation(backend, "set_many", elapsed, error, f"<{len(items)} keys>")
-            for (backend, items), error in zip(parts, errors, strict=True)
-        ]
+        return errors
 
     def delete_many(self, keys: Iterable[str]) -> list[str]:
         keys = list(keys)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,6 @@ from redis.backoff import NoBackoff
 from chanstore import codec
 from chanstore.backends.base import DatabaseInterface
 from chanstore.errors import BackendUnavailable, CorruptValue
-from chanstore.instrumentation import record_operation
 from chanstore.keys import check_key
 
 __all__ = ["RedisDatabase"]
@@ -52,6 +50,8 @@ class RedisDatabase(DatabaseInterface):
     """
 
     engine_name = "redis"
+    #: set_many_together_async uses redis-py's asyncio client, on the running loop.
+    stores_on_loop = True
     SETTINGS = {
         "host": (str,),
         "port": (int,),
@@ -156,22 +156,20 @@ class RedisDatabase(DatabaseInterface):
 
     @property
     def together_key(self) -> tuple[Any, ...]:
-        """Backends with equal keys share a connection pool (see :meth:`set_many_together`)."""
+        """Backends with equal keys share a connection pool: one pipeline can store for all."""
         return self._pool_key
 
     @classmethod
     def set_many_together(
         cls, parts: Sequence[tuple[RedisDatabase, Mapping[str, Any]]]
-    ) -> list[Exception | None]:
+    ) -> list[BaseException | None]:
         """``set_many`` for several domains of one connection pool, in one round trip.
 
         For the daemon's write lanes, whose batches span many channels: one
         pipeline with one HSET per domain instead of one round trip each. It
         is not a transaction (each HSET is atomic for its own domain, and the
-        domains are independent). Each backend's share is measured and
-        reported as its ``set_many``; returns each part's error, or None.
+        domains are independent). Returns each part's error, or None.
         """
-        started = time.perf_counter()
         pipe = parts[0][0].client.pipeline(transaction=False)
         errors, sent = _queue_hsets(pipe, parts)
         if sent:
@@ -181,19 +179,18 @@ class RedisDatabase(DatabaseInterface):
             except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
                 replies = [exc] * len(sent)
             _note_replies(errors, sent, replies)
-        return _recorded(parts, errors, time.perf_counter() - started)
+        return errors
 
     @classmethod
     async def set_many_together_async(
         cls, parts: Sequence[tuple[RedisDatabase, Mapping[str, Any]]]
-    ) -> list[Exception | None]:
+    ) -> list[BaseException | None]:
         """:meth:`set_many_together` on the running event loop, with redis-py's asyncio client.
 
         The write lanes use it to store a batch without handing it to a thread
         and back: on a busy event loop that hand-over (a thread waiting for
         the GIL) took longer than the round trip to Redis.
         """
-        started = time.perf_counter()
         pipe = _pools.async_client(parts[0][0]._pool_key).pipeline(transaction=False)
         errors, sent = _queue_hsets(pipe, parts)
         if sent:
@@ -203,7 +200,7 @@ class RedisDatabase(DatabaseInterface):
             except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
                 replies = [exc] * len(sent)
             _note_replies(errors, sent, replies)
-        return _recorded(parts, errors, time.perf_counter() - started)
+        return errors
 
     def delete_many(self, keys: Iterable[str]) -> list[str]:
         keys = [check_key(key) for key in keys]
@@ -269,12 +266,12 @@ class RedisDatabase(DatabaseInterface):
 
 def _queue_hsets(
     pipe: Any, parts: Sequence[tuple[RedisDatabase, Mapping[str, Any]]]
-) -> tuple[list[Exception | None], list[int]]:
+) -> tuple[list[BaseException | None], list[int]]:
     """Queue one HSET per part on ``pipe``: each part's error so far, and the parts sent.
 
     An unstorable value fails its own part only, and nothing of that part is sent.
     """
-    errors: list[Exception | None] = [None] * len(parts)
+    errors: list[BaseException | None] = [None] * len(parts)
     sent: list[int] = []
     for index, (backend, items) in enumerate(parts):
         try:
@@ -288,22 +285,10 @@ def _queue_hsets(
     return errors, sent
 
 
-def _note_replies(errors: list[Exception | None], sent: list[int], replies: list[Any]) -> None:
+def _note_replies(errors: list[BaseException | None], sent: list[int], replies: list[Any]) -> None:
     for index, reply in zip(sent, replies, strict=True):
         if isinstance(reply, Exception):
             errors[index] = reply
-
-
-def _recorded(
-    parts: Sequence[tuple[RedisDatabase, Mapping[str, Any]]],
-    errors: list[Exception | None],
-    elapsed: float,
-) -> list[Exception | None]:
-    """Each part measured as its backend's ``set_many``; its error as that would raise it."""
-    return [
-        record_operation(backend, "set_many", elapsed, error, f"<{len(items)} keys>")
-        for (backend, items), error in zip(parts, errors, strict=True)
-    ]
 
 
 @dataclass
