@@ -7,11 +7,19 @@ import random
 import threading
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from structlog.testing import capture_logs
 
-from chanstore import CachedDict
+from chanstore import CachedDict, codec
 from chanstore.backends.null import NullDatabase
-from chanstore.errors import BackendError, InvalidKey, UnstorableValue, WriteRefused
+from chanstore.cache import ABSENT, UNKNOWN, CacheMemory
+from chanstore.errors import (
+    BackendError,
+    CorruptValue,
+    InvalidKey,
+    UnstorableValue,
+    WriteRefused,
+)
 from support import DictDatabase, Point
 
 DOMAIN = "cache.test"
@@ -38,6 +46,12 @@ def stored(factory):
 
 def assert_agrees(box, factory):
     assert dict(box.items()) == stored(factory)
+
+
+def held(box):
+    """What the cache holds in memory (read through its public seam)."""
+    held_keys = box.memory.keys()  # a list: CacheMemory is not a mapping
+    return {key: box.memory.peek(key) for key in held_keys}
 
 
 # -- reading -------------------------------------------------------------------
@@ -83,7 +97,7 @@ def test_invalid_keys_read_as_absent(seeded, metrics):
 def test_load_reads_the_whole_domain(seeded, metrics):
     box = cached(seeded, metrics, load=True)
     assert box.loaded
-    assert box._cache == {"a": 1, "b": [2], "c": None}
+    assert held(box) == {"a": 1, "b": [2], "c": None}
     assert "missing" not in box
 
 
@@ -274,7 +288,7 @@ def test_forget_drops_memory_not_data(seeded, metrics):
     box = cached(seeded, metrics, load=True)
     box.forget()
     assert not box.loaded
-    assert box._cache == {}
+    assert held(box) == {}
     assert box["a"] == 1
 
 
@@ -353,7 +367,7 @@ def test_strict_mode_raises_and_changes_nothing(refusing, metrics):
         with pytest.raises(WriteRefused) as raised:
             attempt()
         assert "strict" in str(raised.value), what
-        assert box._cache == before, what
+        assert held(box) == before, what
         assert dict(box.items()) == before, what
         assert RefusingDatabase("refuse.test", store).load_all() == before, what
     assert raised.value.kind == "refused"  # the last attempt, save, is a refused set
@@ -399,7 +413,7 @@ def test_non_strict_mode_logs_counts_and_keeps_the_change_in_memory(refusing, me
     assert errors("set", "refused") == 1
     with capture_logs() as events:
         del box["a"]
-    assert "a" not in box._cache
+    assert "a" not in held(box)
     assert errors("delete", "disk_full") == 1
     assert [e["key"] for e in events if e["event"] == "write_kept_in_memory_only"] == ["a"]
 
@@ -541,3 +555,312 @@ def test_many_threads_leave_cache_and_backend_agreeing(backend_factory, metrics)
     assert metrics.registry.get_sample_value(
         "chanstore_cache_entries", {"container": "threads"}
     ) == len(box)
+
+
+# -- the in-memory seam: CacheMemory, fetch and fetch_many ------------------------------
+
+
+class Hooked(DictDatabase):
+    """A backend that runs ``during`` in the middle of a read: another writer's turn."""
+
+    engine_name = "hooked"
+
+    def __init__(self, domain="", store=None):
+        super().__init__(domain, store)
+        self.during = None
+        self.reads: list[object] = []
+
+    def _turn(self, what):
+        self.reads.append(what)
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
+
+    def get_value(self, key):
+        answer = super().get_value(key)
+        self._turn(key)
+        return answer
+
+    def get_many(self, keys):
+        keys = list(keys)
+        found = {key: codec.decode(self.data[key]) for key in keys if key in self.data}
+        self._turn(keys)
+        return found
+
+    def all_keys(self):
+        keys = list(self.data)
+        self._turn("all_keys")
+        return keys
+
+
+@pytest.fixture
+def hooked(metrics):
+    backend = Hooked("seam")
+    backend.set_many({"a": 1, "b": [2]})
+    return backend, CachedDict(backend, strict_mode=True, name="seam", metrics=metrics)
+
+
+def cache_requests(metrics, container, result):
+    return metrics.registry.get_sample_value(
+        "chanstore_cache_requests_total", {"container": container, "result": result}
+    )
+
+
+def test_peek_answers_from_memory_alone(hooked, metrics):
+    backend, box = hooked
+    memory = box.memory
+    assert isinstance(memory, CacheMemory)
+    assert memory.peek("a") is UNKNOWN  # not read yet, and memory is not complete
+    assert cache_requests(metrics, "seam", "hit") == 0  # UNKNOWN is not a hit
+    backend.set_value("n", {"new": 1})  # the caller's own write...
+    memory.stored("n", {"new": 1})  # ... which the backend now holds
+    assert memory.peek("n") == {"new": 1}
+    assert (memory.complete, len(memory), memory.keys()) == (False, 1, ["n"])
+    assert backend.reads == []  # peek never asks the backend
+    box.load()
+    assert memory.complete
+    assert memory.peek("missing") is ABSENT
+    assert sorted(memory.keys()) == ["a", "b", "n"]
+    assert cache_requests(metrics, "seam", "hit") == 2
+
+
+def test_stored_deleted_and_unsure_are_what_the_caller_settled(hooked):
+    _backend, box = hooked
+    memory = box.memory
+    box.load()
+    writes = memory.writes
+    memory.stored("x", 1)
+    memory.deleted("a")
+    assert (memory.peek("x"), memory.peek("a"), memory.complete) == (1, ABSENT, True)
+    memory.unsure("b")
+    assert memory.peek("b") is UNKNOWN
+    assert not memory.complete  # what the backend holds for "b" is not known
+    assert memory.writes == writes + 3
+    assert box["b"] == [2]  # asked the backend again
+
+
+def test_fetch_reads_through_and_counts_a_miss(hooked, metrics):
+    backend, box = hooked
+    assert box.fetch("a") == 1
+    assert box.fetch("a") == 1
+    assert box.fetch("missing") is ABSENT
+    assert box.fetch("missing") is ABSENT  # an absent key is not cached while incomplete
+    assert backend.reads == ["a", "missing", "missing"]
+    assert (cache_requests(metrics, "seam", "hit"), cache_requests(metrics, "seam", "miss")) == (
+        1,
+        3,
+    )
+    with pytest.raises(InvalidKey):
+        box.fetch("")
+
+
+def test_fetch_does_not_cache_a_read_that_a_write_overtook(hooked):
+    backend, box = hooked
+    memory = box.memory
+    # The read finds 1; meanwhile another writer stores 10 and says so.
+    backend.during = lambda: (backend.set_value("a", 10), memory.stored("a", 10))
+    assert box.fetch("a") == 1  # what the read found, for this caller
+    assert memory.peek("a") == 10  # but memory keeps the newer write
+    backend.during = lambda: (backend.delete_key("b"), memory.deleted("b"))
+    assert box.fetch("b") == [2]
+    assert memory.peek("b") is UNKNOWN
+    assert box.fetch("b") is ABSENT
+
+
+def test_fetch_raises_when_the_backend_fails(metrics):
+    class Broken(DictDatabase):
+        engine_name = "broken"
+
+        def get_value(self, key):
+            raise TimeoutError("slow")
+
+        def get_many(self, keys):
+            raise TimeoutError("slow")
+
+    box = CachedDict(Broken("broken"), name="broken", metrics=metrics)
+    with pytest.raises(BackendError) as raised:
+        box.fetch("k")
+    assert raised.value.kind == "timeout"
+    with pytest.raises(BackendError):
+        box.fetch_many(["k"])
+
+
+def test_fetch_many_asks_once_for_what_memory_does_not_know(hooked, metrics):
+    backend, box = hooked
+    box.memory.stored("x", "held")
+    assert box.fetch_many(["b", "x", "missing", "a", "b"]) == {"b": [2], "x": "held", "a": 1}
+    assert backend.reads == [["b", "missing", "a"]]  # one get_many, each key once
+    assert cache_requests(metrics, "seam", "miss") == 3
+    assert box.fetch_many(["a", "b"]) == {"a": 1, "b": [2]}  # cached now
+    assert len(backend.reads) == 1
+    assert box.fetch_many([]) == {}
+    with pytest.raises(InvalidKey):
+        box.fetch_many(["ok", "bad\x00"])
+
+
+def test_fetch_many_does_not_cache_what_a_write_overtook(hooked):
+    backend, box = hooked
+    memory = box.memory
+    backend.during = lambda: (backend.set_value("a", 10), memory.stored("a", 10))
+    assert box.fetch_many(["a", "b"]) == {"a": 1, "b": [2]}
+    assert memory.peek("a") == 10
+    assert memory.peek("b") is UNKNOWN
+
+
+def test_fetch_many_raises_for_a_value_that_cannot_be_read(backend_factory, metrics):
+    backend = backend_factory("corrupt.many")
+    backend.set_many({"good": 1, "bad": 2})
+    if backend_factory.kind == "dict":
+        backend.data["bad"] = "{torn"
+    elif backend_factory.kind == "redis":
+        backend.client.hset(backend.hash_name, "bad", b"{torn")
+    else:
+        (backend.path / "bad.json").write_text("{torn")
+    box = CachedDict(backend, name="corrupt", metrics=metrics)
+    with pytest.raises(BackendError) as raised:
+        box.fetch_many(["good", "bad"])
+    # The dict backend's get_value lets decoding raise: a failure of kind "internal".
+    assert raised.value.kind == ("internal" if backend_factory.kind == "dict" else "corrupt")
+    assert isinstance(raised.value, CorruptValue) == (backend_factory.kind != "dict")
+    assert box.fetch_many(["good"]) == {"good": 1}
+
+
+def test_a_write_during_a_load_is_not_undone_by_it(hooked):
+    backend, box = hooked
+    memory = box.memory
+
+    def meanwhile():
+        backend.set_value("a", "new")
+        memory.stored("a", "new")
+        backend.set_value("c", 3)
+        memory.stored("c", 3)
+        backend.delete_key("b")
+        memory.deleted("b")
+
+    original = backend.load_all
+    backend.load_all = lambda: (original(), meanwhile())[0]  # read first, then the writes
+    box.load()
+    assert memory.complete
+    assert held(box) == {"a": "new", "c": 3}
+    assert_agrees(box, lambda _domain: Hooked("seam", {"seam": backend.data}))
+
+
+def test_an_unsure_write_during_a_load_leaves_memory_incomplete(hooked):
+    backend, box = hooked
+    original = backend.load_all
+    backend.load_all = lambda: (original(), box.memory.unsure("a"))[0]
+    box.load()
+    assert not box.memory.complete
+    assert box.memory.peek("a") is UNKNOWN
+    assert box.memory.peek("b") == [2]
+
+
+def test_a_write_during_a_clear_is_left_to_the_backend(hooked):
+    backend, box = hooked
+    box.load()
+    memory = box.memory
+    # Between listing the keys and deleting them, another writer stores "c".
+    backend.during = lambda: (backend.set_value("c", 3), memory.stored("c", 3))
+    box.clear()
+    assert memory.peek("c") is UNKNOWN  # the clear may or may not have deleted it
+    assert not memory.complete
+    assert box.get("c") == backend.load_all().get("c")  # so reads ask the backend
+
+
+def test_copy_is_a_plain_dict_of_every_item(seeded, metrics):
+    box = cached(seeded, metrics)
+    box["d"] = 4
+    copied = box.copy()
+    assert type(copied) is dict
+    assert copied == {"a": 1, "b": [2], "c": None, "d": 4}
+    assert box.loaded
+    copied["e"] = 5
+    assert "e" not in box
+
+
+def test_deprecated_aliases_still_reach_the_seam(hooked, metrics):
+    _backend, box = hooked
+    box.remember("x", 1)
+    assert box.lookup("x") == 1
+    box.discard("x")
+    assert box.lookup("x") is UNKNOWN
+    box.load()
+    box.unsure("a")
+    assert not box.loaded
+    box.count_miss()
+    assert cache_requests(metrics, "seam", "miss") == 1
+
+
+def test_a_strict_write_that_timed_out_leaves_its_key_unknown(metrics):
+    class Stalling(DictDatabase):
+        engine_name = "stalling"
+        stalling = False
+
+        def set_value(self, key, value):
+            if self.stalling:
+                super().set_value(key, value)  # it lands, and the answer is lost
+                raise TimeoutError("no answer")
+            return super().set_value(key, value)
+
+    backend = Stalling("stall")
+    box = CachedDict(backend, strict_mode=True, name="stall", metrics=metrics)
+    box["k"] = "old"
+    box.load()
+    backend.stalling = True
+    with pytest.raises(WriteRefused) as raised:
+        box["k"] = "new"
+    assert raised.value.kind == "timeout"
+    assert box.memory.peek("k") is UNKNOWN
+    backend.stalling = False
+    assert box["k"] == "new"
+
+
+# -- hit and miss counts: plain numbers, folded at collection ---------------------------
+
+
+def test_hits_are_plain_counts_shared_by_a_containers_dicts(metrics):
+    first = CachedDict(DictDatabase("one"), name="shared", metrics=metrics)
+    second = CachedDict(DictDatabase("two"), name="shared", metrics=metrics)
+    assert first.memory._counts is second.memory._counts is metrics.cache_counts("shared")
+    first["k"] = second["k"] = 1
+    for box in (first, second, first):
+        assert box["k"] == 1
+    counts = metrics.cache_counts("shared")
+    assert (counts.hits, counts.misses) == (3, 0)
+    assert cache_requests(metrics, "shared", "hit") == 3  # collecting folds them in
+    assert cache_requests(metrics, "shared", "hit") == 3  # once
+    metrics.fold()
+    assert cache_requests(metrics, "shared", "hit") == 3
+
+
+def test_the_exposition_is_that_of_a_plain_counter(metrics):
+    """Same name, help, type, labels and values as before the counts were folded."""
+    box = CachedDict(DictDatabase("expo"), name="expo", metrics=metrics)
+    box["k"] = 1
+    assert box["k"] == 1
+    assert box.get("missing") is None
+    reference = CollectorRegistry()
+    counter = Counter(
+        "chanstore_cache_requests_total",
+        "Key lookups in a CachedDict: hit when answered from memory, miss when "
+        "the backend was asked.",
+        ["container", "result"],
+        registry=reference,
+    )
+    counter.labels("expo", "hit").inc()
+    counter.labels("expo", "miss").inc()
+
+    def family(registry):
+        text = generate_latest(registry).decode()
+        return [
+            line
+            for line in text.splitlines()
+            if "chanstore_cache_requests" in line and "_created{" not in line
+        ]
+
+    assert family(metrics.registry) == family(reference)
+    assert 'chanstore_cache_requests_total{container="expo",result="hit"} 1.0' in family(
+        metrics.registry
+    )
+    names = [f.name for f in metrics.registry.collect()]
+    assert names.count("chanstore_cache_requests") == 1

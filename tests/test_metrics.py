@@ -1,9 +1,9 @@
-"""chanstore.metrics: the deferred request counts fold into exactly what observe() gives."""
+"""chanstore.metrics: plain counts (requests, cache hits) fold into what the metrics give."""
 
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from chanstore.metrics import HTTP_BUCKETS, Metrics
 
@@ -48,3 +48,23 @@ def test_folded_requests_equal_observed_ones() -> None:
     metrics.fold()
     count = "chanstore_http_request_duration_seconds_count[('method', 'GET')]"
     assert samples(metrics, ROUTE)[count] == len(DURATIONS) + 1
+
+
+def test_cache_counts_fold_into_a_plain_scrape() -> None:
+    """A library user's generate_latest sees every hit, folded once, with no fold() call."""
+    metrics = Metrics(CollectorRegistry(auto_describe=True))
+    counts = metrics.cache_counts("box")
+    assert metrics.cache_counts("box") is counts
+    # Both children exist at zero from the start, as a plain counter's labels() made them.
+    text = generate_latest(metrics.registry).decode()
+    assert 'chanstore_cache_requests_total{container="box",result="hit"} 0.0' in text
+    assert 'chanstore_cache_requests_total{container="box",result="miss"} 0.0' in text
+    counts.hits += 5
+    counts.misses += 2
+    for _ in range(2):  # a second scrape adds nothing twice
+        text = generate_latest(metrics.registry).decode()
+        assert 'chanstore_cache_requests_total{container="box",result="hit"} 5.0' in text
+        assert 'chanstore_cache_requests_total{container="box",result="miss"} 2.0' in text
+    counts.hits += 1
+    metrics.fold()
+    assert metrics.cache_requests.labels("box", "hit")._value.get() == 6

@@ -140,12 +140,14 @@ def test_load_and_clear(tmp_path):
 
     loaded = MoobiusStorage("s", "c", [json_entry(tmp_path, "a", load=True)])
     assert loaded.a.loaded
-    assert loaded.a._cache == {"x": 1, "y": 2}
+    memory = loaded.a.memory
+    held_keys = memory.keys()  # a list: CacheMemory is not a mapping
+    assert {key: memory.peek(key) for key in held_keys} == {"x": 1, "y": 2}
     loaded.close()
 
     lazy = MoobiusStorage("s", "c", [json_entry(tmp_path, "a", load=False)])
     assert not lazy.a.loaded
-    assert lazy.a._cache == {}
+    assert len(lazy.a.memory) == 0
     assert lazy.a["y"] == 2  # read from the backend on demand
     assert len(lazy.a) == 2
     lazy.close()

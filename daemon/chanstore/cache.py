@@ -6,6 +6,13 @@ cache only once the backend holds it. After :meth:`CachedDict.load` the cache
 is *complete*: it holds the whole domain, and absent keys, ``len``,
 iteration and ``in`` are answered from memory.
 
+What a CachedDict holds is a :class:`CacheMemory` (``CachedDict.memory``),
+the public seam for callers that write to the backend themselves (the
+daemon's write lanes store many channels' writes in one backend call): they
+read with :meth:`CachedDict.fetch` or :meth:`CacheMemory.peek`, and tell the
+memory what the backend now holds with :meth:`CacheMemory.stored`,
+:meth:`~CacheMemory.deleted` and :meth:`~CacheMemory.unsure`.
+
 chanstore assumes it is the only writer to a domain, which is what makes a
 complete cache trustworthy.
 """
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import ItemsView, Iterator, Mapping, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any
 
 from chanstore import logs
@@ -29,9 +36,9 @@ from chanstore.errors import (
 )
 from chanstore.instrumentation import NOT_FOUND, attach, failure_kind
 from chanstore.keys import check_key
-from chanstore.metrics import Metrics, default_metrics
+from chanstore.metrics import CacheCounts, Metrics, default_metrics
 
-__all__ = ["ABSENT", "UNKNOWN", "CachedDict"]
+__all__ = ["ABSENT", "UNKNOWN", "CacheMemory", "CachedDict"]
 
 _MISSING: Any = object()
 
@@ -44,15 +51,183 @@ class _Marker:
         return self._name
 
 
-#: :meth:`CachedDict.lookup`'s answer for a key the complete cache knows is absent.
+#: The answer for a key known to be absent (:meth:`CacheMemory.peek`, :meth:`CachedDict.fetch`).
 ABSENT: Any = _Marker("ABSENT")
-#: :meth:`CachedDict.lookup`'s answer when only the backend knows.
+#: :meth:`CacheMemory.peek`'s answer when only the backend knows.
 UNKNOWN: Any = _Marker("UNKNOWN")
 _CALLER_ERRORS = {"invalid_value": UnstorableValue, "invalid_key": InvalidKey}
+# A write that failed so may still land (Redis applies what it received before
+# it stalled): what the backend holds is not known.
+_UNKNOWN_OUTCOMES = frozenset({"timeout", "unavailable"})
+
+
+class CacheMemory:
+    """What one CachedDict holds in memory: values, and whether they are the whole domain.
+
+    :meth:`peek` never asks the backend and never waits for a lock, so an
+    event loop may call it. Whoever writes to the backend tells the memory
+    once the write is settled (:meth:`stored`, :meth:`deleted`,
+    :meth:`unsure`); each such call counts in :attr:`writes`, and a read of
+    the backend that began before one is not cached. Changes are made under a
+    lock of the memory's own, never held across a backend call.
+
+    Hits and misses are counted in plain numbers shared by the container's
+    CachedDicts (:class:`~chanstore.metrics.CacheCounts`), folded into
+    ``chanstore_cache_requests_total`` when the metrics are collected.
+    """
+
+    __slots__ = ("_complete", "_counts", "_entries", "_lock", "_touched", "_values", "_writes")
+
+    def __init__(self, counts: CacheCounts, entries: Any) -> None:
+        self._values: dict[str, Any] = {}
+        self._complete = False
+        self._writes = 0
+        self._counts = counts
+        self._entries = entries  # the container's chanstore_cache_entries child
+        self._lock = threading.Lock()
+        # While a load or clear is under way: the keys written meanwhile, and
+        # whether the last write of each was unsure.
+        self._touched: dict[str, bool] | None = None
+
+    # -- reading ---------------------------------------------------------------
+
+    def peek(self, key: str) -> Any:
+        """What memory alone says of ``key``: its value, :data:`ABSENT` or :data:`UNKNOWN`.
+
+        A value or ABSENT counts as a cache hit; UNKNOWN counts nothing (the
+        caller asks the backend, which :meth:`CachedDict.fetch` counts as a miss).
+        """
+        value = self._values.get(key, UNKNOWN)
+        if value is UNKNOWN:
+            if not self._complete:
+                return UNKNOWN
+            value = ABSENT
+        self._counts.hits += 1
+        return value
+
+    @property
+    def complete(self) -> bool:
+        """Whether memory holds the whole domain: a key it does not hold is absent."""
+        return self._complete
+
+    @property
+    def writes(self) -> int:
+        """How many writes (and drops of the whole memory) were noted so far.
+
+        Read it before asking the backend: if it changed by the time the
+        answer is back, the answer may be older than a write, and is not cached.
+        """
+        return self._writes
+
+    def keys(self) -> list[str]:
+        """The keys held; every key of the domain only when :attr:`complete`."""
+        with self._lock:
+            return list(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    # -- writes the caller settled ---------------------------------------------------
+
+    def stored(self, key: str, value: Any) -> None:
+        """The caller's own write of ``key`` is now held by the backend: cache ``value``."""
+        with self._lock:
+            self._writes += 1
+            self._put(key, value)
+            if self._touched is not None:
+                self._touched[key] = False
+
+    def deleted(self, key: str) -> None:
+        """The caller deleted ``key`` from the backend (or found it absent there)."""
+        with self._lock:
+            self._writes += 1
+            self._pop(key)
+            if self._touched is not None:
+                self._touched[key] = False
+
+    def unsure(self, key: str) -> None:
+        """A write of ``key`` ended with an unknown outcome: forget ``key``, and completeness.
+
+        A write that timed out or lost its connection may still land, so what
+        the backend holds is not known: the next read of ``key`` asks it.
+        """
+        with self._lock:
+            self._writes += 1
+            self._complete = False  # before the pop: a peek must never see ABSENT for key
+            self._pop(key)
+            if self._touched is not None:
+                self._touched[key] = True
+
+    def __repr__(self) -> str:
+        state = "complete" if self._complete else "partial"
+        return f"CacheMemory({len(self._values)} values, {state}, writes={self._writes})"
+
+    # -- for CachedDict ---------------------------------------------------------------
+
+    def _missed(self, count: int = 1) -> None:
+        self._counts.misses += count
+
+    def _fill(self, found: Mapping[str, Any], since: int) -> None:
+        """Cache what a read of the backend begun when :attr:`writes` was ``since`` found."""
+        with self._lock:
+            if self._writes == since:
+                for key, value in found.items():
+                    self._put(key, value)
+
+    def _begin_whole(self) -> None:
+        """A load or clear starts: note the keys written until :meth:`_end_whole`."""
+        with self._lock:
+            self._touched = {}
+
+    def _end_whole(self, values: dict[str, Any] | None, *, trust_writes: bool) -> None:
+        """Hold exactly ``values`` (what the backend held), completed by the writes meanwhile.
+
+        With ``trust_writes`` (a load: those writes are newer than what it
+        read) they are applied over ``values``; otherwise (a clear, which may
+        have deleted them) their keys are left unknown. ``None``: the load or
+        clear failed, and memory stays as it is.
+        """
+        with self._lock:
+            touched, self._touched = self._touched or {}, None
+            if values is None:
+                return
+            complete = True
+            for key, was_unsure in touched.items():
+                if trust_writes and not was_unsure and key in self._values:
+                    values[key] = self._values[key]
+                else:
+                    values.pop(key, None)
+                complete = complete and trust_writes and not was_unsure
+            self._writes += 1
+            self._replace(values, complete)
+
+    def _reset(self, complete: bool) -> None:
+        """Hold nothing: an empty domain if ``complete``, else an unknown one."""
+        with self._lock:
+            self._writes += 1
+            self._replace({}, complete)
+
+    def _replace(self, values: dict[str, Any], complete: bool) -> None:
+        self._entries.inc(len(values) - len(self._values))
+        if complete:
+            self._values = values
+            self._complete = True
+        else:
+            self._complete = False  # first: a peek must never see ABSENT for a key it held
+            self._values = values
+
+    def _put(self, key: str, value: Any) -> None:
+        if key not in self._values:
+            self._entries.inc()
+        self._values[key] = value
+
+    def _pop(self, key: str) -> None:
+        if self._values.pop(key, _MISSING) is not _MISSING:
+            self._entries.dec()
 
 
 class CachedDict(MutableMapping[str, Any]):
-    """A mapping whose values live in ``database`` and are cached in memory.
+    """A mapping whose values live in ``database`` and are cached in :attr:`memory`.
 
     ``strict_mode=True`` raises :class:`~chanstore.errors.WriteRefused` when
     the backend refuses a write or a delete, and changes nothing. Otherwise,
@@ -67,8 +242,7 @@ class CachedDict(MutableMapping[str, Any]):
 
     # The daemon holds one per channel and container in memory: slots keep each
     # one small (no per-instance __dict__), and a logger is made only to log.
-    __slots__ = ("_cache", "_complete", "_entries", "_hits", "_lock", "_misses", "database",
-                 "name", "strict_mode")  # fmt: skip
+    __slots__ = ("_lock", "database", "memory", "name", "strict_mode")
 
     def __init__(
         self,
@@ -85,21 +259,76 @@ class CachedDict(MutableMapping[str, Any]):
         self.database = database
         self.strict_mode = strict_mode
         self.name = name
-        self._cache: dict[str, Any] = {}
-        self._complete = False
+        # Held by writes through this mapping across their backend call, so
+        # that its read-modify-writes (editing, setdefault, pop) are atomic.
         self._lock = threading.RLock()
         metrics = metrics if metrics is not None else default_metrics()
         attach(database, container=name, metrics=metrics)
-        self._hits = metrics.cache_requests.labels(name, "hit")
-        self._misses = metrics.cache_requests.labels(name, "miss")
-        self._entries = metrics.cache_entries.labels(name)
+        self.memory = CacheMemory(metrics.cache_counts(name), metrics.cache_entries.labels(name))
+
+    # -- reading through the cache --------------------------------------------------
+
+    def fetch(self, key: str) -> Any:
+        """The value of ``key``, or :data:`ABSENT`: from memory, else from the backend.
+
+        A miss is counted and its answer cached, unless a write was noted
+        while the backend was asked. Raises
+        :class:`~chanstore.errors.BackendError` when the backend fails (never
+        a false ABSENT) and :class:`~chanstore.errors.InvalidKey` for a key
+        that memory does not answer and no backend could hold.
+        """
+        value = self.memory.peek(key)
+        if value is UNKNOWN:
+            check_key(key)
+            value = self._fetch_unknown(key)
+        return value
+
+    def fetch_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of those ``keys`` that exist, as :meth:`fetch` finds them.
+
+        The keys memory does not answer are read with one ``get_many`` call.
+        """
+        keys = list(keys)
+        memory = self.memory
+        found: dict[str, Any] = {}
+        unknown: list[str] = []
+        for key in keys:
+            value = memory.peek(key)
+            if value is UNKNOWN:
+                unknown.append(check_key(key))
+            elif value is not ABSENT:
+                found[key] = value
+        if not unknown:
+            return found
+        unknown = list(dict.fromkeys(unknown))
+        memory._missed(len(unknown))
+        since = memory.writes
+        fetched = self.database.get_many(unknown)
+        for value in fetched.values():
+            if isinstance(value, BackendError):  # a value that exists and cannot be read
+                raise value
+        memory._fill(fetched, since)
+        found.update(fetched)
+        return {key: found[key] for key in keys if key in found}
+
+    def _fetch_unknown(self, key: str) -> Any:
+        memory = self.memory
+        memory._missed()
+        since = memory.writes
+        ok, value = self.database.get_value(key)
+        if ok:
+            memory._fill({key: value}, since)
+            return value
+        if failure_kind(value, default=NOT_FOUND) == NOT_FOUND:
+            return ABSENT
+        raise _backend_error(value)
 
     # -- whole-domain operations --------------------------------------------------
 
     @property
     def loaded(self) -> bool:
         """Whether the cache holds the whole domain."""
-        return self._complete
+        return self.memory.complete
 
     def load(self) -> None:
         """Read the whole domain into the cache.
@@ -107,12 +336,28 @@ class CachedDict(MutableMapping[str, Any]):
         A value that cannot be decoded is logged and counted, with the file or
         field it came from, and left out: the rest of the domain still loads.
         """
+        memory = self.memory
         with self._lock:
-            items = self.database.load_all()
+            memory._begin_whole()
+            try:
+                items = self.database.load_all()
+            except BaseException:
+                memory._end_whole(None, trust_writes=True)
+                raise
             readable = {k: v for k, v in items.items() if not isinstance(v, CorruptValue)}
-            self._entries.inc(len(readable) - len(self._cache))
-            self._cache = readable
-            self._complete = True
+            memory._end_whole(readable, trust_writes=True)
+
+    def copy(self) -> dict[str, Any]:
+        """Every key and value of the domain, as a plain dict (loading it first if needed)."""
+        memory = self.memory
+        with self._lock:
+            while True:
+                if not memory.complete:
+                    self.load()
+                with memory._lock:
+                    if memory._complete:
+                        return dict(memory._values)
+                # A write noted as unsure meanwhile made memory incomplete: load again.
 
     def save(self, key: str) -> None:
         """Persist an in-place change to the value of ``key`` (``d[key]["hp"] -= 1``)."""
@@ -138,101 +383,64 @@ class CachedDict(MutableMapping[str, Any]):
                 self._reread(key)
                 raise
 
-    def remember(self, key: str, value: Any) -> None:
-        """Cache ``value`` for ``key``, which the backend already holds.
-
-        For callers that write to the backend themselves, in batches (the
-        daemon's write lanes); everyone else writes with ``d[key] = value``.
-        """
-        with self._lock:
-            self._store(key, value)
-
-    def discard(self, key: str) -> None:
-        """Drop ``key`` from the cache after the caller deleted it from the backend."""
-        with self._lock:
-            self._drop(key)
-
-    def unsure(self, key: str) -> None:
-        """Stop answering for ``key`` from memory: a write of it failed with an unknown outcome.
-
-        A write that timed out or lost its connection may still land (Redis
-        applies a command it received before it stalled), so what the backend
-        holds is not known: the next read of ``key`` asks the backend.
-        """
-        with self._lock:
-            self._drop(key)
-            self._complete = False
-
-    def lookup(self, key: str) -> Any:
-        """What memory alone says of ``key``: its value, :data:`ABSENT` or :data:`UNKNOWN`.
-
-        Never asks the backend and never waits for a lock, so an event loop
-        may call it; a value or ABSENT counts as a cache hit.
-        """
-        value = self._cache.get(key, UNKNOWN)
-        if value is UNKNOWN:
-            if not self._complete:
-                return UNKNOWN
-            value = ABSENT
-        self._hits.inc()
-        return value
-
-    def count_miss(self) -> None:
-        """Count a lookup that had to ask the backend (for callers that ask it themselves)."""
-        self._misses.inc()
-
     def forget(self) -> None:
         """Drop the cache (not the stored data): the next reads ask the backend."""
-        with self._lock:
-            self._entries.dec(len(self._cache))
-            self._cache = {}
-            self._complete = False
+        self.memory._reset(complete=False)
 
     def close(self) -> None:
         """Drop the cache and close the backend."""
         self.forget()
         self.database.close()
 
+    # -- deprecated: the daemon's back doors from before CacheMemory ------------------
+    # Thin aliases onto the seam, kept until the engine uses it; do not use them.
+
+    def remember(self, key: str, value: Any) -> None:
+        """Deprecated: ``memory.stored(key, value)``."""
+        self.memory.stored(key, value)
+
+    def discard(self, key: str) -> None:
+        """Deprecated: ``memory.deleted(key)``."""
+        self.memory.deleted(key)
+
+    def unsure(self, key: str) -> None:
+        """Deprecated: ``memory.unsure(key)``."""
+        self.memory.unsure(key)
+
+    def lookup(self, key: str) -> Any:
+        """Deprecated: ``memory.peek(key)``."""
+        return self.memory.peek(key)
+
+    def count_miss(self) -> None:
+        """Deprecated: :meth:`fetch` counts its misses."""
+        self.memory._missed()
+
     # -- reading -------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
-        try:
-            value = self._cache[key]
-        except (KeyError, TypeError):
-            pass
-        else:
-            self._hits.inc()
-            return value
-        with self._lock:
-            if key in self._cache:
-                self._hits.inc()
-                return self._cache[key]
-            if self._complete or not _is_valid_key(key):
-                self._hits.inc()
+        value = self.memory.peek(key)
+        if value is UNKNOWN:
+            if not _is_valid_key(key):
                 raise KeyError(key)
-            self._misses.inc()
-            ok, value = self.database.get_value(key)
-            if ok:
-                self._store(key, value)
-                return value
-            if failure_kind(value, default=NOT_FOUND) == NOT_FOUND:
-                raise KeyError(key)
-            raise _backend_error(value)
+            value = self._fetch_unknown(key)
+        if value is ABSENT:
+            raise KeyError(key)
+        return value
 
     def __contains__(self, key: object) -> bool:
-        if key in self._cache:
-            self._hits.inc()
-            return True
-        try:
-            self[key]  # type: ignore[index]
-        except KeyError:
-            return False
-        return True
+        value = self.memory.peek(key)  # type: ignore[arg-type]
+        if value is UNKNOWN:
+            if not _is_valid_key(key):
+                return False
+            value = self._fetch_unknown(key)  # type: ignore[arg-type]
+        return value is not ABSENT
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())
 
     def __len__(self) -> int:
+        if self.memory.complete:
+            return len(self.memory)
         return len(self._keys())
 
     def items(self) -> ItemsView[str, Any]:
@@ -244,16 +452,16 @@ class CachedDict(MutableMapping[str, Any]):
         return ValuesView(self)
 
     def _keys(self) -> list[str]:
-        with self._lock:
-            if self._complete:
-                return list(self._cache)
-            # Keys the backend has, then any kept in memory only (non-strict failures).
-            keys = dict.fromkeys(self.database.all_keys())
-            keys.update(dict.fromkeys(self._cache))
-            return list(keys)
+        memory = self.memory
+        if memory.complete:
+            return memory.keys()
+        # Keys the backend has, then any kept in memory only (non-strict failures).
+        keys = dict.fromkeys(self.database.all_keys())
+        keys.update(dict.fromkeys(memory.keys()))
+        return list(keys)
 
     def _ensure_loaded(self) -> None:
-        if not self._complete:
+        if not self.memory.complete:
             self.load()
 
     # -- writing -------------------------------------------------------------
@@ -263,21 +471,22 @@ class CachedDict(MutableMapping[str, Any]):
         with self._lock:
             ok, message = self.database.set_value(key, value)
             if not ok:
-                self._refused("set", key, message)
-            self._store(key, value)
+                self._refused("set", key, message, [key])
+            self.memory.stored(key, value)
 
     def __delitem__(self, key: str) -> None:
+        memory = self.memory
         with self._lock:
-            if self._complete and key not in self._cache:
+            if memory.complete and key not in memory._values:
                 raise KeyError(key)
             check_key(key)
             ok, message = self.database.delete_key(key)
             if not ok:
                 if failure_kind(message, default="refused") == NOT_FOUND:
-                    self._drop(key)
+                    memory.deleted(key)
                     raise KeyError(key)
-                self._refused("delete", key, message)
-            self._drop(key)
+                self._refused("delete", key, message, [key])
+            memory.deleted(key)
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Write every item with one bulk call to the backend."""
@@ -286,15 +495,17 @@ class CachedDict(MutableMapping[str, Any]):
             check_key(key)
         if not items:
             return
+        memory = self.memory
         with self._lock:
             try:
                 self.database.set_many(items)
             except ChanstoreError as exc:
-                for key in getattr(exc, "done", []):
-                    self._store(key, items[key])
-                self._refused("update", f"<{len(items)} keys>", exc)
+                done = getattr(exc, "done", [])
+                for key in done:
+                    memory.stored(key, items[key])
+                self._refused("update", f"<{len(items)} keys>", exc, set(items) - set(done))
             for key, value in items.items():
-                self._store(key, value)
+                memory.stored(key, value)
 
     def __ior__(self, other: Any) -> CachedDict:
         self.update(other)
@@ -303,7 +514,7 @@ class CachedDict(MutableMapping[str, Any]):
     def __or__(self, other: Any) -> dict[str, Any]:
         if not isinstance(other, Mapping):
             return NotImplemented
-        return {**dict(self.items()), **other}
+        return {**self.copy(), **other}
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         with self._lock:
@@ -326,9 +537,8 @@ class CachedDict(MutableMapping[str, Any]):
 
     def popitem(self) -> tuple[str, Any]:
         with self._lock:
-            if self._cache:
-                key = next(reversed(self._cache))
-            else:
+            key = next(reversed(self.memory._values), _MISSING)
+            if key is _MISSING:
                 key = next(iter(self._keys()), _MISSING)
                 if key is _MISSING:
                     raise KeyError("popitem(): CachedDict is empty")
@@ -336,45 +546,53 @@ class CachedDict(MutableMapping[str, Any]):
 
     def clear(self) -> None:
         """Delete every key of the domain, loaded or not."""
+        memory = self.memory
         with self._lock:
-            keys = list(dict.fromkeys([*self.database.all_keys(), *self._cache]))
+            memory._begin_whole()
+            failure: ChanstoreError | None = None
+            cleared = False
             try:
-                self.database.delete_many(keys)
-            except ChanstoreError as exc:
-                for key in getattr(exc, "done", []):
-                    self._drop(key)
-                self._refused("clear", f"<{len(keys)} keys>", exc)
-            self._entries.dec(len(self._cache))
-            self._cache = {}
-            self._complete = True
+                keys = list(dict.fromkeys([*self.database.all_keys(), *memory.keys()]))
+                try:
+                    self.database.delete_many(keys)
+                    cleared = True
+                except ChanstoreError as exc:
+                    failure = exc
+            finally:
+                # Done deleting (or failed): from here on, writes are noted as usual.
+                memory._end_whole({} if cleared else None, trust_writes=False)
+            if failure is not None:
+                done = getattr(failure, "done", [])
+                for key in done:
+                    memory.deleted(key)
+                self._refused("clear", f"<{len(keys)} keys>", failure, set(keys) - set(done))
+                memory._reset(complete=True)  # not strict: memory says what was asked
 
     # -- internals -----------------------------------------------------------
-
-    def _store(self, key: str, value: Any) -> None:
-        if key not in self._cache:
-            self._entries.inc()
-        self._cache[key] = value
-
-    def _drop(self, key: str) -> None:
-        if self._cache.pop(key, _MISSING) is not _MISSING:
-            self._entries.dec()
 
     def _reread(self, key: str) -> None:
         """Replace the cached value of ``key`` with the backend's."""
         ok, value = self.database.get_value(key)
         if ok:
-            self._store(key, value)
-            return
-        self._drop(key)
-        if failure_kind(value, default=NOT_FOUND) != NOT_FOUND:
-            self._complete = False  # whatever is stored, the cache no longer knows it
+            self.memory.stored(key, value)
+        elif failure_kind(value, default=NOT_FOUND) == NOT_FOUND:
+            self.memory.deleted(key)
+        else:
+            self.memory.unsure(key)  # whatever is stored, the cache no longer knows it
 
-    def _refused(self, operation: str, key: str, failure: Any) -> None:
-        """Raise for a refused write, or (non-strict) log that memory now differs."""
+    def _refused(self, operation: str, key: str, failure: Any, keys: Iterable[str]) -> None:
+        """Raise for a refused write of ``keys``, or (non-strict) log that memory now differs.
+
+        Strict, a failure whose outcome is unknown (a timeout) leaves those
+        keys unknown to memory: the next read asks the backend.
+        """
         kind = failure_kind(failure, default="refused")
         if kind in _CALLER_ERRORS:
             raise _CALLER_ERRORS[kind](str(failure))
         if self.strict_mode:
+            if kind in _UNKNOWN_OUTCOMES:
+                for unsure in keys:
+                    self.memory.unsure(unsure)
             raise WriteRefused(
                 f"{self.name}: the backend refused to {operation} {key!r}: {failure}",
                 error_kind=kind,
@@ -386,10 +604,10 @@ class CachedDict(MutableMapping[str, Any]):
         )  # fmt: skip
 
     def __repr__(self) -> str:
-        state = "loaded" if self._complete else "partial"
+        state = "loaded" if self.memory.complete else "partial"
         return (
             f"CachedDict(name={self.name!r}, database={self.database!r}, "
-            f"cached={len(self._cache)}, {state})"
+            f"cached={len(self.memory)}, {state})"
         )
 
 

@@ -6,6 +6,10 @@ tests and embedders make their own with ``Metrics(CollectorRegistry())`` and
 hand it to :class:`~chanstore.storage.MoobiusStorage` or
 :class:`~chanstore.cache.CachedDict`.
 
+The hottest counts (cache hits and misses, the daemon's cached GETs) are
+kept in plain Python numbers and *folded* into their metrics when the
+registry is collected: see :class:`CacheCounts` and :class:`DeferredRequests`.
+
 Labels are bounded by construction: ``container`` is a db_config name,
 ``backend`` an engine name, ``operation`` one of the backend methods, ``error``
 one of :func:`chanstore.errors.error_kind`'s words. Channel ids and keys are
@@ -21,10 +25,12 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BACKEND_BUCKETS",
     "HTTP_BUCKETS",
+    "CacheCounts",
     "DeferredRequests",
     "Metrics",
     "ProcessCollector",
@@ -64,13 +70,18 @@ class Metrics:
             ["backend", "container", "operation", "error"],
             **on,
         )
+        # Not on the registry itself: registered through a collector that folds
+        # the plain counts of every container into it first (CacheCounts).
         self.cache_requests = Counter(
             "chanstore_cache_requests_total",
             "Key lookups in a CachedDict: hit when answered from memory, miss when "
             "the backend was asked.",
             ["container", "result"],
-            **on,
+            registry=None,
         )
+        self._cache_counts: dict[str, CacheCounts] = {}
+        self._cache_counts_lock = threading.Lock()
+        self.registry.register(_FoldedFirst(self.cache_requests, self._fold_cache_counts))
         self.cache_entries = Gauge(
             "chanstore_cache_entries",
             "Values held in memory, summed over the channels in memory.",
@@ -122,6 +133,16 @@ class Metrics:
             "chanstore_build_info", "Always 1; the labels say which chanstore runs.",
             ["version"], **on,
         )  # fmt: skip
+        self.http_connections = Gauge(
+            "chanstore_http_connections", "HTTP connections open now.", **on
+        )
+        self.http_connections_closed = Counter(
+            "chanstore_http_connections_closed_total",
+            "HTTP connections that ended, by reason (client, idle_timeout, header_timeout, "
+            "body_timeout, evicted to make room, refused at the cap, error, shutdown).",
+            ["reason"],
+            **on,
+        )
         self._deferred: list[DeferredRequests] = []
 
     def deferred_requests(self, method: str, route: str, status: str) -> DeferredRequests:
@@ -131,10 +152,91 @@ class Metrics:
         self._deferred.append(deferred)
         return deferred
 
+    def cache_counts(self, container: str) -> CacheCounts:
+        """The cache hit and miss counts of ``container``, shared by all its CachedDicts."""
+        counts = self._cache_counts.get(container)
+        if counts is None:
+            with self._cache_counts_lock:
+                counts = self._cache_counts.get(container)
+                if counts is None:
+                    counts = CacheCounts(self.cache_requests.labels(container, "hit"),
+                                         self.cache_requests.labels(container, "miss"))  # fmt: skip
+                    self._cache_counts[container] = counts
+        return counts
+
+    def forget_container(self, name: str) -> None:
+        """Remove every series labelled with container ``name`` (a reload removed it)."""
+        labelled = {
+            self.backend_duration: ("backend", "container", "operation"),
+            self.backend_errors: ("backend", "container", "operation", "error"),
+            self.cache_entries: ("container",),
+            self.backend_up: ("backend", "container"),
+        }
+        for metric, names in labelled.items():
+            for values in _label_sets(metric, names, container=name):
+                metric.remove(*values)
+
     def fold(self) -> None:
-        """Bring every :class:`DeferredRequests` into the registry: call before exposing it."""
+        """Bring every plain count into the registry: call before exposing it.
+
+        Cache counts are also folded whenever the registry is collected; the
+        :class:`DeferredRequests` only here (they belong to one thread).
+        """
         for deferred in self._deferred:
             deferred.fold()
+        self._fold_cache_counts()
+
+    def _fold_cache_counts(self) -> None:
+        with self._cache_counts_lock:
+            for counts in self._cache_counts.values():
+                counts.fold()
+
+
+class CacheCounts:
+    """One container's cache hits and misses, in plain numbers, folded in at scrape time.
+
+    A cache hit takes well under a microsecond; ``Counter.inc()`` (a lock and
+    a float) was a large share of it. CachedDicts add to :attr:`hits` and
+    :attr:`misses` with no lock; the counter only ever sees the difference
+    since the last fold, so folding never writes what the hot path writes.
+    Increments from threads that race may rarely be lost (``+= 1`` is not
+    atomic), which a rate over seconds does not show.
+    """
+
+    __slots__ = ("_folded_hits", "_folded_misses", "_hit", "_miss", "hits", "misses")
+
+    def __init__(self, hit: Any, miss: Any) -> None:
+        self._hit = hit
+        self._miss = miss
+        self.hits = 0
+        self.misses = 0
+        self._folded_hits = 0
+        self._folded_misses = 0
+
+    def fold(self) -> None:
+        """Add the hits and misses counted since the last fold to the counter."""
+        hits, misses = self.hits, self.misses
+        if hits != self._folded_hits:
+            self._hit.inc(hits - self._folded_hits)
+            self._folded_hits = hits
+        if misses != self._folded_misses:
+            self._miss.inc(misses - self._folded_misses)
+            self._folded_misses = misses
+
+
+class _FoldedFirst(Collector):
+    """Exposes ``metric`` as it is, after calling ``fold``: a plain scrape sees every count."""
+
+    def __init__(self, metric: Any, fold: Any) -> None:
+        self._metric = metric
+        self._fold = fold
+
+    def describe(self) -> Any:
+        return self._metric.describe()
+
+    def collect(self) -> Any:
+        self._fold()
+        return self._metric.collect()
 
 
 class DeferredRequests:
@@ -182,6 +284,17 @@ class DeferredRequests:
         self._buckets = [0] * len(self._bounds)
         self._count = 0
         self._sum = 0.0
+
+
+def _label_sets(metric: Any, names: tuple[str, ...], **match: str) -> set[tuple[str, ...]]:
+    """The values of labels ``names`` of ``metric``'s series that ``match``, read from
+    its public exposition (``collect``)."""
+    found = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if all(sample.labels.get(label) == value for label, value in match.items()):
+                found.add(tuple(sample.labels[name] for name in names))
+    return found
 
 
 _default: Metrics | None = None
