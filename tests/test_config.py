@@ -9,6 +9,7 @@ import pytest
 from chanstore import MoobiusStorage
 from chanstore.config import ContainerSpec, DbConfig, load_db_config, parse_db_config
 from chanstore.errors import ConfigError
+from support import DictDatabase
 
 GOOD = {"implementation": "json", "name": "stats", "settings": {"root_dir": "data"}}
 
@@ -109,6 +110,27 @@ def problems_of(config) -> list[str]:
         (
             {"implementation": "redis", "name": "a", "settings": {"socket_timeout": "1s"}},
             ["field 'settings'", "'socket_timeout' must be int or float"],
+        ),
+        (
+            {"implementation": "redis", "name": "a", "settings": {"prot": 6380}},
+            [
+                "entry 0 ('a')",
+                "field 'settings'",
+                "'prot' is not a setting of RedisDatabase",
+                "known: db, host, key_prefix, password, port,",
+            ],
+        ),
+        (
+            {"implementation": "json", "name": "a", "settings": {"fsinc": False}},
+            [
+                "field 'settings'",
+                "'fsinc' is not a setting of JSONDatabase",
+                "(known: fsync, root_dir)",
+            ],
+        ),
+        (
+            {"implementation": "null", "name": "a", "settings": {"host": "x"}},
+            ["field 'settings'", "'host' is not a setting of NullDatabase (known: none)"],
         ),
         (
             {"implementation": "json", "name": "a", "colour": "red"},
@@ -218,19 +240,65 @@ def test_same_backend():
     assert not first.same_backend(third)
 
 
-def test_unknown_settings_are_only_warnings(redis_settings):
+def test_root_dir_on_a_backend_that_does_not_use_it_is_only_a_warning(redis_settings):
     # The original SDK's own example config gives a redis entry a root_dir.
     entry = {"implementation": "redis", "name": "mana_bars", "load": True, "clear": False,
              "settings": {**redis_settings, "root_dir": "json_db"}}  # fmt: skip
-    config = load_db_config([entry])
+    config = load_db_config([entry, {"implementation": "null", "name": "scratch",
+                                     "settings": {"root_dir": "json_db"}}])  # fmt: skip
     assert isinstance(config, DbConfig)
-    (warning,) = config.warnings
-    assert "entry 0 ('mana_bars')" in warning
-    assert "'root_dir' is not used by RedisDatabase" in warning
+    first, second = config.warnings
+    assert "entry 0 ('mana_bars')" in first
+    assert "'root_dir' is not used by RedisDatabase" in first
+    assert "entry 1 ('scratch')" in second
     storage = MoobiusStorage("svc", "chan", [entry])
     storage.mana_bars["alice"] = 10
     assert storage.mana_bars["alice"] == 10
     storage.close()
+
+
+def test_a_misspelt_setting_is_a_problem_and_reaches_no_server(redis_settings):
+    """A typo must not silently send the data to the default server."""
+    entry = {"implementation": "redis", "name": "mana_bars",
+             "settings": {**redis_settings, "prot": redis_settings["port"]}}  # fmt: skip
+    (problem,) = problems_of([entry])
+    assert problem.startswith("db_config: entry 0 ('mana_bars'): field 'settings': ")
+    assert "'prot' is not a setting of RedisDatabase" in problem
+    assert "port" in problem.split("known:")[1]
+    with pytest.raises(ConfigError, match="'prot'"):
+        MoobiusStorage("svc", "chan", [entry])
+
+
+class Declared(DictDatabase):
+    SETTINGS = {"size": (int,)}
+
+
+class Undeclared(DictDatabase):
+    def __init__(self, domain="", store=None, *, size=1):
+        super().__init__(domain, store)
+
+
+class Anything(DictDatabase):
+    def __init__(self, domain="", **options):
+        super().__init__(domain)
+
+
+@pytest.mark.parametrize(
+    ("backend", "known"),
+    [(Declared, {"size"}), (Undeclared, {"store", "size"}), (Anything, None)],
+    ids=["declared", "from-the-constructor", "cannot-tell"],
+)
+def test_a_third_party_backends_settings(backend, known):
+    """SETTINGS when declared; else the constructor's; a **kwargs one cannot be checked."""
+    assert backend.known_settings() == (frozenset(known) if known is not None else None)
+    problems, warnings = backend.check_settings({"size": 2, "colour": "red"})
+    if known is None:
+        assert (problems, warnings) == ([], [])
+    else:
+        assert problems == [
+            f"setting 'colour' is not a setting of {backend.__name__} "
+            f"(known: {', '.join(sorted(known))})"
+        ]
 
 
 def test_nothing_is_built_from_a_config_with_a_problem(tmp_path):

@@ -21,6 +21,7 @@ Backends never call metrics code themselves.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -36,7 +37,11 @@ from chanstore.instrumentation import (
     instrument_together,
 )
 
-__all__ = ["DatabaseInterface"]
+__all__ = ["COMPATIBLE_SETTING", "DatabaseInterface"]
+
+#: A setting that a backend may be given without using it (only a warning):
+#: the original SDK's example config gives redis entries a ``root_dir``.
+COMPATIBLE_SETTING = "root_dir"
 
 
 class DatabaseInterface(ABC):
@@ -50,7 +55,8 @@ class DatabaseInterface(ABC):
     #: The name metrics and logs call this backend by (``backend`` label).
     engine_name: ClassVar[str | None] = None
     #: Settings this backend understands, with the types each accepts.
-    #: :mod:`chanstore.config` checks db_config entries against it.
+    #: :mod:`chanstore.config` checks db_config entries against it: any other
+    #: setting makes an entry invalid (see :meth:`check_settings`).
     SETTINGS: ClassVar[Mapping[str, tuple[type, ...]]] = {}
     #: Whether :meth:`set_many_together_async` stores on the running event loop
     #: (an asyncio client) rather than on a worker thread: a caller on a busy
@@ -191,25 +197,53 @@ class DatabaseInterface(ABC):
     def check_settings(cls, settings: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         """``(problems, warnings)`` about ``settings`` for this backend.
 
-        A known setting of the wrong type is a problem; an unknown one only a
-        warning, because the original SDK ignored settings it did not use (its
-        own example config gave a redis entry a ``root_dir``).
+        A setting the backend does not know is a problem: a typo such as
+        ``"prot": 6380`` would otherwise fall back to the default silently and
+        send the data elsewhere. So is a known setting of the wrong type. The
+        one exception is ``root_dir`` on a backend that does not use it, only
+        a warning: the original SDK's own example config gave a redis entry one.
         """
         problems: list[str] = []
         warnings: list[str] = []
+        known = cls.known_settings()
+        shown = ", ".join(sorted(known or ())) or "none"
         for name, value in settings.items():
+            if known is not None and name not in known:
+                if name == COMPATIBLE_SETTING:
+                    warnings.append(f"setting {name!r} is not used by {cls.__name__} "
+                                    f"(known: {shown})")  # fmt: skip
+                else:
+                    problems.append(f"setting {name!r} is not a setting of {cls.__name__} "
+                                    f"(known: {shown})")  # fmt: skip
+                continue
             accepted = cls.SETTINGS.get(name)
             if accepted is None:
-                known = ", ".join(sorted(cls.SETTINGS)) or "none"
-                warnings.append(f"setting {name!r} is not used by {cls.__name__} (known: {known})")
-            elif not isinstance(value, accepted) or (
-                isinstance(value, bool) and bool not in accepted
-            ):
+                continue
+            a_bool_for_a_number = isinstance(value, bool) and bool not in accepted
+            if not isinstance(value, accepted) or a_bool_for_a_number:
                 expected = " or ".join(t.__name__ for t in accepted)
                 problems.append(
                     f"setting {name!r} must be {expected}, not {type(value).__name__} ({value!r})"
                 )
         return problems, warnings
+
+    @classmethod
+    def known_settings(cls) -> frozenset[str] | None:
+        """The names of this backend's settings; None when they cannot be known.
+
+        :attr:`SETTINGS` when a backend declares it (even empty); otherwise the
+        named parameters of its constructor, unless that takes ``**kwargs``.
+        """
+        for klass in cls.__mro__:
+            if klass is DatabaseInterface:
+                break
+            if "SETTINGS" in vars(klass):
+                return frozenset(cls.SETTINGS)
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # not self
+        if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+            return None
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return frozenset(p.name for p in parameters if p.kind in named) - {"domain"}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(domain={self.domain!r})"

@@ -17,6 +17,7 @@ class NullDatabase(DatabaseInterface):
     """
 
     engine_name = "null"
+    SETTINGS = {}  # none: any setting but the original's root_dir is a mistake
 
     def get_value(self, key: str) -> tuple[bool, Any]:
         return True, None
