@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from chanstore import CachedDict
+from chanstore import CachedDict, MoobiusStorage
 from chanstore.backends.jsonfiles import JSONDatabase
+from chanstore.cache import ABSENT
 from chanstore.errors import BackendError, BackendUnavailable, CorruptValue, WriteRefused
 from support import ODD_KEYS, Point, files_under, unwritable
 
@@ -79,6 +80,84 @@ def test_unsafe_domains_are_refused(tmp_path, domain):
     with pytest.raises(ValueError, match="not a safe folder name"):
         JSONDatabase(domain=domain, root_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+# -- reads create nothing ------------------------------------------------------------
+
+
+def tree(folder):
+    """Every folder and file below ``folder``, relative to it."""
+    return sorted(
+        os.path.relpath(os.path.join(where, name), folder)
+        for where, dirs, files in os.walk(folder)
+        for name in [*dirs, *files]
+    )
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_reads_never_create_a_folder(tmp_path, metrics, fsync):
+    """A scan of channels that were never written leaves the tree as it was."""
+    root = tmp_path / "root"
+    (root / "service_s").mkdir(parents=True)
+    before = tree(tmp_path)
+    for n in range(5):
+        db = JSONDatabase(domain=f"service_s.channel_{n}.box", root_dir=str(root), fsync=fsync)
+        assert db.get_value("k")[1].kind == "not_found"
+        assert db.all_keys() == []
+        assert db.load_all() == {}
+        assert db.get_many(["a", "b"]) == {}
+        assert db.delete_key("k")[1].kind == "not_found"
+        assert db.delete_many(["a"]) == []
+        assert db.check_available() is None
+        box = CachedDict(db, strict_mode=True, name="box", metrics=metrics)
+        assert box.fetch("k") is ABSENT
+        assert "k" not in box
+        assert len(box) == 0
+        box.load()
+        box.clear()
+        assert box.copy() == {}
+        db.close()
+    # Nor does opening a channel's containers, loaded or cleared as db_config says.
+    entries = [{"implementation": "json", "name": name, "load": load, "clear": clear,
+                "settings": {"root_dir": str(root), "fsync": fsync}}
+               for name, load, clear in [("a", True, False), ("b", False, True)]]  # fmt: skip
+    storage = MoobiusStorage("s", "never-written", entries, strict_mode=True, metrics=metrics)
+    assert storage.a.get("k") is None
+    storage.close()
+    # A new root_dir is not made either.
+    missing = JSONDatabase(domain="a.b", root_dir=str(tmp_path / "none"), fsync=fsync)
+    assert missing.load_all() == {}
+    missing.check_available()
+    missing.close()
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("write", ["set_value", "set_many", "together"])
+@pytest.mark.parametrize("fsync", [True, False])
+def test_the_first_write_makes_the_folders(tmp_path, write, fsync):
+    root = tmp_path / "new-root"
+    db = JSONDatabase(domain="svc.chan.box", root_dir=str(root), fsync=fsync)
+    assert not root.exists()
+    if write == "set_value":
+        assert db.set_value("k", 1) == (True, "k")
+    elif write == "set_many":
+        db.set_many({"k": 1, "j": 2})
+    else:
+        assert JSONDatabase.set_many_together([(db, {"k": 1})]) == [None]
+    assert db.get_value("k") == (True, 1)
+    assert (root / "svc" / "chan" / "box" / "k.json").read_text() == "1"
+    db.close()
+
+
+def test_check_available_looks_at_the_folder_a_write_would_be_made_in(open_tmp_path):
+    db = JSONDatabase(domain="svc.chan", root_dir=str(open_tmp_path / "data"))
+    db.check_available()
+    with unwritable(open_tmp_path), pytest.raises(BackendUnavailable, match="not writable"):
+        db.check_available()
+    (open_tmp_path / "data").write_text("a file where the root should be")
+    with pytest.raises(BackendUnavailable, match="not a folder"):
+        db.check_available()
+    assert db.set_value("k", 1)[0] is False
 
 
 # -- long keys -----------------------------------------------------------------
@@ -184,7 +263,7 @@ def test_a_container_with_a_torn_file_still_loads(db, metrics):
 
 
 def test_a_read_that_fails_is_an_error_not_an_absent_key(db, metrics):
-    (db.path / "dir.json").mkdir()  # a key whose "file" cannot be read
+    (db.path / "dir.json").mkdir(parents=True)  # a key whose "file" cannot be read
     ok, failure = db.get_value("dir")
     assert ok is False
     assert failure.kind == "io"

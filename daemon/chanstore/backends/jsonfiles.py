@@ -19,6 +19,10 @@ so chanstore too sees the old value or the new one. (Another program reading
 the folders between the crash and that replay may find such a file empty or
 old.)
 
+Reads never create anything on disk: a domain's folders are made by its first
+write, so that looking up channels that were never written (a scan of random
+channel ids) does not grow the tree.
+
 Keys become file names by :func:`chanstore.keys.encode_filename`. A name
 longer than the file system allows (255 bytes) is stored as ``%H<sha256>.json``
 holding the key beside the value.
@@ -42,6 +46,7 @@ from chanstore.backends.files import (
     call_each,
     release_replaced,
     rename_over,
+    sync_folder,
     write_temp,
 )
 from chanstore.backends.journal import NotJournaling, journals
@@ -80,7 +85,7 @@ class JSONDatabase(DatabaseInterface):
         self.path = root.joinpath(*folders)
         #: The domain's folder relative to the root ("" for the root's own domain "").
         self._folder = os.path.join(*folders) if folders else ""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._folder_made = False  # made by the first write: reads create nothing
         # Shared by every backend of the root in this process; the first one
         # replays what a crash left in it, before anything of the root is read.
         self._journal = journals.acquire(root)
@@ -131,6 +136,7 @@ class JSONDatabase(DatabaseInterface):
         encoded = self._encode_items(items)
         if self.fsync and encoded:
             try:
+                self._make_folder()
                 errors = self._journal.write(self._journal_files(encoded))
             except NotJournaling:
                 pass  # another process journals this root: write the usual way
@@ -168,6 +174,8 @@ class JSONDatabase(DatabaseInterface):
         for index, (backend, items) in enumerate(parts):
             try:
                 encoded[index] = backend._encode_items(items)
+                if encoded[index]:
+                    backend._make_folder()
             except Exception as exc:  # noqa: BLE001 - that part's answer; the others go on
                 errors[index] = exc
         journal = parts[0][0]._journal
@@ -221,12 +229,16 @@ class JSONDatabase(DatabaseInterface):
     # -- life cycle ------------------------------------------------------------
 
     def check_available(self) -> None:
-        if not self.path.is_dir():
-            raise BackendUnavailable(f"json folder {self.path} does not exist")
+        # The domain's folder, or the folder its first write would be made in.
+        folder = self.path
+        while not os.path.lexists(folder) and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise BackendUnavailable(f"json folder {folder} is not a folder")
         # The process writes with its effective ids; os.access checks the real ones unless told.
         effective = os.access in os.supports_effective_ids
-        if not os.access(self.path, os.W_OK | os.X_OK, effective_ids=effective):
-            raise BackendUnavailable(f"json folder {self.path} is not writable")
+        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=effective):
+            raise BackendUnavailable(f"json folder {folder} is not writable")
 
     def close(self) -> None:
         """Let go of the root's journal; the last backend of a root checkpoints it."""
@@ -238,6 +250,26 @@ class JSONDatabase(DatabaseInterface):
         return f"JSONDatabase(path={str(self.path.resolve())!r})"
 
     # -- files -----------------------------------------------------------------
+
+    def _make_folder(self) -> None:
+        """Make the domain's folders, before its first write (reads never make them).
+
+        With fsync on, each new folder's entry is flushed in its parent, so
+        that a crash cannot lose a folder holding acknowledged writes.
+        """
+        if self._folder_made:
+            return
+        missing: list[Path] = []
+        folder = self.path
+        while not folder.is_dir() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+                new.mkdir()
+        if self.fsync and missing:
+            call_each(sync_folder, sorted({str(new.parent) for new in missing}, key=len))
+        self._folder_made = True
 
     def _file_of(self, key: str) -> Path:
         name = encode_filename(key) + SUFFIX
@@ -328,6 +360,7 @@ class JSONDatabase(DatabaseInterface):
         """
         if not encoded:
             return
+        self._make_folder()
         paths = [self._relative(path) for path, _data in encoded.values()]
         with self._journal.bypassing(paths):
             self._write_files_now(encoded)
