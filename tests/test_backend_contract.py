@@ -13,6 +13,7 @@ import asyncio
 import pytest
 
 from chanstore.backends.null import NullDatabase
+from chanstore.codec import Document
 from chanstore.errors import BackendError, BulkWriteError, ChanstoreError, UnstorableValue
 from chanstore.instrumentation import Failure
 from support import ODD_KEYS, VALUES, Point, assert_same
@@ -97,6 +98,24 @@ def test_unstorable_value_is_refused_and_stores_nothing(backend, value):
     assert message.kind == "invalid_value"
     assert backend.get_value("k") == (True, "old")
     assert list(backend.all_keys()) == ["k"]
+
+
+def test_a_document_is_stored_as_given_and_read_back_revived(backend_factory):
+    """What an HTTP PUT stores: the stored form itself, its marks not escaped."""
+    doc = {"tags": {"_moobius_type": "builtins.set", "_moobius_val": ["a"]}, "n": [1, None]}
+    writer = backend_factory("documents")
+    for key in ("k", "long" * 100):  # the json backend's hashed file too
+        assert writer.set_value(key, Document(doc)) == (True, key)
+        assert backend_factory("documents").get_value(key) == (
+            True,
+            {"tags": {"a"}, "n": [1, None]},
+        )
+    writer.set_many({"many": Document(doc)})
+    assert backend_factory("documents").get_value("many") == (True, {"tags": {"a"}, "n": [1, None]})
+    for key in ("nan", "long" * 101):
+        ok, failure = writer.set_value(key, Document({"x": float("nan")}))
+        assert (ok, failure.kind) == (False, "invalid_value")
+    assert sorted(writer.all_keys()) == sorted(["k", "long" * 100, "many"])
 
 
 # -- domains -------------------------------------------------------------------

@@ -93,12 +93,27 @@ class Name(str):
     pass
 
 
+class Tags(list):
+    pass
+
+
 def test_subclasses_of_json_types_are_stored_as_their_base():
     assert_same(codec.decode(codec.encode(Color.RED)), 1)
     assert_same(codec.decode(codec.encode(Name("n"))), "n")
     ordered = collections.OrderedDict([("b", 1), ("a", 2)])
     assert_same(codec.decode(codec.encode(ordered)), {"b": 1, "a": 2})
-    assert_same(codec.decode(codec.encode(collections.UserList([1]).data)), [1])
+    assert_same(codec.decode(codec.encode(Tags([1, Tags([2])]))), [1, [2]])
+
+
+@pytest.mark.parametrize("wrapper", [collections.UserList([1]), collections.UserDict({"a": 1})])
+def test_user_list_and_user_dict_are_not_json_types(wrapper):
+    """They wrap a list or dict without subclassing it: refused, like any other object."""
+    assert not isinstance(wrapper, list | dict)
+    with pytest.raises(UnstorableValue, match="cannot be stored") as raised:
+        codec.encode(wrapper)
+    assert type(wrapper).__name__ in str(raised.value)
+    # What they wrap is stored as it is.
+    assert_same(codec.decode(codec.encode(wrapper.data)), wrapper.data)
 
 
 @pytest.mark.parametrize(
@@ -210,3 +225,61 @@ def test_an_unknown_mark_is_written_back_exactly_as_it_was_read():
     value = codec.decode(stored)
     assert value == {"_moobius_type": "app.models.Profile", "_moobius_val": {"name": "Ann"}}
     assert json.loads(codec.encode(value)) == json.loads(stored)
+
+
+# -- documents stored verbatim, and the public object hook -------------------------------
+
+MARKED = {"_moobius_type": "builtins.set", "_moobius_val": [1, 2]}
+DOCUMENTS = [
+    MARKED,
+    {"tags": MARKED, "t": {"_moobius_type": "builtins.tuple", "_moobius_val": [1, "a"]}},
+    {"_moobius_type": "nowhere.Thing", "_moobius_val": {"a": 1}},
+    [1, "two", None, True, 2.5, {"x": []}],
+    "text",
+    0,
+    None,
+]
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=range(len(DOCUMENTS)))
+def test_a_document_is_written_exactly_as_given(doc):
+    """No escaping of mark-shaped dicts: the document is already the stored form."""
+    assert codec.to_json_shape(codec.Document(doc)) is doc
+    assert codec.encode(codec.Document(doc)) == json.dumps(doc, separators=(",", ":"))
+    assert codec.encode(codec.Document(doc), indent=2) == json.dumps(doc, indent=2)
+    # Read back, its marks are revived as any stored value's are.
+    assert_same(codec.decode(codec.encode(codec.Document(doc))), codec.decode(json.dumps(doc)))
+
+
+def test_a_document_keeps_its_type_where_a_plain_dict_would_not():
+    assert codec.decode(codec.encode(codec.Document(MARKED))) == {1, 2}
+    assert codec.decode(codec.encode(MARKED)) == MARKED  # a plain dict is escaped: stays a dict
+
+
+def test_a_document_inside_a_value_is_verbatim_too():
+    value = {"copied": codec.Document(MARKED), "own": {3}}
+    assert json.loads(codec.encode(value)) == {
+        "copied": MARKED,
+        "own": {"_moobius_type": "builtins.set", "_moobius_val": [3]},
+    }
+
+
+def test_a_document_that_is_not_json_is_unstorable():
+    for doc in [float("nan"), {"a": float("inf")}, object()]:
+        with pytest.raises(UnstorableValue):
+            codec.encode(codec.Document(doc))
+
+
+def test_documents_compare_by_their_contents():
+    assert codec.Document({"a": 1}) == codec.Document({"a": 1})
+    assert codec.Document({"a": 1, "b": 2}) == codec.Document({"b": 2, "a": 1})
+    assert codec.Document([1]) != codec.Document([True])  # as JSON: 1 is not true
+    assert codec.Document([1]) != codec.Document([1.0])
+    assert codec.Document(1) != 1
+    assert repr(codec.Document([1])) == "Document([1])"
+
+
+@pytest.mark.parametrize("kind", list(VALUES))
+def test_revive_is_the_decoders_object_hook(kind):
+    text = codec.encode(VALUES[kind])
+    assert_same(json.loads(text, object_hook=codec.revive), codec.decode(text))

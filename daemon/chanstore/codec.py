@@ -15,6 +15,10 @@ above and the classes an application has :func:`register_type`-ed are revived.
 The original revived *any* importable name (``pydoc.locate``), so stored data
 could make it call an arbitrary function. A mark chanstore does not know is
 left as the plain dict it is, so nothing is lost when the value is written back.
+
+A value that arrives already in the stored form (an HTTP body) is wrapped in a
+:class:`Document` and written exactly as it is; :func:`revive` is the object
+hook that decodes, for callers that build a decoder of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from chanstore.errors import UnstorableValue
 __all__ = [
     "TYPE_KEY",
     "VALUE_KEY",
+    "Document",
     "UnknownMark",
     "decode",
     "encode",
@@ -74,6 +79,40 @@ class UnknownMark(dict):  # type: ignore[type-arg]
     mark would be escaped instead), so data that names a class this
     application does not know survives a round trip through chanstore.
     """
+
+
+class Document:
+    """A JSON document to store verbatim: it is already the stored, type-marked form.
+
+    ``Document(doc)`` where ``doc`` came from a JSON parser (dicts with str
+    keys, lists, str, int, float, bool, None). :func:`to_json_shape` gives
+    ``doc`` back unchanged: a dict in it shaped like a type mark *is* a mark
+    and is not escaped as a plain dict would be, so a value copied over HTTP
+    reads back with its type (a set stays a set).
+    """
+
+    __slots__ = ("doc",)
+
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+
+    def __eq__(self, other: object) -> bool:
+        # As JSON: 1 and true (or 1 and 1.0) are different documents, key order is not.
+        if not isinstance(other, Document):
+            return NotImplemented
+        return _canonical(self.doc) == _canonical(other.doc)
+
+    __hash__ = None  # type: ignore[assignment] - a document is mutable
+
+    def __repr__(self) -> str:
+        return f"Document({self.doc!r})"
+
+
+def _canonical(doc: Any) -> Any:
+    try:
+        return json.dumps(doc, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return doc  # not JSON: compared as it is
 
 
 def mark_name(cls: type) -> str:
@@ -134,6 +173,8 @@ def to_json_shape(value: Any) -> Any:
         if not math.isfinite(value):
             raise UnstorableValue(f"{value!r} cannot be stored: JSON has no NaN or infinity")
         return value
+    if kind is Document:
+        return value.doc
     if kind is dict:
         if len(value) == 2 and TYPE_KEY in value and VALUE_KEY in value:
             # A plain dict shaped like a mark would be revived as one: store it
@@ -170,9 +211,12 @@ def to_json_shape(value: Any) -> Any:
 def encode(value: Any, *, indent: int | None = None) -> str:
     """``value`` as type-marked JSON text (``indent=2`` is the original's file form)."""
     shaped = to_json_shape(value)
-    if indent is None:
-        return json.dumps(shaped, separators=(",", ":"), allow_nan=False)
-    return json.dumps(shaped, indent=indent, allow_nan=False)
+    try:
+        if indent is None:
+            return json.dumps(shaped, separators=(",", ":"), allow_nan=False)
+        return json.dumps(shaped, indent=indent, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # only a Document's contents are not checked above
+        raise UnstorableValue(f"the value cannot be stored as JSON: {exc}") from exc
 
 
 def decode(text: str | bytes) -> Any:
@@ -201,8 +245,12 @@ def _hashable(item: Any) -> Any:
     return tuple(_hashable(i) for i in item) if isinstance(item, list) else item
 
 
-def _revive(obj: dict[str, Any]) -> Any:
-    """``json.loads`` object hook: called innermost first, so marks nest."""
+def revive(obj: dict[str, Any]) -> Any:
+    """The object hook that revives type marks: ``json.loads(text, object_hook=revive)``.
+
+    JSON decoders call it innermost first, so marks nest. Only the builtins
+    and registered types are revived; any other mark stays an :class:`UnknownMark`.
+    """
     if len(obj) != 2 or TYPE_KEY not in obj or VALUE_KEY not in obj:
         return obj
     name, value = obj[TYPE_KEY], obj[VALUE_KEY]
@@ -227,4 +275,4 @@ def _revive(obj: dict[str, Any]) -> Any:
         raise ValueError(f"a {name} value does not fit the registered class: {exc}") from exc
 
 
-_DECODER = json.JSONDecoder(object_hook=_revive)
+_DECODER = json.JSONDecoder(object_hook=revive)

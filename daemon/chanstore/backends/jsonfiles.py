@@ -50,7 +50,7 @@ from chanstore.backends.files import (
     write_temp,
 )
 from chanstore.backends.journal import NotJournaling, journals
-from chanstore.errors import BackendUnavailable, BulkWriteError, CorruptValue
+from chanstore.errors import BackendUnavailable, BulkWriteError, CorruptValue, UnstorableValue
 from chanstore.keys import check_key, decode_filename, encode_filename
 
 __all__ = ["TEMP_PREFIX", "JSONDatabase"]
@@ -321,7 +321,10 @@ class JSONDatabase(DatabaseInterface):
     def _encode_file(self, key: str, value: Any, path: Path) -> bytes:
         if _is_hashed(path.name[: -len(SUFFIX)]):
             shaped = {LONG_KEY_FIELD: key, LONG_VALUE_FIELD: codec.to_json_shape(value)}
-            return json.dumps(shaped, indent=2, allow_nan=False).encode("ascii")
+            try:
+                return json.dumps(shaped, indent=2, allow_nan=False).encode("ascii")
+            except (TypeError, ValueError) as exc:  # a Document's contents, unchecked till now
+                raise UnstorableValue(f"the value cannot be stored as JSON: {exc}") from exc
         return codec.encode(value, indent=2).encode("ascii")
 
     def _encode_items(self, items: Mapping[str, Any]) -> dict[str, tuple[Path, bytes]]:
