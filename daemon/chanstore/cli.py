@@ -8,14 +8,19 @@
     chanstore get CHANNEL CONTAINER KEY  print a value
     chanstore set CHANNEL CONTAINER KEY JSON
     chanstore delete CHANNEL CONTAINER KEY
-    chanstore keys CHANNEL CONTAINER
+    chanstore keys CHANNEL CONTAINER     every key, a line each, as its page arrives
     chanstore stats                      request rate, errors, p99s, cache, reloads
+
+``get`` prints and ``set`` takes a value in its stored form, the JSON document
+the daemon holds: a set is ``{"_moobius_type": "builtins.set", "_moobius_val": [...]}``
+both ways, so what ``get`` prints can be given to ``set`` as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,9 +89,25 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         for param in params:
             sub.add_argument(param, help="JSON text" if param == "value" else None)
+        if name == "keys":
+            sub.add_argument("--limit", type=_positive, metavar="N",
+                             help="stop after N keys (default: every key)")  # fmt: skip
+            sub.add_argument("--page-size", type=_positive, metavar="N",
+                             help="keys per request (default 1000, at most 10000)")  # fmt: skip
         add_arguments(sub, client_flags)
         sub.set_defaults(command=_data_command, action=name)
     return parser
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not 1 or more")
+    return number
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -168,25 +189,59 @@ def _data_command(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
             if args.action == "get":
-                print(json.dumps(client.get(args.channel, args.container, args.key), indent=2))
+                document = client.get_document(args.channel, args.container, args.key)
+                print(json.dumps(document, indent=2))
             elif args.action == "set":
                 try:
-                    value = json.loads(args.value)
-                except json.JSONDecodeError as exc:
+                    document = json.loads(args.value, parse_constant=_not_json)
+                except ValueError as exc:
                     print(f"chanstore set: VALUE is not JSON: {exc}", file=sys.stderr)
                     return USAGE
-                client.set(args.channel, args.container, args.key, value)
+                client.set_document(args.channel, args.container, args.key, document)
             elif args.action == "delete":
                 client.delete(args.channel, args.container, args.key)
             else:
-                for key in client.keys(args.channel, args.container):
-                    print(key)
+                return _print_keys(client, args)
         except KeyError:
             print(f"chanstore {args.action}: no key {args.key!r}", file=sys.stderr)
             return NOT_FOUND
         except ClientError as exc:
             print(f"chanstore {args.action}: {exc}", file=sys.stderr)
             return UNREACHABLE if exc.status is None else FAILED
+    return OK
+
+
+def _not_json(constant: str) -> None:
+    # json.loads takes NaN and Infinity, which are not JSON and which no value can hold.
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _print_keys(client: Any, args: argparse.Namespace) -> int:
+    """Print the container's keys a line each, each page as soon as it arrives."""
+    from chanstore.client import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE  # noqa: PLC0415
+
+    limit: int | None = args.limit
+    page_size: int = args.page_size or DEFAULT_PAGE_SIZE
+    if page_size > MAX_PAGE_SIZE:
+        print(f"chanstore keys: --page-size is at most {MAX_PAGE_SIZE}", file=sys.stderr)
+        return USAGE
+    if limit is not None:
+        page_size = min(page_size, limit)
+    printed = 0
+    try:
+        for page in client.key_pages(args.channel, args.container, page_size):
+            if limit is not None:
+                page = page[: limit - printed]  # noqa: PLW2901 - the page, cut to the limit
+            sys.stdout.write("".join(f"{key}\n" for key in page))
+            sys.stdout.flush()
+            printed += len(page)
+            if limit is not None and printed >= limit:
+                break
+    except BrokenPipeError:
+        # The reader went away (``chanstore keys ... | head``): stop, quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return FAILED
     return OK
 
 

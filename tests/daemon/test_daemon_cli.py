@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
+import sys
 from pathlib import Path
 
 from daemon_harness import DaemonProcess, free_port, json_entry, run_cli
+from test_daemon_clients import AWKWARD_KEYS, ContractDouble
 
 
 def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
@@ -136,3 +141,100 @@ def test_a_flag_wins_over_its_variable(start_daemon, channel: str) -> None:
     )
     assert daemon.put(channel, "stats", "big", "x" * 1000).status_code == 200
     assert daemon.put(channel, "stats", "bigger", "x" * 6000).status_code == 413
+
+
+def test_keys_follows_every_page_in_key_order(daemon: DaemonProcess, channel: str) -> None:
+    listen = ["--listen", daemon.listen]
+    with daemon.client() as client:
+        client.set_many(channel, "stats", dict.fromkeys(AWKWARD_KEYS, 1))
+    ordered = sorted(AWKWARD_KEYS)
+
+    paged = run_cli("keys", channel, "stats", "--page-size", "2", *listen)
+    assert paged.returncode == 0, paged.stderr
+    assert paged.stdout.splitlines() == ordered
+    whole = run_cli("keys", channel, "stats", *listen)
+    assert whole.stdout.splitlines() == ordered
+
+    first = run_cli("keys", channel, "stats", "--limit", "3", *listen)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == ordered[:3]
+    assert run_cli("keys", channel, "profiles", *listen).stdout == ""
+
+
+def test_keys_refuses_numbers_out_of_range(daemon: DaemonProcess, channel: str) -> None:
+    listen = ["--listen", daemon.listen]
+    too_big = run_cli("keys", channel, "stats", "--page-size", "10001", *listen)
+    assert too_big.returncode == 2
+    assert "at most 10000" in too_big.stderr
+    for flag, value in (("--limit", "0"), ("--page-size", "-1"), ("--limit", "many")):
+        refused = run_cli("keys", channel, "stats", flag, value, *listen)
+        assert refused.returncode == 2, (flag, value)
+        assert flag in refused.stderr
+        assert refused.stdout == ""
+
+
+def test_get_and_set_speak_the_stored_form(daemon: DaemonProcess, channel: str) -> None:
+    """``set`` stores the JSON document it is given; ``get`` prints the one the daemon holds."""
+    listen = ["--listen", daemon.listen]
+    marked_set = {"_moobius_type": "builtins.set", "_moobius_val": ["a"]}
+    stored = run_cli("set", channel, "stats", "tags", json.dumps(marked_set), *listen)
+    assert stored.returncode == 0, stored.stderr
+    with daemon.client() as client:
+        assert client.get(channel, "stats", "tags") == {"a"}
+        client.set(channel, "stats", "pair", (1, "x"))
+    shown = run_cli("get", channel, "stats", "tags", *listen)
+    assert json.loads(shown.stdout) == marked_set
+    pair = run_cli("get", channel, "stats", "pair", *listen)
+    assert json.loads(pair.stdout) == {"_moobius_type": "builtins.tuple", "_moobius_val": [1, "x"]}
+
+    # What get prints, set takes back as it is.
+    copied = run_cli("set", channel, "stats", "pair-copy", pair.stdout, *listen)
+    assert copied.returncode == 0, copied.stderr
+    with daemon.client() as client:
+        assert client.get(channel, "stats", "pair-copy") == (1, "x")
+
+    for not_json in ("NaN", "[Infinity]", "{oops"):
+        refused = run_cli("set", channel, "stats", "bad", not_json, *listen)
+        assert refused.returncode == 2, not_json
+        assert "not JSON" in refused.stderr
+    assert daemon.get(channel, "stats", "bad").status_code == 404
+
+
+def test_keys_prints_each_page_as_it_arrives() -> None:
+    """The first page is on stdout while the second is still being answered."""
+    ordered = sorted(AWKWARD_KEYS)
+    with ContractDouble(AWKWARD_KEYS) as double:
+        double.hold_after = 1  # the second listing request waits for double.release
+        command = [sys.executable, "-m", "chanstore.cli", "keys", "c", "stats",
+                   "--page-size", "2", "--listen", double.listen]  # fmt: skip
+        # Block-buffered stdout, as a pipe gets it by default: the command must flush.
+        env = {name: value for name, value in os.environ.items()
+               if name != "PYTHONUNBUFFERED" and not name.startswith("CHANSTORE_")}  # fmt: skip
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True, env=env) as process:  # fmt: skip
+            assert process.stdout is not None and process.stderr is not None
+            # The first page arrives while the second is held back (for up to 20 s; the
+            # command's own request timeout is 15 s), not when the command exits.
+            ready, _, _ = select.select([process.stdout], [], [], 10)
+            assert ready, "the first page was not printed while the second was awaited"
+            early = [process.stdout.readline().rstrip("\n") for _ in range(2)]
+            assert double.holding.wait(timeout=10), "the second page was never asked for"
+            double.release.set()
+            rest = process.stdout.read().splitlines()
+            errors = process.stderr.read()
+            assert process.wait(timeout=30) == 0, errors
+    assert early == ordered[:2]
+    assert early + rest == ordered
+
+
+def test_keys_limit_asks_for_no_more_than_it_prints() -> None:
+    with ContractDouble(AWKWARD_KEYS) as double:
+        listed = run_cli("keys", "c", "stats", "--limit", "3", "--page-size", "2",
+                         "--listen", double.listen)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines() == sorted(AWKWARD_KEYS)[:3]
+        assert [query["limit"] for query in double.listings()] == [["2"], ["2"]]
+
+        small = run_cli("keys", "c", "stats", "--limit", "5", "--listen", double.listen)
+        assert small.stdout.splitlines() == sorted(AWKWARD_KEYS)[:5]
+        assert double.listings()[2:] == [{"limit": ["5"]}]
