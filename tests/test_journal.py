@@ -638,9 +638,9 @@ def test_a_read_only_root_fails_every_part_and_keeps_its_data(small_disk):
 
 
 def test_the_lanes_count_the_keys_a_part_did_store(tmp_path, monkeypatch):
-    from concurrent.futures import Future  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
 
-    from chanstore.server.writes import Write, apply_batch  # noqa: PLC0415
+    from chanstore.engine.batches import apply_batch  # noqa: PLC0415
 
     first = JSONDatabase(domain="s.a", root_dir=str(tmp_path))
     second = JSONDatabase(domain="s.b", root_dir=str(tmp_path))
@@ -652,8 +652,9 @@ def test_the_lanes_count_the_keys_a_part_did_store(tmp_path, monkeypatch):
         real(path, *args)
 
     monkeypatch.setattr(journal_module, "replace_with", flaky)
-    batch = [Write(first, "good", 1, future=Future()), Write(first, "bad", 2, future=Future()),
-             Write(second, "other", 3, future=Future())]  # fmt: skip
+    writes = [(first, "good", 1), (first, "bad", 2), (second, "other", 3)]
+    batch = [SimpleNamespace(backend=backend, key=key, value=value, delete=False)
+             for backend, key, value in writes]  # fmt: skip
     results = apply_batch(batch)
     assert results[0] is True and results[2] is True
     assert isinstance(results[1], BulkWriteError) and results[1].kind == "disk_full"

@@ -1,0 +1,75 @@
+"""The daemon's storage side: live channels, write lanes, reconfiguration, readiness.
+
+It knows nothing of HTTP. :class:`Engine` puts the parts together for one
+db_config; the HTTP layer reads and writes through :attr:`Engine.store`, and
+the server applies reloads (:meth:`Engine.apply_config`), sweeps idle
+channels and asks for readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from chanstore.config import DbConfig
+from chanstore.engine.channels import ChannelTable
+from chanstore.engine.containers import ContainerRuntime, Containers
+from chanstore.engine.errors import BackendTimeout, UnknownContainer
+from chanstore.engine.readiness import Readiness
+from chanstore.engine.reconfigure import Changes, Reconfiguration
+from chanstore.engine.settings import EngineSettings
+from chanstore.engine.store import ABSENT, Store
+from chanstore.metrics import Metrics
+
+__all__ = [
+    "ABSENT",
+    "BackendTimeout",
+    "Changes",
+    "Engine",
+    "EngineSettings",
+    "Store",
+    "UnknownContainer",
+]
+
+
+class Engine:
+    """The channels in memory and the containers of one running db_config."""
+
+    def __init__(self, settings: EngineSettings, config: DbConfig, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.containers = Containers(
+            {spec.name: ContainerRuntime(spec, settings, metrics) for spec in config}
+        )
+        self.channels = ChannelTable(settings, self.containers, metrics)
+        self.store = Store(self.channels, self.containers)
+        self.readiness = Readiness(self.containers, metrics)
+        self._reconfiguration = Reconfiguration(config, self.containers, self.channels,
+                                                settings, metrics)  # fmt: skip
+
+    @property
+    def config(self) -> DbConfig:
+        """The db_config being served."""
+        return self._reconfiguration.config
+
+    def apply_config(self, config: DbConfig) -> Changes:
+        """Serve ``config`` from now on; only what changed is rebuilt."""
+        return self._reconfiguration.apply(config)
+
+    async def check_containers(self, names: tuple[str, ...]) -> dict[str, BaseException]:
+        """The containers among ``names`` whose backend does not answer now, and why."""
+        found = {}
+        for name in names:
+            runtime = self.containers.get(name)
+            if runtime is not None and (failure := await runtime.check()) is not None:
+                found[name] = failure
+        return found
+
+    def sweep_idle(self) -> int:
+        """Drop channels idle for ``idle_timeout``; how many left."""
+        return self.channels.sweep_idle()
+
+    async def close(self) -> None:
+        """Finish every queued write, then close every backend."""
+        await asyncio.gather(*(runtime.close() for runtime in self.containers))
+        await self._reconfiguration.finish()
+        self.channels.evict_all()

@@ -1,0 +1,323 @@
+"""The channels the daemon holds in memory.
+
+A :class:`ChannelTable` creates a channel's :class:`~chanstore.storage.MoobiusStorage`
+on first use and fills in each container (a :class:`Slot`) as it is first
+asked for, loading or clearing it as its db_config entry says, so that a dead
+backend fails only the requests for its own containers. Channels leave memory
+when idle for ``idle_timeout`` seconds, or when more than ``max_channels``
+are held; their data stays in the backends.
+
+Everything here runs on the event loop except backend calls, which run on the
+container's threads. A slot's cache is used through the CachedDict's public
+in-memory seam (:class:`~chanstore.cache.CacheMemory`): the loop peeks at it
+without a lock, and the write lanes tell it what they stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from chanstore import codec, logs
+from chanstore.cache import CachedDict
+from chanstore.engine.containers import ContainerRuntime, Containers
+from chanstore.engine.errors import UnknownContainer
+from chanstore.engine.lanes import Write
+from chanstore.engine.settings import EngineSettings
+from chanstore.errors import BackendUnavailable, ChanstoreError, error_kind
+from chanstore.metrics import Metrics
+from chanstore.storage import MoobiusStorage
+
+__all__ = ["Channel", "ChannelTable", "Slot"]
+
+log = logs.get_logger()
+
+#: Tables of channels smaller than this are not worth rebuilding when channels leave.
+COMPACT_ABOVE = 1024
+
+
+class Slot:
+    """One channel's copy of one container: its CachedDict, made ready on first use."""
+
+    __slots__ = ("cached", "channel", "encoded", "preparing", "ready", "runtime", "sorted_keys")
+
+    def __init__(self, runtime: ContainerRuntime, channel: Channel) -> None:
+        self.runtime = runtime
+        self.channel = channel
+        self.cached: CachedDict | None = None
+        #: Cached values as response bodies, made on first read (None until then:
+        #: most channels in memory never answer a read from it).
+        self.encoded: dict[str, bytes] | None = None
+        #: The complete cache's keys in order, made on the first listing and kept
+        #: up to date by writes, so that each page costs a bisection, not a sort.
+        self.sorted_keys: list[str] | None = None
+        self.preparing: asyncio.Future[None] | None = None
+        self.ready = False
+
+    def body_of(self, key: str, value: Any) -> bytes:
+        """The response body of ``value``, the value memory holds for ``key`` now."""
+        encoded = self.encoded
+        if encoded is None:
+            encoded = self.encoded = {}
+        body = encoded.get(key)
+        if body is None:
+            body = encoded[key] = encode_body(value)
+        return body
+
+    def settled(self, write: Write, outcome: bool | BaseException) -> None:
+        """A lane's word on a write of this slot: bring the cache up to date with it."""
+        self.channel.busy -= 1
+        self.runtime.wrote(outcome)
+        memory = self.cached.memory  # type: ignore[union-attr]
+        key = write.key
+        if self.encoded:
+            self.encoded.pop(key, None)
+        if isinstance(outcome, BaseException):
+            # A write that timed out or lost its connection may still land: what
+            # the backend holds is not known, so the next read asks it.
+            memory.unsure(key)
+            self.sorted_keys = None
+        elif write.delete:
+            memory.deleted(key)
+            self._unlist(key)
+        else:
+            memory.stored(key, write.value)
+            self._list(key)
+
+    def page(self, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` keys of the complete cache after ``after``, in order."""
+        keys = self.sorted_keys
+        if keys is None:
+            keys = self.sorted_keys = sorted(self.cached.memory.keys())  # type: ignore[union-attr]
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        return keys[start : start + limit]
+
+    def _list(self, key: str) -> None:
+        keys = self.sorted_keys
+        if keys is not None:
+            index = bisect.bisect_left(keys, key)
+            if index == len(keys) or keys[index] != key:
+                keys.insert(index, key)
+
+    def _unlist(self, key: str) -> None:
+        keys = self.sorted_keys
+        if keys is not None:
+            index = bisect.bisect_left(keys, key)
+            if index < len(keys) and keys[index] == key:
+                del keys[index]
+
+
+def encode_body(value: Any) -> bytes:
+    """A value as the JSON document the backend holds (type marks and all)."""
+    return json.dumps(codec.to_json_shape(value), separators=(",", ":"),
+                      ensure_ascii=False).encode()  # fmt: skip
+
+
+class Channel:
+    """A channel in memory."""
+
+    __slots__ = ("busy", "id", "last_used", "slots", "storage")
+
+    def __init__(self, channel_id: str, storage: MoobiusStorage) -> None:
+        self.id = channel_id
+        self.storage = storage
+        self.slots: dict[str, Slot] = {}
+        self.last_used = time.monotonic()
+        #: Requests and writes under way; a busy channel is never dropped.
+        self.busy = 0
+
+    def evictable(self) -> bool:
+        return self.busy == 0 and all(
+            slot.preparing is None or slot.preparing.done() for slot in self.slots.values()
+        )
+
+
+class ChannelTable:
+    """Every channel in memory, least recently used first."""
+
+    def __init__(self, settings: EngineSettings, containers: Containers, metrics: Metrics) -> None:
+        self.settings = settings
+        self.containers = containers
+        self.metrics = metrics
+        self._channels: OrderedDict[str, Channel] = OrderedDict()
+        #: The most channels held since the table was last rebuilt.
+        self._peak = 0
+        # clear: true empties a channel's container the first time this
+        # process creates it, not again after it was dropped for idleness.
+        self._cleared: set[tuple[str, str]] = set()
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def __iter__(self) -> Iterable[Channel]:
+        return iter(list(self._channels.values()))
+
+    def ready_slot(self, channel_id: str, name: str) -> Slot | None:
+        """The slot if it can answer from memory now (channel in memory, container ready)."""
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            return None
+        slot = channel.slots.get(name)
+        if slot is None or not slot.ready:
+            return None
+        self.touch(channel)
+        return slot
+
+    def using(self, channel_id: str) -> _ChannelUse:
+        """``async with``: the channel (created if need be), marked busy meanwhile."""
+        return _ChannelUse(self, channel_id)
+
+    def channel(self, channel_id: str) -> Channel:
+        """The channel in memory, created (empty) if it is not."""
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            storage = MoobiusStorage(
+                self.settings.service_id, channel_id, (), strict_mode=True, metrics=self.metrics
+            )
+            channel = self._channels[channel_id] = Channel(channel_id, storage)
+            self._peak = max(self._peak, len(self._channels))
+            self.metrics.channels.set(len(self._channels))
+            self._evict_over_limit(keep=channel)
+        self.touch(channel)
+        return channel
+
+    def touch(self, channel: Channel) -> None:
+        channel.last_used = time.monotonic()
+        self._channels.move_to_end(channel.id)
+
+    async def slot(self, channel: Channel, name: str) -> Slot:
+        """Channel's copy of container ``name``, opened and loaded (or cleared) first."""
+        runtime = self.containers[name]
+        slot = channel.slots.get(name)
+        if slot is None or slot.runtime is not runtime:
+            slot = channel.slots[name] = Slot(runtime, channel)
+        if slot.ready:
+            return slot
+        if slot.preparing is None:
+            slot.preparing = asyncio.ensure_future(self._prepare(channel, slot))
+        preparing = slot.preparing
+        try:
+            await asyncio.shield(preparing)
+        except BaseException:
+            if preparing.done() and slot.preparing is preparing:
+                slot.preparing = None  # the next request tries again
+            raise
+        return slot
+
+    async def _prepare(self, channel: Channel, slot: Slot) -> None:
+        runtime = slot.runtime
+        spec = runtime.spec
+        if slot.cached is None:
+            slot.cached = await self._open(channel, runtime)
+        if spec.clear and (channel.id, spec.name) not in self._cleared:
+            await runtime.run(slot.cached.clear)
+            self._cleared.add((channel.id, spec.name))
+        elif spec.load:
+            await runtime.run(slot.cached.load)
+        slot.ready = True
+        # Let this task go: kept, a finished task holds its coroutine and its
+        # context for as long as the channel stays in memory.
+        slot.preparing = None
+
+    async def _open(self, channel: Channel, runtime: ContainerRuntime) -> CachedDict:
+        spec = runtime.spec
+        try:
+            cached = await runtime.run(channel.storage.add_spec, runtime.unloaded_spec)
+        except ChanstoreError:
+            raise
+        except Exception as exc:
+            # Opening the backend failed (a json folder that cannot be made):
+            # a backend failure with its reason, not a crash of the request.
+            error = BackendUnavailable(
+                f"container {spec.name!r}: the {spec.implementation} backend cannot be "
+                f"opened: {exc}"
+            )
+            error.kind = error_kind(exc)
+            raise error from exc
+        if self.containers.get(spec.name) is not runtime:
+            # A reload retired this container while its backend was being opened.
+            channel.storage.remove_container(spec.name).close()
+            raise UnknownContainer(f"container {spec.name!r} was removed by a reload")
+        return cached
+
+    def drop_container(self, name: str) -> list[Slot]:
+        """Take container ``name`` out of every channel; the slots it had."""
+        slots = []
+        for channel in self._channels.values():
+            slot = channel.slots.pop(name, None)
+            if slot is not None:
+                slots.append(slot)
+                if name in channel.storage.containers:
+                    channel.storage.remove_container(name)
+        return slots
+
+    def sweep_idle(self) -> int:
+        """Drop channels unused for ``idle_timeout`` seconds; how many were dropped."""
+        deadline = time.monotonic() - self.settings.idle_timeout
+        victims = []
+        for channel in self._channels.values():  # least recently used first
+            if channel.last_used > deadline:
+                break
+            if channel.evictable():
+                victims.append(channel)
+        self._evict(victims)
+        return len(victims)
+
+    def evict_all(self) -> None:
+        self._evict(list(self._channels.values()))
+
+    def _evict_over_limit(self, keep: Channel) -> None:
+        excess = len(self._channels) - self.settings.max_channels
+        if excess > 0:
+            victims = [c for c in self._channels.values() if c is not keep and c.evictable()]
+            self._evict(victims[:excess])
+
+    def _evict(self, channels: Iterable[Channel]) -> None:
+        for channel in channels:
+            del self._channels[channel.id]
+            channel.storage.close()
+        self.metrics.channels.set(len(self._channels))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the table once most channels have left.
+
+        A dict never gives back the room it grew to when entries are deleted,
+        so after a burst of channels left it would keep a table sized for the
+        burst; a copy is sized for what is left (the LRU order is kept).
+        """
+        count = len(self._channels)
+        if count > self._peak // 4:
+            return
+        if self._peak > COMPACT_ABOVE:
+            self._channels = OrderedDict(self._channels)
+        self._peak = count
+
+
+class _ChannelUse:
+    """``async with``: the channel, marked busy so it is not dropped meanwhile."""
+
+    __slots__ = ("_channel", "_channel_id", "_table")
+
+    def __init__(self, table: ChannelTable, channel_id: str) -> None:
+        self._table = table
+        self._channel_id = channel_id
+        self._channel: Channel | None = None
+
+    async def __aenter__(self) -> Channel:
+        # Every event this request causes from here on names its channel.
+        structlog.contextvars.bind_contextvars(channel=self._channel_id)
+        self._channel = self._table.channel(self._channel_id)
+        self._channel.busy += 1
+        return self._channel
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._channel is not None
+        self._channel.busy -= 1

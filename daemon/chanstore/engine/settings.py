@@ -1,0 +1,23 @@
+"""What the daemon's storage side is told: the part of the daemon's settings it uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineSettings"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Limits and names for the channels in memory and their backends."""
+
+    #: The ``service_<id>`` part of every domain.
+    service_id: str = "chanstore"
+    #: Seconds after which an unused channel leaves memory.
+    idle_timeout: float = 300.0
+    #: Channels kept in memory at most; the idlest leave first.
+    max_channels: int = 100_000
+    #: Write queues per container.
+    write_lanes: int = 1
+    #: Seconds a request waits for a backend before it fails.
+    backend_timeout: float = 10.0

@@ -1,0 +1,163 @@
+"""Reads and writes of channels' keys: what the HTTP layer asks of the storage side.
+
+Reads of cached keys are answered from memory, on the event loop, as
+already-encoded bodies (:meth:`Store.cached_body`); anything else reads the
+backend on the container's threads. Writes go onto the container's write
+lanes (:mod:`chanstore.engine.lanes`) and are acknowledged once stored.
+
+Every failure is an exception carrying its kind: :class:`UnknownContainer`,
+:class:`~chanstore.errors.BackendError` and its subclasses; the HTTP layer
+words them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections.abc import Mapping
+from typing import Any
+
+from chanstore.cache import ABSENT, UNKNOWN
+from chanstore.engine.channels import ChannelTable, Slot, encode_body
+from chanstore.engine.containers import Containers
+from chanstore.engine.lanes import Write
+
+__all__ = ["ABSENT", "Store"]
+
+
+class Store:
+    """The keys of every channel, read from memory or the backends, written through lanes."""
+
+    def __init__(self, table: ChannelTable, containers: Containers) -> None:
+        self.table = table
+        self.containers = containers
+
+    def check_container(self, name: str) -> None:
+        """Raise UnknownContainer unless the running db_config has container ``name``."""
+        self.containers[name]
+
+    # -- reading -------------------------------------------------------------
+
+    def cached_body(self, channel_id: str, name: str, key: str) -> Any:
+        """The body of ``key`` answered from memory alone: bytes, ABSENT, or None to ask
+        :meth:`read_body` (the channel or container is not in memory, or the key is not)."""
+        slot = self.table.ready_slot(channel_id, name)
+        if slot is None:
+            return None
+        value = slot.cached.memory.peek(key)  # type: ignore[union-attr]
+        if value is UNKNOWN:
+            return None
+        return ABSENT if value is ABSENT else slot.body_of(key, value)
+
+    async def read_body(self, channel_id: str, name: str, key: str) -> Any:
+        """The body of ``key`` (bytes), or ABSENT."""
+        async with self.table.using(channel_id) as channel:
+            slot = await self.table.slot(channel, name)
+            cached = slot.cached
+            assert cached is not None
+            value = cached.memory.peek(key)
+            if value is UNKNOWN:
+                value = await slot.runtime.run(cached.fetch, key)
+                # Encoded now but not kept: a write may have landed meanwhile, and
+                # the next read answers from memory anyway.
+                return ABSENT if value is ABSENT else encode_body(value)
+            return ABSENT if value is ABSENT else slot.body_of(key, value)
+
+    async def get_many(self, channel_id: str, name: str, keys: list[str]) -> dict[str, Any]:
+        """The values of those ``keys`` that exist."""
+        async with self.table.using(channel_id) as channel:
+            slot = await self.table.slot(channel, name)
+            cached = slot.cached
+            assert cached is not None
+            found: dict[str, Any] = {}
+            unknown: list[str] = []
+            for key in keys:
+                value = cached.memory.peek(key)
+                if value is UNKNOWN:
+                    unknown.append(key)
+                elif value is not ABSENT:
+                    found[key] = value
+            if unknown:
+                found.update(await slot.runtime.run(cached.fetch_many, unknown))
+            return found
+
+    async def keys_page(
+        self, channel_id: str, name: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """Up to ``limit`` keys after ``after`` in key order, and the cursor of the next page."""
+        async with self.table.using(channel_id) as channel:
+            slot = await self.table.slot(channel, name)
+            cached = slot.cached
+            assert cached is not None
+            if cached.memory.complete:
+                keys = slot.page(after, limit + 1)
+            else:
+                keys = await slot.runtime.run(_page_of_backend, cached, after, limit + 1)
+        if len(keys) > limit:
+            return keys[:limit], keys[limit - 1]
+        return keys, None
+
+    # -- writing -------------------------------------------------------------
+
+    def write(self, channel_id: str, name: str, key: str, value: Any, *, delete: bool = False,
+              request_id: str = "") -> asyncio.Future[bool]:  # fmt: skip
+        """Store ``value`` (or delete ``key``): a future, True once stored (for a delete:
+        whether the key existed). Queued at once when the channel's container is in memory."""
+        slot = self.table.ready_slot(channel_id, name)
+        if slot is None or self.containers.get(name) is not slot.runtime:
+            return asyncio.ensure_future(
+                self._write_later(channel_id, name, [(key, value, delete)], request_id)
+            )
+        return self._submit(slot, key, value, delete, request_id)
+
+    async def put_many(self, channel_id: str, name: str, items: Mapping[str, Any],
+                       request_id: str = "") -> None:  # fmt: skip
+        """Store every item; returns once the backend holds them all."""
+        writes = [(key, value, False) for key, value in items.items()]
+        await self._write_many(channel_id, name, writes, request_id)
+
+    async def delete_many(self, channel_id: str, name: str, keys: list[str],
+                          request_id: str = "") -> list[str]:  # fmt: skip
+        """Delete ``keys``; those that existed."""
+        writes = [(key, None, True) for key in keys]
+        existed = await self._write_many(channel_id, name, writes, request_id)
+        return [key for key, was in zip(keys, existed, strict=True) if was]
+
+    async def _write_later(self, channel_id: str, name: str, writes: list[tuple[str, Any, bool]],
+                           request_id: str) -> bool:  # fmt: skip
+        (result,) = await self._write_many(channel_id, name, writes, request_id)
+        return result
+
+    async def _write_many(self, channel_id: str, name: str, writes: list[tuple[str, Any, bool]],
+                          request_id: str) -> list[bool]:  # fmt: skip
+        async with self.table.using(channel_id) as channel:
+            slot = await self.table.slot(channel, name)
+            futures = [self._submit(slot, key, value, delete, request_id)
+                       for key, value, delete in writes]  # fmt: skip
+            return await _all(futures)
+
+    def _submit(self, slot: Slot, key: str, value: Any, delete: bool,
+                request_id: str) -> asyncio.Future[bool]:  # fmt: skip
+        cached = slot.cached
+        assert cached is not None
+        if delete and cached.memory.peek(key) is ABSENT:
+            # Deleting what the complete cache knows is absent.
+            absent: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            absent.set_result(False)
+            return absent
+        slot.channel.busy += 1
+        write = Write(cached.database, key, value, delete, slot, request_id)
+        return slot.runtime.lanes.submit(write)
+
+
+async def _all(futures: list[asyncio.Future[bool]]) -> list[bool]:
+    if len(futures) == 1:
+        return [await futures[0]]
+    return list(await asyncio.gather(*futures))
+
+
+def _page_of_backend(cached: Any, after: str | None, limit: int) -> list[str]:
+    """A page of a container that is not all in memory, read from its backend."""
+    keys = sorted(set(cached.database.all_keys()))
+    start = 0 if after is None else bisect.bisect_right(keys, after)
+    return keys[start : start + limit]

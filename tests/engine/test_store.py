@@ -1,0 +1,188 @@
+"""The storage side's reads and writes, in-process: what every HTTP request ends up asking."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chanstore.codec import Document
+from chanstore.engine import ABSENT, Engine, UnknownContainer
+from chanstore.metrics import Metrics
+from support import files_under, unwritable
+
+
+def run(coroutine_function: Callable[[], object]) -> object:
+    return asyncio.run(asyncio.wait_for(coroutine_function(), 30))  # type: ignore[arg-type]
+
+
+def test_a_write_is_acknowledged_once_stored_and_then_read_from_memory(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    """A PUT's future is True once the file holds the value; the next read needs no backend."""
+
+    async def main() -> None:
+        engine = make_engine()
+        store = engine.store
+        assert store.cached_body("c1", "stats", "hp") is None  # the channel is not in memory
+        assert await store.write("c1", "stats", "hp", Document({"hp": 3})) is True
+        assert list((tmp_path / "data").rglob("hp.json"))
+        assert store.cached_body("c1", "stats", "hp") == b'{"hp":3}'
+        assert store.cached_body("c1", "stats", "other") is ABSENT  # the cache is complete
+        await engine.close()
+
+    run(main)
+
+
+def test_a_document_shaped_like_a_type_mark_is_stored_as_it_is(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """What a client PUTs is what a GET answers, even a dict that looks like a mark."""
+    document = {"_moobius_type": "builtins.set", "_moobius_val": [2, 1]}
+
+    async def main() -> None:
+        engine = make_engine()
+        await engine.store.write("c1", "stats", "tags", Document(document))
+        await engine.close()
+        again = make_engine()
+        assert await again.store.read_body("c1", "stats", "tags") == (
+            b'{"_moobius_type":"builtins.set","_moobius_val":[1,2]}'
+        )  # read back by the library as a set: its members in set order
+        await again.close()
+
+    run(main)
+
+
+def test_reads_of_an_unknown_channel_create_nothing_on_disk(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    """A scan of random channel ids must not grow the data tree."""
+
+    async def main() -> None:
+        engine = make_engine()
+        for number in range(20):
+            assert await engine.store.read_body(f"random-{number}", "stats", "k") is ABSENT
+            assert await engine.store.read_body(f"random-{number}", "log", "k") is ABSENT
+            assert await engine.store.keys_page(f"random-{number}", "log", None, 10) == ([], None)
+        await engine.close()
+
+    run(main)
+    assert not (tmp_path / "data").exists(), files_under(tmp_path / "data")
+
+
+@pytest.mark.parametrize("container", ["stats", "log"])
+def test_pages_list_every_key_once_in_key_order(
+    make_engine: Callable[..., Engine], container: str
+) -> None:
+    """Loaded or not, a container's keys come in pages that end with next = None."""
+    keys = [f"k{number:03d}" for number in range(25)] + ["Z", "é", "a/b"]
+
+    async def main() -> list[str]:
+        engine = make_engine()
+        await engine.store.put_many("c1", container, {key: Document(1) for key in keys})
+        seen: list[str] = []
+        after = None
+        for _ in range(100):
+            page, after = await engine.store.keys_page("c1", container, after, 7)
+            seen.extend(page)
+            if after is None:
+                break
+        await engine.store.write("c1", container, "k000", None, delete=True)
+        first, _ = await engine.store.keys_page("c1", container, None, 2)
+        await engine.close()
+        assert first == [key for key in sorted(keys) if key != "k000"][:2]
+        return seen
+
+    assert run(main) == sorted(keys)
+
+
+def test_deleting_an_absent_key_says_so_and_stores_nothing(
+    make_engine: Callable[..., Engine],
+) -> None:
+    async def main() -> None:
+        engine = make_engine()
+        assert await engine.store.write("c1", "stats", "nope", None, delete=True) is False
+        assert await engine.store.write("c1", "log", "nope", None, delete=True) is False
+        await engine.store.write("c1", "log", "yes", Document(1))
+        assert await engine.store.write("c1", "log", "yes", None, delete=True) is True
+        assert await engine.store.read_body("c1", "log", "yes") is ABSENT
+        await engine.close()
+
+    run(main)
+
+
+def test_an_unknown_container_is_an_error_that_lists_the_served_ones(
+    make_engine: Callable[..., Engine],
+) -> None:
+    async def main() -> None:
+        engine = make_engine()
+        with pytest.raises(UnknownContainer, match="serves: stats, log"):
+            await engine.store.read_body("c1", "nope", "k")
+        with pytest.raises(UnknownContainer):
+            engine.store.check_container("nope")
+        await engine.close()
+
+    run(main)
+
+
+def test_a_refused_write_fails_its_future_and_the_cache_stops_answering_for_the_key(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    """A disk that refuses writes: the write fails (never acknowledged), readiness says why."""
+
+    async def main() -> None:
+        engine = make_engine()
+        await engine.store.write("c1", "stats", "hp", Document(1))
+        with unwritable(tmp_path / "data"):
+            with pytest.raises(Exception) as failure:
+                await engine.store.write("c1", "stats", "hp", Document(2))
+            assert getattr(failure.value, "kind", None) in ("permission", "read_only")
+            problems = await engine.readiness.check()
+            # Both containers live under that root; each is named with a kind, never a path.
+            assert set(problems) == {"stats", "log"}
+            assert all(kind.isidentifier() for kind in problems.values()), problems
+        assert engine.store.cached_body("c1", "stats", "hp") is None  # asks the backend
+        assert await engine.store.read_body("c1", "stats", "hp") == b"1"
+        await engine.close()
+
+    run(main)
+
+
+def test_writes_queued_together_are_stored_in_one_batch(
+    make_engine: Callable[..., Engine], metrics: Metrics
+) -> None:
+    """Many channels' writes that queue while a batch is stored share the next one."""
+
+    async def main() -> None:
+        engine = make_engine()
+        await engine.store.write("warm", "stats", "k", Document(0))
+        futures = [engine.store.write(f"c{n}", "stats", "k", Document(n)) for n in range(50)]
+        assert await asyncio.gather(*futures) == [True] * 50
+        for n in range(50):
+            assert engine.store.cached_body(f"c{n}", "stats", "k") == str(n).encode()
+        await engine.close()
+
+    run(main)
+    batches = metrics.registry.get_sample_value(
+        "chanstore_backend_operation_duration_seconds_count",
+        {"backend": "json", "container": "stats", "operation": "set_many"},
+    )
+    assert batches is not None and batches >= 50  # each channel's share is measured
+
+
+def test_idle_channels_leave_memory_and_their_data_stays(
+    make_engine: Callable[..., Engine],
+) -> None:
+    async def main() -> None:
+        engine = make_engine(idle_timeout=0.1)
+        await engine.store.write("c1", "stats", "k", Document("v"))
+        assert len(engine.channels) == 1
+        await asyncio.sleep(0.2)
+        assert engine.sweep_idle() == 1
+        assert len(engine.channels) == 0
+        assert await engine.store.read_body("c1", "stats", "k") == b'"v"'
+        await engine.close()
+
+    run(main)
