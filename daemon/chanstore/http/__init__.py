@@ -1,0 +1,42 @@
+"""The HTTP side: the API defined once, and the connection protocol that serves it.
+
+:func:`build_api` puts the routes together; :class:`~chanstore.http.protocol.HttpProtocol`
+serves them on each connection, within the :class:`~chanstore.http.connections.Limits`.
+Nothing here knows how the daemon is started or reloaded: the server hands
+in what the routes need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chanstore.engine import Store
+from chanstore.http.api import Api, Routes
+from chanstore.http.auth import BearerToken
+from chanstore.http.handlers import DataHandlers, OpsHandlers, Verdict
+from chanstore.metrics import Metrics
+
+__all__ = ["Api", "BearerToken", "Verdict", "build_api"]
+
+
+def build_api(store: Store, token: BearerToken, metrics: Metrics, *,
+              readiness: Callable[[], Awaitable[dict[str, str]]],
+              reload: Callable[[str], Awaitable[Verdict]],
+              containers: Callable[[], list[dict[str, Any]]]) -> Api:  # fmt: skip
+    """The API over ``store``, with the operations routes calling the given functions."""
+    data = DataHandlers(store)
+    ops = OpsHandlers(metrics, readiness=readiness, reload=reload, containers=containers)
+    routes = Routes(
+        key={"GET": data.get_key, "PUT": data.put_key, "DELETE": data.delete_key},
+        container={"GET": data.list_keys},
+        bulk={"get": data.bulk_get, "set": data.bulk_set, "delete": data.bulk_delete},
+        fixed={
+            "/metrics": {"GET": ops.metrics_page},
+            "/healthz": {"GET": ops.healthz},
+            "/readyz": {"GET": ops.readyz},
+            "/-/reload": {"POST": ops.reload},
+            "/v1/containers": {"GET": ops.containers},
+        },
+    )
+    return Api(routes, token, metrics)

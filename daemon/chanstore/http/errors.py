@@ -1,0 +1,63 @@
+"""The HTTP layer's one error model: every answer other than success is an :class:`HttpError`.
+
+Inside chanstore a failure is an exception carrying its ``kind``;
+:func:`error_for` is the one place that words any of them as an HTTP answer
+(status, a JSON body with a machine-readable ``code``, and headers).
+"""
+
+from __future__ import annotations
+
+import json
+
+from chanstore.engine import UnknownContainer
+from chanstore.errors import BackendError, ChanstoreError, CorruptValue
+
+__all__ = ["HttpError", "error_for"]
+
+#: The code of each status when nothing more precise is known.
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "no_route",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    431: "header_too_large",
+    500: "internal",
+    503: "backend_unavailable",
+}
+
+
+class HttpError(Exception):
+    """An answer other than success: status, message, a machine-readable code, headers."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
+                 *, code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or CODES.get(status, "error")
+        self.headers = headers or []
+
+    def body(self) -> bytes:
+        """The JSON error body: ``{"error": message, "code": code}``."""
+        return json.dumps({"error": self.message, "code": self.code}, separators=(",", ":"),
+                          ensure_ascii=False).encode()  # fmt: skip
+
+
+def error_for(exc: BaseException) -> HttpError:
+    """The answer to a failed request. Anything chanstore did not raise on purpose is
+    raised again: a crash, which the caller logs and answers with a 500."""
+    if isinstance(exc, HttpError):
+        return exc
+    if isinstance(exc, UnknownContainer):
+        return HttpError(404, str(exc), code="unknown_container")
+    if isinstance(exc, CorruptValue):
+        return HttpError(500, f"stored data is damaged: {exc}", code="corrupt")
+    if isinstance(exc, BackendError):
+        return HttpError(503, f"backend failure ({exc.kind}): {exc}", code="backend_unavailable")
+    if isinstance(exc, ChanstoreError) and isinstance(exc, ValueError):
+        return HttpError(400, str(exc))
+    if isinstance(exc, ChanstoreError):
+        return HttpError(503, f"backend failure ({exc.kind}): {exc}", code="backend_unavailable")
+    raise exc

@@ -1,0 +1,217 @@
+"""The handlers of the API's routes: they check what a request names and ask the store.
+
+A handler returns a :class:`~chanstore.http.messages.Response` when it can
+answer at once, a :class:`~chanstore.http.api.Later` for a single-key write
+(answered from the write lane's future), or a coroutine. Failures are raised
+as exceptions and worded by the API in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from chanstore.codec import Document, to_json_shape
+from chanstore.engine import ABSENT, Store
+from chanstore.http.api import Later
+from chanstore.http.bodies import json_body, parse_json, parse_value
+from chanstore.http.errors import HttpError
+from chanstore.http.messages import Request, Response
+from chanstore.keys import check_channel_id, check_key
+from chanstore.metrics import Metrics
+
+__all__ = ["DataHandlers", "OpsHandlers", "Verdict"]
+
+#: Keys a bulk request may name at most.
+MAX_BULK_KEYS = 10_000
+#: Keys one page of a listing holds by default, and at most.
+DEFAULT_PAGE = 1_000
+MAX_PAGE = 10_000
+_OK = Response(200, b'{"ok":true}')
+
+
+class DataHandlers:
+    """``/v1``: the keys of channels' containers."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- one key --------------------------------------------------------------
+
+    def get_key(self, request: Request) -> Any:
+        channel, container, key = request.segments[2:5]
+        body = self.store.cached_body(channel, container, key)
+        if body is not None and body is not ABSENT:
+            # No checks needed: only a valid channel, container and key reach memory.
+            return Response(200, body)
+        self._check_address(channel, container, key)
+        if body is ABSENT:
+            raise _not_found(key, container)
+        return self._read(channel, container, key)
+
+    async def _read(self, channel: str, container: str, key: str) -> Response:
+        body = await self.store.read_body(channel, container, key)
+        if body is ABSENT:
+            raise _not_found(key, container)
+        return Response(200, body)
+
+    def put_key(self, request: Request) -> Later:
+        channel, container, key = request.segments[2:5]
+        self._check_address(channel, container, key)
+        value = parse_value(request.body)
+        future = self.store.write(channel, container, key, value, request_id=request.request_id)
+        return Later(future, _stored)
+
+    def delete_key(self, request: Request) -> Later:
+        channel, container, key = request.segments[2:5]
+        self._check_address(channel, container, key)
+        future = self.store.write(channel, container, key, None, delete=True,
+                                  request_id=request.request_id)  # fmt: skip
+        return Later(future, _deleted_answer(key, container))
+
+    # -- a container ------------------------------------------------------------
+
+    async def list_keys(self, request: Request) -> Response:
+        channel, container = self._channel_and_container(request)
+        params = request.query_params()
+        limit = _limit(params.get("limit"))
+        after = params.get("after")
+        if after is not None:
+            _checked(check_key, after, "after")
+        keys, following = await self.store.keys_page(channel, container, after, limit)
+        return Response(200, json_body({"keys": keys, "next": following}))
+
+    async def bulk_get(self, request: Request) -> Response:
+        channel, container = self._channel_and_container(request)
+        keys = _key_list(_object_body(request), "keys")
+        values = await self.store.get_many(channel, container, keys)
+        missing = [key for key in keys if key not in values]
+        shaped = {key: to_json_shape(value) for key, value in values.items()}
+        return Response(200, json_body({"values": shaped, "missing": missing}))
+
+    async def bulk_set(self, request: Request) -> Response:
+        channel, container = self._channel_and_container(request)
+        values = _object_body(request).get("values")
+        if not isinstance(values, dict):
+            raise HttpError(400, 'expected {"values": {key: value, ...}}')
+        _key_list({"keys": list(values)}, "keys")
+        documents = {key: Document(value) for key, value in values.items()}
+        await self.store.put_many(channel, container, documents, request.request_id)
+        return Response(200, json_body({"stored": list(values)}))
+
+    async def bulk_delete(self, request: Request) -> Response:
+        channel, container = self._channel_and_container(request)
+        keys = _key_list(_object_body(request), "keys")
+        deleted = await self.store.delete_many(channel, container, keys, request.request_id)
+        gone = set(deleted)
+        missing = [key for key in keys if key not in gone]
+        return Response(200, json_body({"deleted": deleted, "missing": missing}))
+
+    # -- checks -------------------------------------------------------------------
+
+    def _check_address(self, channel: str, container: str, key: str) -> None:
+        _checked(check_channel_id, channel, "channel id")
+        self.store.check_container(container)
+        _checked(check_key, key, "key")
+
+    def _channel_and_container(self, request: Request) -> tuple[str, str]:
+        channel, container = request.segments[2:4]
+        _checked(check_channel_id, channel, "channel id")
+        self.store.check_container(container)
+        return channel, container
+
+
+class Verdict(Protocol):
+    """A reload's outcome, as the server words it."""
+
+    ok: bool
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class OpsHandlers:
+    """Routes for operators and orchestrators: metrics, health, readiness, reload."""
+
+    def __init__(self, metrics: Metrics, *, readiness: Callable[[], Awaitable[dict[str, str]]],
+                 reload: Callable[[str], Awaitable[Verdict]],
+                 containers: Callable[[], list[dict[str, Any]]]) -> None:  # fmt: skip
+        self.metrics = metrics
+        self._readiness = readiness
+        self._reload = reload
+        self._containers = containers
+
+    def metrics_page(self, request: Request) -> Response:
+        self.metrics.fold()
+        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode())
+
+    def healthz(self, request: Request) -> Response:
+        return Response(200, json_body({"status": "serving", "pid": os.getpid()}))
+
+    async def readyz(self, request: Request) -> Response:
+        problems = await self._readiness()
+        if problems:
+            return Response(503, json_body({"status": "not ready", "problems": problems}))
+        return Response(200, json_body({"status": "ready"}))
+
+    async def reload(self, request: Request) -> Response:
+        verdict = await self._reload("http")
+        return Response(200 if verdict.ok else 400, json_body(verdict.as_dict()))
+
+    def containers(self, request: Request) -> Response:
+        return Response(200, json_body({"containers": self._containers()}))
+
+
+def _stored(_result: bool) -> Response:
+    return _OK
+
+
+def _deleted_answer(key: str, container: str) -> Callable[[bool], Response]:
+    def answer(existed: bool) -> Response:
+        if not existed:
+            raise _not_found(key, container)
+        return _OK
+
+    return answer
+
+
+def _not_found(key: str, container: str) -> HttpError:
+    return HttpError(404, f"key {key[:200]!r} is not in {container[:200]!r} of this channel",
+                     code="not_found")  # fmt: skip
+
+
+def _checked(check: Callable[..., Any], text: str, what: str) -> None:
+    """400 with ``check``'s reason when ``text`` is not a valid ``what``."""
+    try:
+        check(text)
+    except ValueError as exc:
+        raise HttpError(400, f"invalid {what}: {exc}") from None
+
+
+def _object_body(request: Request) -> dict[str, Any]:
+    body = parse_json(request.body)
+    if not isinstance(body, dict):
+        raise HttpError(400, "expected a JSON object as the body")
+    return body
+
+
+def _key_list(body: dict[str, Any], field: str) -> list[str]:
+    keys = body.get(field)
+    if not isinstance(keys, list):
+        raise HttpError(400, f'expected {{"{field}": ["key", ...]}}')
+    if len(keys) > MAX_BULK_KEYS:
+        raise HttpError(400, f"{len(keys)} keys in one request; the limit is {MAX_BULK_KEYS}")
+    for key in keys:
+        _checked(check_key, key, "key")
+    return keys
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        expected = f"a whole number from 1 to {MAX_PAGE}"
+        raise HttpError(400, f"limit must be {expected}, not {text[:20]!r}")
+    return int(text)

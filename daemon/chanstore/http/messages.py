@@ -1,0 +1,109 @@
+"""Requests and responses as the API sees them: plain objects, no I/O.
+
+The connection protocol (:mod:`chanstore.http.protocol`) fills in a
+:class:`Request` as the parser reads it and writes each :class:`Response`
+with one system call; handlers see neither sockets nor parsers.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+from chanstore.http.errors import HttpError
+
+__all__ = ["JSON_TYPE", "Request", "Response"]
+
+JSON_TYPE = b"application/json"
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_OK_JSON = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+
+
+class Request:
+    """One HTTP request: method, raw path and query, headers, the whole body."""
+
+    __slots__ = ("_segments", "body", "headers", "keep_alive", "method", "path", "query",
+                 "request_id", "started", "version")  # fmt: skip
+
+    def __init__(self, method: str, path: bytes, query: bytes = b"",
+                 headers: list[tuple[bytes, bytes]] | None = None, body: bytes = b"", *,
+                 keep_alive: bool = True, started: float = 0.0) -> None:  # fmt: skip
+        self.method = method
+        self.path = path
+        self.query = query
+        #: Header names are lower case; values have no surrounding white space.
+        self.headers = headers if headers is not None else []
+        self.body = body
+        self.keep_alive = keep_alive
+        self.started = started
+        self.request_id = ""
+        #: The HTTP version, as the parser says it ("1.1", "1.0").
+        self.version = "1.1"
+        self._segments: list[str] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of header ``name`` (lower case); None when absent."""
+        for header, value in self.headers:
+            if header == name:
+                return value
+        return None
+
+    @property
+    def segments(self) -> list[str]:
+        """The path's segments, each percent-decoded exactly once, as UTF-8 text."""
+        if self._segments is None:
+            self._segments = split_path(self.path)
+        return self._segments
+
+    def query_params(self) -> dict[str, str]:
+        """The query's parameters (the last of each name), percent-decoded."""
+        try:
+            text = self.query.decode("utf-8")
+            return dict(parse_qsl(text, keep_blank_values=True, errors="strict"))
+        except UnicodeDecodeError:
+            raise HttpError(400, "the query is not valid UTF-8 once percent-decoded") from None
+
+
+def split_path(path: bytes) -> list[str]:
+    """``path``'s segments, each percent-decoded exactly once, as UTF-8 text."""
+    try:
+        if b"%" not in path:
+            # Nothing to decode (the usual case): "/" is ASCII, so splitting before
+            # or after decoding UTF-8 is the same.
+            return path.decode("utf-8").split("/")[1:]
+        return [unquote_to_bytes(part).decode("utf-8") for part in path.split(b"/")[1:]]
+    except UnicodeDecodeError:
+        raise HttpError(400, "the path is not valid UTF-8 once percent-decoded") from None
+
+
+class Response:
+    """An answer: status, body, content type and any extra headers."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: bytes = JSON_TYPE,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+    @classmethod
+    def of_error(cls, error: HttpError) -> Response:
+        return cls(error.status, error.body(), JSON_TYPE, error.headers or None)
+
+    def encode(self, request_id: str, *, keep_alive: bool = True, head: bool = False) -> bytes:
+        """The whole response as bytes, to be written with one call; ``head``: no body."""
+        body = self.body
+        if self.status == 200 and self.content_type is JSON_TYPE and self.headers is None:
+            start = _OK_JSON % len(body)
+        else:
+            reason = _REASONS.get(self.status, b"Unknown")
+            start = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (
+                self.status, reason, self.content_type, len(body))  # fmt: skip
+            if self.headers:
+                start += b"".join(b"%s: %s\r\n" % header for header in self.headers)
+        if not keep_alive:
+            start += b"connection: close\r\n"
+        end = b"\r\n" if head else b"\r\n" + body
+        return b"%sx-request-id: %s\r\n%s" % (start, request_id.encode(), end)

@@ -1,0 +1,395 @@
+"""The HTTP/1.1 connection protocol, on httptools: the one door every request comes through.
+
+:class:`HttpProtocol` reads requests with httptools' parser and hands each
+complete one to :meth:`Api.handle <chanstore.http.api.Api.handle>`; it owns
+everything about the connection and nothing about the API:
+
+* **Order.** Requests are answered one at a time, in the order they came:
+  a pipelined request is dispatched only once the one before it is answered,
+  so a PUT then a GET of the same key reads the new value, and an error for
+  a later request (a parse error, a head too large) never overtakes an
+  earlier answer.
+* **Bounds.** A head over ``max_header_bytes`` is a 431, a body over
+  ``max_body_bytes`` a 413 (before it is read, when its length is known);
+  at most ``max_pipelined`` requests are read ahead of their answers.
+  Deadlines (head, body, keep-alive) are kept by
+  :class:`~chanstore.http.connections.Connections`' sweep.
+* **Backpressure both ways.** While the socket's write buffer is full, the
+  connection neither reads nor answers: a client that never reads holds one
+  buffer of answers, not all of them.
+* **HTTP/1.1 as clients speak it.** Keep-alive, HTTP/1.0, chunked bodies,
+  ``Expect: 100-continue``, HEAD. Requests the parser rejects, and requests
+  HTTP/1.1 forbids (no ``Host``, two ``Authorization`` headers), get a JSON
+  400 counted like any answer, and the connection closes after it.
+
+Each answer is written with one system call; answers made while one read is
+parsed (pipelined cached reads) go out together with one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import httptools
+
+from chanstore import logs
+from chanstore.http.api import Api
+from chanstore.http.connections import Connections, Limits
+from chanstore.http.errors import HttpError
+from chanstore.http.messages import Request, Response
+
+__all__ = ["HttpProtocol"]
+
+log = logs.get_logger()
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TOO_MANY = Response(503, HttpError(503, "too many connections; try again shortly",
+                                    code="too_many_connections").body())  # fmt: skip
+# Phases of the request being read.
+_IDLE, _HEAD, _BODY = 0, 1, 2
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing the rest of what was read."""
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection."""
+
+    def __init__(self, api: Api, connections: Connections) -> None:
+        self.api = api
+        self.connections = connections
+        self.limits: Limits = connections.limits
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        # The request being read.
+        self.phase = _IDLE
+        self.phase_since = 0.0
+        self.head_bytes = 0
+        self.head_read = 0
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.request: Request | None = None
+        self.awaiting_continue = False
+        # Requests read, waiting for their turn; each with the error that answers it, if any.
+        self.queue: deque[tuple[Request, HttpError | None]] = deque()
+        self.in_flight: Request | None = None
+        self.served = 0
+        self.writes: list[bytes] | None = None  # collected while a read is parsed
+        self.reading = True
+        self.write_paused = False
+        self.paused_since = 0.0
+        self.input_closed = False  # nothing more is read: the connection closes after its answers
+        self.closed = False
+        #: Why the connection will close, when the daemon decided it (a timeout, shutdown).
+        self.end_reason: str | None = None
+        self._pumping = False
+        self._begun_in_read = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.phase_since = self.connections.now
+        if not self.connections.admit(self):
+            self.closed = True
+            self.connections.refused()
+            transport.write(_TOO_MANY.encode("-", keep_alive=False))
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.input_closed or self.closed:
+            return
+        self.connections.active(self)
+        in_head = self.phase == _HEAD
+        self._begun_in_read = False
+        self.writes = []
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.input_closed = True  # the request was answered; no other protocol is spoken
+        except httptools.HttpParserError as exc:
+            if not self.input_closed:
+                self._refuse_current(HttpError(400, f"malformed request: {_reason(exc)}"))
+        finally:
+            self._flush()
+            self.writes = None
+        if in_head and self.phase == _HEAD and not self._begun_in_read and not self.input_closed:
+            # A head that spans reads: httptools holds its unfinished header itself,
+            # so the reads are what bounds it.
+            self.head_read += len(data)
+            if self.head_read > self.limits.max_header_bytes:
+                self._head_too_large()
+        self._after_write()
+
+    def eof_received(self) -> bool | None:
+        self.input_closed = True
+        if self.in_flight is None and not self.queue:
+            self.close_for("client")
+        return True  # keep the transport open to write what is still being answered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.connections.closed(self, "client" if exc is None else "error")
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.paused_since = self.connections.now
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._resume_reading()
+        self._pump()
+
+    # -- httptools callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begun_in_read = True
+        self.phase = _HEAD
+        self.phase_since = self.connections.now
+        self.head_bytes = self.head_read = 0
+        self.url = b""
+        self.headers = []
+        self.body = []
+        self.body_size = 0
+        self.request = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        self.headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        path, _, query = self.url.partition(b"?")
+        request = self.request = Request(
+            parser.get_method().decode("ascii", "replace"), path.partition(b"#")[0], query,
+            self.headers, keep_alive=parser.should_keep_alive(), started=time.perf_counter(),
+        )  # fmt: skip
+        request.version = parser.get_http_version()
+        self.phase = _BODY
+        self.phase_since = self.connections.now
+        refusal = self._refusal(request)
+        if refusal is not None:
+            self._refuse_current(refusal)
+            raise _Stop
+        if request.header(b"expect") == b"100-continue":
+            if self.in_flight is None and not self.queue:
+                self._write(_CONTINUE)
+            else:
+                self.awaiting_continue = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.limits.max_body_bytes:
+            limit = self.limits.max_body_bytes
+            self._refuse_current(HttpError(413, f"the body is over the limit of {limit} bytes"))
+            raise _Stop
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        body = self.body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        self.body = []
+        self.request = None
+        self.phase = _IDLE
+        self.phase_since = self.connections.now
+        self.awaiting_continue = False
+        self.queue.append((request, None))
+        if len(self.queue) >= self.limits.max_pipelined:
+            self._pause_reading()
+        self._pump()
+
+    # -- answering -------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Dispatch queued requests, one at a time, while answers can be written."""
+        if self._pumping:
+            return  # an answer given during a dispatch: the loop below goes on
+        self._pumping = True
+        try:
+            while self.queue and self.in_flight is None and not self.write_paused:
+                request, refusal = self.queue.popleft()
+                self.in_flight = request
+                if refusal is None:
+                    self.api.handle(request, self._respond)
+                else:
+                    self.api.refuse(request, refusal, self._respond)
+        finally:
+            self._pumping = False
+        if not self.queue and self.reading is False and not self.write_paused:
+            self._resume_reading()
+
+    def _respond(self, request: Request, response: Response) -> None:
+        """Write the answer to the request in flight; then the next one's turn."""
+        if self.closed or request is not self.in_flight:
+            return  # the client left meanwhile
+        self.in_flight = None
+        self.served += 1
+        last = self.input_closed and not self.queue
+        keep_alive = request.keep_alive and not last
+        data = response.encode(request.request_id, keep_alive=keep_alive,
+                               head=request.method == "HEAD")  # fmt: skip
+        if keep_alive and request.version == "1.0":
+            data = data.replace(b"\r\n", b"\r\nconnection: keep-alive\r\n", 1)
+        self._write(data)
+        self.phase_since = self.connections.now
+        if not keep_alive:
+            self.close_for("client")
+            return
+        if self.awaiting_continue and not self.queue:
+            self.awaiting_continue = False
+            self._write(_CONTINUE)
+        if not self._pumping:
+            self._pump()
+            self._after_write()
+
+    def _write(self, data: bytes) -> None:
+        if self.writes is not None:
+            self.writes.append(data)
+        elif not self.closed:
+            self.transport.write(data)
+
+    def _flush(self) -> None:
+        """Write the answers collected while a read was parsed, with one call."""
+        writes = self.writes
+        if writes and not self.closed:
+            self.writes = []
+            self.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
+
+    def _after_write(self) -> None:
+        """Close a connection whose input ended once its last answer is out."""
+        if self.input_closed and self.in_flight is None and not self.queue and not self.closed:
+            self.close_for("client")
+
+    # -- refusals --------------------------------------------------------------------
+
+    def _refusal(self, request: Request) -> HttpError | None:
+        """What the connection itself refuses about a request whose head has arrived."""
+        headers = request.headers
+        if request.version == "1.1" and request.header(b"host") is None:
+            return HttpError(400, "an HTTP/1.1 request must have a Host header")
+        if sum(1 for name, _ in headers if name == b"authorization") > 1:
+            return HttpError(400, "more than one Authorization header")
+        length = request.header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            limit = self.limits.max_body_bytes
+            return HttpError(413, f"the body is {int(length)} bytes; the limit is {limit}")
+        if request.header(b"expect") == b"100-continue":
+            return self.api.precheck(request)
+        return None
+
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > self.limits.max_header_bytes:
+            self._head_too_large()
+            raise _Stop
+
+    def _head_too_large(self) -> None:
+        limit = self.limits.max_header_bytes
+        self._refuse_current(HttpError(431, f"the request head is over {limit} bytes"))
+
+    def _refuse_current(self, error: HttpError) -> None:
+        """Answer the request being read with ``error`` in its turn, then close."""
+        if self.input_closed:
+            return
+        self.input_closed = True
+        self._pause_reading()
+        request = self.request or self._partial_request()
+        request.keep_alive = False
+        self.request = None
+        self.phase = _IDLE
+        self.queue.append((request, error))
+        self._pump()
+
+    def _partial_request(self) -> Request:
+        """The request being read as far as it got: for counting and logging its refusal."""
+        path = self.url.partition(b"?")[0] or b"/"
+        # The parser's method is only known once the URL began (before, it reads as DELETE).
+        method = self.parser.get_method().decode("ascii", "replace") if self.url else "other"
+        return Request(method, path, b"", self.headers, keep_alive=False,
+                       started=time.perf_counter())  # fmt: skip
+
+    # -- for Connections ---------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """Whether nothing is being read or answered: the connection can go at no loss."""
+        return self.phase == _IDLE and self.in_flight is None and not self.queue
+
+    def check_deadlines(self, now: float) -> None:
+        if self.closed:
+            return
+        waited = now - self.phase_since
+        limits = self.limits
+        if self.write_paused and now - self.paused_since > limits.keep_alive_timeout:
+            # A client that stopped reading its answers: its buffer stays bounded,
+            # but it must not hold a connection for ever.
+            self.close_for("write_timeout")
+        elif self.phase == _HEAD and waited > limits.header_timeout:
+            self._timed_out("header_timeout", f"the request head did not arrive within "
+                                              f"{limits.header_timeout:g}s")  # fmt: skip
+        elif self.phase == _BODY and waited > limits.body_timeout:
+            self._timed_out("body_timeout", f"the body did not arrive within "
+                                            f"{limits.body_timeout:g}s")  # fmt: skip
+        elif self.idle() and not self.input_closed:
+            if self.served == 0 and waited > limits.header_timeout:
+                self.close_for("header_timeout")
+            elif self.served and waited > limits.keep_alive_timeout:
+                self.close_for("idle_timeout")
+
+    def _timed_out(self, reason: str, message: str) -> None:
+        self.end_reason = reason
+        self._refuse_current(HttpError(408, message, code=reason))
+
+    def close_for(self, reason: str) -> None:
+        """Close the connection (after what was written), counting why."""
+        if self.closed:
+            return
+        self._flush()
+        self.closed = True
+        self.queue.clear()
+        self.connections.closed(self, self.end_reason or reason)
+        self.transport.close()
+
+    def stop_serving(self) -> None:
+        """The daemon is stopping: close now if idle, else once the answer in flight is out."""
+        self.input_closed = True
+        self._pause_reading()
+        if self.idle():
+            self.close_for("shutdown")
+        else:
+            self.end_reason = "shutdown"
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if self.reading and not self.closed:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.input_closed and not self.closed:
+            self.reading = True
+            self.transport.resume_reading()
+
+
+def _reason(exc: Exception) -> str:
+    """httptools' words for a parse error."""
+    cause = exc.__context__
+    if cause is not None and not isinstance(cause, _Stop):
+        # A callback failed: a fault here, not in the request. Said loudly, answered 400.
+        log.error("http_parser_callback_crashed", error=repr(cause))
+    return str(exc) or type(exc).__name__

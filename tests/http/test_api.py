@@ -1,0 +1,210 @@
+"""The API's handlers and middleware, in-process: requests in, responses out, no sockets.
+
+The API is built over a real engine (json containers in a temporary folder);
+the operations routes get plain functions for readiness and reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chanstore.config import load_db_config
+from chanstore.engine import Engine, EngineSettings
+from chanstore.http import BearerToken, build_api
+from chanstore.http.api import Api
+from chanstore.http.messages import Request, Response
+from chanstore.metrics import Metrics
+
+KEY_ROUTE = "/v1/channels/{channel}/{container}/{key}"
+
+
+class Verdict:
+    ok = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": True}
+
+
+class Harness:
+    """An API over a fresh engine; ``call`` answers one request."""
+
+    def __init__(self, root: Path, metrics: Metrics, token: str | None = None) -> None:
+        entries = [{"implementation": "json", "name": "stats",
+                    "settings": {"root_dir": str(root), "fsync": False}}]  # fmt: skip
+        self.engine = Engine(EngineSettings(), load_db_config(entries), metrics)
+        self.api: Api = build_api(
+            self.engine.store, BearerToken(token), metrics,
+            readiness=self.engine.readiness.check, reload=self._reload,
+            containers=lambda: [{"name": "stats"}],
+        )  # fmt: skip
+        self.answered_at_once = False
+        self.last_request: Request | None = None
+
+    async def _reload(self, source: str) -> Verdict:
+        return Verdict()
+
+    async def call(self, method: str, path: str, body: bytes = b"",
+                   headers: list[tuple[bytes, bytes]] | None = None) -> Response:  # fmt: skip
+        raw_path, _, query = path.encode().partition(b"?")
+        request = Request(method, raw_path, query, headers or [], body)
+        answered: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.api.handle(request, lambda _request, response: answered.set_result(response))
+        self.answered_at_once = answered.done()
+        self.last_request = request
+        return await asyncio.wait_for(answered, 10)
+
+
+def run(test: Callable[[Harness], Any], root: Path, metrics: Metrics, **options: Any) -> None:
+    async def main() -> None:
+        harness = Harness(root, metrics, **options)
+        try:
+            await test(harness)
+        finally:
+            await harness.engine.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def body_of(response: Response) -> Any:
+    return json.loads(response.body)
+
+
+def test_a_put_then_a_get_answered_from_memory_at_once(tmp_path: Path, metrics: Metrics) -> None:
+    """The cached GET is answered while the request is handed in: no task, no await."""
+
+    async def test(h: Harness) -> None:
+        put = await h.call("PUT", "/v1/channels/c/stats/hp", b'{"hp": 5}')
+        assert (put.status, body_of(put)) == (200, {"ok": True})
+        got = await h.call("GET", "/v1/channels/c/stats/hp")
+        assert (got.status, got.body) == (200, b'{"hp":5}')
+        assert h.answered_at_once
+        head = await h.call("HEAD", "/v1/channels/c/stats/hp")
+        assert (head.status, head.body) == (200, b'{"hp":5}')  # the connection drops the body
+
+    run(test, tmp_path, metrics)
+    metrics.fold()  # what /metrics does before each exposition
+    for method in ("GET", "HEAD", "PUT"):
+        labels = {"method": method, "route": KEY_ROUTE, "status": "200"}
+        assert metrics.registry.get_sample_value("chanstore_http_requests_total", labels) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("GET", "/v1/channels/c/stats/absent", b"", 404, "not_found"),
+        ("GET", "/v1/channels/c/nope/k", b"", 404, "unknown_container"),
+        ("GET", "/v1/channels/c/stats/" + "k" * 1100, b"", 400, "bad_request"),
+        ("GET", "/v1/channels/" + "c" * 300 + "/stats/k", b"", 400, "bad_request"),
+        ("PUT", "/v1/channels/c/stats/k", b"{not json", 400, "bad_request"),
+        ("PUT", "/v1/channels/c/stats/k", b"NaN", 400, "bad_request"),
+        ("PUT", "/v1/channels/c/stats/k", b"", 400, "bad_request"),
+        ("POST", "/v1/channels/c/stats/k", b"1", 405, "method_not_allowed"),
+        ("GET", "/v1/channels/c/stats?limit=0", b"", 400, "bad_request"),
+        ("GET", "/v1/channels/c/stats?limit=10001", b"", 400, "bad_request"),
+        ("GET", "/v1/channels/c/stats?limit=ten", b"", 400, "bad_request"),
+        ("POST", "/v1/channels/c/stats/-/get", b"[]", 400, "bad_request"),
+        ("POST", "/v1/channels/c/stats/-/nope", b"{}", 404, "no_route"),
+        ("GET", "/v1/elsewhere", b"", 404, "no_route"),
+        ("DELETE", "/v1/channels/c/stats/absent", b"", 404, "not_found"),
+        ("GET", "/v1/channels/c/stats/%FF", b"", 400, "bad_request"),
+    ],
+)
+def test_bad_requests_get_a_json_error_with_a_code(
+    tmp_path: Path, metrics: Metrics, method: str, path: str, body: bytes, status: int, code: str
+) -> None:
+    async def test(h: Harness) -> None:
+        response = await h.call(method, path, body)
+        assert response.status == status, response.body
+        error = body_of(response)
+        assert error["code"] == code and error["error"]
+
+    run(test, tmp_path, metrics)
+    if method == "GET":
+        assert not (tmp_path / "service_chanstore").exists(), "a read created folders"
+
+
+def test_a_wrong_method_names_the_allowed_ones(tmp_path: Path, metrics: Metrics) -> None:
+    async def test(h: Harness) -> None:
+        response = await h.call("PATCH", "/v1/channels/c/stats/k")
+        assert response.status == 405
+        assert dict(response.headers or [])[b"allow"] == b"GET, PUT, DELETE, HEAD"
+
+    run(test, tmp_path, metrics)
+    metrics.fold()
+    assert (
+        metrics.registry.get_sample_value(
+            "chanstore_http_requests_total",
+            {"method": "other", "route": KEY_ROUTE, "status": "405"},
+        )
+        == 1.0
+    )
+
+
+def test_data_and_control_routes_need_the_token_and_nothing_else_does(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    async def test(h: Harness) -> None:
+        assert (await h.call("GET", "/v1/channels/c/stats/k")).status == 401
+        assert (await h.call("GET", "/v1/no-such-route")).status == 401  # not even a 404
+        assert (await h.call("POST", "/-/reload")).status == 401
+        wrong = [(b"authorization", b"Bearer nope")]
+        assert (await h.call("GET", "/v1/channels/c/stats/k", headers=wrong)).status == 401
+        right = [(b"authorization", b"Bearer s3cret")]
+        assert (await h.call("GET", "/v1/channels/c/stats/k", headers=right)).status == 404
+        assert (await h.call("GET", "/healthz")).status == 200
+        assert (await h.call("GET", "/readyz")).status == 200
+        assert (await h.call("GET", "/metrics")).status == 200
+
+    run(test, tmp_path, metrics, token="s3cret")
+
+
+def test_the_token_can_change_while_the_api_runs(tmp_path: Path, metrics: Metrics) -> None:
+    async def test(h: Harness) -> None:
+        h.api.token.set("new")
+        answer = await h.call("GET", "/v1/containers", headers=[(b"authorization", b"Bearer new")])
+        assert answer.status == 200
+
+    run(test, tmp_path, metrics, token="old")
+
+
+def test_a_sane_request_id_is_kept_and_any_other_replaced(tmp_path: Path, metrics: Metrics) -> None:
+    async def test(h: Harness) -> None:
+        await h.call("GET", "/healthz", headers=[(b"x-request-id", b"abc-123")])
+        assert h.last_request is not None and h.last_request.request_id == "abc-123"
+        await h.call("GET", "/healthz", headers=[(b"x-request-id", b"a b\x00")])
+        assert h.last_request.request_id not in ("", "a b\x00")
+
+    run(test, tmp_path, metrics)
+
+
+def test_listing_pages_follow_next_and_bulk_routes_answer_for_each_key(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    async def test(h: Harness) -> None:
+        values = {f"k{n:02d}": {"n": n} for n in range(12)}
+        stored = await h.call("POST", "/v1/channels/c/stats/-/set",
+                              json.dumps({"values": values}).encode())  # fmt: skip
+        assert body_of(stored) == {"stored": list(values)}
+        keys: list[str] = []
+        query = "limit=5"
+        for _ in range(10):
+            page = body_of(await h.call("GET", f"/v1/channels/c/stats?{query}"))
+            keys.extend(page["keys"])
+            if page["next"] is None:
+                break
+            query = f"limit=5&after={page['next']}"
+        assert keys == sorted(values)
+        got = body_of(await h.call("POST", "/v1/channels/c/stats/-/get",
+                                   b'{"keys": ["k01", "zz"]}'))  # fmt: skip
+        assert got == {"values": {"k01": {"n": 1}}, "missing": ["zz"]}
+        deleted = body_of(await h.call("POST", "/v1/channels/c/stats/-/delete",
+                                       b'{"keys": ["k01", "zz"]}'))  # fmt: skip
+        assert deleted == {"deleted": ["k01"], "missing": ["zz"]}
+
+    run(test, tmp_path, metrics)
