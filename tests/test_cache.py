@@ -778,19 +778,6 @@ def test_copy_is_a_plain_dict_of_every_item(seeded, metrics):
     assert "e" not in box
 
 
-def test_deprecated_aliases_still_reach_the_seam(hooked, metrics):
-    _backend, box = hooked
-    box.remember("x", 1)
-    assert box.lookup("x") == 1
-    box.discard("x")
-    assert box.lookup("x") is UNKNOWN
-    box.load()
-    box.unsure("a")
-    assert not box.loaded
-    box.count_miss()
-    assert cache_requests(metrics, "seam", "miss") == 1
-
-
 def test_a_strict_write_that_timed_out_leaves_its_key_unknown(metrics):
     class Stalling(DictDatabase):
         engine_name = "stalling"

@@ -392,29 +392,6 @@ class CachedDict(MutableMapping[str, Any]):
         self.forget()
         self.database.close()
 
-    # -- deprecated: the daemon's back doors from before CacheMemory ------------------
-    # Thin aliases onto the seam, kept until the engine uses it; do not use them.
-
-    def remember(self, key: str, value: Any) -> None:
-        """Deprecated: ``memory.stored(key, value)``."""
-        self.memory.stored(key, value)
-
-    def discard(self, key: str) -> None:
-        """Deprecated: ``memory.deleted(key)``."""
-        self.memory.deleted(key)
-
-    def unsure(self, key: str) -> None:
-        """Deprecated: ``memory.unsure(key)``."""
-        self.memory.unsure(key)
-
-    def lookup(self, key: str) -> Any:
-        """Deprecated: ``memory.peek(key)``."""
-        return self.memory.peek(key)
-
-    def count_miss(self) -> None:
-        """Deprecated: :meth:`fetch` counts its misses."""
-        self.memory._missed()
-
     # -- reading -------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:

@@ -28,6 +28,13 @@ from chanstore.errors import ConfigError
 __all__ = ["ContainerSpec", "DbConfig", "load_db_config", "parse_db_config"]
 
 FIELDS = ("implementation", "name", "load", "clear", "settings")
+#: MoobiusStorage's public attributes: a container named like one would hide it.
+#: (Spelled out here, not read from the class, so that config need not import
+#: storage, which imports config; a test keeps the two in step.)
+RESERVED_NAMES = frozenset({
+    "add_container", "add_spec", "channel_id", "close", "containers", "domain_of", "put",
+    "remove_container", "service_id", "strict_mode",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,6 @@ def _parse_entry(
 
 def check_container_name(name: Any) -> str | None:
     """Why ``name`` cannot name a container, or None when it can."""
-    from chanstore.storage import RESERVED_NAMES  # noqa: PLC0415 - storage imports this module
-
     if not isinstance(name, str):
         return f"expected a string, got {_shown(name)}"
     if not name.isidentifier():

@@ -21,7 +21,13 @@ from typing import Any
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.registry import get_engine
 from chanstore.cache import CachedDict
-from chanstore.config import ContainerSpec, check_container_name, load_db_config, parse_db_config
+from chanstore.config import (
+    RESERVED_NAMES,
+    ContainerSpec,
+    check_container_name,
+    load_db_config,
+    parse_db_config,
+)
 from chanstore.errors import ConfigError
 from chanstore.keys import check_channel_id, check_key, encode_domain_part
 from chanstore.metrics import Metrics
@@ -148,10 +154,6 @@ class MoobiusStorage:
 ChannelStorage = MoobiusStorage
 
 #: Names a container cannot take: they would hide MoobiusStorage's own attributes.
-RESERVED_NAMES = frozenset(
-    {name for name in dir(MoobiusStorage) if not name.startswith("_")}
-    | {"service_id", "channel_id", "strict_mode"}
-)
 
 # get_engine is re-exported here for code that imported it from the original's storage module.
 __all__ += ["get_engine"]
