@@ -100,7 +100,7 @@ def configure(
 
 
 def _route_standard_logging(shared: list[Any], renderer: Any, stream: Any, level: str) -> None:
-    """Render the libraries' stdlib logging (uvicorn, watchdog) as chanstore's events."""
+    """Render the libraries' stdlib logging (watchdog, asyncio) as chanstore's events."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -175,6 +175,10 @@ class Metrics:
         for metric, names in labelled.items():
             for values in _label_sets(metric, names, container=name):
                 metric.remove(*values)
+        with self._cache_counts_lock:
+            if self._cache_counts.pop(name, None) is not None:
+                for result in ("hit", "miss"):
+                    self.cache_requests.remove(name, result)
 
     def fold(self) -> None:
         """Bring every plain count into the registry: call before exposing it.

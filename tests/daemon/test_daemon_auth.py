@@ -128,3 +128,31 @@ def test_the_token_never_appears_in_the_log(
     assert "auth-check" in log  # the requests were logged (at debug)...
     assert TOKEN not in log  # ...without the token
     assert TOKEN[:-1] not in log
+
+
+def test_a_rotated_token_is_read_on_reload(start_daemon, tmp_path) -> None:
+    """An operator writes a new token file and reloads: the old token stops working."""
+    daemon: DaemonProcess = start_daemon(JSON_CONTAINERS, token="first-token")
+    old = {"Authorization": "Bearer first-token"}
+    assert daemon.http.get("/v1/containers", headers=old).status_code == 200
+
+    assert daemon.token_file is not None
+    daemon.token_file.write_text("second-token\n")
+    verdict = daemon.http.post("/-/reload", headers=old)
+    assert verdict.status_code == 200, verdict.text
+
+    assert daemon.http.get("/v1/containers", headers=old).status_code == 401
+    new = {"Authorization": "Bearer second-token"}
+    assert daemon.http.get("/v1/containers", headers=new).status_code == 200
+
+
+def test_an_empty_token_file_rejects_the_reload_and_the_old_token_stays(start_daemon) -> None:
+    daemon: DaemonProcess = start_daemon(JSON_CONTAINERS, token="first-token")
+    old = {"Authorization": "Bearer first-token"}
+    assert daemon.token_file is not None
+    daemon.token_file.write_text("\n")
+
+    verdict = daemon.http.post("/-/reload", headers=old)
+    assert verdict.status_code == 400
+    assert any("is empty" in problem for problem in verdict.json()["problems"])
+    assert daemon.http.get("/v1/containers", headers=old).status_code == 200

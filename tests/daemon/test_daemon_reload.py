@@ -29,8 +29,7 @@ class MountedConfig:
 
     ``db.json`` links to ``..data/db.json`` and ``..data`` to a folder per
     version; a new version is an atomic swap of ``..data``. The file's folder
-    sees events for ``..data`` only, never for ``db.json``: the checksum poll,
-    SIGHUP or POST /-/reload must pick the change up.
+    sees events for ``..data`` only, never for ``db.json``.
     """
 
     def __init__(self, folder: Path, entries: Any) -> None:
@@ -50,6 +49,29 @@ class MountedConfig:
         staged = self.folder / "..data_tmp"
         os.symlink(version.name, staged)
         os.rename(staged, self.folder / "..data")
+
+
+class UnseenConfig:
+    """db_config edited through a hard link in another folder.
+
+    inotify reports a change to the folder a file was reached through, so the
+    config's folder sees no event at all: only the checksum poll, SIGHUP or
+    POST /-/reload can pick a change up.
+    """
+
+    def __init__(self, folder: Path, entries: Any) -> None:
+        (folder / "etc").mkdir(parents=True)
+        (folder / "elsewhere").mkdir()
+        self.path = folder / "etc" / "db.json"
+        self._other = folder / "elsewhere" / "db.json"
+        self.path.write_text(json.dumps(entries))
+        os.link(self.path, self._other)
+
+    def publish(self, entries: Any) -> None:
+        text = entries if isinstance(entries, str) else json.dumps(entries)
+        with self._other.open("r+", encoding="utf-8") as file:  # the same inode, in place
+            file.truncate()
+            file.write(text)
 
 
 def _load_alls(daemon: DaemonProcess, container: str) -> float:
@@ -133,8 +155,20 @@ def test_symlink_swap(start_daemon, tmp_path: Path, channel: str) -> None:
     assert daemon.containers() == ["stats", "inventory"]
 
 
-def test_checksum_poll_catches_what_file_events_miss(start_daemon, tmp_path: Path) -> None:
+def test_a_configmap_swap_is_applied_by_the_folder_watch(start_daemon, tmp_path: Path) -> None:
+    """Kubernetes re-points ``..data``; no event names db.json, and the poll is off."""
     mounted = MountedConfig(tmp_path / "mount", [STATS])
+    daemon = start_daemon(None, config_path=mounted.path, args=NO_POLL)
+
+    mounted.publish([STATS, INVENTORY])
+
+    _wait_serving(daemon, "inventory")
+    (reloaded,) = daemon.events("config_reloaded")
+    assert reloaded["sources"] == ["file"]
+
+
+def test_checksum_poll_catches_what_file_events_miss(start_daemon, tmp_path: Path) -> None:
+    mounted = UnseenConfig(tmp_path / "mount", [STATS])
     daemon = start_daemon(None, config_path=mounted.path, args=["--config-poll-interval", "0.5"])
 
     mounted.publish([STATS, INVENTORY])
@@ -186,6 +220,40 @@ def test_a_broken_file_is_rejected_and_the_running_config_stays(
     assert daemon.get(channel, "stats", "HP").json() == 2
 
 
+def test_reverting_a_rejected_edit_makes_the_state_healthy_again(
+    start_daemon, channel: str
+) -> None:
+    """A bad edit is rejected; writing the running config back is success again."""
+    daemon = start_daemon([STATS, PROFILES], args=NO_POLL)
+    good = daemon.config_path.read_text()
+
+    daemon.write_config("[{not json")
+    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 0,
+               APPLIED_WITHIN, "the broken file to be rejected")  # fmt: skip
+
+    daemon.config_path.write_text(good)
+    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 1,
+               APPLIED_WITHIN, "the reverted file to count as healthy")  # fmt: skip
+    assert daemon.events("config_restored")
+    assert daemon.containers() == ["stats", "profiles"]
+
+
+def test_a_reload_onto_a_backend_that_does_not_answer_warns_in_its_verdict(
+    start_daemon, tmp_path: Path
+) -> None:
+    mounted = UnseenConfig(tmp_path / "mount", [STATS])
+    daemon = start_daemon(None, config_path=mounted.path, args=NO_POLL)
+    dead = {"implementation": "redis", "name": "mana", "settings": {
+        "host": "127.0.0.1", "port": free_port(), "socket_connect_timeout": 0.5}}  # fmt: skip
+
+    mounted.publish([STATS, dead])
+    verdict = daemon.http.post("/-/reload").json()
+
+    assert verdict["ok"] is True and verdict["changes"]["added"] == ["mana"]
+    assert any("'mana'" in warning and "does not answer" in warning
+               for warning in verdict["warnings"]), verdict  # fmt: skip
+
+
 def test_a_deleted_config_file_keeps_the_running_config(start_daemon, channel: str) -> None:
     daemon = start_daemon([STATS, PROFILES], args=NO_POLL)
     assert daemon.put(channel, "profiles", "name", "Ann").status_code == 200
@@ -235,7 +303,7 @@ def test_clear_acts_on_first_creation_never_on_reload(start_daemon, channel: str
 
 
 def test_sighup_reloads(start_daemon, tmp_path: Path) -> None:
-    mounted = MountedConfig(tmp_path / "mount", [STATS])
+    mounted = UnseenConfig(tmp_path / "mount", [STATS])
     daemon = start_daemon(None, config_path=mounted.path, args=NO_POLL)
 
     daemon.send_signal(signal.SIGHUP)
@@ -257,7 +325,7 @@ def test_sighup_reloads(start_daemon, tmp_path: Path) -> None:
 
 
 def test_post_reload_answers_with_the_changes_or_the_problems(start_daemon, tmp_path: Path) -> None:
-    mounted = MountedConfig(tmp_path / "mount", [STATS, PROFILES])
+    mounted = UnseenConfig(tmp_path / "mount", [STATS, PROFILES])
     daemon = start_daemon(None, config_path=mounted.path, args=NO_POLL)
 
     mounted.publish([STATS, INVENTORY])
@@ -289,7 +357,7 @@ def test_post_reload_answers_with_the_changes_or_the_problems(start_daemon, tmp_
 def test_chanstore_reload_command_exit_status_says_the_verdict(
     start_daemon, tmp_path: Path
 ) -> None:
-    mounted = MountedConfig(tmp_path / "mount", [STATS])
+    mounted = UnseenConfig(tmp_path / "mount", [STATS])
     daemon = start_daemon(None, config_path=mounted.path, args=NO_POLL)
 
     mounted.publish([STATS, INVENTORY])

@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parents[1] / "daemon"))
 from daemon_harness import JSON_CONTAINERS, DaemonProcess, key_path
 
-from chanstore.server.http import BODY_TIMEOUT
+from chanstore.http.connections import Limits
+
+BODY_TIMEOUT = Limits().body_timeout
 
 MAX_BODY = 64 * 1024
 FUZZ_EXAMPLES = 300

@@ -108,8 +108,9 @@ def test_threads_on_one_storage_leave_cache_and_backend_agreeing(tmp_path: Path)
         reopened = _storage(tmp_path / "data", redis, load=True)
         for name, cached in storage.containers.items():
             backend = cached.database
-            for key, value in dict(cached._cache).items():
-                assert backend.get_value(key) == (True, value), (name, key)
+            held = cached.memory.keys()
+            for key in held:  # every value the cache holds is the stored one
+                assert backend.get_value(key) == (True, cached.memory.peek(key)), (name, key)
             memory = dict(cached.items())
             fresh = dict(reopened.containers[name].items())
             assert memory == fresh, name

@@ -1,35 +1,41 @@
-"""The daemon's life: start, serve, reload, ping systemd, sweep idle channels, stop.
+"""The composition root: the daemon's parts built, wired and run from start to stop.
 
 :func:`serve` is what ``chanstore serve`` runs. It binds the listening socket
 itself (so an address in use is a clear error before anything else starts),
-serves the :class:`~chanstore.server.app.App` with uvicorn on uvloop, and on
-SIGTERM or SIGINT stops accepting connections, lets the requests in flight
-finish, writes out every queued write and closes the backends.
+then :class:`Daemon` builds each part with only what it needs: the storage
+side (:class:`~chanstore.engine.Engine`), the API over it
+(:func:`~chanstore.http.build_api`), the connections' door
+(:class:`~chanstore.http.protocol.HttpProtocol`) and the config
+:class:`~chanstore.server.reload.Reloader`. It owns the signals, systemd's
+notifications, the periodic chores (idle channels, readiness, the watchdog)
+and the order of shutdown: stop accepting, answer what is in flight, write
+out every queued write, close the backends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import socket
 import time
 from typing import Any
 
 import prometheus_client
-import uvicorn
 import uvloop
 
 import chanstore
 from chanstore import logs
 from chanstore.config import DbConfig, load_db_config
+from chanstore.engine import Engine
 from chanstore.errors import ConfigError
+from chanstore.http import BearerToken, build_api
+from chanstore.http.connections import Connections
+from chanstore.http.protocol import HttpProtocol
 from chanstore.metrics import Metrics, default_metrics, install_process_collector
 from chanstore.server import systemd
-from chanstore.server.app import App
-from chanstore.server.channels import ChannelRegistry
 from chanstore.server.memory import ReleaseSchedule, release_free_memory
-from chanstore.server.protocol import CoalescingProtocol
-from chanstore.server.reload import Reloader, checksum
+from chanstore.server.reload import Applied, Reloader
 from chanstore.server.settings import DaemonSettings
 
 __all__ = ["Daemon", "serve"]
@@ -41,110 +47,106 @@ READINESS_TTL = 1.0
 #: Seconds between the readiness checks that keep chanstore_ready and
 #: chanstore_backend_up fresh when nobody calls /readyz.
 READINESS_INTERVAL = 5.0
+#: Connections the kernel queues before they are accepted (create_server listens
+#: again with its own default of 100 unless told: a burst of clients overflowed it).
+LISTEN_BACKLOG = 2048
 
 
 class Daemon:
-    """One running chanstore: its settings, metrics, channels and config watch."""
+    """One running chanstore."""
 
     def __init__(self, settings: DaemonSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else default_metrics()
-        self.token = settings.read_token()
-        self.config: DbConfig = load_db_config(settings.db_config)
-        self.registry: ChannelRegistry
-        self.reloader: Reloader
-        self.started = time.time()
+        # Checked before anything starts, so that a bad file is a clear error at once.
+        self.token = BearerToken(settings.read_token())
+        self._config: DbConfig = load_db_config(settings.db_config)
+        self.engine: Engine
         self._readiness: tuple[float, dict[str, str]] = (0.0, {})
         self._stop = asyncio.Event()
-        self._server: uvicorn.Server | None = None
+        self._connections: Connections | None = None
 
     def status_line(self, event: str = "serving") -> str:
         """What ``systemctl status`` shows on the STATUS= line."""
-        names = ", ".join(self.registry.runtimes) or "no containers"
+        names = ", ".join(self.engine.containers.names()) or "no containers"
         return (
             f"{event} at {time.strftime('%H:%M:%S')}; listening on {self.settings.listen}; "
-            f"{self.registry.channel_count} channels in memory; containers: {names}"
+            f"{len(self.engine.channels)} channels in memory; containers: {names}"
         )
 
     async def readiness(self) -> dict[str, str]:
         """Why the daemon cannot serve every container now (empty when ready)."""
         checked, problems = self._readiness
         if time.monotonic() - checked > READINESS_TTL:
-            problems = await self.registry.readiness()
+            problems = await self.engine.readiness.check()
             self._readiness = (time.monotonic(), problems)
         return problems
 
+    def containers(self) -> list[dict[str, Any]]:
+        """The running db_config's containers, for ``GET /v1/containers``."""
+        return [{"name": spec.name, "implementation": spec.implementation, "load": spec.load}
+                for spec in self.engine.config]  # fmt: skip
+
+    async def apply(self, config: DbConfig) -> Applied:
+        """Serve a reloaded ``config``, and the token file as it reads now."""
+        token = self.settings.read_token()  # ConfigError rejects the reload before any change
+        changes = self.engine.apply_config(config)
+        self.token.set(token)
+        warnings = list(config.warnings)
+        for name, failure in (await self.engine.check_containers(changes.new_backends)).items():
+            warnings.append(f"container {name!r}: its backend does not answer now ({failure})")
+        return Applied(changes, warnings)
+
     def request_stop(self) -> None:
-        if self._stop.is_set() and self._server is not None:
-            self._server.force_exit = True  # a second signal: stop waiting for stragglers
+        if self._stop.is_set() and self._connections is not None:
+            self._connections.cut()  # a second signal: stop waiting for stragglers
         self._stop.set()
 
     async def run(self, sock: socket.socket) -> None:
         """Serve on ``sock`` until asked to stop."""
         settings = self.settings
-        self.registry = ChannelRegistry(settings, self.config, self.metrics)
-        self.reloader = Reloader(self, settings.db_config, checksum(settings.db_config))
+        loop = asyncio.get_running_loop()
+        self.engine = Engine(settings.engine(), self._config, self.metrics)
+        reloader = Reloader(settings.db_config, self.apply, self.metrics,
+                            poll_interval=settings.config_poll_interval,
+                            status=self.status_line)  # fmt: skip
+        api = build_api(self.engine.store, self.token, self.metrics, readiness=self.readiness,
+                        reload=reloader.reload, containers=self.containers)  # fmt: skip
+        connections = self._connections = Connections(settings.limits(), self.metrics)
+        server = await loop.create_server(lambda: HttpProtocol(api, connections), sock=sock,
+                                          backlog=LISTEN_BACKLOG)  # fmt: skip
+        connections.start()
         self.metrics.build_info.labels(chanstore.__version__).set(1)
         self.metrics.reload_successful.set(1)
         self.metrics.reload_success_timestamp.set(time.time())
-        for warning in self.config.warnings:
+        for warning in self._config.warnings:
             log.warning("config_warning", warning=warning)
-
-        # httptools with one write per response (see protocol.py); no proxy-header
-        # rewriting, which nothing here reads (the daemon never logs client addresses).
-        server = self._server = _Server(uvicorn.Config(
-            App(self), loop="none", http=CoalescingProtocol, lifespan="off", access_log=False,
-            log_config=None, server_header=False, date_header=False, proxy_headers=False,
-            timeout_graceful_shutdown=settings.shutdown_timeout, timeout_keep_alive=30,
-        ))  # fmt: skip
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reloader._spawn, "signal")
-        serving = loop.create_task(server.serve(sockets=[sock]), name="http server")
-        helpers: list[asyncio.Task[Any]] = []
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger, "signal")
+        reloader.start()
+        chores = [
+            loop.create_task(self._sweep_idle_channels(), name="idle sweeper"),
+            loop.create_task(self._check_readiness(), name="readiness checks"),
+        ]
+        if (interval := systemd.watchdog_interval()) is not None:
+            chores.append(loop.create_task(_ping_watchdog(interval), name="watchdog"))
+        log.info("serving", listen=settings.listen, db_config=str(settings.db_config),
+                 containers=self.engine.containers.names(),
+                 version=chanstore.__version__)  # fmt: skip
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
         try:
-            await self._until_started(server, serving)
-            self.reloader.start()
-            helpers = [
-                loop.create_task(self._sweep_idle_channels(), name="idle sweeper"),
-                loop.create_task(self._check_readiness(), name="readiness checks"),
-            ]
-            if (interval := systemd.watchdog_interval()) is not None:
-                helpers.append(loop.create_task(_ping_watchdog(interval), name="watchdog"))
-            log.info(
-                "serving",
-                listen=settings.listen,
-                db_config=str(settings.db_config),
-                containers=list(self.registry.runtimes),
-                version=chanstore.__version__,
-            )
-            systemd.notify("READY=1", f"STATUS={self.status_line()}")
-            stop = loop.create_task(self._stop.wait())
-            await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
+            await self._stop.wait()
         finally:
-            await self._shut_down(server, serving, helpers)
-
-    async def _until_started(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
-        while not server.started:
-            if serving.done():
-                serving.result()
-                raise RuntimeError("the HTTP server stopped while starting")
-            await asyncio.sleep(0.01)
-
-    async def _shut_down(self, server: uvicorn.Server, serving: asyncio.Task[None],
-                         helpers: list[asyncio.Task[Any]]) -> None:  # fmt: skip
-        queued = sum(runtime.lanes.queued for runtime in self.registry.runtimes.values())
-        log.info("stopping", queued_writes=queued)
-        systemd.notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
-        self.reloader.stop()
-        for task in helpers:
-            task.cancel()
-        server.should_exit = True
-        await serving  # uvicorn stops accepting, then waits for the requests in flight
-        await self.registry.close()
-        log.info("stopped")
+            log.info("stopping", queued_writes=self.engine.containers.queued_writes)
+            systemd.notify("STOPPING=1", "STATUS=stopping: finishing requests in flight")
+            reloader.stop()
+            for task in chores:
+                task.cancel()
+            server.close()  # no new connections
+            await connections.shutdown(settings.shutdown_timeout)
+            await self.engine.close()
+            log.info("stopped")
 
     async def _sweep_idle_channels(self) -> None:
         interval = min(max(self.settings.idle_timeout / 4, 0.05), 30.0)
@@ -152,10 +154,10 @@ class Daemon:
         schedule = ReleaseSchedule()
         while True:
             await asyncio.sleep(interval)
-            dropped = self.registry.sweep_idle()
+            dropped = self.engine.sweep_idle()
             if dropped:
                 log.debug("idle_channels_dropped", count=dropped,
-                          remaining=self.registry.channel_count)  # fmt: skip
+                          remaining=len(self.engine.channels))  # fmt: skip
             if schedule.swept(dropped):
                 release_free_memory()
 
@@ -167,18 +169,6 @@ class Daemon:
             except Exception:
                 log.exception("readiness_check_crashed")
             await asyncio.sleep(READINESS_INTERVAL)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, minus its signal handling: the daemon owns the signals."""
-
-    def install_signal_handlers(self) -> None:  # older uvicorn
-        return None
-
-    def capture_signals(self) -> Any:  # newer uvicorn
-        import contextlib  # noqa: PLC0415
-
-        return contextlib.nullcontext()
 
 
 async def _ping_watchdog(interval: float) -> None:
@@ -195,12 +185,25 @@ def bind(settings: DaemonSettings) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.host, settings.port))
-        sock.listen(2048)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
     sock.set_inheritable(True)
     return sock
+
+
+def raise_file_limit(connections: int) -> None:
+    """Raise the soft limit on open files toward the hard one, so that
+    ``--max-connections`` (and not EMFILE) is what bounds connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256  # backends, journal, log, watches
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("file_limit_low", limit=new, max_connections=connections,
+                        hint="raise LimitNOFILE or lower --max-connections")  # fmt: skip
 
 
 def serve(settings: DaemonSettings) -> int:
@@ -218,6 +221,7 @@ def serve(settings: DaemonSettings) -> int:
             log.error("cannot_start", problem=problem)
         systemd.notify(f"STATUS=cannot start: {exc.problems[0]}")
         return 2
+    raise_file_limit(settings.max_connections)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(daemon.run(sock))
     return 0

@@ -5,44 +5,57 @@ short debounce window share one reload and its verdict, so a burst of file
 events (an editor writes, renames and chmods) is one reload. A reload reads
 and checks the file first; a file that does not check out (a bad edit, or
 one caught half-written) is rejected with its reasons, the running config
-stays, and the next change of the file tries again.
+stays, and the next change of the file tries again. A file that again holds
+the running config after a rejection makes the state healthy again.
 
 File changes are seen by watchdog watching the file's *folder*: editors that
 save by writing a new file and renaming it over the old one, and symlink
-swaps, replace the file a watch on the file itself would follow. A checksum
-poll every ``config_poll_interval`` seconds backs the watch up on file
-systems that send no events.
+swaps (how Kubernetes updates a mounted ConfigMap: ``..data`` is
+re-pointed), replace the file a watch on the file itself would follow. Any
+event in the folder is checked against the file's checksum, so a swap of any
+link on the way to the file is seen as quickly as an edit. A checksum poll
+every ``poll_interval`` seconds backs the watch up on file systems that send
+no events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from chanstore import logs
 from chanstore.config import DbConfig, load_db_config
+from chanstore.engine import Changes
 from chanstore.errors import ConfigError
+from chanstore.metrics import Metrics
 from chanstore.server import systemd
-from chanstore.server.channels import Changes
 
-if TYPE_CHECKING:
-    from chanstore.server.daemon import Daemon
-
-__all__ = ["DEBOUNCE_SECONDS", "ReloadResult", "Reloader"]
+__all__ = ["DEBOUNCE_SECONDS", "Applied", "ReloadResult", "Reloader", "checksum"]
 
 log = logs.get_logger()
 
 #: Triggers this close together make one reload.
 DEBOUNCE_SECONDS = 0.2
 _QUIET_SOURCES = frozenset({"file", "poll"})
+
+
+@dataclass
+class Applied:
+    """What applying a checked config changed, and what is worth a warning."""
+
+    changes: Changes
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -75,18 +88,31 @@ def checksum(path: Path) -> str | None:
 
 
 class Reloader:
-    """Watches db_config and applies its changes to a running daemon."""
+    """Watches db_config and applies its changes through ``apply``.
 
-    def __init__(self, daemon: Daemon, path: Path, applied_checksum: str | None) -> None:
-        self.daemon = daemon
+    ``apply`` takes a checked config and serves it (raising ConfigError to
+    reject it, e.g. for a token file that cannot be read); ``status`` words
+    the systemd STATUS line after an event.
+    """
+
+    def __init__(self, path: Path, apply: Callable[[DbConfig], Awaitable[Applied]],
+                 metrics: Metrics, *, poll_interval: float,
+                 status: Callable[[str], str]) -> None:  # fmt: skip
         self.path = path
-        self.applied_checksum = applied_checksum
-        self._seen_checksum = applied_checksum
+        self._apply_config = apply
+        self.metrics = metrics
+        self.poll_interval = poll_interval
+        self.status = status
+        self.applied_checksum = checksum(path)
+        self._seen_checksum = self.applied_checksum
+        #: Whether the last reload was rejected (until the file holds a good config again).
+        self.failing = False
         self._lock = asyncio.Lock()
         self._pending: asyncio.Future[ReloadResult] | None = None
         self._sources: set[str] = set()
         self._observer: Any = None
         self._poller: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- triggers --------------------------------------------------------------
@@ -96,9 +122,13 @@ class Reloader:
         if self._pending is None:
             self._pending = asyncio.get_running_loop().create_future()
             self._sources = set()
-            asyncio.get_running_loop().create_task(self._reload_soon(self._pending))
+            self._keep(asyncio.get_running_loop().create_task(self._reload_soon(self._pending)))
         self._sources.add(source)
         return await asyncio.shield(self._pending)
+
+    def trigger(self, source: str) -> None:
+        """Reload soon, nobody waiting for the verdict (a signal, a file event)."""
+        self._keep(asyncio.get_running_loop().create_task(self.reload(source)))
 
     def start(self) -> None:
         """Start the folder watch and the checksum poll."""
@@ -122,21 +152,20 @@ class Reloader:
             self._poller.cancel()
 
     def file_event(self) -> None:
-        """Called from watchdog's thread when something happened to the file."""
+        """Called from watchdog's thread when something happened in the folder."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._spawn, "file")
+            self._loop.call_soon_threadsafe(self.trigger, "file")
 
-    def _spawn(self, source: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload(source))
-        task.add_done_callback(_ignore_result)
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(_forget(self._tasks))
 
     async def _poll(self) -> None:
-        interval = self.daemon.settings.config_poll_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.poll_interval)
             current = await asyncio.to_thread(checksum, self.path)
             if current is not None and current != self._seen_checksum:
-                self._spawn("poll")
+                self.trigger("poll")
 
     # -- the reload --------------------------------------------------------------
 
@@ -146,58 +175,84 @@ class Reloader:
             sources = tuple(sorted(self._sources))
             self._pending = None
             try:
-                result = await self._apply(sources)
+                result = await self._reload(sources)
             except Exception as exc:
                 log.exception("config_reload_crashed", sources=sources)
                 result = ReloadResult(False, sources, [f"internal error: {exc}"])
             pending.set_result(result)
 
-    async def _apply(self, sources: tuple[str, ...]) -> ReloadResult:
+    async def _reload(self, sources: tuple[str, ...]) -> ReloadResult:
         text_checksum = await asyncio.to_thread(checksum, self.path)
+        self._seen_checksum = text_checksum
         quiet = set(sources) <= _QUIET_SOURCES
         if quiet and text_checksum is not None and text_checksum == self.applied_checksum:
-            self._seen_checksum = text_checksum
+            if self.failing:
+                self._succeeded(sources, "config_restored")  # a rejected edit was reverted
             return ReloadResult(True, sources)  # a touch, or an event for a sibling file
-        self._seen_checksum = text_checksum
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
-        metrics = self.daemon.metrics
         try:
             config: DbConfig = await asyncio.to_thread(load_db_config, self.path)
+            applied = await self._apply_config(config)
         except ConfigError as exc:
-            metrics.reloads.labels("failure").inc()
-            metrics.reload_successful.set(0)
-            log.error("config_reload_rejected", path=str(self.path), sources=sources,
-                      problems=exc.problems)  # fmt: skip
-            systemd.notify(
-                "READY=1",
-                f"STATUS=reload rejected, still serving the previous config: {exc.problems[0]}",
-            )
-            return ReloadResult(False, sources, exc.problems)
-        changes = self.daemon.registry.apply_config(config)
+            return self._rejected(sources, exc.problems)
         self.applied_checksum = text_checksum
-        metrics.reloads.labels("success").inc()
-        metrics.reload_successful.set(1)
-        metrics.reload_success_timestamp.set(time.time())
-        for warning in config.warnings:
+        for warning in applied.warnings:
             log.warning("config_warning", warning=warning)
-        log.info("config_reloaded", path=str(self.path), sources=sources, **changes.as_dict())
-        systemd.notify("READY=1", f"STATUS={self.daemon.status_line('reloaded')}")
-        return ReloadResult(True, sources, changes=changes, warnings=list(config.warnings))
+        self._succeeded(sources, "config_reloaded", **applied.changes.as_dict())
+        return ReloadResult(True, sources, changes=applied.changes, warnings=applied.warnings)
+
+    def _succeeded(self, sources: tuple[str, ...], event: str, **fields: Any) -> None:
+        self.failing = False
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.reload_successful.set(1)
+        self.metrics.reload_success_timestamp.set(time.time())
+        log.info(event, path=str(self.path), sources=sources, **fields)
+        systemd.notify("READY=1", f"STATUS={self.status('reloaded')}")
+
+    def _rejected(self, sources: tuple[str, ...], problems: list[str]) -> ReloadResult:
+        self.failing = True
+        self.metrics.reloads.labels("failure").inc()
+        self.metrics.reload_successful.set(0)
+        log.error("config_reload_rejected", path=str(self.path), sources=sources,
+                  problems=problems)  # fmt: skip
+        systemd.notify(
+            "READY=1",
+            f"STATUS=reload rejected, still serving the previous config: {problems[0]}",
+        )
+        return ReloadResult(False, sources, problems)
 
 
 class _FolderEvents(FileSystemEventHandler):
-    """Forwards the events of the config folder that concern the config file."""
+    """Forwards the events of the config folder that may change what the file holds.
+
+    Those are events for the file itself, for a ``..``-named entry (Kubernetes'
+    ``..data`` and its timestamped folders), and for the first part of the
+    file's own link target (``db.json -> current/db.json``: ``current``). The
+    reload's checksum then tells a real change from a touch.
+    """
 
     def __init__(self, reloader: Reloader) -> None:
         self._reloader = reloader
-        self._name = reloader.path.name
+        self._path = reloader.path.absolute()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        paths = (event.src_path, getattr(event, "dest_path", "") or "")
-        if any(Path(str(p)).name == self._name for p in paths if p):
+        names = {_name(event.src_path), _name(getattr(event, "dest_path", "") or "")}
+        if names & self._interesting() or any(name.startswith("..") for name in names):
             self._reloader.file_event()
+
+    def _interesting(self) -> set[str]:
+        names = {self._path.name}
+        with contextlib.suppress(OSError):
+            target = Path(os.readlink(self._path))
+            if not target.is_absolute() and target.parts:
+                names.add(target.parts[0])
+        return names
+
+
+def _name(path: str | bytes) -> str:
+    return Path(os.fsdecode(path)).name if path else ""
 
 
 class _QuietStop(logging.Filter):
@@ -215,6 +270,10 @@ class _QuietStop(logging.Filter):
 logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
 
 
-def _ignore_result(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def forget(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # the verdict was logged; nobody else waits for it
+
+    return forget

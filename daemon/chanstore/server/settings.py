@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from chanstore.engine.settings import EngineSettings
 from chanstore.errors import ConfigError
+from chanstore.http.connections import Limits
 from chanstore.logs import LEVELS
 
 __all__ = ["DaemonSettings", "add_arguments", "parse_listen", "settings_from_arguments"]
@@ -38,11 +40,29 @@ class DaemonSettings:
     config_poll_interval: float = 5.0
     shutdown_timeout: float = 15.0
     backend_timeout: float = 10.0
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    keep_alive_timeout: float = 30.0
+    max_connections: int = 4096
+    max_header_bytes: int = 32 * 1024
 
     @property
     def listen(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def engine(self) -> EngineSettings:
+        """What the storage side needs of these."""
+        return EngineSettings(service_id=self.service_id, idle_timeout=self.idle_timeout,
+                              max_channels=self.max_channels, write_lanes=self.write_lanes,
+                              backend_timeout=self.backend_timeout)  # fmt: skip
+
+    def limits(self) -> Limits:
+        """What the HTTP door needs of these."""
+        return Limits(max_connections=self.max_connections,
+                      max_header_bytes=self.max_header_bytes, max_body_bytes=self.max_body_bytes,
+                      header_timeout=self.header_timeout, body_timeout=self.body_timeout,
+                      keep_alive_timeout=self.keep_alive_timeout)  # fmt: skip
 
     def read_token(self) -> str | None:
         """The bearer token from ``token_file``, or None when auth is off."""
@@ -72,6 +92,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "config-poll-interval": (float, "seconds between checksum polls of db_config (default 5)"),
     "shutdown-timeout": (float, "seconds to finish in-flight requests on SIGTERM (default 15)"),
     "backend-timeout": (float, "seconds a request waits for a backend before 503 (default 10)"),
+    "header-timeout": (float, "seconds a connection may take to send a request head (default 10)"),
+    "body-timeout": (float, "seconds a request may take to send its body (default 10)"),
+    "keep-alive-timeout": (float, "seconds an idle keep-alive connection stays open (default 30)"),
+    "max-connections": (int, "open connections at most; the idlest make room (default 4096)"),
+    "max-header-bytes": (int, "largest request line and headers, in bytes (default 32768)"),
 }
 
 
@@ -151,6 +176,11 @@ def settings_from_arguments(args: argparse.Namespace) -> DaemonSettings:
     number("config-poll-interval", float, 0.1)
     number("shutdown-timeout", float, 0)
     number("backend-timeout", float, 0.1)
+    number("header-timeout", float, 0.1)
+    number("body-timeout", float, 0.1)
+    number("keep-alive-timeout", float, 0.1)
+    number("max-connections", int, 1)
+    number("max-header-bytes", int, 1024)
     if problems:
         raise ConfigError(problems)
     return DaemonSettings(**{**defaults.__dict__, **values})
