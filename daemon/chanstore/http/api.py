@@ -23,6 +23,7 @@ when it sends a sane one) that its log events name, and is logged at debug.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
@@ -155,15 +156,17 @@ class Api:
             return error
         return None
 
-    def refuse(self, request: Request, error: HttpError, respond: Respond) -> None:
-        """Answer a request the connection refused itself (a parse error, a timeout, a
-        size limit) like any other: counted under its route when it has one."""
+    def refuse(self, request: Request, error: HttpError, respond: Respond, *,
+               parsed: bool = True) -> None:  # fmt: skip
+        """Answer a request the connection refused itself (a size limit, a timeout, a
+        parse error) like any other: counted under its route when its head was
+        ``parsed`` and names one, else as unmatched."""
         if not request.request_id:
             request.request_id = self.request_id(request)
-        try:
-            route = self.routes.match(request.segments)[0]
-        except HttpError:
-            route = ROUTE_UNMATCHED
+        route = ROUTE_UNMATCHED
+        if parsed:
+            with contextlib.suppress(HttpError):  # a path that names no route: unmatched
+                route = self.routes.match(request.segments)[0]
         self._finish(request, route, Response.of_error(error), respond)
 
     def _settle(self, request: Request, route: str, then: Callable[[Any], Response] | None,

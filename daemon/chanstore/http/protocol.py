@@ -46,6 +46,13 @@ __all__ = ["HttpProtocol"]
 log = logs.get_logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Bytes parsed at a time, so that a backlogged connection stops between slices.
+FEED_SLICE = 16 * 1024
+#: Seconds, and bytes, a refused client's input is read and dropped before the close.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+#: Bytes of answers collected during one read before they are written out.
+COLLECT_AT_MOST = 64 * 1024
 _TOO_MANY = Response(503, HttpError(503, "too many connections; try again shortly",
                                     code="too_many_connections").body())  # fmt: skip
 # Phases of the request being read.
@@ -76,8 +83,9 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size = 0
         self.request: Request | None = None
         self.awaiting_continue = False
-        # Requests read, waiting for their turn; each with the error that answers it, if any.
-        self.queue: deque[tuple[Request, HttpError | None]] = deque()
+        # Requests read, waiting for their turn; each with the error that answers it, if
+        # any, and whether that error came before the head was understood (unmatched).
+        self.queue: deque[tuple[Request, HttpError | None, bool]] = deque()
         self.in_flight: Request | None = None
         self.served = 0
         self.writes: list[bytes] | None = None  # collected while a read is parsed
@@ -89,7 +97,18 @@ class HttpProtocol(asyncio.Protocol):
         #: Why the connection will close, when the daemon decided it (a timeout, shutdown).
         self.end_reason: str | None = None
         self._pumping = False
+        self._feeding = False
+        #: Whether the answers are all out and what the client still sends is read and
+        #: dropped for a moment before the close, so that the close does not reset the
+        #: connection and destroy the last answer before the client has read it.
+        self.lingering = False
+        self.linger_since = 0.0
+        self.discarded = 0
+        self.refused = False
         self._begun_in_read = False
+        #: What was read but not yet parsed, while the connection is backlogged.
+        self.unread = b""
+        self.writes_size = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -103,31 +122,58 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self._discard(len(data))
+            return
         if self.input_closed or self.closed:
             return
         self.connections.active(self)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time, keeping what is left once the connection
+        is backlogged (answers not being read, too many requests waiting)."""
+        self._feeding = True
+        self.writes = []
+        self.writes_size = 0
+        try:
+            offset, size = 0, len(data)
+            while offset < size and not (self.input_closed or self.closed):
+                if self.write_paused or len(self.queue) >= self.limits.max_pipelined:
+                    self.unread = data[offset:]
+                    self._pause_reading()
+                    break
+                end = offset + FEED_SLICE
+                self._parse(data if offset == 0 and end >= size else data[offset:end])
+                offset = end
+        finally:
+            self._feeding = False
+            self._flush()
+            self.writes = None
+        self._after_write()
+
+    def _parse(self, data: bytes) -> None:
         in_head = self.phase == _HEAD
         self._begun_in_read = False
-        self.writes = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.input_closed = True  # the request was answered; no other protocol is spoken
         except httptools.HttpParserError as exc:
             if not self.input_closed:
-                self._refuse_current(HttpError(400, f"malformed request: {_reason(exc)}"))
-        finally:
-            self._flush()
-            self.writes = None
+                error = HttpError(400, f"malformed request: {_reason(exc)}")
+                self._refuse_current(error, parsed=False)
         if in_head and self.phase == _HEAD and not self._begun_in_read and not self.input_closed:
             # A head that spans reads: httptools holds its unfinished header itself,
             # so the reads are what bounds it.
             self.head_read += len(data)
             if self.head_read > self.limits.max_header_bytes:
                 self._head_too_large()
-        self._after_write()
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            self._close_now()
+            return None
         self.input_closed = True
         if self.in_flight is None and not self.queue:
             self.close_for("client")
@@ -208,7 +254,7 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = _IDLE
         self.phase_since = self.connections.now
         self.awaiting_continue = False
-        self.queue.append((request, None))
+        self.queue.append((request, None, True))
         if len(self.queue) >= self.limits.max_pipelined:
             self._pause_reading()
         self._pump()
@@ -222,12 +268,12 @@ class HttpProtocol(asyncio.Protocol):
         self._pumping = True
         try:
             while self.queue and self.in_flight is None and not self.write_paused:
-                request, refusal = self.queue.popleft()
+                request, refusal, parsed = self.queue.popleft()
                 self.in_flight = request
                 if refusal is None:
                     self.api.handle(request, self._respond)
                 else:
-                    self.api.refuse(request, refusal, self._respond)
+                    self.api.refuse(request, refusal, self._respond, parsed=parsed)
         finally:
             self._pumping = False
         if not self.queue and self.reading is False and not self.write_paused:
@@ -258,16 +304,24 @@ class HttpProtocol(asyncio.Protocol):
             self._after_write()
 
     def _write(self, data: bytes) -> None:
-        if self.writes is not None:
-            self.writes.append(data)
-        elif not self.closed:
-            self.transport.write(data)
+        writes = self.writes
+        if writes is None:
+            if not self.closed:
+                self.transport.write(data)
+            return
+        writes.append(data)
+        self.writes_size += len(data)
+        if self.writes_size > COLLECT_AT_MOST:
+            # Large answers go out now, so that a full socket buffer pauses the
+            # connection before more are made.
+            self._flush()
 
     def _flush(self) -> None:
         """Write the answers collected while a read was parsed, with one call."""
         writes = self.writes
         if writes and not self.closed:
             self.writes = []
+            self.writes_size = 0
             self.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
 
     def _after_write(self) -> None:
@@ -302,17 +356,20 @@ class HttpProtocol(asyncio.Protocol):
         limit = self.limits.max_header_bytes
         self._refuse_current(HttpError(431, f"the request head is over {limit} bytes"))
 
-    def _refuse_current(self, error: HttpError) -> None:
+    def _refuse_current(self, error: HttpError, *, parsed: bool = True) -> None:
         """Answer the request being read with ``error`` in its turn, then close."""
         if self.input_closed:
             return
         self.input_closed = True
+        self.refused = True
         self._pause_reading()
-        request = self.request or self._partial_request()
+        request = self.request
+        if request is None:  # the head is not all there
+            request, parsed = self._partial_request(), False
         request.keep_alive = False
         self.request = None
         self.phase = _IDLE
-        self.queue.append((request, error))
+        self.queue.append((request, error, parsed))
         self._pump()
 
     def _partial_request(self) -> Request:
@@ -331,6 +388,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def check_deadlines(self, now: float) -> None:
         if self.closed:
+            return
+        if self.lingering:
+            if now - self.linger_since > LINGER_SECONDS:
+                self._close_now()
             return
         waited = now - self.phase_since
         limits = self.limits
@@ -358,11 +419,36 @@ class HttpProtocol(asyncio.Protocol):
         """Close the connection (after what was written), counting why."""
         if self.closed:
             return
+        if self.lingering:  # evicted, or the daemon stops: no more waiting
+            self._close_now()
+            return
         self._flush()
+        self.queue.clear()
+        self.end_reason = self.end_reason or reason
+        if self.refused and not self.transport.is_closing() and self.transport.can_write_eof():
+            # The client may still be sending what was refused: half-close, and read
+            # and drop its bytes for a moment (a close with unread input is a reset).
+            self.lingering = True
+            self.linger_since = self.connections.now
+            self.unread = b""
+            self.transport.write_eof()
+            self.reading = True
+            self.transport.resume_reading()
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         self.queue.clear()
-        self.connections.closed(self, self.end_reason or reason)
+        self.connections.closed(self, self.end_reason or "client")
         self.transport.close()
+
+    def _discard(self, size: int) -> None:
+        self.discarded += size
+        if self.discarded > LINGER_BYTES:
+            self._close_now()
 
     def stop_serving(self) -> None:
         """The daemon is stopping: close now if idle, else once the answer in flight is out."""
@@ -384,6 +470,9 @@ class HttpProtocol(asyncio.Protocol):
         if not self.reading and not self.input_closed and not self.closed:
             self.reading = True
             self.transport.resume_reading()
+            if self.unread and not self._feeding:
+                unread, self.unread = self.unread, b""
+                self._feed(unread)
 
 
 def _reason(exc: Exception) -> str:
