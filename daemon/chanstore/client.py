@@ -1,7 +1,7 @@
 """Clients for a running chanstore daemon: :class:`Client` (sync) and :class:`AsyncClient`.
 
 Both keep connections alive between calls and speak the HTTP API of
-:mod:`chanstore.server.app`. The sync client's containers behave like dicts::
+:mod:`chanstore.http.api`. The sync client's containers behave like dicts::
 
     from chanstore.client import Client
 

@@ -1,10 +1,11 @@
 """Connections as a client sees them on the wire: pipelining, keep-alive, cached reads.
 
-A GET of a cached key is answered straight from the protocol, without an
-ASGI request (see chanstore/server/protocol.py). These tests hold that
-shortcut to the usual path's behaviour: the same response, responses in
-request order on a pipelined connection, ``Connection: close`` and HTTP/1.0
-honoured, the bearer token still required.
+A GET of a cached key is answered while the request is handed to the API,
+with no task (see chanstore/http/protocol.py). These tests hold it to the
+behaviour of every other answer: a key's path with a percent-encoded
+character (decoded on the way) answers the same, responses keep request
+order on a pipelined connection, ``Connection: close`` and HTTP/1.0 are
+honoured, the bearer token is still required.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_pipelined_requests_are_answered_in_order(
 ) -> None:
     path = key_path(channel, "stats", "HP")
     # Cached before the pipeline arrives: each GET below could be answered from
-    # memory at once, so a wrong answer would show the shortcut jumping the queue.
+    # memory at once, so a wrong answer would show a cached answer jumping the queue.
     assert daemon.put(channel, "stats", "HP", 0).status_code == 200
     responses = exchange(
         wire,
@@ -119,20 +120,20 @@ def test_cached_gets_pipelined_alone_are_all_answered(
     assert not closed_by_server_within(wire, 0.2)
 
 
-def test_cached_get_answers_like_the_usual_path(
+def test_cached_get_answers_like_an_encoded_path(
     daemon: DaemonProcess, wire: socket.socket, channel: str
 ) -> None:
     assert daemon.put(channel, "stats", "HP", {"hp": [1, 2]}).status_code == 200
-    shortcut, usual = exchange(
+    plain, decoded = exchange(
         wire,
         request("GET", key_path(channel, "stats", "HP")),
-        # %48 is "H": the same key, but a percent-encoded path takes the ASGI path.
+        # %48 is "H": the same key, through the path's percent-decoding.
         request("GET", key_path(channel, "stats", "HP").replace("/HP", "/%48P")),
     )
-    assert shortcut.status == usual.status == 200
-    assert shortcut.body == usual.body == b'{"hp":[1,2]}'
-    del shortcut.headers["x-request-id"], usual.headers["x-request-id"]
-    assert shortcut.headers == usual.headers
+    assert plain.status == decoded.status == 200
+    assert plain.body == decoded.body == b'{"hp":[1,2]}'
+    del plain.headers["x-request-id"], decoded.headers["x-request-id"]
+    assert plain.headers == decoded.headers
 
 
 def test_cached_get_is_counted_under_its_route(daemon: DaemonProcess, channel: str) -> None:
@@ -163,7 +164,7 @@ def test_cached_get_honours_a_closing_connection(
 
 
 def test_cached_get_needs_the_token(start_daemon: Callable[..., DaemonProcess]) -> None:
-    # Warning level: debug logging would send every request the usual way.
+    # Warning level: debug logging would send every request the decoded way.
     daemon = start_daemon(JSON_CONTAINERS, token=TOKEN, log_level="warning")
     assert daemon.put("c1", "stats", "HP", 5).status_code == 200  # cached from here on
     path = key_path("c1", "stats", "HP")
@@ -181,7 +182,7 @@ def test_cached_get_needs_the_token(start_daemon: Callable[..., DaemonProcess]) 
 
 def encoded(path: str) -> str:
     """``path`` with its last segment's first character percent-encoded: the same
-    address, but one the shortcuts decline, so the usual ASGI path answers it."""
+    address, through the path's percent-decoding."""
     head, _, last = path.rpartition("/")
     return f"{head}/%{ord(last[0]):02X}{last[1:]}"
 
@@ -197,16 +198,16 @@ def encoded(path: str) -> str:
     ],
     ids=["put", "put-bad-json", "put-bad-utf8", "put-empty", "delete-absent"],
 )
-def test_single_key_writes_answer_like_the_usual_path(
+def test_single_key_writes_answer_like_an_encoded_path(
     wire: socket.socket, channel: str, method: str, body: bytes, status: int
 ) -> None:
     plain = key_path(channel, "stats", "Key")
-    shortcut, usual = exchange(wire, request(method, plain, body),
+    plain, decoded = exchange(wire, request(method, plain, body),
                                request(method, encoded(plain), body))  # fmt: skip
-    assert shortcut.status == usual.status == status
-    assert shortcut.body == usual.body
-    del shortcut.headers["x-request-id"], usual.headers["x-request-id"]
-    assert shortcut.headers == usual.headers
+    assert plain.status == decoded.status == status
+    assert plain.body == decoded.body
+    del plain.headers["x-request-id"], decoded.headers["x-request-id"]
+    assert plain.headers == decoded.headers
 
 
 @pytest.mark.parametrize(
@@ -247,10 +248,10 @@ def test_a_put_whose_body_comes_later_is_stored(
     [["Expect: 100-continue"], ["Transfer-Encoding: chunked"]],
     ids=["expect-100-continue", "chunked"],
 )
-def test_puts_the_shortcut_declines_are_stored_the_usual_way(
+def test_puts_with_100_continue_or_a_chunked_body_are_stored(
     daemon: DaemonProcess, wire: socket.socket, channel: str, extra: list[str]
 ) -> None:
-    path = key_path(channel, "stats", "usual")
+    path = key_path(channel, "stats", "decoded")
     body = b'{"n": 1}'
     if extra == ["Transfer-Encoding: chunked"]:
         message = f"PUT {path} HTTP/1.1\r\nHost: t\r\n{extra[0]}\r\n\r\n".encode()
@@ -261,7 +262,7 @@ def test_puts_the_shortcut_declines_are_stored_the_usual_way(
     stream = wire.makefile("rb")
     first = read_response_allowing_continue(stream)
     assert first.status == 200, first
-    assert daemon.get(channel, "stats", "usual").json() == {"n": 1}
+    assert daemon.get(channel, "stats", "decoded").json() == {"n": 1}
 
 
 def read_response_allowing_continue(stream: BinaryIO) -> Response:
