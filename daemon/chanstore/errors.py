@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from dataclasses import dataclass
 
 __all__ = [
     "BackendError",
@@ -17,6 +18,7 @@ __all__ = [
     "ChanstoreError",
     "ConfigError",
     "CorruptValue",
+    "IntegrityProblem",
     "InvalidKey",
     "UnknownEngine",
     "UnstorableValue",
@@ -71,6 +73,20 @@ class BackendUnavailable(BackendError):
     """The backend's server or storage cannot be reached at all."""
 
     kind = "unavailable"
+
+
+@dataclass(frozen=True)
+class IntegrityProblem:
+    """Damaged, foreign or lost data that a backend found by itself.
+
+    ``kind`` is a short word from a small closed set (``journal_damaged``,
+    ``planted_link``, ``data_lost``, ...), the ``kind`` label of
+    ``chanstore_integrity_problems_total``; ``message`` says what and where,
+    for the logs.
+    """
+
+    kind: str
+    message: str
 
 
 class CorruptValue(BackendError):

@@ -129,6 +129,13 @@ class Metrics:
             ["backend", "container"],
             **on,
         )
+        self.integrity_problems = Counter(
+            "chanstore_integrity_problems_total",
+            "Damaged, foreign or lost data found (a value that cannot be read, a damaged "
+            "journal, a planted link, a Redis that lost its data), by kind.",
+            ["container", "kind"],
+            **on,
+        )
         self.build_info = Gauge(
             "chanstore_build_info", "Always 1; the labels say which chanstore runs.",
             ["version"], **on,

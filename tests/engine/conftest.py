@@ -18,17 +18,22 @@ from chanstore.engine import Engine, EngineSettings
 from chanstore.metrics import Metrics
 
 
-def json_entry(name: str, root: Path, **fields: Any) -> dict[str, Any]:
-    """A db_config entry for a json container under ``root``."""
+def _json_entry(name: str, root: Path, **fields: Any) -> dict[str, Any]:
     return {"implementation": "json", "name": name, "load": True, "clear": False,
             "settings": {"root_dir": str(root), "fsync": False}, **fields}  # fmt: skip
 
 
 @pytest.fixture
+def json_entry() -> Callable[..., dict[str, Any]]:
+    """Makes a db_config entry for a json container: ``json_entry(name, root, **fields)``."""
+    return _json_entry
+
+
+@pytest.fixture
 def entries(tmp_path: Path) -> list[dict[str, Any]]:
     """Two json containers: ``stats`` (loaded) and ``log`` (not loaded)."""
-    return [json_entry("stats", tmp_path / "data"),
-            json_entry("log", tmp_path / "data", load=False)]  # fmt: skip
+    return [_json_entry("stats", tmp_path / "data"),
+            _json_entry("log", tmp_path / "data", load=False)]  # fmt: skip
 
 
 @pytest.fixture

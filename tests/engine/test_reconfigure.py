@@ -11,7 +11,6 @@ from chanstore.codec import Document
 from chanstore.config import load_db_config
 from chanstore.engine import ABSENT, Engine, UnknownContainer
 from chanstore.metrics import Metrics
-from conftest import json_entry
 
 
 def run(coroutine_function: Callable[[], Any]) -> Any:
@@ -30,7 +29,7 @@ def series(metrics: Metrics, container: str) -> list[str]:
 
 
 def test_added_removed_changed_and_updated_containers(
-    make_engine: Callable[..., Engine], tmp_path: Path
+    make_engine: Callable[..., Engine], json_entry: Callable[..., Any], tmp_path: Path
 ) -> None:
     data, other = tmp_path / "data", tmp_path / "other"
 
@@ -62,7 +61,10 @@ def test_added_removed_changed_and_updated_containers(
 
 
 def test_a_removed_containers_metric_series_go_with_it(
-    make_engine: Callable[..., Engine], metrics: Metrics, tmp_path: Path
+    make_engine: Callable[..., Engine],
+    json_entry: Callable[..., Any],
+    metrics: Metrics,
+    tmp_path: Path,
 ) -> None:
     data = tmp_path / "data"
 
@@ -81,7 +83,7 @@ def test_a_removed_containers_metric_series_go_with_it(
 
 
 def test_a_new_backend_that_does_not_answer_is_reported(
-    make_engine: Callable[..., Engine], tmp_path: Path
+    make_engine: Callable[..., Engine], json_entry: Callable[..., Any], tmp_path: Path
 ) -> None:
     """A reload onto an unreachable backend is applied, and the caller hears why it fails."""
     settings = {"host": "127.0.0.1", "port": 1, "socket_connect_timeout": 0.5}

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from chanstore.errors import BackendError, BulkWriteError, CorruptValue
+from chanstore.errors import BackendError, BulkWriteError, CorruptValue, IntegrityProblem
 from chanstore.instrumentation import (
     NOT_FOUND,
     OPERATIONS,
@@ -181,6 +181,16 @@ class DatabaseInterface(ABC):
         return await asyncio.to_thread(call_unmeasured, cls, "set_many_together", parts)
 
     # -- life cycle ----------------------------------------------------------
+
+    def integrity_problems(self) -> list[IntegrityProblem]:
+        """Damage this backend found by itself since it was last asked, each told once.
+
+        For what no operation's answer can carry: a journal replay that had to
+        skip records, a Redis that came back without its data. Readiness
+        checks ask (so a problem is logged and counted within seconds); a
+        backend that finds nothing of the kind keeps this default.
+        """
+        return []
 
     def check_available(self) -> None:
         """Raise :class:`~chanstore.errors.BackendError` unless the backend can serve now.

@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from chanstore import logs
 from chanstore.backends.base import DatabaseInterface
 from chanstore.config import ContainerSpec
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
 from chanstore.engine.lanes import WriteLanes
 from chanstore.engine.settings import EngineSettings
-from chanstore.errors import BackendUnavailable
+from chanstore.errors import BackendUnavailable, IntegrityProblem
 from chanstore.instrumentation import attach
 from chanstore.keys import encode_domain_part
 from chanstore.metrics import Metrics
@@ -29,6 +30,7 @@ from chanstore.metrics import Metrics
 __all__ = ["ContainerRuntime", "Containers"]
 
 T = TypeVar("T")
+log = logs.get_logger()
 
 #: Threads per container for backend reads, loads and readiness probes.
 READ_THREADS = 4
@@ -82,21 +84,27 @@ class ContainerRuntime:
     async def check(self) -> BaseException | None:
         """Why this container's backend cannot serve now, or None."""
         try:
-            await self.run(self._check_available)
+            problems = await self.run(self._check_available)
         except Exception as exc:  # noqa: BLE001 - any failure is the answer
             return exc
+        for problem in problems:
+            self.metrics.integrity_problems.labels(self.spec.name, problem.kind).inc()
+            log.error("integrity_problem", container=self.spec.name, kind=problem.kind,
+                      error=problem.message)  # fmt: skip
         if isinstance(self.write_problem, BackendUnavailable | BackendTimeout):
             # The backend is reachable again: a probe settles an outage, or a
             # not-ready daemon that is sent no writes would never be ready again.
             self.write_problem = None
         return self.write_problem
 
-    def _check_available(self) -> None:
+    def _check_available(self) -> list[IntegrityProblem]:
+        """Probe the backend; the integrity problems it found since the last probe."""
         if self._probe is None:
             domain = f"service_{encode_domain_part(self.settings.service_id)}"
             self._probe = self.spec.engine(domain=domain, **self.spec.settings)
             attach(self._probe, container=self.spec.name, metrics=self.metrics)
         self._probe.check_available()
+        return self._probe.integrity_problems()
 
     async def close(self) -> None:
         """Finish queued writes, then release the threads and the probe."""
