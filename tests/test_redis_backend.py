@@ -350,3 +350,115 @@ def test_domains_stored_together_fail_clearly_when_redis_is_down(flavour):
         assert isinstance(error, BackendUnavailable)
         assert error.kind == "unavailable"
         assert f"127.0.0.1:{port}" in str(error)
+
+
+# -- a Redis that lost chanstore's data ---------------------------------------------------
+
+
+def probe(settings, **options):
+    """A backend as the daemon's readiness probe holds one: asked for integrity problems."""
+    return RedisDatabase(domain="service_probe", **settings, **options)
+
+
+def kinds(backend):
+    return [problem.kind for problem in backend.integrity_problems()]
+
+
+def test_a_redis_that_was_empty_from_the_start_lost_nothing(redis_settings, redis_server):
+    backend = probe(redis_settings)
+    assert redis_server.client().dbsize() == 0
+    assert kinds(backend) == []
+    assert kinds(backend) == []
+    # The first look left a marker for the next ones to compare with.
+    marker = json.loads(redis_server.client().get("chanstore:-marker"))
+    assert len(marker["id"]) == 32
+    assert "if this key is gone" in marker["chanstore"]
+    # A Redis already holding data (an earlier release, the library in-process) lost nothing.
+    RedisDatabase(domain="old.data", **redis_settings).set_value("k", 1)
+    redis_server.client().delete("chanstore:-marker")
+    fresh = probe(redis_settings)
+    assert kinds(fresh) == []
+    backend.close()
+    fresh.close()
+
+
+def test_flushall_is_data_lost_told_once_to_each_watcher(redis_settings, redis_server):
+    first, second = probe(redis_settings), probe(redis_settings)
+    assert kinds(first) == kinds(second) == []
+    redis_server.flush()
+
+    (problem,) = first.integrity_problems()
+    assert problem.kind == "data_lost"
+    assert f"Redis at 127.0.0.1:{redis_server.port}/0" in problem.message
+    assert "FLUSHALL" in problem.message
+    assert "run_id unchanged" in problem.message
+    assert kinds(first) == []  # told once: the new marker is what it compares with now
+    # The first one wrote a new marker; the second still notices (another daemon's view).
+    (problem,) = second.integrity_problems()
+    assert problem.kind == "data_lost"
+    assert "another daemon found the data lost first" in problem.message
+    assert kinds(second) == []
+    first.close()
+    second.close()
+
+
+def test_no_marker_traffic_on_reads_and_writes(redis_settings, redis_server):
+    backend = probe(redis_settings)
+    assert kinds(backend) == []
+    reset_commands(redis_server)
+    backend.set_value("k", 1)
+    assert backend.get_value("k") == (True, 1)
+    backend.set_many({"a": 1})
+    assert backend.load_all() == {"k": 1, "a": 1}
+    assert commands(redis_server) == {"hset": 2, "hget": 1, "hgetall": 1}
+    reset_commands(redis_server)
+    assert kinds(backend) == []
+    assert commands(redis_server) == {"set": 1, "get": 1}  # and INFO: one round trip
+    backend.close()
+
+
+def test_markers_are_per_database_and_key_prefix(redis_settings, redis_server):
+    db0, db1 = probe(redis_settings), probe(redis_settings, db=1)
+    other_prefix = probe(redis_settings, key_prefix="app2:")
+    for backend in (db0, db1, other_prefix):
+        assert kinds(backend) == []
+    redis_server.client(db=1).flushdb()
+    assert kinds(db1) == ["data_lost"]
+    assert kinds(db0) == []
+    redis_server.client().delete("app2:-marker")  # as if only that prefix's data had gone
+    assert kinds(other_prefix) == ["data_lost"]
+    assert kinds(db0) == []
+    for backend in (db0, db1, other_prefix):
+        backend.close()
+
+
+def test_a_restart_without_persistence_is_data_lost_and_with_it_is_not(tmp_path):
+    volatile = RedisServer(tmp_path / "volatile").start()
+    durable = RedisServer(tmp_path / "durable", "--appendonly", "yes",
+                          "--appendfsync", "always").start()  # fmt: skip
+    try:
+        lost, kept = probe(volatile.settings), probe(durable.settings)
+        for backend in (lost, kept):
+            backend.set_value("k", 1)
+            assert kinds(backend) == []
+        for server in (volatile, durable):
+            server.stop()
+            server.start()  # the same port, the same folder
+        (problem,) = lost.integrity_problems()
+        assert problem.kind == "data_lost"
+        assert "restarted (run_id" in problem.message
+        assert lost.get_value("k")[0] is False
+        assert kinds(kept) == []
+        assert kept.get_value("k") == (True, 1)
+        lost.close()
+        kept.close()
+    finally:
+        volatile.stop()
+        durable.stop()
+
+
+def test_an_unreachable_redis_is_unavailable_not_data_lost():
+    backend = probe({"host": "127.0.0.1", "port": free_port(), "socket_connect_timeout": 1.0})
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        backend.integrity_problems()
+    backend.close()
