@@ -64,3 +64,34 @@ def test_summary_says_when_the_last_reload_was_rejected() -> None:
     metrics.reload_successful.set(0)
     sample = scrape(metrics, 0.0)
     assert "REJECTED" in render(sample, scrape(metrics, 1.0))
+
+
+def test_summary_says_ready_and_that_no_integrity_problem_was_found() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.ready.set(1)
+    metrics.backend_up.labels("redis", "mana").set(1)
+    summary = render(scrape(metrics, 0.0), scrape(metrics, 1.0))
+    assert "readiness       ready" in summary
+    assert "integrity       no problems found since the daemon started" in summary
+
+
+def test_summary_shows_a_redis_that_lost_its_data() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.ready.set(0)
+    metrics.backend_up.labels("json", "stats").set(1)
+    metrics.backend_up.labels("redis", "mana").set(0)
+    before = scrape(metrics, 0.0)
+    metrics.integrity_problems.labels("mana", "data_lost").inc()
+    after = scrape(metrics, 2.0)
+
+    summary = render(before, after)
+    assert "readiness       NOT READY: mana (/readyz says why)" in summary
+    lines = summary.splitlines()
+    heading = lines.index("  integrity problems by container / kind (see the error log):")
+    assert lines[heading + 1].split() == ["mana", "data_lost", "1", "since", "start,", "1", "new"]
+    # A quiet interval after the loss still shows it: a total, not a rate.
+    quiet = render(after, scrape(metrics, 4.0))
+    assert "mana                 data_lost        1 since start" in quiet
+    assert "new" not in quiet.split("integrity problems")[1]
+    # Given /readyz's answer, the kind is named too.
+    assert "NOT READY: mana (data_lost)" in render(before, after, {"mana": "data_lost"})

@@ -4,6 +4,11 @@ For people who do not run Grafana. Two scrapes ``interval`` seconds apart
 give the rates; quantiles come from the histogram buckets' growth between
 them (or from their totals when nothing happened in between), interpolated
 within a bucket the way PromQL's ``histogram_quantile`` does.
+
+Readiness and integrity problems (a Redis that lost its data, a damaged
+journal) are shown from the last scrape: they are states and totals, not
+rates, and a person who runs ``stats`` after a page must see them even when
+the interval itself was quiet.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -109,8 +114,39 @@ def _reload_line(successful: float, applied_at: float) -> str:
     return f"{verdict}; last config applied {when}"
 
 
-def render(before: Sample, after: Sample) -> str:
-    """The summary a person reads."""
+def _readiness_line(after: Sample, problems: Mapping[str, str] | None) -> str:
+    """Ready or not, by the last scrape; with /readyz's problems, each container's kind."""
+    if problems:
+        return "NOT READY: " + ", ".join(f"{name} ({kind})" for name, kind in problems.items())
+    ready = after.series("chanstore_ready")
+    backends = after.series("chanstore_backend_up")
+    down = sorted(dict(labels).get("container", "?") for labels, up in backends.items() if not up)
+    if not ready:
+        return "unknown (no chanstore_ready in /metrics)"
+    if all(ready.values()) and not down:
+        return "ready"
+    return "NOT READY" + (": " + ", ".join(down) if down else "") + " (/readyz says why)"
+
+
+def _integrity_lines(before: Sample, after: Sample) -> list[str]:
+    """One line per container and kind of integrity problem found since the daemon started."""
+    name = "chanstore_integrity_problems_total"
+    old = before.series(name)
+    lines = []
+    for labels, total in sorted(after.series(name).items()):
+        if total:
+            where = dict(labels)
+            container, kind = where.get("container", "?"), where.get("kind", "?")
+            new = total - old.get(labels, 0.0)
+            counts = f"{total:.0f} since start" + (f", {new:.0f} new" if new else "")
+            lines.append(f"    {container:<20} {kind:<16} {counts}")
+    if not lines:
+        return ["  integrity       no problems found since the daemon started"]
+    return ["  integrity problems by container / kind (see the error log):", *lines]
+
+
+def render(before: Sample, after: Sample, problems: Mapping[str, str] | None = None) -> str:
+    """The summary a person reads; ``problems`` is what /readyz answered, when asked."""
     elapsed = max(after.taken - before.taken, 1e-9)
     requests = _delta(before, after, "chanstore_http_requests_total")
     total = sum(requests.values())
@@ -131,6 +167,8 @@ def render(before: Sample, after: Sample) -> str:
         f"  cache hit ratio {_ratio(hits, sum(cache.values()))}",
         f"  channels        {channels:.0f} in memory",
         "  last reload     " + _reload_line(reload_ok, reload_at),
+        "  readiness       " + _readiness_line(after, problems),
+        *_integrity_lines(before, after),
         "  backend p99 by backend / container / operation:",
     ]
     quantiles = _grouped_quantiles(
