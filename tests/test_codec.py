@@ -8,6 +8,7 @@ import enum
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from chanstore import codec
 from chanstore.errors import UnstorableValue
@@ -283,3 +284,77 @@ def test_documents_compare_by_their_contents():
 def test_revive_is_the_decoders_object_hook(kind):
     text = codec.encode(VALUES[kind])
     assert_same(json.loads(text, object_hook=codec.revive), codec.decode(text))
+
+
+# -- marks of types nobody registered ------------------------------------------------
+
+
+@pytest.fixture
+def warnings_on():
+    """Warnings about unregistered marks on, none given yet (an engine built by another
+    test of this process turns them off: the daemon carries marks it never revives)."""
+    codec.warn_unregistered(True)
+    codec._warned.clear()
+    yield
+    codec._warned.clear()
+
+
+def unregistered_warnings(events):
+    return [e for e in events if e["event"] == "unregistered_type"]
+
+
+def test_an_unregistered_dataclass_reads_back_opaque_with_one_warning_per_name(warnings_on):
+    @dataclasses.dataclass
+    class Profile:
+        name: str
+
+    text = codec.encode([Profile("a"), Profile("b")])  # written by a process that has it
+    mark = codec.mark_name(Profile)
+    with capture_logs() as events:
+        first = codec.decode(text)
+        again = codec.decode(text)
+        codec.decode(json.dumps({"_moobius_type": "other.Thing", "_moobius_val": 1}))
+    assert first == again == [{"_moobius_type": mark, "_moobius_val": {"name": n}} for n in "ab"]
+    assert isinstance(first[0], codec.UnknownMark)
+    warned = unregistered_warnings(events)
+    # One per mark name (not per value, nor per read), naming the type and the cure.
+    assert [e["mark"] for e in warned] == [mark, "other.Thing"]
+    assert warned[0]["log_level"] == "warning"
+    assert "chanstore.codec.register_type(Profile)" in warned[0]["message"]
+    codec.register_type(Profile)
+    try:
+        with capture_logs() as events:
+            assert codec.decode(text) == [Profile("a"), Profile("b")]
+        assert unregistered_warnings(events) == []
+    finally:
+        codec.unregister_type(Profile)
+
+
+def test_builtin_marks_and_plain_dicts_warn_of_nothing(warnings_on):
+    with capture_logs() as events:
+        assert codec.decode(codec.encode({"s": {1}, "t": (1,), "d": {"a": 1}})) == {
+            "s": {1}, "t": (1,), "d": {"a": 1},
+        }  # fmt: skip
+    assert unregistered_warnings(events) == []
+
+
+def test_stored_data_cannot_flood_the_log_with_mark_names(warnings_on):
+    names = [f"random.Name{n}" for n in range(codec.MAX_WARNED_MARKS + 50)]
+    text = json.dumps([{"_moobius_type": name, "_moobius_val": 1} for name in names])
+    with capture_logs() as events:
+        codec.decode(text)
+        codec.decode(text)
+    warned = unregistered_warnings(events)
+    assert len(warned) == codec.MAX_WARNED_MARKS + 1  # each name once, then one "no more"
+    assert "no more are reported" in warned[-1]["message"]
+    assert len(codec._warned) == codec.MAX_WARNED_MARKS + 1
+
+
+def test_a_process_that_carries_stored_forms_turns_the_warning_off(warnings_on):
+    codec.warn_unregistered(False)
+    try:
+        with capture_logs() as events:
+            codec.decode('{"_moobius_type": "app.Quiet", "_moobius_val": 1}')
+        assert unregistered_warnings(events) == []
+    finally:
+        codec.warn_unregistered(True)

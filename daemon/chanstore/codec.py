@@ -14,7 +14,12 @@ Reviving a mark never looks a name up in the interpreter: only the builtins
 above and the classes an application has :func:`register_type`-ed are revived.
 The original revived *any* importable name (``pydoc.locate``), so stored data
 could make it call an arbitrary function. A mark chanstore does not know is
-left as the plain dict it is, so nothing is lost when the value is written back.
+left as the plain dict it is, so nothing is lost when the value is written back;
+the first time each such name is met, a warning says so and how to register
+the class (an application that forgot ``register_type`` would otherwise get a
+dict where it expects its dataclass, and no word why). Processes that only
+carry values in their stored form, such as the daemon, turn the warning off
+with :func:`warn_unregistered`.
 
 A value that arrives already in the stored form (an HTTP body) is wrapped in a
 :class:`Document` and written exactly as it is; :func:`revive` is the object
@@ -32,6 +37,7 @@ from typing import Any, TypeVar
 
 import dacite
 
+from chanstore import logs
 from chanstore.errors import UnstorableValue
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "registered_types",
     "to_json_shape",
     "unregister_type",
+    "warn_unregistered",
 ]
 
 TYPE_KEY = "_moobius_type"
@@ -59,6 +66,12 @@ _registry: dict[str, type] = {}
 _marks: dict[type, str] = {}
 _registry_lock = threading.Lock()
 _DACITE_CONFIG = dacite.Config(cast=[tuple, set, frozenset], strict=False)
+
+#: How many distinct unregistered mark names are warned about, each once: the
+#: names come from stored data, which must not be able to grow memory or flood the log.
+MAX_WARNED_MARKS = 256
+_warned: set[str] = set()
+_warn = True
 
 # Marks the original SDK (or chanstore) wrote for builtins, revived without
 # consulting the registry: they are containers of already-decoded JSON.
@@ -151,6 +164,43 @@ def unregister_type(cls_or_name: type | str) -> None:
             cls = _registry.pop(name, None)
             if cls is not None and _marks.get(cls) == name:
                 del _marks[cls]
+
+
+def warn_unregistered(enabled: bool) -> None:
+    """Whether reading a mark of an unregistered type logs a warning (the default: yes).
+
+    A process that serves values in their stored form and never revives an
+    application's classes (the daemon) turns it off: there, such a mark is
+    expected, not a forgotten :func:`register_type`.
+    """
+    global _warn  # noqa: PLW0603 - process-wide, like the registry itself
+    _warn = enabled
+
+
+def _unregistered(name: str) -> None:
+    """Warn, once per name, that values marked ``name`` read back as opaque marks."""
+    if not _warn or name in _warned:
+        return
+    with _registry_lock:
+        if name in _warned or len(_warned) > MAX_WARNED_MARKS:
+            return
+        _warned.add(name)
+        last = len(_warned) > MAX_WARNED_MARKS
+    if last:
+        logs.get_logger().warning(
+            "unregistered_type", mark=name, limit=MAX_WARNED_MARKS,
+            message="more than this many unregistered type names were read; no more are "
+            "reported in this process",
+        )  # fmt: skip
+        return
+    cls_name = name.rpartition(".")[2] or name
+    logs.get_logger().warning(
+        "unregistered_type", mark=name,
+        message=f"values marked {name!r} read back as opaque chanstore.codec.UnknownMark "
+        f"dicts, because no class is registered under that name: call "
+        f"chanstore.codec.register_type({cls_name}) (or register_type(cls, name={name!r}) "
+        "if the class moved) before reading them",
+    )  # fmt: skip
 
 
 def registered_types() -> dict[str, type]:
@@ -264,6 +314,8 @@ def revive(obj: dict[str, Any]) -> Any:
             return UnknownMark(obj)
     cls = _registry.get(name)
     if cls is None:
+        if name not in _warned:
+            _unregistered(name)
         return UnknownMark(obj)
     # A value that does not fit its class is a corrupt value (a ValueError, as
     # for text that is not JSON), not a crash of whatever is reading it.
