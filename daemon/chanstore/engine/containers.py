@@ -4,6 +4,12 @@ A :class:`ContainerRuntime` holds a container's spec, the threads its backend
 calls run on, its write lanes, and the last write failure (which readiness
 reports). :class:`Containers` maps names to runtimes; a reload swaps entries
 (see :mod:`chanstore.engine.reconfigure`).
+
+When a backend reports that it lost the data (``data_lost``: a Redis that
+came back empty), the runtime drops every channel's cache of its container
+at once, through whoever holds the channels (:meth:`Containers.keep_caches_in`),
+so that no cached value outlives the data it copied, and the container is
+not ready with that kind for :data:`DATA_LOST_HOLD` seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,18 +29,29 @@ from chanstore.config import ContainerSpec
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
 from chanstore.engine.lanes import WriteLanes
 from chanstore.engine.settings import EngineSettings
-from chanstore.errors import BackendUnavailable, IntegrityProblem
+from chanstore.errors import BackendError, BackendUnavailable, IntegrityProblem
 from chanstore.instrumentation import attach
 from chanstore.keys import encode_domain_part
 from chanstore.metrics import Metrics
 
-__all__ = ["ContainerRuntime", "Containers"]
+__all__ = ["DATA_LOST_HOLD", "ContainerRuntime", "Containers"]
 
 T = TypeVar("T")
 log = logs.get_logger()
 
 #: Threads per container for backend reads, loads and readiness probes.
 READ_THREADS = 4
+
+#: Seconds a container stays not ready (kind ``data_lost``) after its backend last
+#: reported losing its data. Long enough for every load balancer's health check,
+#: several scrapes and the ChanstoreNotReady alert (2 minutes) to see it; short
+#: enough that a loss nobody can undo from here does not keep a fleet out of
+#: rotation until someone wakes up. The counter and the log keep it for good.
+DATA_LOST_HOLD = 300.0
+
+
+def _nothing_cached() -> int:
+    return 0
 
 
 class ContainerRuntime:
@@ -47,6 +65,14 @@ class ContainerRuntime:
         self.executor = ThreadPoolExecutor(READ_THREADS, f"chanstore-{spec.name}")
         #: The last write failure, until a write succeeds again (readiness reports it).
         self.write_problem: BaseException | None = None
+        #: The backend's last report of lost data, while it keeps the container not ready.
+        self.data_lost: BackendError | None = None
+        #: Seconds a data loss keeps the container not ready (tests shorten it).
+        self.data_lost_hold = DATA_LOST_HOLD
+        self._lost_until = 0.0
+        #: Drops this container's cache in every channel in memory; how many it dropped.
+        #: :class:`Containers` connects it to the holder of the channels.
+        self.forget_caches: Callable[[], int] = _nothing_cached
         self._probe: DatabaseInterface | None = None
         self._unloaded: tuple[ContainerSpec, ContainerSpec] | None = None
 
@@ -82,7 +108,12 @@ class ContainerRuntime:
         self.write_problem = outcome if isinstance(outcome, BaseException) else None
 
     async def check(self) -> BaseException | None:
-        """Why this container's backend cannot serve now, or None."""
+        """Why this container's backend cannot serve now, or None.
+
+        Also hands on what the backend found by itself: each integrity problem
+        is logged and counted, and a ``data_lost`` one drops the container's
+        caches at once (on the event loop, where they are read).
+        """
         try:
             problems = await self.run(self._check_available)
         except Exception as exc:  # noqa: BLE001 - any failure is the answer
@@ -91,11 +122,28 @@ class ContainerRuntime:
             self.metrics.integrity_problems.labels(self.spec.name, problem.kind).inc()
             log.error("integrity_problem", container=self.spec.name, kind=problem.kind,
                       error=problem.message)  # fmt: skip
+            if problem.kind == "data_lost":
+                self._lost(problem)
         if isinstance(self.write_problem, BackendUnavailable | BackendTimeout):
             # The backend is reachable again: a probe settles an outage, or a
             # not-ready daemon that is sent no writes would never be ready again.
             self.write_problem = None
-        return self.write_problem
+        return self.write_problem or self._still_lost()
+
+    def _lost(self, problem: IntegrityProblem) -> None:
+        """The backend lost the data: no cache may answer for it any more."""
+        dropped = self.forget_caches()
+        self._lost_until = time.monotonic() + self.data_lost_hold
+        error = BackendError(f"container {self.spec.name!r}: {problem.message}")
+        error.kind = "data_lost"
+        self.data_lost = error
+        log.error("container_caches_dropped", container=self.spec.name, reason=problem.kind,
+                  channels=dropped, not_ready_seconds=self.data_lost_hold)  # fmt: skip
+
+    def _still_lost(self) -> BackendError | None:
+        if self.data_lost is not None and time.monotonic() >= self._lost_until:
+            self.data_lost = None
+        return self.data_lost
 
     def _check_available(self) -> list[IntegrityProblem]:
         """Probe the backend; the integrity problems it found since the last probe."""
@@ -118,7 +166,34 @@ class Containers:
     """The running db_config's containers by name."""
 
     def __init__(self, runtimes: dict[str, ContainerRuntime]) -> None:
+        self._forget: Callable[[ContainerRuntime], int] | None = None
+        self._runtimes: dict[str, ContainerRuntime] = {}
         self.runtimes = runtimes
+
+    @property
+    def runtimes(self) -> dict[str, ContainerRuntime]:
+        """The runtimes by name; each one set here can drop its caches (see keep_caches_in)."""
+        return self._runtimes
+
+    @runtimes.setter
+    def runtimes(self, runtimes: dict[str, ContainerRuntime]) -> None:
+        # Runtimes are made where the config is applied; being placed here is
+        # what every one of them goes through.
+        for runtime in runtimes.values():
+            runtime.forget_caches = functools.partial(self._forget_caches, runtime)
+        self._runtimes = runtimes
+
+    def keep_caches_in(self, forget: Callable[[ContainerRuntime], int]) -> None:
+        """Name the holder of the channels' caches (the channel table, once it is made).
+
+        ``forget(runtime)`` drops that container's cache in every channel in
+        memory and returns how many it dropped; a runtime calls it when its
+        backend lost the data.
+        """
+        self._forget = forget
+
+    def _forget_caches(self, runtime: ContainerRuntime) -> int:
+        return 0 if self._forget is None else self._forget(runtime)
 
     def __getitem__(self, name: str) -> ContainerRuntime:
         """The runtime of container ``name``; UnknownContainer lists the served ones."""

@@ -3,6 +3,11 @@
 The answer names containers and error kinds only: ``/readyz`` needs no token,
 so it must not show channel ids, paths or hosts; the details go to the logs.
 It also keeps ``chanstore_ready`` and ``chanstore_backend_up`` in step.
+
+A container is not ready while its backend does not answer, while its last
+write failed, and for a while after its backend lost the data (kind
+``data_lost``: see :data:`~chanstore.engine.containers.DATA_LOST_HOLD`); each
+check also hands on the integrity problems the backends found by themselves.
 """
 
 from __future__ import annotations
