@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import random
 import threading
@@ -12,7 +13,7 @@ from structlog.testing import capture_logs
 
 from chanstore import CachedDict, codec
 from chanstore.backends.null import NullDatabase
-from chanstore.cache import ABSENT, UNKNOWN, CacheMemory
+from chanstore.cache import ABSENT, UNKNOWN, CacheMemory, NullMemory, UnreadableValue
 from chanstore.errors import (
     BackendError,
     CorruptValue,
@@ -307,14 +308,22 @@ def test_repr_names_the_container(seeded, metrics):
     assert "loaded" in repr(box)
 
 
-def test_without_a_database_it_is_an_in_memory_dict_over_null(metrics):
+def test_without_a_database_it_is_null_and_keeps_nothing(metrics):
+    """The null backend stores nothing, so its memory keeps nothing: every key reads None."""
     box = CachedDict(metrics=metrics)
     assert isinstance(box.database, NullDatabase)
-    box["x"] = {"v": 1}
-    assert box["x"] == {"v": 1}
+    assert isinstance(box.memory, NullMemory)
+    box["x"] = {"v": 1}  # acknowledged...
+    assert box["x"] is None  # ... and forgotten (it used to read back from memory)
     assert box.get("never") is None  # null answers every key with None, as in the original
-    box.load()
-    assert dict(box.items()) == {}
+    assert "never" in box  # no key is absent: "in" agrees with [] and get
+    assert (len(box), list(box), box.copy()) == (0, [], {})
+    box.load()  # complete, and still nothing held
+    assert box["zz"] is None  # a loaded null container used to raise KeyError here
+    del box["x"]  # acknowledged like any write
+    box.update({"a": 1})
+    assert (box.memory.keys(), len(box.memory), dict(box.items())) == ([], 0, {})
+    assert cache_entries(metrics, "unnamed") == 0
 
 
 # -- refused writes ------------------------------------------------------------
@@ -707,22 +716,37 @@ def test_fetch_many_does_not_cache_what_a_write_overtook(hooked):
     assert memory.peek("b") is UNKNOWN
 
 
-def test_fetch_many_raises_for_a_value_that_cannot_be_read(backend_factory, metrics):
-    backend = backend_factory("corrupt.many")
-    backend.set_many({"good": 1, "bad": 2})
+def damage(backend_factory, backend, key):
+    """Store ``key``, then tear its stored value behind the backend's back."""
+    backend.set_value(key, {"hp": 10})
     if backend_factory.kind == "dict":
-        backend.data["bad"] = "{torn"
+        backend.data[key] = '{"hp": 1'
     elif backend_factory.kind == "redis":
-        backend.client.hset(backend.hash_name, "bad", b"{torn")
+        backend.client.hset(backend.hash_name, key, b'{"hp": 1')
     else:
-        (backend.path / "bad.json").write_text("{torn")
+        (backend.path / f"{key}.json").write_text('{"hp": 1')  # a torn write
+
+
+def test_fetch_many_reports_a_value_that_cannot_be_read_per_key(backend_factory, metrics):
+    backend = backend_factory("corrupt.many")
+    backend.set_value("good", 1)
+    damage(backend_factory, backend, "bad")
     box = CachedDict(backend, name="corrupt", metrics=metrics)
-    with pytest.raises(BackendError) as raised:
-        box.fetch_many(["good", "bad"])
-    # The dict backend's get_value lets decoding raise: a failure of kind "internal".
-    assert raised.value.kind == ("internal" if backend_factory.kind == "dict" else "corrupt")
-    assert isinstance(raised.value, CorruptValue) == (backend_factory.kind != "dict")
+    if backend_factory.kind == "dict":
+        # A third-party get_value that lets decoding raise: a failure of kind
+        # "internal", which fails the read (never an absent key).
+        with pytest.raises(BackendError) as raised:
+            box.fetch_many(["good", "bad"])
+        assert raised.value.kind == "internal"
+        return
+    found = box.fetch_many(["good", "bad", "missing"])
+    assert found["good"] == 1
+    assert isinstance(found["bad"], UnreadableValue)  # it used to fail the whole call
+    assert found["bad"].key == "bad"
+    assert set(found) == {"good", "bad"}
     assert box.fetch_many(["good"]) == {"good": 1}
+    with pytest.raises(CorruptValue):
+        box.fetch("bad")
 
 
 def test_a_write_during_a_load_is_not_undone_by_it(hooked):
@@ -776,6 +800,129 @@ def test_copy_is_a_plain_dict_of_every_item(seeded, metrics):
     assert box.loaded
     copied["e"] = 5
     assert "e" not in box
+    # Shallow like dict.copy: the values are the cached objects (save() stores a change).
+    assert copied["b"] is box["b"]
+
+
+def test_the_copy_module_and_or_give_plain_dicts_too(seeded, metrics):
+    """copy.copy used to alias the same memory and lock; deepcopy could not pickle the lock."""
+    box = cached(seeded, metrics)
+    shallow = copy.copy(box)
+    assert type(shallow) is dict and shallow == {"a": 1, "b": [2], "c": None}
+    deep = copy.deepcopy(box)
+    assert deep == shallow and deep["b"] is not box["b"]
+    deep["b"].append(3)
+    assert box["b"] == [2]
+    merged = {"a": "theirs", "x": 1} | box
+    assert type(merged) is dict and merged == {"a": 1, "b": [2], "c": None, "x": 1}
+    assert stored(seeded) == {"a": 1, "b": [2], "c": None}
+
+
+# -- a stored value that cannot be decoded ---------------------------------------------
+
+
+@pytest.fixture
+def damaged(backend_factory, metrics):
+    """A CachedDict over a backend holding ``good`` and a torn ``bad`` (json and redis:
+    the backends that say a value is corrupt; a third party's may not know)."""
+    if backend_factory.kind == "dict":
+        pytest.skip("DictDatabase cannot tell a torn value from a failure")
+    backend = backend_factory(DOMAIN)
+    backend.set_value("good", 1)
+    damage(backend_factory, backend, "bad")
+    return backend_factory, CachedDict(backend, name="box", metrics=metrics)
+
+
+def integrity_problems(metrics, container="box"):
+    return metrics.registry.get_sample_value(
+        "chanstore_integrity_problems_total", {"container": container, "kind": "corrupt_value"}
+    )
+
+
+def cache_entries(metrics, container):
+    return metrics.registry.get_sample_value("chanstore_cache_entries", {"container": container})
+
+
+@pytest.mark.parametrize("load", [False, True], ids=["partial", "loaded"])
+def test_a_value_that_cannot_be_decoded_is_never_passed_off_as_absent(damaged, metrics, load):
+    factory, box = damaged
+    with capture_logs() as events:
+        if load:
+            box.load()  # it used to skip "bad" and still call the cache complete
+            assert box.loaded
+        for _ in range(3):
+            with pytest.raises(CorruptValue) as raised:  # it used to be a KeyError
+                box["bad"]
+            with pytest.raises(CorruptValue):
+                box.get("bad")  # not None
+            assert "bad" in box
+        assert sorted(box) == ["bad", "good"]
+        assert sorted(box.keys()) == ["bad", "good"]
+        assert len(box) == 2
+        assert box["good"] == 1
+    # The error names container and key, never where the value is stored.
+    message = str(raised.value)
+    assert "'bad'" in message and "'box'" in message
+    assert "json" not in message and "chanstore:" not in message and "/" not in message
+    assert isinstance(raised.value, UnreadableValue) and raised.value.kind == "corrupt"
+    # Logged at error and counted once, when found, with the backend's detail.
+    found = [e for e in events if e["event"] == "integrity_problem"]
+    assert len(found) == 1, found
+    assert (found[0]["log_level"], found[0]["kind"], found[0]["key"]) == (
+        "error", "corrupt_value", "bad",
+    )  # fmt: skip
+    assert ("bad.json" if factory.kind.startswith("json") else "'bad'") in found[0]["error"]
+    assert integrity_problems(metrics) == 1
+    # Reading every value reads the damaged one too: an error, not a shorter dict.
+    with pytest.raises(CorruptValue):
+        dict(box.items())
+    with pytest.raises(CorruptValue):
+        list(box.values())
+    with pytest.raises(CorruptValue):
+        box.copy()
+    with pytest.raises(CorruptValue):
+        box.pop("bad")
+    with pytest.raises(CorruptValue):
+        box.setdefault("bad", "default")  # never overwrites damaged data on the quiet
+    assert "bad" in stored(factory)
+    assert integrity_problems(metrics) == 1
+
+
+def test_a_damaged_key_can_be_deleted_or_overwritten(damaged, metrics):
+    factory, box = damaged
+    box.load()
+    assert cache_entries(metrics, "box") == 2  # held, as its marker
+    del box["bad"]  # it used to raise KeyError and leave the stored value
+    assert "bad" not in box
+    assert "bad" not in stored(factory)
+    with pytest.raises(KeyError):
+        box["bad"]
+    damage(factory, box.database, "bad")
+    box.forget()
+    with pytest.raises(CorruptValue):
+        box["bad"]
+    box["bad"] = {"hp": 5}  # a new value over it works too
+    assert box["bad"] == {"hp": 5}
+    assert stored(factory) == {"good": 1, "bad": {"hp": 5}}
+    assert dict(box.items()) == {"good": 1, "bad": {"hp": 5}}
+    assert integrity_problems(metrics) == 2  # found again after the cache was dropped
+
+
+def test_memory_holds_the_marker_and_never_raises_it_itself(damaged):
+    _factory, box = damaged
+    box.load()
+    marker = box.memory.peek("bad")
+    assert isinstance(marker, UnreadableValue)
+    raised = []
+    for _ in range(3):
+        with pytest.raises(UnreadableValue) as error:
+            box["bad"]
+        raised.append(error.value)
+    # Each read raises a fresh error: one kept in memory would gather tracebacks and
+    # keep their frames alive for as long as the channel stays in memory.
+    assert marker not in raised and len({id(e) for e in raised}) == 3
+    assert marker.__traceback__ is None
+    assert box.memory.peek("bad") is marker
 
 
 def test_a_strict_write_that_timed_out_leaves_its_key_unknown(metrics):

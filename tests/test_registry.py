@@ -36,6 +36,33 @@ def test_the_original_aliases(name, engine):
     assert get_engine(name) is engine
 
 
+@pytest.mark.parametrize("load", [True, False])
+@pytest.mark.parametrize("name", ["null", "None", "False", "NullDatabase"])
+def test_a_null_container_stores_nothing_and_reads_every_key_as_none(name, load, metrics):
+    """As the README says. Values used to stay in the cache and read back, and a loaded
+    null container raised KeyError for a key never written."""
+    storage = MoobiusStorage("s", "c", [
+        {"implementation": name, "name": "scratch", "load": load},
+    ], metrics=metrics)  # fmt: skip
+    scratch = storage.scratch
+    assert scratch.loaded  # nothing to load: complete, and empty
+    assert scratch["never"] is None
+    assert scratch.get("never", "default") is None
+    scratch["hp"] = {"hp": 100}  # acknowledged, and forgotten
+    assert scratch["hp"] is None
+    scratch.update({"a": 1})
+    assert scratch.setdefault("b", 2) is None
+    with scratch.editing("c", default=[]) as value:
+        assert value is None
+    del scratch["hp"]
+    assert (list(scratch), len(scratch), dict(scratch.items()), scratch.copy()) == ([], 0, {}, {})
+    assert scratch.fetch_many(["x", "y"]) == {"x": None, "y": None}
+    assert metrics.registry.get_sample_value(
+        "chanstore_cache_entries", {"container": "scratch"}
+    ) in (None, 0)  # fmt: skip
+    storage.close()
+
+
 def test_the_storage_module_re_exports_get_engine():
     from chanstore.storage import get_engine as from_storage  # noqa: PLC0415
 

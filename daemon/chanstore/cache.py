@@ -6,12 +6,18 @@ cache only once the backend holds it. After :meth:`CachedDict.load` the cache
 is *complete*: it holds the whole domain, and absent keys, ``len``,
 iteration and ``in`` are answered from memory.
 
-What a CachedDict holds is a :class:`CacheMemory` (``CachedDict.memory``),
-the public seam for callers that write to the backend themselves (the
-daemon's write lanes store many channels' writes in one backend call): they
-read with :meth:`CachedDict.fetch` or :meth:`CacheMemory.peek`, and tell the
-memory what the backend now holds with :meth:`CacheMemory.stored`,
-:meth:`~CacheMemory.deleted` and :meth:`~CacheMemory.unsure`.
+What a CachedDict holds is a :class:`~chanstore.cache_memory.CacheMemory`
+(``CachedDict.memory``), the public seam for callers that write to the
+backend themselves (the daemon's write lanes store many channels' writes in
+one backend call): they read with :meth:`CachedDict.fetch` or
+``memory.peek``, and tell the memory what the backend now holds (see
+:mod:`chanstore.cache_memory`, whose names this module re-exports).
+
+A stored value that cannot be decoded (a torn file) is never passed off as
+absent: memory holds it as an :class:`UnreadableValue`, so the key is listed,
+counted by ``len``, ``in`` the mapping, and can be deleted or overwritten,
+while reading it raises that error. A null backend stores nothing, and its
+memory keeps nothing either (:class:`NullMemory`): every key reads as None.
 
 chanstore assumes it is the only writer to a domain, which is what makes a
 complete cache trustworthy.
@@ -20,12 +26,22 @@ complete cache trustworthy.
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import threading
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
 from typing import Any
 
 from chanstore import logs
 from chanstore.backends.base import DatabaseInterface
+from chanstore.backends.null import NullDatabase
+from chanstore.cache_memory import (
+    ABSENT,
+    UNKNOWN,
+    CacheMemory,
+    NullMemory,
+    UnreadableValue,
+    _Marker,
+)
 from chanstore.errors import (
     BackendError,
     ChanstoreError,
@@ -36,194 +52,17 @@ from chanstore.errors import (
 )
 from chanstore.instrumentation import NOT_FOUND, attach, failure_kind
 from chanstore.keys import check_key
-from chanstore.metrics import CacheCounts, Metrics, default_metrics
+from chanstore.metrics import Metrics, default_metrics
 
-__all__ = ["ABSENT", "UNKNOWN", "CacheMemory", "CachedDict"]
+__all__ = ["ABSENT", "UNKNOWN", "CacheMemory", "CachedDict", "NullMemory", "UnreadableValue"]
 
 _MISSING: Any = object()
-
-
-class _Marker:
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-#: The answer for a key known to be absent (:meth:`CacheMemory.peek`, :meth:`CachedDict.fetch`).
-ABSENT: Any = _Marker("ABSENT")
-#: :meth:`CacheMemory.peek`'s answer when only the backend knows.
-UNKNOWN: Any = _Marker("UNKNOWN")
 _CALLER_ERRORS = {"invalid_value": UnstorableValue, "invalid_key": InvalidKey}
 # A write that failed so may still land (Redis applies what it received before
 # it stalled): what the backend holds is not known.
 _UNKNOWN_OUTCOMES = frozenset({"timeout", "unavailable"})
-
-
-class CacheMemory:
-    """What one CachedDict holds in memory: values, and whether they are the whole domain.
-
-    :meth:`peek` never asks the backend and never waits for a lock, so an
-    event loop may call it. Whoever writes to the backend tells the memory
-    once the write is settled (:meth:`stored`, :meth:`deleted`,
-    :meth:`unsure`); each such call counts in :attr:`writes`, and a read of
-    the backend that began before one is not cached. Changes are made under a
-    lock of the memory's own, never held across a backend call.
-
-    Hits and misses are counted in plain numbers shared by the container's
-    CachedDicts (:class:`~chanstore.metrics.CacheCounts`), folded into
-    ``chanstore_cache_requests_total`` when the metrics are collected.
-    """
-
-    __slots__ = ("_complete", "_counts", "_entries", "_lock", "_touched", "_values", "_writes")
-
-    def __init__(self, counts: CacheCounts, entries: Any) -> None:
-        self._values: dict[str, Any] = {}
-        self._complete = False
-        self._writes = 0
-        self._counts = counts
-        self._entries = entries  # the container's chanstore_cache_entries child
-        self._lock = threading.Lock()
-        # While a load or clear is under way: the keys written meanwhile, and
-        # whether the last write of each was unsure.
-        self._touched: dict[str, bool] | None = None
-
-    # -- reading ---------------------------------------------------------------
-
-    def peek(self, key: str) -> Any:
-        """What memory alone says of ``key``: its value, :data:`ABSENT` or :data:`UNKNOWN`.
-
-        A value or ABSENT counts as a cache hit; UNKNOWN counts nothing (the
-        caller asks the backend, which :meth:`CachedDict.fetch` counts as a miss).
-        """
-        value = self._values.get(key, UNKNOWN)
-        if value is UNKNOWN:
-            if not self._complete:
-                return UNKNOWN
-            value = ABSENT
-        self._counts.hits += 1
-        return value
-
-    @property
-    def complete(self) -> bool:
-        """Whether memory holds the whole domain: a key it does not hold is absent."""
-        return self._complete
-
-    @property
-    def writes(self) -> int:
-        """How many writes (and drops of the whole memory) were noted so far.
-
-        Read it before asking the backend: if it changed by the time the
-        answer is back, the answer may be older than a write, and is not cached.
-        """
-        return self._writes
-
-    def keys(self) -> list[str]:
-        """The keys held; every key of the domain only when :attr:`complete`."""
-        with self._lock:
-            return list(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    # -- writes the caller settled ---------------------------------------------------
-
-    def stored(self, key: str, value: Any) -> None:
-        """The caller's own write of ``key`` is now held by the backend: cache ``value``."""
-        with self._lock:
-            self._writes += 1
-            self._put(key, value)
-            if self._touched is not None:
-                self._touched[key] = False
-
-    def deleted(self, key: str) -> None:
-        """The caller deleted ``key`` from the backend (or found it absent there)."""
-        with self._lock:
-            self._writes += 1
-            self._pop(key)
-            if self._touched is not None:
-                self._touched[key] = False
-
-    def unsure(self, key: str) -> None:
-        """A write of ``key`` ended with an unknown outcome: forget ``key``, and completeness.
-
-        A write that timed out or lost its connection may still land, so what
-        the backend holds is not known: the next read of ``key`` asks it.
-        """
-        with self._lock:
-            self._writes += 1
-            self._complete = False  # before the pop: a peek must never see ABSENT for key
-            self._pop(key)
-            if self._touched is not None:
-                self._touched[key] = True
-
-    def __repr__(self) -> str:
-        state = "complete" if self._complete else "partial"
-        return f"CacheMemory({len(self._values)} values, {state}, writes={self._writes})"
-
-    # -- for CachedDict ---------------------------------------------------------------
-
-    def _missed(self, count: int = 1) -> None:
-        self._counts.misses += count
-
-    def _fill(self, found: Mapping[str, Any], since: int) -> None:
-        """Cache what a read of the backend begun when :attr:`writes` was ``since`` found."""
-        with self._lock:
-            if self._writes == since:
-                for key, value in found.items():
-                    self._put(key, value)
-
-    def _begin_whole(self) -> None:
-        """A load or clear starts: note the keys written until :meth:`_end_whole`."""
-        with self._lock:
-            self._touched = {}
-
-    def _end_whole(self, values: dict[str, Any] | None, *, trust_writes: bool) -> None:
-        """Hold exactly ``values`` (what the backend held), completed by the writes meanwhile.
-
-        With ``trust_writes`` (a load: those writes are newer than what it
-        read) they are applied over ``values``; otherwise (a clear, which may
-        have deleted them) their keys are left unknown. ``None``: the load or
-        clear failed, and memory stays as it is.
-        """
-        with self._lock:
-            touched, self._touched = self._touched or {}, None
-            if values is None:
-                return
-            complete = True
-            for key, was_unsure in touched.items():
-                if trust_writes and not was_unsure and key in self._values:
-                    values[key] = self._values[key]
-                else:
-                    values.pop(key, None)
-                complete = complete and trust_writes and not was_unsure
-            self._writes += 1
-            self._replace(values, complete)
-
-    def _reset(self, complete: bool) -> None:
-        """Hold nothing: an empty domain if ``complete``, else an unknown one."""
-        with self._lock:
-            self._writes += 1
-            self._replace({}, complete)
-
-    def _replace(self, values: dict[str, Any], complete: bool) -> None:
-        self._entries.inc(len(values) - len(self._values))
-        if complete:
-            self._values = values
-            self._complete = True
-        else:
-            self._complete = False  # first: a peek must never see ABSENT for a key it held
-            self._values = values
-
-    def _put(self, key: str, value: Any) -> None:
-        if key not in self._values:
-            self._entries.inc()
-        self._values[key] = value
-
-    def _pop(self, key: str) -> None:
-        if self._values.pop(key, _MISSING) is not _MISSING:
-            self._entries.dec()
+#: The ``kind`` label of ``chanstore_integrity_problems_total`` for a value that cannot be read.
+CORRUPT_VALUE = "corrupt_value"
 
 
 class CachedDict(MutableMapping[str, Any]):
@@ -234,7 +73,16 @@ class CachedDict(MutableMapping[str, Any]):
     as in the original SDK, the failure is logged and counted and the change
     is kept in memory only. Either way, a read that the backend fails raises
     :class:`~chanstore.errors.BackendError`: a failure is never passed off as
-    an absent key.
+    an absent key; nor is a stored value that cannot be decoded: reading it
+    raises :class:`UnreadableValue` (a :class:`~chanstore.errors.CorruptValue`),
+    while ``in``, ``len``, iteration and ``keys()`` count it and ``del`` or a
+    new value clears it. ``items()``, ``values()`` and :meth:`copy` read every
+    value, so they raise for it too. Each damaged value found is logged at
+    error (``integrity_problem``) and counted in
+    ``chanstore_integrity_problems_total{kind="corrupt_value"}``.
+
+    Over the null backend (the default) nothing is stored or kept: every key
+    reads as None, nothing is listed.
 
     ``name`` is the container's name in metrics and logs. Safe to share
     between threads.
@@ -242,7 +90,7 @@ class CachedDict(MutableMapping[str, Any]):
 
     # The daemon holds one per channel and container in memory: slots keep each
     # one small (no per-instance __dict__), and a logger is made only to log.
-    __slots__ = ("_lock", "database", "memory", "name", "strict_mode")
+    __slots__ = ("_lock", "_metrics", "database", "memory", "name", "strict_mode")
 
     def __init__(
         self,
@@ -253,8 +101,6 @@ class CachedDict(MutableMapping[str, Any]):
         metrics: Metrics | None = None,
     ) -> None:
         if database is None:
-            from chanstore.backends.null import NullDatabase  # noqa: PLC0415 - as the original
-
             database = NullDatabase()
         self.database = database
         self.strict_mode = strict_mode
@@ -262,9 +108,10 @@ class CachedDict(MutableMapping[str, Any]):
         # Held by writes through this mapping across their backend call, so
         # that its read-modify-writes (editing, setdefault, pop) are atomic.
         self._lock = threading.RLock()
-        metrics = metrics if metrics is not None else default_metrics()
+        metrics = self._metrics = metrics if metrics is not None else default_metrics()
         attach(database, container=name, metrics=metrics)
-        self.memory = CacheMemory(metrics.cache_counts(name), metrics.cache_entries.labels(name))
+        memory = NullMemory if isinstance(database, NullDatabase) else CacheMemory
+        self.memory = memory(metrics.cache_counts(name), metrics.cache_entries.labels(name))
 
     # -- reading through the cache --------------------------------------------------
 
@@ -274,19 +121,25 @@ class CachedDict(MutableMapping[str, Any]):
         A miss is counted and its answer cached, unless a write was noted
         while the backend was asked. Raises
         :class:`~chanstore.errors.BackendError` when the backend fails (never
-        a false ABSENT) and :class:`~chanstore.errors.InvalidKey` for a key
+        a false ABSENT), :class:`UnreadableValue` for a stored value that
+        cannot be decoded, and :class:`~chanstore.errors.InvalidKey` for a key
         that memory does not answer and no backend could hold.
         """
         value = self.memory.peek(key)
         if value is UNKNOWN:
             check_key(key)
             value = self._fetch_unknown(key)
+        if value.__class__ is UnreadableValue:
+            raise value.fresh()
         return value
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of those ``keys`` that exist, as :meth:`fetch` finds them.
 
         The keys memory does not answer are read with one ``get_many`` call.
+        As in the backend's ``get_many``, a stored value that cannot be
+        decoded maps to its :class:`UnreadableValue` instead of failing the
+        call: the caller tells which keys are damaged.
         """
         keys = list(keys)
         memory = self.memory
@@ -304,24 +157,39 @@ class CachedDict(MutableMapping[str, Any]):
         memory._missed(len(unknown))
         since = memory.writes
         fetched = self.database.get_many(unknown)
-        for value in fetched.values():
-            if isinstance(value, BackendError):  # a value that exists and cannot be read
-                raise value
+        for key, value in fetched.items():
+            if isinstance(value, CorruptValue):  # a value that exists and cannot be read
+                fetched[key] = self._unreadable(key, value)
         memory._fill(fetched, since)
         found.update(fetched)
         return {key: found[key] for key in keys if key in found}
 
     def _fetch_unknown(self, key: str) -> Any:
+        """The backend's answer for ``key``: its value, ABSENT or an UnreadableValue."""
         memory = self.memory
         memory._missed()
         since = memory.writes
         ok, value = self.database.get_value(key)
-        if ok:
-            memory._fill({key: value}, since)
-            return value
-        if failure_kind(value, default=NOT_FOUND) == NOT_FOUND:
-            return ABSENT
-        raise _backend_error(value)
+        if not ok:
+            kind = failure_kind(value, default=NOT_FOUND)
+            if kind == NOT_FOUND:
+                return ABSENT
+            if kind != CorruptValue.kind:
+                raise _backend_error(value)
+            value = self._unreadable(key, value)
+        memory._fill({key: value}, since)
+        return value
+
+    def _unreadable(self, key: str, failure: Any) -> UnreadableValue:
+        """The marker of ``key``, whose stored value cannot be decoded; logged and counted
+        when found, not again while memory holds it."""
+        held = self.memory._values.get(key)
+        if held.__class__ is UnreadableValue:
+            return held  # type: ignore[return-value]
+        self._metrics.integrity_problems.labels(self.name, CORRUPT_VALUE).inc()
+        log = logs.get_logger(container=self.name, domain=getattr(self.database, "domain", ""))
+        log.error("integrity_problem", kind=CORRUPT_VALUE, key=key, error=str(failure))
+        return UnreadableValue(self.name, key)
 
     # -- whole-domain operations --------------------------------------------------
 
@@ -334,7 +202,8 @@ class CachedDict(MutableMapping[str, Any]):
         """Read the whole domain into the cache.
 
         A value that cannot be decoded is logged and counted, with the file or
-        field it came from, and left out: the rest of the domain still loads.
+        field it came from, and held as its :class:`UnreadableValue`: the rest
+        of the domain still loads, and the damaged key is not passed off as absent.
         """
         memory = self.memory
         with self._lock:
@@ -344,11 +213,19 @@ class CachedDict(MutableMapping[str, Any]):
             except BaseException:
                 memory._end_whole(None, trust_writes=True)
                 raise
-            readable = {k: v for k, v in items.items() if not isinstance(v, CorruptValue)}
-            memory._end_whole(readable, trust_writes=True)
+            for key, value in items.items():
+                if isinstance(value, CorruptValue):
+                    items[key] = self._unreadable(key, value)
+            memory._end_whole(items, trust_writes=True)
 
     def copy(self) -> dict[str, Any]:
-        """Every key and value of the domain, as a plain dict (loading it first if needed)."""
+        """Every key and value of the domain, as a plain dict (loading it first if needed).
+
+        Shallow, like ``dict.copy``: the values are the cached objects
+        (change one in place, then :meth:`save` it). Raises
+        :class:`UnreadableValue` if a stored value cannot be decoded.
+        ``copy.copy`` of a CachedDict is this too.
+        """
         memory = self.memory
         with self._lock:
             while True:
@@ -356,8 +233,18 @@ class CachedDict(MutableMapping[str, Any]):
                     self.load()
                 with memory._lock:
                     if memory._complete:
-                        return dict(memory._values)
+                        copied = dict(memory._values)
+                        break
                 # A write noted as unsure meanwhile made memory incomplete: load again.
+        for value in copied.values():
+            if value.__class__ is UnreadableValue:
+                raise value.fresh()
+        return copied
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return _copy.deepcopy(self.copy(), memo)
 
     def save(self, key: str) -> None:
         """Persist an in-place change to the value of ``key`` (``d[key]["hp"] -= 1``)."""
@@ -396,12 +283,14 @@ class CachedDict(MutableMapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         value = self.memory.peek(key)
-        if value is UNKNOWN:
-            if not _is_valid_key(key):
+        if value.__class__ is _Marker:  # one test for UNKNOWN and ABSENT: hits pay no more
+            if value is ABSENT or not _is_valid_key(key):
                 raise KeyError(key)
             value = self._fetch_unknown(key)
-        if value is ABSENT:
-            raise KeyError(key)
+            if value is ABSENT:
+                raise KeyError(key)
+        if value.__class__ is UnreadableValue:
+            raise value.fresh()
         return value
 
     def __contains__(self, key: object) -> bool:
@@ -421,10 +310,14 @@ class CachedDict(MutableMapping[str, Any]):
         return len(self._keys())
 
     def items(self) -> ItemsView[str, Any]:
+        """The items, the whole domain loaded first; iterating raises
+        :class:`UnreadableValue` at a value that cannot be decoded."""
         self._ensure_loaded()
         return ItemsView(self)
 
     def values(self) -> ValuesView[Any]:
+        """The values, the whole domain loaded first; iterating raises
+        :class:`UnreadableValue` at a value that cannot be decoded."""
         self._ensure_loaded()
         return ValuesView(self)
 
@@ -454,7 +347,7 @@ class CachedDict(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         memory = self.memory
         with self._lock:
-            if memory.complete and key not in memory._values:
+            if memory._absent(key):
                 raise KeyError(key)
             check_key(key)
             ok, message = self.database.delete_key(key)
@@ -492,6 +385,11 @@ class CachedDict(MutableMapping[str, Any]):
         if not isinstance(other, Mapping):
             return NotImplemented
         return {**self.copy(), **other}
+
+    def __ror__(self, other: Any) -> dict[str, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**other, **self.copy()}
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         with self._lock:

@@ -1,4 +1,8 @@
-"""The null backend: keeps nothing, and answers every key with ``None``."""
+"""The null backend: keeps nothing, and answers every key with ``None``.
+
+For containers whose data nobody needs kept (scratch state), and the default
+backend of a CachedDict built without one.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ __all__ = ["NullDatabase"]
 
 
 class NullDatabase(DatabaseInterface):
-    """Stores nothing. A CachedDict over it is a plain in-memory dict.
+    """Stores nothing: like ``/dev/null``, a write is acknowledged and forgotten.
 
     As in the original SDK, every key reads as ``(True, None)``: there is no
-    "absent" here, because nothing is ever known to be absent.
+    "absent" here, because nothing is ever known to be absent, and no key is
+    ever listed. A CachedDict over it keeps nothing in memory either
+    (:class:`~chanstore.cache_memory.NullMemory`), so a null container reads
+    every key as None, in-process and over HTTP, whatever was written to it.
     """
 
     engine_name = "null"
