@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -235,3 +238,75 @@ def test_metrics_of_the_containers_go_to_the_registry_given(tmp_path, metrics):
     )
     assert metrics.registry.get_sample_value("chanstore_cache_entries", {"container": "stats"}) == 1
     storage.close()
+
+
+# -- used by a tool that prints JSON: the log stays out of its output ------------------
+
+TOOL = textwrap.dedent("""
+    import json, logging, sys
+    from chanstore import MoobiusStorage
+    from chanstore.errors import CorruptValue
+
+    root, level = sys.argv[1], sys.argv[2]
+    if level != "unset":  # the tool's own logging set-up
+        logging.basicConfig(stream=sys.stderr, level=getattr(logging, level),
+                            format="%(name)s|%(levelname)s|%(message)s")
+    storage = MoobiusStorage("svc", "chan", [{"implementation": "json", "name": "stats",
+                                              "load": True, "settings": {"root_dir": root}}])
+    report = {}
+    for key in sorted(storage.stats):
+        try:
+            report[key] = storage.stats[key]
+        except CorruptValue:
+            report[key] = "damaged"
+    print(json.dumps(report))
+""")
+
+
+def run_tool(root, level):
+    return subprocess.run([sys.executable, "-c", TOOL, str(root), level], capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+
+
+@pytest.fixture
+def tool_data(tmp_path):
+    """A container holding a good value, a torn one and one of an unregistered type."""
+    folder = tmp_path / "service_svc" / "channel_chan" / "stats"
+    folder.mkdir(parents=True)
+    (folder / "good.json").write_text('{"hp": 1}')
+    (folder / "bad.json").write_text('{"hp": ')
+    (folder / "mark.json").write_text('{"_moobius_type": "app.Gone", "_moobius_val": {"a": 1}}')
+    return tmp_path
+
+
+REPORT = {"bad": "damaged", "good": {"hp": 1}, "mark": {"_moobius_type": "app.Gone",
+                                                       "_moobius_val": {"a": 1}}}  # fmt: skip
+
+
+def test_library_events_go_to_standard_logging_never_to_stdout(tool_data):
+    """They used to be printed on stdout by structlog's default, breaking the tool's JSON."""
+    done = run_tool(tool_data, "INFO")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == REPORT  # stdout is the tool's output alone
+    lines = done.stderr.splitlines()
+    # Through the logger "chanstore", at their levels, formatted by the tool's own format.
+    assert any(line.startswith("chanstore|ERROR|integrity_problem ") and "bad.json" in line
+               for line in lines), lines  # fmt: skip
+    assert any(line.startswith("chanstore|WARNING|unregistered_type ") and "app.Gone" in line
+               for line in lines), lines  # fmt: skip
+
+
+def test_library_events_obey_the_applications_level(tool_data):
+    done = run_tool(tool_data, "CRITICAL")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == REPORT
+    assert "chanstore|" not in done.stderr
+    assert "integrity_problem" not in done.stderr
+
+
+def test_without_any_logging_set_up_warnings_reach_stderr_alone(tool_data):
+    """Python's last-resort handler: warnings and errors on stderr, as for any library."""
+    done = run_tool(tool_data, "unset")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == REPORT
+    assert "integrity_problem" in done.stderr and "unregistered_type" in done.stderr

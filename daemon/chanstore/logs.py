@@ -7,8 +7,14 @@ JSON object per line with ``timestamp``, ``level`` and ``event`` beside the
 fields an operator filters on: container, channel, backend, operation,
 duration, error, request_id.
 
-The library never configures logging by itself: an application that embeds
-chanstore keeps its own structlog setup. The daemon calls :func:`configure`.
+The library never configures logging by itself. The daemon calls
+:func:`configure`, which renders events to stderr. In an application that
+embeds chanstore, where nobody configured structlog, events go through the
+standard :mod:`logging` module instead, as the logger ``chanstore`` (see
+:data:`LOGGER_NAME`): they obey the application's handlers and levels, and
+never land on stdout, where structlog's unconfigured default would print
+them into the output of a tool that prints JSON. An application that
+configured structlog itself gets chanstore's events through its setup.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import structlog
 
 __all__ = [
     "LEVELS",
+    "LOGGER_NAME",
     "bind_request_id",
     "configure",
     "debug_enabled",
@@ -30,6 +37,8 @@ __all__ = [
 ]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
+#: The name of chanstore's standard-library logger, where a library's events go.
+LOGGER_NAME = "chanstore"
 LogFormat = Literal["json", "console"]
 
 # Hot paths ask this before building a debug event, which saves the
@@ -120,5 +129,69 @@ def debug_enabled() -> bool:
 
 
 def get_logger(**bound: Any) -> Any:
-    """A structlog logger for chanstore's events, with ``bound`` fields on every event."""
-    return structlog.get_logger("chanstore", **bound)
+    """A logger for chanstore's events, with ``bound`` fields on every event.
+
+    Modules make theirs when imported, before the daemon has called
+    :func:`configure`, so where an event goes is settled when it is logged:
+    through structlog's configuration once anyone configured structlog (the
+    daemon, an application of its own, ``structlog.testing.capture_logs``),
+    otherwise to the standard-library logger :data:`LOGGER_NAME`.
+    """
+    return _Logger(bound)
+
+
+class _Logger:
+    """``log.error("event", field=...)`` and the other levels, routed when called."""
+
+    __slots__ = ("_bound",)
+
+    def __init__(self, bound: dict[str, Any]) -> None:
+        self._bound = bound
+
+    def bind(self, **more: Any) -> _Logger:
+        return _Logger({**self._bound, **more})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only the level methods get here (debug, info, warning, error, exception, ...).
+        if structlog.is_configured():
+            target = structlog.get_logger(LOGGER_NAME, **self._bound)
+        else:
+            target = _standard_logger().bind(**self._bound)
+        return getattr(target, name)
+
+
+def _standard_logger() -> Any:
+    """A structlog logger over ``logging.getLogger("chanstore")``, apart from structlog's
+    global configuration (which belongs to the application, if anyone's)."""
+    global _standard  # noqa: PLW0603 - made once, on the first event
+    if _standard is None:
+        _standard = structlog.wrap_logger(
+            logging.getLogger(LOGGER_NAME),
+            processors=[
+                structlog.stdlib.filter_by_level,  # below the logger's level: dropped at once
+                structlog.contextvars.merge_contextvars,
+                _add_request_id,
+                _as_standard_record,
+            ],
+            wrapper_class=structlog.stdlib.BoundLogger,
+            context_class=dict,
+            cache_logger_on_first_use=True,
+        )
+    return _standard
+
+
+_standard: Any = None
+
+
+def _as_standard_record(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """The event as arguments of a standard-library logging call.
+
+    The message reads ``event key=value ...`` for any formatter; the fields
+    are also on the record, as ``record.chanstore`` (a dict), for handlers
+    that ship structured logs.
+    """
+    exc_info = event_dict.pop("exc_info", None)
+    event = event_dict.pop("event", "")
+    text = " ".join([str(event), *(f"{name}={value!r}" for name, value in event_dict.items())])
+    extra = {"chanstore": {"event": event, **event_dict}}
+    return (text,), {"exc_info": exc_info, "extra": extra}
