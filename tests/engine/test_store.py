@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from chanstore.cache import UnreadableValue
 from chanstore.codec import Document
 from chanstore.engine import ABSENT, Engine, UnknownContainer
+from chanstore.errors import CorruptValue
 from chanstore.metrics import Metrics
 from support import files_under, unwritable
 
@@ -186,3 +188,75 @@ def test_idle_channels_leave_memory_and_their_data_stays(
         await engine.close()
 
     run(main)
+
+
+# -- a stored value that cannot be decoded -----------------------------------------------
+
+
+def container_folder(root: Path, container: str, channel: str = "c1") -> Path:
+    return root / "data" / "service_chanstore" / f"channel_{channel}" / container
+
+
+@pytest.mark.parametrize("container", ["stats", "log"])  # loaded, and not
+def test_a_damaged_value_is_an_error_that_stays_listed_and_can_be_deleted(
+    make_engine: Callable[..., Engine], metrics: Metrics, tmp_path: Path, container: str
+) -> None:
+    folder = container_folder(tmp_path, container)
+    folder.mkdir(parents=True)
+    (folder / "good.json").write_text("1")
+    (folder / "bad.json").write_text('{"hp": ')  # a torn write
+
+    async def main() -> None:
+        engine = make_engine()
+        store = engine.store
+        for _ in range(2):  # from the backend, then from memory
+            with pytest.raises(CorruptValue) as raised:  # it used to read as ABSENT
+                await store.read_body("c1", container, "bad")
+            assert isinstance(raised.value, UnreadableValue)
+            with pytest.raises(UnreadableValue):  # the cached read answers the same
+                store.cached_body("c1", container, "bad")
+        assert "bad.json" not in str(raised.value)  # container and key, not the file
+        assert await store.keys_page("c1", container, None, 10) == (["bad", "good"], None)
+        found = await store.get_many("c1", container, ["good", "bad", "none"])
+        assert found["good"] == 1 and isinstance(found["bad"], UnreadableValue)
+        assert await store.write("c1", container, "bad", None, delete=True) is True
+        assert not (folder / "bad.json").exists()
+        assert await store.read_body("c1", container, "bad") is ABSENT
+        (folder / "torn.json").write_text("{")
+        engine.channels.evict_all()  # found again when the channel is next opened
+        with pytest.raises(CorruptValue):
+            await store.read_body("c1", container, "torn")
+        assert await store.write("c1", container, "torn", Document({"new": 1})) is True
+        assert await store.read_body("c1", container, "torn") == b'{"new":1}'
+        await engine.close()
+
+    run(main)
+    assert metrics.registry.get_sample_value(
+        "chanstore_integrity_problems_total", {"container": container, "kind": "corrupt_value"}
+    ) == 2  # fmt: skip
+
+
+def test_a_null_container_stores_nothing_and_answers_null_for_every_key(
+    make_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    config = [{"implementation": "null", "name": "scratch", "load": True}]
+
+    async def main() -> None:
+        engine = make_engine(config)
+        store = engine.store
+        assert await store.read_body("c1", "scratch", "never") == b"null"  # not ABSENT
+        assert await store.write("c1", "scratch", "hp", Document({"hp": 1})) is True
+        for key in ("hp", "never", *(f"random-{n}" for n in range(100))):
+            assert store.cached_body("c1", "scratch", key) == b"null"
+        assert await store.keys_page("c1", "scratch", None, 10) == ([], None)
+        assert await store.get_many("c1", "scratch", ["hp", "x"]) == {"hp": None, "x": None}
+        assert await store.write("c1", "scratch", "hp", None, delete=True) is True
+        slot = engine.channels.ready_slot("c1", "scratch")
+        assert slot is not None
+        # Nothing kept per key read or written: a scan of keys does not grow memory.
+        assert not slot.encoded and slot.cached is not None and len(slot.cached.memory) == 0
+        assert slot.sorted_keys in (None, [])
+        await engine.close()
+
+    run(main)
+    assert not (tmp_path / "data").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ class Verdict:
 class Harness:
     """An API over a fresh engine; ``call`` answers one request."""
 
-    def __init__(self, root: Path, metrics: Metrics, token: str | None = None) -> None:
+    def __init__(self, root: Path, metrics: Metrics, token: str | None = None,
+                 more: Sequence[dict[str, Any]] = ()) -> None:  # fmt: skip
         entries = [{"implementation": "json", "name": "stats",
-                    "settings": {"root_dir": str(root), "fsync": False}}]  # fmt: skip
+                    "settings": {"root_dir": str(root), "fsync": False}}, *more]  # fmt: skip
         self.engine = Engine(EngineSettings(), load_db_config(entries), metrics)
         self.api: Api = build_api(
             self.engine.store, BearerToken(token), metrics,
@@ -208,3 +209,68 @@ def test_listing_pages_follow_next_and_bulk_routes_answer_for_each_key(
         assert deleted == {"deleted": ["k01"], "missing": ["zz"]}
 
     run(test, tmp_path, metrics)
+
+
+# -- a stored value that cannot be decoded, and the null backend ----------------------------
+
+
+def test_a_damaged_value_answers_500_corrupt_stays_listed_and_can_be_deleted(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    folder = tmp_path / "service_chanstore" / "channel_c" / "stats"
+    folder.mkdir(parents=True)
+    (folder / "good.json").write_text('{"hp": 1}')
+    (folder / "bad.json").write_text('{"hp": ')  # a torn write
+
+    async def test(h: Harness) -> None:
+        for _ in range(2):
+            got = await h.call("GET", "/v1/channels/c/stats/bad")
+            assert got.status == 500, got.body  # it used to be a 404
+            error = body_of(got)
+            assert error["code"] == "corrupt"
+            assert "'bad'" in error["error"] and "'stats'" in error["error"]
+            assert str(tmp_path) not in error["error"] and ".json" not in error["error"]
+        listing = body_of(await h.call("GET", "/v1/channels/c/stats"))
+        assert listing == {"keys": ["bad", "good"], "next": None}  # it used to lack "bad"
+        bulk = await h.call("POST", "/v1/channels/c/stats/-/get",
+                            b'{"keys": ["good", "bad", "none"]}')  # fmt: skip
+        assert (bulk.status, body_of(bulk)) == (200, {
+            "values": {"good": {"hp": 1}}, "missing": ["none"], "corrupt": ["bad"],
+        })  # fmt: skip
+        deleted = await h.call("DELETE", "/v1/channels/c/stats/bad")
+        assert deleted.status == 200, deleted.body  # it used to be a 404 that left the file
+        assert not (folder / "bad.json").exists()
+        assert (await h.call("GET", "/v1/channels/c/stats/bad")).status == 404
+        (folder / "torn.json").write_text("{")
+        h.engine.channels.evict_all()
+        assert (await h.call("GET", "/v1/channels/c/stats/torn")).status == 500
+        put = await h.call("PUT", "/v1/channels/c/stats/torn", b'{"fixed": true}')
+        assert put.status == 200
+        got = await h.call("GET", "/v1/channels/c/stats/torn")
+        assert (got.status, got.body) == (200, b'{"fixed":true}')
+
+    run(test, tmp_path, metrics)
+    assert metrics.registry.get_sample_value(
+        "chanstore_integrity_problems_total", {"container": "stats", "kind": "corrupt_value"}
+    ) == 2  # fmt: skip
+
+
+def test_a_null_container_answers_null_for_every_key_and_lists_nothing(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    null = [{"implementation": "null", "name": "scratch", "load": True}]
+
+    async def test(h: Harness) -> None:
+        # Unknown keys used to be 404 (a loaded cache), written ones read back from memory.
+        got = await h.call("GET", "/v1/channels/c/scratch/never")
+        assert (got.status, got.body) == (200, b"null")
+        assert (await h.call("PUT", "/v1/channels/c/scratch/hp", b'{"hp": 1}')).status == 200
+        got = await h.call("GET", "/v1/channels/c/scratch/hp")
+        assert (got.status, got.body) == (200, b"null")
+        listing = body_of(await h.call("GET", "/v1/channels/c/scratch"))
+        assert listing == {"keys": [], "next": None}
+        bulk = body_of(await h.call("POST", "/v1/channels/c/scratch/-/get", b'{"keys": ["a"]}'))
+        assert bulk == {"values": {"a": None}, "missing": []}
+        assert (await h.call("DELETE", "/v1/channels/c/scratch/hp")).status == 200
+
+    run(test, tmp_path, metrics, more=null)

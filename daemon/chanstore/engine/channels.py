@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from chanstore import codec, logs
-from chanstore.cache import CachedDict
+from chanstore.cache import CachedDict, UnreadableValue
 from chanstore.engine.containers import ContainerRuntime, Containers
 from chanstore.engine.errors import UnknownContainer
 from chanstore.engine.lanes import Write
@@ -41,6 +41,9 @@ log = logs.get_logger()
 
 #: Tables of channels smaller than this are not worth rebuilding when channels leave.
 COMPACT_ABOVE = 1024
+#: The body of a None value: answered, not kept per key (a null container reads
+#: every key as None, and must not grow memory with every key it is asked for).
+NULL_BODY = b"null"
 
 
 class Slot:
@@ -62,12 +65,21 @@ class Slot:
         self.ready = False
 
     def body_of(self, key: str, value: Any) -> bytes:
-        """The response body of ``value``, the value memory holds for ``key`` now."""
+        """The response body of ``value``, the value memory holds for ``key`` now.
+
+        Raises for an :class:`~chanstore.cache.UnreadableValue` (a stored
+        value that cannot be decoded), checked only when a body is made: a
+        body already made costs no more.
+        """
         encoded = self.encoded
         if encoded is None:
             encoded = self.encoded = {}
         body = encoded.get(key)
         if body is None:
+            if value is None:
+                return NULL_BODY
+            if value.__class__ is UnreadableValue:
+                raise value.fresh()
             body = encoded[key] = encode_body(value)
         return body
 
@@ -89,7 +101,8 @@ class Slot:
             self._unlist(key)
         else:
             memory.stored(key, write.value)
-            self._list(key)
+            if memory.keeps_writes:  # a null container lists nothing
+                self._list(key)
 
     def page(self, after: str | None, limit: int) -> list[str]:
         """Up to ``limit`` keys of the complete cache after ``after``, in order."""
@@ -152,6 +165,10 @@ class ChannelTable:
         # clear: true empties a channel's container the first time this
         # process creates it, not again after it was dropped for idleness.
         self._cleared: set[tuple[str, str]] = set()
+        # The daemon carries values in their stored form and revives no
+        # application's classes: a mark of a type it does not know is expected
+        # here, not a forgotten register_type worth a warning.
+        codec.warn_unregistered(False)
 
     def __len__(self) -> int:
         return len(self._channels)

@@ -7,7 +7,9 @@ lanes (:mod:`chanstore.engine.lanes`) and are acknowledged once stored.
 
 Every failure is an exception carrying its kind: :class:`UnknownContainer`,
 :class:`~chanstore.errors.BackendError` and its subclasses; the HTTP layer
-words them.
+words them. A key whose stored value cannot be decoded reads as an
+:class:`~chanstore.cache.UnreadableValue` (a ``CorruptValue``), never as
+absent: it is listed, and a delete or a write clears it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Store:
 
     def cached_body(self, channel_id: str, name: str, key: str) -> Any:
         """The body of ``key`` answered from memory alone: bytes, ABSENT, or None to ask
-        :meth:`read_body` (the channel or container is not in memory, or the key is not)."""
+        :meth:`read_body` (the channel or container is not in memory, or the key is not).
+        Raises UnreadableValue for a stored value that cannot be decoded."""
         slot = self.table.ready_slot(channel_id, name)
         if slot is None:
             return None
@@ -50,7 +53,7 @@ class Store:
         return ABSENT if value is ABSENT else slot.body_of(key, value)
 
     async def read_body(self, channel_id: str, name: str, key: str) -> Any:
-        """The body of ``key`` (bytes), or ABSENT."""
+        """The body of ``key`` (bytes), or ABSENT; raises UnreadableValue if it is damaged."""
         async with self.table.using(channel_id) as channel:
             slot = await self.table.slot(channel, name)
             cached = slot.cached
@@ -64,7 +67,8 @@ class Store:
             return ABSENT if value is ABSENT else slot.body_of(key, value)
 
     async def get_many(self, channel_id: str, name: str, keys: list[str]) -> dict[str, Any]:
-        """The values of those ``keys`` that exist."""
+        """The values of those ``keys`` that exist; a damaged one maps to its UnreadableValue,
+        so one bad key does not fail the others."""
         async with self.table.using(channel_id) as channel:
             slot = await self.table.slot(channel, name)
             cached = slot.cached

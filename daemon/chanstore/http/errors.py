@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from chanstore.cache import UnreadableValue
 from chanstore.engine import UnknownContainer
 from chanstore.errors import BackendError, ChanstoreError, CorruptValue
 
@@ -53,7 +54,12 @@ def error_for(exc: BaseException) -> HttpError:
     if isinstance(exc, UnknownContainer):
         return HttpError(404, str(exc), code="unknown_container")
     if isinstance(exc, CorruptValue):
-        return HttpError(500, f"stored data is damaged: {exc}", code="corrupt")
+        # The cache's UnreadableValue names container and key; a backend's own
+        # message may name a file, which the log has and an answer must not.
+        if isinstance(exc, UnreadableValue):
+            return HttpError(500, str(exc), code="corrupt")
+        return HttpError(500, "a stored value is damaged and cannot be read (the log says "
+                         "which)", code="corrupt")  # fmt: skip
     if isinstance(exc, BackendError):
         return HttpError(503, f"backend failure ({exc.kind}): {exc}", code="backend_unavailable")
     if isinstance(exc, ChanstoreError) and isinstance(exc, ValueError):

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chanstore.codec import Document, to_json_shape
 from chanstore.engine import ABSENT, Store
+from chanstore.errors import CorruptValue
 from chanstore.http.api import Later
 from chanstore.http.bodies import json_body, parse_json, parse_value
 from chanstore.http.errors import HttpError
@@ -85,12 +86,25 @@ class DataHandlers:
         return Response(200, json_body({"keys": keys, "next": following}))
 
     async def bulk_get(self, request: Request) -> Response:
+        """``{"values": {...}, "missing": [...]}``, and ``"corrupt": [...]`` naming the keys
+        whose stored value cannot be read: one damaged key does not fail the others."""
         channel, container = self._channel_and_container(request)
         keys = _key_list(_object_body(request), "keys")
         values = await self.store.get_many(channel, container, keys)
         missing = [key for key in keys if key not in values]
-        shaped = {key: to_json_shape(value) for key, value in values.items()}
-        return Response(200, json_body({"values": shaped, "missing": missing}))
+        shaped: dict[str, Any] = {}
+        corrupt: list[str] = []
+        for key, value in values.items():
+            if isinstance(value, CorruptValue):
+                corrupt.append(key)
+            else:
+                shaped[key] = to_json_shape(value)
+        answer: dict[str, Any] = {"values": shaped, "missing": missing}
+        if corrupt:
+            # Stored but unreadable: neither a value nor missing. Listed only when
+            # there are some, so every other answer stays as it always was.
+            answer["corrupt"] = corrupt
+        return Response(200, json_body(answer))
 
     async def bulk_set(self, request: Request) -> Response:
         channel, container = self._channel_and_container(request)
