@@ -137,8 +137,9 @@ class ContainerRuntime:
         error = BackendError(f"container {self.spec.name!r}: {problem.message}")
         error.kind = "data_lost"
         self.data_lost = error
-        log.error("container_caches_dropped", container=self.spec.name, reason=problem.kind,
-                  channels=dropped, not_ready_seconds=self.data_lost_hold)  # fmt: skip
+        # What was done about it; the problem itself was logged at error just before.
+        log.warning("container_caches_dropped", container=self.spec.name, reason=problem.kind,
+                    channels=dropped, not_ready_seconds=self.data_lost_hold)  # fmt: skip
 
     def _still_lost(self) -> BackendError | None:
         if self.data_lost is not None and time.monotonic() >= self._lost_until:
