@@ -159,7 +159,11 @@ def test_a_field_that_is_not_json_is_corrupt_for_its_key_only(db, redis_server, 
     assert loaded == {"good": 1, "other": [2]}
     box = CachedDict(db, name="corrupt", metrics=metrics)
     box.load()
-    assert dict(box.items()) == {"good": 1, "other": [2]}
+    # Loaded, the bad field is listed and reads as an error, never as absent.
+    assert sorted(box) == ["bad", "good", "other"]
+    assert box["good"] == 1
+    with pytest.raises(CorruptValue):
+        box["bad"]
     assert (
         metrics.registry.get_sample_value(
             "chanstore_backend_operation_errors_total",

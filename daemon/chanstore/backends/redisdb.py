@@ -68,6 +68,9 @@ class RedisDatabase(DatabaseInterface):
     """
 
     engine_name = "redis"
+    #: What integrity_problems() saw; made by its first call (only a readiness probe
+    #: asks, so the thousands of backends of channels in memory carry nothing of it).
+    _marker: _Marker | None = None
     #: set_many_together_async uses redis-py's asyncio client, on the running loop.
     stores_on_loop = True
     SETTINGS = {
@@ -99,7 +102,7 @@ class RedisDatabase(DatabaseInterface):
     ) -> None:
         super().__init__(domain, **kwargs)
         self.hash_name = f"{key_prefix}{domain}".encode()
-        self.marker_name = f"{key_prefix}{MARKER_SUFFIX}".encode()
+        self.key_prefix = key_prefix
         options = {
             "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(socket_connect_timeout),
@@ -118,7 +121,6 @@ class RedisDatabase(DatabaseInterface):
         self._pool_key = pool_key
         self.client = _pools.acquire(pool_key, self._pool_args)
         self._closed = False
-        self._marker: _Marker | None = None
 
     # -- the four ------------------------------------------------------------
 
@@ -249,10 +251,12 @@ class RedisDatabase(DatabaseInterface):
         calls it every few seconds, so each instance remembers its own view
         and every daemon sharing the Redis notices a loss by itself.
         """
-        if self._marker is None:
-            self._marker = _Marker(self.marker_name, self.where)
+        marker = self._marker
+        if marker is None:
+            name = f"{self.key_prefix}{MARKER_SUFFIX}".encode()
+            marker = self._marker = _Marker(name, self.where)
         with self._reaching():
-            problem = self._marker.check(self.client)
+            problem = marker.check(self.client)
         return [] if problem is None else [problem]
 
     def close(self) -> None:
