@@ -31,6 +31,7 @@ from chanstore.engine import Engine
 from chanstore.errors import ConfigError
 from chanstore.http import BearerToken, build_api
 from chanstore.http.connections import Connections
+from chanstore.http.listener import Listener
 from chanstore.http.protocol import HttpProtocol
 from chanstore.metrics import Metrics, default_metrics, install_process_collector
 from chanstore.server import systemd
@@ -47,8 +48,7 @@ READINESS_TTL = 1.0
 #: Seconds between the readiness checks that keep chanstore_ready and
 #: chanstore_backend_up fresh when nobody calls /readyz.
 READINESS_INTERVAL = 5.0
-#: Connections the kernel queues before they are accepted (create_server listens
-#: again with its own default of 100 unless told: a burst of clients overflowed it).
+#: Connections the kernel queues before they are accepted.
 LISTEN_BACKLOG = 2048
 
 
@@ -113,8 +113,8 @@ class Daemon:
         api = build_api(self.engine.store, self.token, self.metrics, readiness=self.readiness,
                         reload=reloader.reload, containers=self.containers)  # fmt: skip
         connections = self._connections = Connections(settings.limits(), self.metrics)
-        server = await loop.create_server(lambda: HttpProtocol(api, connections), sock=sock,
-                                          backlog=LISTEN_BACKLOG)  # fmt: skip
+        listener = Listener(sock, lambda: HttpProtocol(api, connections))
+        listener.start()
         connections.start()
         self.metrics.build_info.labels(chanstore.__version__).set(1)
         self.metrics.reload_successful.set(1)
@@ -143,7 +143,7 @@ class Daemon:
             reloader.stop()
             for task in chores:
                 task.cancel()
-            server.close()  # no new connections
+            listener.close()  # no new connections
             await connections.shutdown(settings.shutdown_timeout)
             await self.engine.close()
             log.info("stopped")
