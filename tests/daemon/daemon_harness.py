@@ -185,9 +185,13 @@ class DaemonProcess:
                 if self.process.poll() is not None:
                     return False
                 try:
-                    if probe.get("/healthz").status_code == 200:
+                    answer = probe.get("/healthz")
+                    # Ours, not another test's daemon that took the port between our
+                    # choosing it and binding it (chanstore serve re-executes itself
+                    # in place, so the PID is the one we started).
+                    if answer.status_code == 200 and answer.json()["pid"] == self.process.pid:
                         return True
-                except httpx.TransportError:
+                except (httpx.TransportError, ValueError, KeyError):
                     pass
                 time.sleep(0.05)
         self.process.kill()

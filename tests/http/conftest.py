@@ -10,25 +10,22 @@
 * ``channel`` is a channel id no other test uses.
 
 The daemons come from tests/daemon/daemon_harness.py (put on sys.path here),
-started by :func:`start_own`, which also checks that the process answering on
-the daemon's port is the daemon itself. Each is stopped after its test or
+started by :func:`start_own`. Each is stopped after its test or
 module, and a test fails when its daemon logged a crash or did not exit in time.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "daemon"))
-from daemon_harness import JSON_CONTAINERS, START_TIMEOUT, DaemonProcess
+from daemon_harness import JSON_CONTAINERS, DaemonProcess
 
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -38,44 +35,14 @@ DOOR_MAX_BODY = 200_000
 
 
 def start_own(daemon: DaemonProcess, *, same_port: bool = False) -> DaemonProcess:
-    """Start ``daemon``, making sure that the process answering on its port is this one.
-
-    The harness takes a free port, starts the daemon and polls /healthz until it
-    answers; a process that took the port in between (a daemon of some other test run
-    on this machine) answers that poll while ours fails to bind, and every request
-    would then go to it. /healthz names its pid: this waits for ours.
-    """
-    for _ in range(5):
-        try:
-            daemon.start(same_port=same_port)
-        except RuntimeError as exc:
-            if not (same_port and "cannot listen" in str(exc)):
-                raise
-            same_port = False  # the port went to another process: take a new one
-            continue
-        if _answers_itself(daemon):
-            return daemon
-        if daemon.running:
-            daemon.stop()
-        same_port = False
-    raise RuntimeError(f"another process kept answering on the ports given to {daemon.workdir}")
-
-
-def _answers_itself(daemon: DaemonProcess) -> bool:
-    """Whether /healthz on the daemon's port is answered by the daemon's own process."""
-    assert daemon.process is not None
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline and daemon.running:
-        try:
-            health = httpx.get(daemon.url + "/healthz", timeout=2).json()
-        except (httpx.HTTPError, ValueError):
-            health = {}
-        if isinstance(health, dict) and health.get("pid") == daemon.process.pid:
-            return True
-        if isinstance(health, dict) and health and "pid" not in health:
-            return True  # a /healthz that does not say: nothing to check
-        time.sleep(0.05)
-    return False
+    """Start ``daemon``; on its old port when ``same_port`` and that port is still free,
+    on a new one otherwise (the harness checks that /healthz is answered by our pid)."""
+    try:
+        return daemon.start(same_port=same_port)
+    except RuntimeError as exc:
+        if not (same_port and "cannot listen" in str(exc)):
+            raise
+        return daemon.start()  # the port went to another process meanwhile
 
 
 @pytest.fixture
