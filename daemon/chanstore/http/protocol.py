@@ -46,6 +46,8 @@ __all__ = ["HttpProtocol"]
 log = logs.get_logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Headers the connection checks itself (the API reads the rest from the request).
+_CHECKED = frozenset({b"host", b"authorization", b"content-length", b"expect"})
 #: Bytes parsed at a time, so that a backlogged connection stops between slices.
 FEED_SLICE = 16 * 1024
 #: Seconds, and bytes, a refused client's input is read and dropped before the close.
@@ -79,6 +81,8 @@ class HttpProtocol(asyncio.Protocol):
         self.head_read = 0
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The headers the connection itself checks (a short list, usually one: Host).
+        self.checked: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.body_size = 0
         self.request: Request | None = None
@@ -204,6 +208,7 @@ class HttpProtocol(asyncio.Protocol):
         self.head_bytes = self.head_read = 0
         self.url = b""
         self.headers = []
+        self.checked = []
         self.body = []
         self.body_size = 0
         self.request = None
@@ -214,7 +219,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_head(len(name) + len(value) + 4)
-        self.headers.append((name.lower(), value.strip(b" \t")))
+        name = name.lower()
+        value = value.strip(b" \t")
+        self.headers.append((name, value))
+        if name in _CHECKED:
+            self.checked.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -230,7 +239,7 @@ class HttpProtocol(asyncio.Protocol):
         if refusal is not None:
             self._refuse_current(refusal)
             raise _Stop
-        if request.header(b"expect") == b"100-continue":
+        if self.checked and (b"expect", b"100-continue") in self.checked:
             if self.in_flight is None and not self.queue:
                 self._write(_CONTINUE)
             else:
@@ -333,18 +342,21 @@ class HttpProtocol(asyncio.Protocol):
 
     def _refusal(self, request: Request) -> HttpError | None:
         """What the connection itself refuses about a request whose head has arrived."""
-        headers = request.headers
-        if request.version == "1.1" and request.header(b"host") is None:
+        checked = dict(self.checked)
+        if request.version == "1.1" and b"host" not in checked:
             return HttpError(400, "an HTTP/1.1 request must have a Host header")
-        if sum(1 for name, _ in headers if name == b"authorization") > 1:
+        if len(checked) < len(self.checked) and self._repeated(b"authorization"):
             return HttpError(400, "more than one Authorization header")
-        length = request.header(b"content-length")
+        length = checked.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
             limit = self.limits.max_body_bytes
             return HttpError(413, f"the body is {int(length)} bytes; the limit is {limit}")
-        if request.header(b"expect") == b"100-continue":
+        if checked.get(b"expect") == b"100-continue":
             return self.api.precheck(request)
         return None
+
+    def _repeated(self, name: bytes) -> bool:
+        return sum(1 for header, _ in self.checked if header == name) > 1
 
     def _count_head(self, size: int) -> None:
         self.head_bytes += size
