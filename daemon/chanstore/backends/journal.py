@@ -27,26 +27,26 @@ folders of the root. It can never be taken for data: key files end in
 (a domain's parts are split at dots). Listing a domain, even the root's own
 domain ``""``, therefore never shows it.
 
-It holds records, each one key file's complete new contents::
-
-    "CSJ2" | generation (u64) | payload length (u32) | crc32 (u32) | payload
-    payload = path length (u16) | path (relative to the root) | file bytes
-    (integers little-endian; the crc32 covers generation, length and payload)
-
-The records that count start at offset 0 and all carry the generation of the
-first one; the first record that is cut short, fails its magic or checksum,
-or carries another generation ends them. So a torn last batch (a crash
-during its write: never acknowledged) is ignored, and so is whatever an
-earlier generation left further on.
+It holds records, each one key file's complete new contents, in the format
+of :mod:`chanstore.backends.journal_records`: a magic, the generation (new
+at each reset), a sequence number and a checksum per record, so that reading
+it back finds every record that verifies, even past a damaged one.
 
 The file is preallocated: it is filled with zeros ahead of the records (64
 KiB at first, growing by doubling up to 1 MiB at a time) and never shrinks
 below that, so that appending changes neither its size nor its blocks and
 ``fdatasync`` flushes only the data (about half the cost of flushing an
 append that grows the file, measured here; on a journaling file system it
-also spares a commit). Emptying it (a *reset*) overwrites the first
-record's header with zeros, flushes that, and starts a new, random,
-generation at offset 0.
+also spares a commit). Emptying it (a *reset*) overwrites every record of
+the generation with zeros, flushes that, and starts a new generation at
+offset 0: no record of an older generation is ever left to be taken for a
+current one.
+
+The journal is a file chanstore owns inside the root, reached like every
+other one (see :mod:`chanstore.backends.files`): opened with ``O_NOFOLLOW``
+relative to the root's descriptor, so a link planted in its place is never
+read nor overwritten. It is reported (``planted_link``) and batches fail
+until it is gone.
 
 The protocol
 ------------
@@ -78,10 +78,18 @@ The protocol
    backend of a root is built in a process, and so before the process reads
    or writes anything there; plain library users go through the same
    constructor). If the journal holds records a crash happened after they
-   were acknowledged: each file's last record is written back the normal
-   durable way (temporary file, fsync, rename, fsync of each folder), in
-   journal order, and the journal is then reset. Replaying is idempotent, so
-   a crash during recovery is recovered by the next one.
+   were acknowledged: each file's last record that verifies is written back
+   the normal durable way (temporary file, fsync, rename, fsync of each
+   folder), in journal order, and the journal is then reset. Replaying is
+   idempotent, so a crash during recovery is recovered by the next one. A
+   damaged journal (records lost between records that verify) is replayed
+   all the same, then copied aside as ``.chanstore-journal.damaged-<UTC
+   time>`` in the root (never over an earlier copy) before the reset, logged
+   at error (``json_journal_damaged``: how many records and bytes, where)
+   and handed over once as an integrity problem (``journal_damaged``, see
+   :meth:`~chanstore.backends.base.DatabaseInterface.integrity_problems`).
+   A torn last record is what a crash during a batch leaves: it was never
+   acknowledged, and it is dropped quietly.
 4. **Writes that bypass the journal** (``set_value``, deletes, json
    backends with fsync off, a process that does not own the journal) go
    through :meth:`Journal.bypassing`: before the write, if the journal
@@ -134,24 +142,28 @@ backend that timed out.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
-import struct
+import stat
 import threading
-import zlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 from chanstore import logs
 from chanstore.backends.files import (
+    PlantedLink,
+    Root,
     call_each,
-    fsync_file,
+    fdatasync,
+    named,
     release_replaced,
     replace_with,
-    sync_folder,
+    report_planted,
+    sync_file_system,
     write_all,
 )
+from chanstore.backends.journal_records import JOURNAL_NAME, decode_records, encode_record
+from chanstore.backends.journal_recovery import recover
 
 __all__ = [
     "CHECKPOINT_BYTES",
@@ -165,7 +177,6 @@ __all__ = [
     "journals",
 ]
 
-JOURNAL_NAME = ".chanstore-journal"
 #: A checkpoint empties the journal once it holds more than this many bytes...
 CHECKPOINT_BYTES = 4 << 20
 #: ... or more than this many records.
@@ -178,99 +189,14 @@ FIRST_ALLOCATION = 64 << 10
 MAX_GROWTH = 1 << 20
 #: A reset truncates a journal that a huge batch made larger than this.
 KEEP_ALLOCATION = 2 * CHECKPOINT_BYTES
-
-MAGIC = b"CSJ2"
-_HEADER = struct.Struct("<4sQII")  # magic, generation, payload length, crc32
-_CHECKED = struct.Struct("<QI")  # generation, payload length: covered by the crc32
-_PATH_LENGTH = struct.Struct("<H")
 _BLOCK = 4096
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 log = logs.get_logger(backend="json")
 
 
 class NotJournaling(Exception):
     """This process cannot journal the root now: write the usual durable way."""
-
-
-# -- records ---------------------------------------------------------------------------
-
-
-def encode_record(generation: int, path: str, data: bytes) -> bytes:
-    """The journal record of ``data`` as the new contents of ``path`` (relative to the root)."""
-    name = os.fsencode(path)
-    payload = _PATH_LENGTH.pack(len(name)) + name + data
-    crc = zlib.crc32(payload, zlib.crc32(_CHECKED.pack(generation, len(payload))))
-    return _HEADER.pack(MAGIC, generation, len(payload), crc) + payload
-
-
-def decode_records(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
-    """The records at the start of ``data``, and how many bytes they span.
-
-    They are the records of the first one's generation; reading stops at the
-    first record that is cut short, fails its magic, checksum or path check,
-    or carries another generation: a torn tail is not a record, and neither
-    is what an earlier generation left behind it.
-    """
-    records: list[tuple[str, bytes]] = []
-    view = memoryview(data)
-    offset = 0
-    first: int | None = None
-    while offset + _HEADER.size <= len(view):
-        magic, generation, length, crc = _HEADER.unpack_from(view, offset)
-        start = offset + _HEADER.size
-        end = start + length
-        if magic != MAGIC or length < _PATH_LENGTH.size or end > len(view):
-            break
-        if first is not None and generation != first:
-            break
-        payload = view[start:end]
-        if zlib.crc32(payload, zlib.crc32(_CHECKED.pack(generation, length))) != crc:
-            break
-        (name_length,) = _PATH_LENGTH.unpack_from(payload)
-        name_end = _PATH_LENGTH.size + name_length
-        if name_end > length:
-            break
-        path = os.fsdecode(bytes(payload[_PATH_LENGTH.size : name_end]))
-        if not _inside(path):
-            break
-        records.append((path, bytes(payload[name_end:])))
-        first = generation
-        offset = end
-    return records, offset
-
-
-def _inside(path: str) -> bool:
-    """Whether ``path`` is a plain relative path that stays inside the root."""
-    if not path or os.path.isabs(path):
-        return False
-    return all(part not in ("", ".", "..") for part in path.split(os.sep))
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
-
-
-_syncfs = _load_syncfs()
-#: fsync where the system has no fdatasync (macOS).
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-
-
-def _sync_file_system(fd: int) -> bool:
-    """``syncfs(fd)``: flush the whole file system ``fd`` is on; False if unsupported."""
-    if _syncfs is None:
-        return False
-    if _syncfs(fd) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code == errno.ENOSYS:
-        return False
-    raise OSError(code, f"syncfs failed: {os.strerror(code)}")
 
 
 # -- the journal -----------------------------------------------------------------------
@@ -282,6 +208,8 @@ class Journal:
     def __init__(self, root: str) -> None:
         self.root = root
         self.path = os.path.join(root, JOURNAL_NAME)
+        #: The root folder, reached once: every file of the root is opened from it.
+        self.folder = Root(root)
         #: Backends of this root that hold this journal (see :class:`_Journals`).
         self.users = 0
         self._lock = threading.Lock()
@@ -290,6 +218,7 @@ class Journal:
         self._owner = False
         self._closed = False
         self._generation = _new_generation()
+        self._sequence = 0  # the next record's sequence number
         self._offset = 0  # where this generation's records end
         self._allocated = 0  # the journal file's size
         self._records = 0  # records since the last reset
@@ -299,10 +228,26 @@ class Journal:
     # -- opening, recovery, closing -------------------------------------------------
 
     def open(self) -> None:
-        """Replay what a crash left in the journal, if this process can own it."""
+        """Replay what a crash left in the journal, if this process can own it.
+
+        A link in the journal's place is reported, never followed: the
+        backends of the root are built all the same (reads go on), and
+        batches fail until it is gone.
+        """
         with self._lock:
-            if os.path.exists(self.path):
+            root = self.folder.fd()
+            if root is None:
+                return  # no root yet: the first write makes it
+            try:
+                info = os.stat(JOURNAL_NAME, dir_fd=root, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            try:
+                if stat.S_ISLNK(info.st_mode):
+                    raise PlantedLink(self.path)
                 self._own(create=False)
+            except PlantedLink:
+                report_planted(self.root, self.path, "opening the journal")
 
     def close(self) -> None:
         """Checkpoint and let go of the journal; writes bypass it afterwards."""
@@ -318,6 +263,7 @@ class Journal:
             if self._fd is not None:
                 os.close(self._fd)  # and with it the flock
                 self._fd = None
+            self.folder.close()
 
     def _own(self, create: bool) -> bool:
         """Whether this process owns the journal, taking it (and recovering it) if it can."""
@@ -325,12 +271,17 @@ class Journal:
             return True
         if self._closed:
             return False
+        root = self.folder.fd(create, fsync=True)
+        if root is None:
+            return False
         if self._fd is None:
-            flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
             try:
-                self._fd = os.open(self.path, flags, 0o644)
+                self._fd = os.open(JOURNAL_NAME, flags, 0o644, dir_fd=root)
             except FileNotFoundError:
                 return False
+            except OSError as exc:
+                raise named(exc, root, JOURNAL_NAME, self.path) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -341,7 +292,7 @@ class Journal:
             return False
         self._owner = True
         try:
-            sync_folder(self.root)  # the journal's own name must survive a crash
+            os.fsync(root)  # the journal's own name must survive a crash
             self._recover()
         except BaseException:
             self._owner = False
@@ -350,73 +301,94 @@ class Journal:
         return True
 
     def _recover(self) -> None:
+        """Replay what a crash left (see :func:`~.journal_recovery.recover`), then reset."""
         assert self._fd is not None
-        self._allocated = size = os.fstat(self._fd).st_size
-        records, whole = decode_records(_read_all(self._fd, size)) if size else ([], 0)
-        if not records:
-            self._offset = 0  # nothing to replay (an empty or reset journal)
-            return
-        latest = dict(records)  # the last record of each file wins
-        folders: set[str] = set()
-        for path, contents in latest.items():
-            target = os.path.join(self.root, path)
-            folder = os.path.dirname(target)
-            if not os.path.isdir(folder):
-                # Its folder's creation was lost with the crash: make it, durably.
-                os.makedirs(folder, exist_ok=True)
-                folders.update(_folders_between(self.root, folder))
-            replace_with(target, contents, fsync=True)
-            folders.add(folder)
-        call_each(sync_folder, sorted(folders, key=len, reverse=True))
-        self._reset()
-        log.warning("json_journal_replayed", root=self.root, records=len(records),
-                    files=len(latest), bytes=whole)  # fmt: skip
+        self._allocated = os.fstat(self._fd).st_size
+        # Every byte written in it is zeroed by the reset: older records included.
+        self._offset = recover(self.folder, self._fd, self._allocated)
+        if self._offset:
+            self._reset()
 
     # -- writing ---------------------------------------------------------------------
 
-    def write(self, files: Sequence[tuple[str, bytes]]) -> list[OSError | None]:
+    def write(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """Journal then write each ``(path relative to the root, contents)``; each one's error.
 
         Raises :class:`NotJournaling` if this process cannot journal the root
-        (nothing was written), and the ``OSError`` of the journal if writing
-        or flushing it failed (nothing was written either). Otherwise every
-        write is durable in the journal, and the answer says which files
-        could not be written (see the module's "Failures after the flush").
+        (nothing was written), and the ``OSError`` of the journal (or a
+        :class:`PlantedLink` in its place) if writing or flushing it failed
+        (nothing was written either). Otherwise every write is durable in
+        the journal, and the answer says which files could not be written
+        (see the module's "Failures after the flush").
         """
         if not files:
             return []
         with self._lock:
             if not self._own(create=True):
                 raise NotJournaling(self.root)
-            generation = self._generation
-            records = b"".join([encode_record(generation, path, data) for path, data in files])
+            generation, first = self._generation, self._sequence
+            records = b"".join([encode_record(generation, first + number, path, data)
+                                for number, (path, data) in enumerate(files)])  # fmt: skip
             # Marked before the records exist: see bypassing().
             self._journaled.update(path for path, _data in files)
             self._append(records)
+            self._sequence = first + len(files)
             self._records += len(files)
             # Durable in the journal: now the files, in order.
-            errors: list[OSError | None] = []
-            held: list[int] = []
-            try:
-                for path, data in files:
-                    try:
-                        replace_with(os.path.join(self.root, path), data, False, held)
-                    except OSError as exc:
-                        errors.append(exc)
-                    else:
-                        errors.append(None)
-            finally:
-                release_replaced(held)
+            errors = self._apply(files)
             if any(error is not None for error in errors):
                 self._checkpoint_quietly("drop the records of files that could not be written")
             elif self._offset > CHECKPOINT_BYTES or self._records > CHECKPOINT_RECORDS:
                 self._checkpoint_quietly("the journal is full")
             return errors
 
+    def _apply(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+        """Write each file (unflushed: the journal holds it), reaching each folder once."""
+        errors: list[Exception | None] = []
+        folders: dict[str, int | Exception] = {}
+        held: list[int] = []
+        try:
+            for path, data in files:
+                parent, name = os.path.split(path)
+                folder = folders.get(parent)
+                if folder is None:
+                    parts = parent.split(os.sep) if parent else []
+                    try:
+                        # Made unflushed if missing: a checkpoint flushes it, a replay remakes it.
+                        folder = self.folder.folder(parts, create=True)
+                    except (OSError, PlantedLink) as exc:
+                        folder = exc
+                    folders[parent] = folder
+                if isinstance(folder, Exception):
+                    errors.append(folder)
+                    continue
+                try:
+                    where = os.path.join(self.root, parent)
+                    replace_with(folder, name, data, False, where, held=held)
+                except (OSError, PlantedLink) as exc:
+                    errors.append(exc)
+                else:
+                    errors.append(None)
+        finally:
+            release_replaced(held)
+            for folder in folders.values():
+                if isinstance(folder, int):
+                    os.close(folder)
+        return errors
+
+    def _open_for_writing(self) -> int:
+        root = self.folder.fd()
+        if root is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.root)
+        try:
+            return os.open(JOURNAL_NAME, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=root)
+        except OSError as exc:
+            raise named(exc, root, JOURNAL_NAME, self.path) from None
+
     def _append(self, records: bytes) -> None:
         """Write ``records`` after the journal's last one and flush them."""
         end = self._offset + len(records)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = self._open_for_writing()
         try:
             try:
                 if end > self._allocated:
@@ -425,11 +397,11 @@ class Journal:
                     _write_zeros(fd, max(self._allocated, end), grown)
                     self._allocated = grown
                 write_all(fd, records, self._offset)
-                _fdatasync(fd)
+                fdatasync(fd)
             except OSError:
                 # Whatever of the batch reached the file must not read as records.
                 with contextlib.suppress(OSError):
-                    os.pwrite(fd, bytes(_HEADER.size), self._offset)
+                    _write_zeros(fd, self._offset, end)
                 raise
         finally:
             os.close(fd)
@@ -451,7 +423,7 @@ class Journal:
         assert self._fd is not None
         # A few files are flushed one by one: the cost stays theirs, whatever
         # else the file system has to write. Many at once: one syncfs.
-        if len(self._journaled) <= SYNC_EACH_MAX or not _sync_file_system(self._fd):
+        if len(self._journaled) <= SYNC_EACH_MAX or not sync_file_system(self._fd):
             self._sync_each()
         self._reset()
 
@@ -464,27 +436,71 @@ class Journal:
 
     def _sync_each(self) -> None:
         """Flush each journaled file, then each of their folders up to the root."""
-        files = [os.path.join(self.root, path) for path in self._journaled]
-        call_each(fsync_file, files)
-        folders: set[str] = set()
-        for path in files:
-            folders.update(_folders_between(self.root, os.path.dirname(path)))
-        call_each(sync_folder, sorted(folders, key=len, reverse=True))
+        by_folder: dict[str, list[str]] = {}
+        for path in self._journaled:
+            parent, name = os.path.split(path)
+            by_folder.setdefault(parent, []).append(name)
+        call_each(self._sync_files, list(by_folder.items()))
+        levels = {""}  # the folders and every one above them, up to the root
+        for parent in by_folder:
+            level = parent
+            while level:
+                levels.add(level)
+                level = os.path.dirname(level)
+        call_each(self._sync_folder, sorted(levels, key=len, reverse=True))
+
+    def _sync_files(self, folder_and_names: tuple[str, list[str]]) -> None:
+        parent, names = folder_and_names
+        folder = self._reach(parent)
+        if folder is None:
+            return
+        try:
+            for name in names:
+                try:
+                    fd = os.open(name, _FILE, dir_fd=folder)
+                except (FileNotFoundError, IsADirectoryError):
+                    continue  # replaced or removed since: what took its place was made durable
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.EMLINK):
+                        continue  # a link planted since: not ours to flush
+                    raise
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(folder)
+
+    def _sync_folder(self, parent: str) -> None:
+        folder = self._reach(parent)
+        if folder is not None:
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+    def _reach(self, parent: str) -> int | None:
+        """A descriptor of ``parent`` (relative to the root), or None if it is gone or a link."""
+        try:
+            return self.folder.folder(parent.split(os.sep) if parent else [])
+        except (FileNotFoundError, PlantedLink):
+            return None
 
     def _reset(self) -> None:
-        """Empty the journal, durably: its first record stops being one (see the module)."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        """Empty the journal, durably: every record of the generation becomes zeros."""
+        fd = self._open_for_writing()
         try:
             if self._allocated > KEEP_ALLOCATION:
                 os.ftruncate(fd, 0)  # a huge batch grew it: give the space back
                 os.fsync(fd)
                 self._allocated = 0
             else:
-                os.pwrite(fd, bytes(_HEADER.size), 0)
-                _fdatasync(fd)
+                _write_zeros(fd, 0, self._offset)
+                fdatasync(fd)
         finally:
             os.close(fd)
         self._generation = _new_generation()
+        self._sequence = 0
         self._offset = 0
         self._records = 0
         self._journaled.clear()
@@ -567,27 +583,6 @@ def _write_zeros(fd: int, start: int, end: int) -> None:
     while start < end:
         write_all(fd, chunk[: end - start], start)
         start += min(len(chunk), end - start)
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    chunks: list[bytes] = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, size - offset, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
-def _folders_between(root: str, folder: str) -> list[str]:
-    """``folder`` and each folder above it, up to and including ``root``."""
-    found = [folder]
-    while folder != root and len(folder) > len(root):
-        folder = os.path.dirname(folder)
-        found.append(folder)
-    return found
 
 
 class _Journals:

@@ -23,6 +23,15 @@ Reads never create anything on disk: a domain's folders are made by its first
 write, so that looking up channels that were never written (a scan of random
 channel ids) does not grow the tree.
 
+Nothing inside the root is followed (see :mod:`chanstore.backends.files`): a
+domain's folder is reached from the root's descriptor one level at a time
+with ``O_NOFOLLOW``, and its files are read, written, renamed and removed
+relative to the folder's descriptor. A symbolic link where a folder or a key's
+file should be fails the operation with the kind ``planted_link``, naming the
+path; a listing lists a planted ``<key>.json`` (reading it is that error) and
+reports it as an integrity problem. The root itself may be a link: it is
+resolved once, when the first backend of the root is built.
+
 Keys become file names by :func:`chanstore.keys.encode_filename`. A name
 longer than the file system allows (255 bytes) is stored as ``%H<sha256>.json``
 holding the key beside the value.
@@ -34,26 +43,36 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from chanstore import codec
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.files import (
-    SYNC_WRITERS,
     TEMP_PREFIX,
+    PlantedLink,
     call_each,
+    named,
+    problems,
+    read_file,
     release_replaced,
+    remove_file,
     rename_over,
-    sync_folder,
+    report_planted,
     write_temp,
 )
 from chanstore.backends.journal import NotJournaling, journals
-from chanstore.errors import BackendUnavailable, BulkWriteError, CorruptValue, UnstorableValue
+from chanstore.errors import (
+    BackendUnavailable,
+    BulkWriteError,
+    CorruptValue,
+    IntegrityProblem,
+    UnstorableValue,
+)
 from chanstore.keys import check_key, decode_filename, encode_filename
 
-__all__ = ["TEMP_PREFIX", "JSONDatabase"]
+__all__ = ["TEMP_PREFIX", "JSONDatabase", "PlantedLink"]
 
 SUFFIX = ".json"
 NAME_MAX = 255
@@ -63,6 +82,11 @@ LONG_VALUE_FIELD = "_chanstore_val"
 # Domain parts are used as folder names as they are ('%' included: ids arrive
 # percent-encoded), so these must never be in one.
 UNSAFE_IN_FOLDER = frozenset("/\\") | frozenset(map(chr, range(0x20))) | {"\x7f"}
+#: What a write or a delete may fail with, file by file.
+WRITE_ERRORS = (OSError, PlantedLink)
+
+#: An encoded item: its file's name in the domain's folder, and the file's contents.
+Encoded = Mapping[str, tuple[str, bytes]]
 
 
 class JSONDatabase(DatabaseInterface):
@@ -81,15 +105,18 @@ class JSONDatabase(DatabaseInterface):
         self.root_dir = root_dir
         self.fsync = fsync
         folders = _domain_folders(domain)
-        root = Path(os.path.abspath(root_dir or "."))
-        self.path = root.joinpath(*folders)
-        #: The domain's folder relative to the root ("" for the root's own domain "").
-        self._folder = os.path.join(*folders) if folders else ""
-        self._folder_made = False  # made by the first write: reads create nothing
         # Shared by every backend of the root in this process; the first one
         # replays what a crash left in it, before anything of the root is read.
-        self._journal = journals.acquire(root)
+        self._journal = journals.acquire(os.path.abspath(root_dir or "."))
         self._closed = False
+        #: The root, resolved once, and its descriptor: every file is reached from it.
+        self._root = self._journal.folder
+        self._parts = tuple(folders)
+        self.path = Path(self._root.path).joinpath(*folders)
+        self._where = str(self.path)  # the domain's folder, for messages
+        #: The domain's folder relative to the root ("" for the root's own domain "").
+        self._folder = os.path.join(*folders) if folders else ""
+        self._encoded = os.fsencode(self._folder)
 
     # -- the four ------------------------------------------------------------
 
@@ -102,33 +129,69 @@ class JSONDatabase(DatabaseInterface):
         return True, key
 
     def delete_key(self, key: str) -> tuple[bool, Any]:
-        path = self._file_of(check_key(key))
-        with self._journal.bypassing([self._relative(path)]):
+        name = self._name_of(check_key(key))
+        with self._journal.bypassing([self._relative(name)]):
             try:
-                path.unlink()
+                folder = self._open_folder()
             except FileNotFoundError:
                 raise KeyError(key) from None
-            self._sync_folder()
+            try:
+                remove_file(folder, name, self._where)
+                if self.fsync:
+                    os.fsync(folder)
+            except FileNotFoundError:
+                raise KeyError(key) from None
+            finally:
+                os.close(folder)
         return True, key
 
     def all_keys(self) -> list[str]:
+        """Every key; a planted ``<key>.json`` link is listed (reading it fails) and reported."""
         try:
-            names = os.listdir(self.path)
+            folder = self._open_folder()
         except FileNotFoundError:
             return []
-        return [key for name in names if (key := self._key_of_file(name)) is not None]
+        keys: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    # Temp files have no suffix, so they are never keys; a key may
+                    # start like one (".chanstore-tmp-x" is stored as
+                    # ".chanstore-tmp-x.json"). Nor is the journal, which lives in
+                    # the root (the domain "" too).
+                    if not name.endswith(SUFFIX):
+                        continue
+                    if entry.is_symlink():
+                        where = os.path.join(self._where, name)
+                        report_planted(self._root.path, where, f"listing {self._where}")
+                    key = self._key_of_file(folder, name)
+                    if key is not None:
+                        keys.append(key)
+        finally:
+            os.close(folder)
+        return keys
 
     # -- bulk ----------------------------------------------------------------
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        for key in keys:
-            try:
-                found[key] = self._read(check_key(key))
-            except KeyError:
-                continue
-            except CorruptValue as exc:
-                found[key] = exc
+        try:
+            folder = self._open_folder()
+        except FileNotFoundError:
+            for key in keys:
+                check_key(key)
+            return found
+        try:
+            for key in keys:
+                try:
+                    found[key] = self._read(check_key(key), folder)
+                except KeyError:
+                    continue
+                except CorruptValue as exc:
+                    found[key] = exc
+        finally:
+            os.close(folder)
         return found
 
     def set_many(self, items: Mapping[str, Any]) -> None:
@@ -136,11 +199,10 @@ class JSONDatabase(DatabaseInterface):
         encoded = self._encode_items(items)
         if self.fsync and encoded:
             try:
-                self._make_folder()
                 errors = self._journal.write(self._journal_files(encoded))
             except NotJournaling:
                 pass  # another process journals this root: write the usual way
-            except OSError as exc:
+            except WRITE_ERRORS as exc:
                 raise self._failed(exc, list(encoded), []) from exc
             else:
                 error = self._outcome(list(encoded), errors)
@@ -170,12 +232,10 @@ class JSONDatabase(DatabaseInterface):
         or another process journals the root) is written alone, after the rest.
         """
         errors: list[BaseException | None] = [None] * len(parts)
-        encoded: list[dict[str, tuple[Path, bytes]]] = [{} for _part in parts]
+        encoded: list[dict[str, tuple[str, bytes]]] = [{} for _part in parts]
         for index, (backend, items) in enumerate(parts):
             try:
                 encoded[index] = backend._encode_items(items)
-                if encoded[index]:
-                    backend._make_folder()
             except Exception as exc:  # noqa: BLE001 - that part's answer; the others go on
                 errors[index] = exc
         journal = parts[0][0]._journal
@@ -192,7 +252,7 @@ class JSONDatabase(DatabaseInterface):
             outcomes = journal.write(files)
         except NotJournaling:
             alone += shared  # another process journals this root
-        except OSError as exc:
+        except WRITE_ERRORS as exc:
             for index in shared:
                 errors[index] = parts[index][0]._failed(exc, list(encoded[index]), [])
         else:
@@ -214,31 +274,69 @@ class JSONDatabase(DatabaseInterface):
         deleted: list[str] = []
         with self._journal.bypassing(self._relatives(keys)):
             try:
+                folder = self._open_folder()
+            except FileNotFoundError:
+                for key in keys:
+                    check_key(key)
+                return deleted
+            except WRITE_ERRORS as exc:
+                raise self._failed(exc, keys, deleted, verb="deleting from", bulk=True) from exc
+            try:
                 for key in keys:
                     with contextlib.suppress(FileNotFoundError):
-                        self._file_of(check_key(key)).unlink()
+                        remove_file(folder, self._name_of(check_key(key)), self._where)
                         deleted.append(key)
-            except OSError as exc:
-                raise BulkWriteError(f"deleting from {self.path} failed: {exc}", done=deleted,
-                                     cause=exc) from exc  # fmt: skip
+            except WRITE_ERRORS as exc:
+                raise self._failed(exc, keys, deleted, verb="deleting from", bulk=True) from exc
             finally:
-                if deleted:
-                    self._sync_folder()
+                if deleted and self.fsync:
+                    os.fsync(folder)
+                os.close(folder)
         return deleted
 
     # -- life cycle ------------------------------------------------------------
 
     def check_available(self) -> None:
         # The domain's folder, or the folder its first write would be made in.
-        folder = self.path
-        while not os.path.lexists(folder) and folder != folder.parent:
-            folder = folder.parent
-        if not folder.is_dir():
-            raise BackendUnavailable(f"json folder {folder} is not a folder")
-        # The process writes with its effective ids; os.access checks the real ones unless told.
-        effective = os.access in os.supports_effective_ids
-        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=effective):
-            raise BackendUnavailable(f"json folder {folder} is not writable")
+        found = self._deepest_folder()
+        if found is None:
+            folder = Path(self._root.path)
+            while not os.path.lexists(folder) and folder != folder.parent:
+                folder = folder.parent
+            if not folder.is_dir():
+                raise BackendUnavailable(f"json folder {folder} is not a folder")
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            found = (fd, str(folder))
+        fd, path = found
+        try:
+            # The process writes with its effective ids; os.access checks the real ones unless told.
+            effective = os.access in os.supports_effective_ids
+            if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=effective):
+                raise BackendUnavailable(f"json folder {path} is not writable")
+        finally:
+            os.close(fd)
+
+    def _deepest_folder(self) -> tuple[int, str] | None:
+        """The domain's folder or its deepest existing parent in the root, and its path.
+
+        None if the root does not exist. Raises :class:`PlantedLink` for a
+        link on the way, and ``BackendUnavailable`` for a file in a folder's place.
+        """
+        for depth in range(len(self._parts), -1, -1):
+            try:
+                fd = self._root.folder(self._parts[:depth])
+            except FileNotFoundError:
+                if self._root.fd() is None:
+                    return None
+                continue
+            except NotADirectoryError as exc:
+                raise BackendUnavailable(f"json folder {exc.filename} is not a folder") from None
+            return fd, os.path.join(self._root.path, *self._parts[:depth])
+        return None
+
+    def integrity_problems(self) -> list[IntegrityProblem]:
+        """What this root's journal replay or listings found (any backend of the root tells it)."""
+        return problems.take(self._journal.root)
 
     def close(self) -> None:
         """Let go of the root's journal; the last backend of a root checkpoints it."""
@@ -247,79 +345,73 @@ class JSONDatabase(DatabaseInterface):
             journals.release(self._journal)
 
     def __repr__(self) -> str:
-        return f"JSONDatabase(path={str(self.path.resolve())!r})"
+        return f"JSONDatabase(path={self._where!r})"
 
     # -- files -----------------------------------------------------------------
 
-    def _make_folder(self) -> None:
-        """Make the domain's folders, before its first write (reads never make them).
+    def _open_folder(self, create: bool = False) -> int:
+        """A descriptor of the domain's folder, reached through no link (see ``Root.folder``)."""
+        root = self._root
+        return root.folder(self._parts, create=create, fsync=self.fsync, encoded=self._encoded)
 
-        With fsync on, each new folder's entry is flushed in its parent, so
-        that a crash cannot lose a folder holding acknowledged writes.
-        """
-        if self._folder_made:
-            return
-        missing: list[Path] = []
-        folder = self.path
-        while not folder.is_dir() and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
-        for new in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
-                new.mkdir()
-        if self.fsync and missing:
-            call_each(sync_folder, sorted({str(new.parent) for new in missing}, key=len))
-        self._folder_made = True
-
-    def _file_of(self, key: str) -> Path:
+    def _name_of(self, key: str) -> str:
+        """The name of ``key``'s file in the domain's folder."""
         name = encode_filename(key) + SUFFIX
         if len(name.encode("utf-8")) > NAME_MAX:
             name = _hashed_name(key) + SUFFIX
-        return self.path / name
+        return name
 
-    def _relative(self, path: Path) -> str:
-        """``path``, a file of this domain, relative to the root: how the journal names it."""
-        return os.path.join(self._folder, path.name) if self._folder else path.name
+    def _relative(self, name: str) -> str:
+        """``name``, a file of this domain, relative to the root: how the journal names it."""
+        return os.path.join(self._folder, name) if self._folder else name
 
     def _relatives(self, keys: Iterable[str]) -> list[str]:
         found = []
         for key in keys:
             with contextlib.suppress(Exception):  # an invalid key fails in its own turn
-                found.append(self._relative(self._file_of(check_key(key))))
+                found.append(self._relative(self._name_of(check_key(key))))
         return found
 
-    def _key_of_file(self, name: str) -> str | None:
-        # Temp files have no suffix, so they are never keys; a key may start
-        # like one (".chanstore-tmp-x" is stored as ".chanstore-tmp-x.json").
-        # Nor is the journal, which lives in the root (the domain "" too).
-        if not name.endswith(SUFFIX):
-            return None
+    def _key_of_file(self, folder: int, name: str) -> str | None:
         stem = name[: -len(SUFFIX)]
-        if _is_hashed(stem):
-            try:
-                return _read_long_key(self.path / name)
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-        return decode_filename(stem)
-
-    def _read(self, key: str) -> Any:
-        path = self._file_of(key)
+        if not _is_hashed(stem):
+            return decode_filename(stem)
         try:
-            data = path.read_bytes()
+            return _read_long_key(read_file(folder, name, self._where))
+        except PlantedLink as exc:
+            # Its key cannot be known without following the link: reported, not listed.
+            report_planted(self._root.path, exc.path, f"listing {self._where}")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def _read(self, key: str, folder: int | None = None) -> Any:
+        name = self._name_of(key)
+        try:
+            if folder is None:
+                folder = self._open_folder()
+                try:
+                    data = read_file(folder, name, self._where)
+                finally:
+                    os.close(folder)
+            else:
+                data = read_file(folder, name, self._where)
         except FileNotFoundError:
             raise KeyError(key) from None
         try:
             value = codec.decode(data)
         except (ValueError, TypeError) as exc:
+            path = os.path.join(self._where, name)
             raise CorruptValue(f"{path} does not hold a readable value: {exc}") from exc
-        if _is_hashed(path.name[: -len(SUFFIX)]):
+        if _is_hashed(name[: -len(SUFFIX)]):
             if not isinstance(value, dict) or value.get(LONG_KEY_FIELD) != key:
+                path = os.path.join(self._where, name)
                 raise CorruptValue(f"{path} does not hold the value of key {key[:80]!r}")
             return value[LONG_VALUE_FIELD]
         return value
 
-    def _encode_file(self, key: str, value: Any, path: Path) -> bytes:
-        if _is_hashed(path.name[: -len(SUFFIX)]):
+    def _encode_file(self, key: str, value: Any, name: str) -> bytes:
+        if _is_hashed(name[: -len(SUFFIX)]):
             shaped = {LONG_KEY_FIELD: key, LONG_VALUE_FIELD: codec.to_json_shape(value)}
             try:
                 return json.dumps(shaped, indent=2, allow_nan=False).encode("ascii")
@@ -327,20 +419,20 @@ class JSONDatabase(DatabaseInterface):
                 raise UnstorableValue(f"the value cannot be stored as JSON: {exc}") from exc
         return codec.encode(value, indent=2).encode("ascii")
 
-    def _encode_items(self, items: Mapping[str, Any]) -> dict[str, tuple[Path, bytes]]:
-        """Each key's file and contents. Raises if any key or value cannot be stored:
+    def _encode_items(self, items: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
+        """Each key's file name and contents. Raises if any key or value cannot be stored:
         everything is encoded before anything is written, so that an unstorable
         value leaves no file behind."""
         encoded = {}
         for key, value in items.items():
-            path = self._file_of(check_key(key))
-            encoded[key] = (path, self._encode_file(key, value, path))
+            name = self._name_of(check_key(key))
+            encoded[key] = (name, self._encode_file(key, value, name))
         return encoded
 
-    def _journal_files(self, encoded: Mapping[str, tuple[Path, bytes]]) -> list[tuple[str, bytes]]:
-        return [(self._relative(path), data) for path, data in encoded.values()]
+    def _journal_files(self, encoded: Encoded) -> list[tuple[str, bytes]]:
+        return [(self._relative(name), data) for name, data in encoded.values()]
 
-    def _outcome(self, keys: list[str], errors: Sequence[OSError | None]) -> Exception | None:
+    def _outcome(self, keys: list[str], errors: Sequence[Exception | None]) -> Exception | None:
         """The error of a journaled write of ``keys`` whose files met ``errors``, or None."""
         failed = next((error for error in errors if error is not None), None)
         if failed is None:
@@ -348,49 +440,55 @@ class JSONDatabase(DatabaseInterface):
         done = [key for key, error in zip(keys, errors, strict=True) if error is None]
         return self._failed(failed, keys, done)
 
-    def _failed(self, exc: OSError, keys: list[str], done: list[str]) -> Exception:
-        """``exc`` as :meth:`_write_files` raises it: itself for one key, else a BulkWriteError."""
-        if len(keys) == 1:
+    def _failed(self, exc: Exception, keys: list[str], done: list[str], *,
+                verb: str = "writing to", bulk: bool = False) -> Exception:  # fmt: skip
+        """``exc`` as a write raises it: itself for one key, else a BulkWriteError."""
+        if len(keys) == 1 and not bulk:
             return exc
-        error = BulkWriteError(f"writing to {self.path} failed: {exc}", done=done, cause=exc)
+        error = BulkWriteError(f"{verb} {self._where} failed: {exc}", done=done, cause=exc)
         error.__cause__ = exc
         return error
 
-    def _write_files(self, encoded: Mapping[str, tuple[Path, bytes]]) -> None:
+    def _write_files(self, encoded: Encoded) -> None:
         """Write every encoded item atomically, flushing the folder once for all of them.
 
         The usual durable way, without the journal (see ``Journal.bypassing``).
         """
         if not encoded:
             return
-        self._make_folder()
-        paths = [self._relative(path) for path, _data in encoded.values()]
-        with self._journal.bypassing(paths):
-            self._write_files_now(encoded)
+        names = [self._relative(name) for name, _data in encoded.values()]
+        with self._journal.bypassing(names):
+            try:
+                folder = self._open_folder(create=True)
+            except WRITE_ERRORS as exc:
+                raise self._failed(exc, list(encoded), []) from exc
+            try:
+                self._write_files_now(folder, encoded)
+            finally:
+                os.close(folder)
 
-    def _write_files_now(self, encoded: Mapping[str, tuple[Path, bytes]]) -> None:
-        temps: dict[str, Path] = {}  # key -> its temp file, until renamed
+    def _write_files_now(self, folder: int, encoded: Encoded) -> None:
+        temps: dict[str, str] = {}  # key -> its temp file, until renamed
         done: list[str] = []
         held: list[int] = []  # the replaced versions, let go of off this thread
         try:
-            self._write_temps({key: data for key, (_path, data) in encoded.items()}, temps)
-            for key, (path, _data) in encoded.items():
-                rename_over(str(temps[key]), str(path), held)
-                del temps[key]
+            self._write_temps(folder, {key: data for key, (_name, data) in encoded.items()}, temps)
+            for key, (name, _data) in encoded.items():
+                rename_over(folder, temps.pop(key), name, self._where, held)
                 done.append(key)
         except BaseException as exc:
             for temp in temps.values():
                 with contextlib.suppress(OSError):
-                    temp.unlink()
-            if len(encoded) == 1 or not isinstance(exc, OSError):
+                    os.unlink(temp, dir_fd=folder)
+            if len(encoded) == 1 or not isinstance(exc, WRITE_ERRORS):
                 raise
             raise self._failed(exc, list(encoded), done) from exc
         finally:
             release_replaced(held)
-            if done:
-                self._sync_folder()
+            if done and self.fsync:
+                os.fsync(folder)
 
-    def _write_temps(self, encoded: Mapping[str, bytes], into: dict[str, Path]) -> None:
+    def _write_temps(self, folder: int, encoded: Mapping[str, bytes], into: dict[str, str]) -> None:
         """Write each key's temp file (flushed to disk), recording each in ``into`` as written.
 
         With fsync on, several files are written at the same time: each fsync
@@ -400,34 +498,16 @@ class JSONDatabase(DatabaseInterface):
         """
 
         def write(key: str) -> None:
-            into[key] = self._write_temp(encoded[key])
+            try:
+                into[key] = write_temp(folder, encoded[key], self.fsync)
+            except OSError as exc:
+                raise named(exc, folder, "", self._where) from None
 
         if self.fsync and len(encoded) > 1:
-            _call_each(write, list(encoded))
+            call_each(write, list(encoded))
         else:
             for key in encoded:
                 write(key)
-
-    def _write_temp(self, data: bytes) -> Path:
-        return Path(write_temp(self.path, data, self.fsync))
-
-    def _sync_folder(self) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-#: Threads that write and fsync the files of one batch at the same time.
-_SYNC_WRITERS = SYNC_WRITERS
-
-
-def _call_each(function: Callable[[str], None], keys: list[str]) -> None:
-    """``function(key)`` for every key at once; the first error once all are done."""
-    call_each(function, keys)
 
 
 def _hashed_name(text: str) -> str:
@@ -438,8 +518,8 @@ def _is_hashed(stem: str) -> bool:
     return stem.startswith(HASHED_PREFIX) and len(stem) == len(HASHED_PREFIX) + 64
 
 
-def _read_long_key(path: Path) -> str:
-    key = json.loads(path.read_bytes())[LONG_KEY_FIELD]
+def _read_long_key(data: bytes) -> str:
+    key = json.loads(data)[LONG_KEY_FIELD]
     if not isinstance(key, str):
         raise TypeError("stored key is not a string")
     return key
