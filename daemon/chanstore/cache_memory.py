@@ -64,6 +64,10 @@ class UnreadableValue(CorruptValue):
         """A new exception like this one, to raise."""
         return UnreadableValue(self.container, self.key)
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Pickled (across processes) by what it names, not by its message.
+        return UnreadableValue, (self.container, self.key)
+
 
 class CacheMemory:
     """What one CachedDict holds in memory: values, and whether they are the whole domain.
