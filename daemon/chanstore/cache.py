@@ -82,7 +82,8 @@ class CachedDict(MutableMapping[str, Any]):
     ``chanstore_integrity_problems_total{kind="corrupt_value"}``.
 
     Over the null backend (the default) nothing is stored or kept: every key
-    reads as None, nothing is listed.
+    reads as None (so ``in`` is true for any key, as ``[]`` answers for it),
+    nothing is listed, and ``del`` is acknowledged like any write.
 
     ``name`` is the container's name in metrics and logs. Safe to share
     between threads.
