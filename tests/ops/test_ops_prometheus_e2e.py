@@ -1,11 +1,13 @@
 """End to end: a real Prometheus scrapes a real daemon; the dashboard and the rules run on it.
 
-The daemon gets traffic that includes a rejected reload and a backend that
-cannot be reached; Prometheus (the shipped scrape job and rule files, at a 1 s
-interval) scrapes it while the traffic goes on. Then every query of the
-dashboard, with Grafana's variables filled in as "All", must run and return
-data; every rule expression must run; every rule must evaluate healthy; and
-the alerts that this traffic calls for must be pending or firing.
+The daemon gets traffic that includes a rejected reload, a backend that
+cannot be reached and two stored values that do not decode (one read before
+Prometheus starts, one after: integrity problems); Prometheus (the shipped
+scrape job and rule files, at a 1 s interval) scrapes it while the traffic
+goes on. Then every query of the dashboard, with Grafana's variables filled
+in as "All", must run and return data; every rule expression must run; every
+rule must evaluate healthy; and the alerts that this traffic calls for must be
+pending or firing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def scraped(
     """A Prometheus that has scraped a busy daemon a dozen times and evaluated its rules."""
     folder = tmp_path_factory.mktemp("e2e")
     entries = ops_db_config(free_port())
-    daemon = Daemon(folder / "daemon", entries).start()
+    daemon = Daemon(folder / "daemon", entries)
+    plant_torn_values(daemon.folder)
+    daemon.start()
     prometheus: Prometheus | None = None
     try:
         with Traffic(daemon, ["profiles", "health_bars"], "scores") as traffic:
@@ -70,11 +74,14 @@ def scraped(
             daemon.write_config('[{"implementation": "json", "name": "profiles", "settings": ')
             rejected = daemon.http.post("/-/reload")
             assert rejected.status_code == 400, rejected.text
+            read_torn_value(daemon, TORN_KEYS[0])
 
             prometheus = Prometheus(prometheus_binary, folder / "prometheus",
                                     prometheus_config(daemon.target)).start()  # fmt: skip
             wait_until(lambda: _scrapes(prometheus) >= SCRAPES, TIMEOUT,
                        f"{SCRAPES} successful scrapes of the daemon")  # fmt: skip
+            # The integrity problems counter goes from 1 to 2 while Prometheus watches.
+            read_torn_value(daemon, TORN_KEYS[1])
             wait_until(lambda: _rules_evaluated(prometheus), TIMEOUT, "every rule evaluated")
             assert traffic.statuses.get(503), "the unreachable backend never failed a request"
             assert traffic.statuses.get(200), traffic.statuses
@@ -88,6 +95,26 @@ def scraped(
         if prometheus is not None:
             prometheus.stop()
         daemon.stop()
+
+
+#: Keys of health_bars (loaded key by key, not as a whole) in channel ``damaged``,
+#: whose stored values are torn files.
+TORN_KEYS = ("torn-1", "torn-2")
+
+
+def plant_torn_values(daemon_folder: Path) -> None:
+    """Files of :data:`TORN_KEYS` in the json root of health_bars that do not decode."""
+    folder = daemon_folder / "data" / "service_chanstore" / "channel_damaged" / "health_bars"
+    folder.mkdir(parents=True)
+    for key in TORN_KEYS:
+        (folder / f"{key}.json").write_bytes(b'{"type": "dict", "value": {"h')
+
+
+def read_torn_value(daemon: Daemon, key: str) -> None:
+    """Read one torn value: the daemon answers corrupt and counts an integrity problem."""
+    response = daemon.http.get(f"/v1/channels/damaged/health_bars/{key}")
+    assert response.status_code == 500, response.text
+    assert response.json()["code"] == "corrupt", response.text
 
 
 def _scrapes(prometheus: Prometheus) -> float:
@@ -174,10 +201,14 @@ def test_recorded_series_have_data(scraped: Prometheus) -> None:
 def test_the_alerts_this_traffic_calls_for(scraped: Prometheus) -> None:
     # scores' Redis does not exist: not ready, every operation fails. The last
     # reload was rejected: ChanstoreConfigReloadFailed has no `for`, it fires.
+    # A second torn value of health_bars was read while Prometheus watched:
+    # ChanstoreDataDamaged has no `for` either. (The first was read before
+    # Prometheus started: alone, it would not fire.)
     expected = {
         ("ChanstoreNotReady", "scores"): {"pending", "firing"},
         ("ChanstoreBackendErrorRatio", "scores"): {"pending", "firing"},
         ("ChanstoreConfigReloadFailed", None): {"firing"},
+        ("ChanstoreDataDamaged", "health_bars"): {"firing"},
     }
 
     def states() -> dict[tuple[str, str | None], str]:

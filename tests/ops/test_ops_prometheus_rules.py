@@ -27,6 +27,10 @@ REQUIRED_ALERTS = {
     "ChanstoreBackendErrorRatio",
     "ChanstoreBackendLatencyHigh",
     "ChanstoreConfigReloadFailed",
+    "ChanstoreDataLost",
+    "ChanstoreDataDamaged",
+    "ChanstoreConnectionsRefused",
+    "ChanstoreConnectionsAtCap",
 }
 SEVERITIES = {"critical", "warning"}
 
