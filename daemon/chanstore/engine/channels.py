@@ -104,6 +104,19 @@ class Slot:
             if memory.keeps_writes:  # a null container lists nothing
                 self._list(key)
 
+    def forget(self) -> None:
+        """Drop what memory holds of this copy (its backend lost the data): the next
+        request loads it again, so no cached value or body outlives what it copied.
+
+        Cleared in place rather than replaced, so that a write in flight still
+        settles into the same memory and the reload that follows picks it up.
+        """
+        if self.cached is not None:
+            self.cached.forget()
+        self.encoded = None
+        self.sorted_keys = None
+        self.ready = False
+
     def page(self, after: str | None, limit: int) -> list[str]:
         """Up to ``limit`` keys of the complete cache after ``after``, in order."""
         keys = self.sorted_keys
@@ -165,10 +178,7 @@ class ChannelTable:
         # clear: true empties a channel's container the first time this
         # process creates it, not again after it was dropped for idleness.
         self._cleared: set[tuple[str, str]] = set()
-        # The daemon carries values in their stored form and revives no
-        # application's classes: a mark of a type it does not know is expected
-        # here, not a forgotten register_type worth a warning.
-        codec.warn_unregistered(False)
+        containers.keep_caches_in(self.forget_caches)
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -274,6 +284,20 @@ class ChannelTable:
                 if name in channel.storage.containers:
                     channel.storage.remove_container(name)
         return slots
+
+    def forget_caches(self, runtime: ContainerRuntime) -> int:
+        """Drop every channel's cache of ``runtime``'s container; how many were dropped.
+
+        For a backend that lost the data those caches copy: each slot is made
+        ready again by the next request, from what the backend holds then.
+        """
+        dropped = 0
+        for channel in self._channels.values():
+            slot = channel.slots.get(runtime.name)
+            if slot is not None and slot.runtime is runtime:
+                slot.forget()
+                dropped += 1
+        return dropped
 
     def sweep_idle(self) -> int:
         """Drop channels unused for ``idle_timeout`` seconds; how many were dropped."""

@@ -25,7 +25,7 @@ import prometheus_client
 import uvloop
 
 import chanstore
-from chanstore import logs
+from chanstore import codec, logs
 from chanstore.config import DbConfig, load_db_config
 from chanstore.engine import Engine
 from chanstore.errors import ConfigError
@@ -213,6 +213,10 @@ def serve(settings: DaemonSettings) -> int:
     prometheus_client.disable_created_metrics()
     # process_* metrics that survive systemd's ProcSubset=pid.
     install_process_collector()
+    # The daemon carries values in their stored form and revives no application's
+    # classes: a mark of a type it does not know is expected, not a forgotten
+    # register_type worth a warning.
+    codec.warn_unregistered(False)
     try:
         daemon = Daemon(settings)
         sock = bind(settings)
