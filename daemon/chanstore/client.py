@@ -59,6 +59,7 @@ __all__ = [
     "ClientError",
     "ContainerView",
     "DaemonUnreachable",
+    "DamagedValueError",
     "UnauthorizedError",
 ]
 
@@ -89,6 +90,21 @@ class BackendUnavailableError(ClientError):
 
 class DaemonUnreachable(ClientError):
     """No daemon answered at the client's URL."""
+
+
+class DamagedValueError(ClientError):
+    """A stored value exists but cannot be read (``code: corrupt``): never an absent key.
+
+    ``keys`` names the damaged keys (the daemon's log says which file or field);
+    after a bulk get, ``values`` holds the values that could be read. Deleting
+    the key, or storing a new value over it, clears it.
+    """
+
+    def __init__(self, message: str, status: int | None = None, *, keys: list[str] | None = None,
+                 values: dict[str, Any] | None = None) -> None:  # fmt: skip
+        super().__init__(message, status)
+        self.keys = keys or []
+        self.values = values or {}
 
 
 def segment(text: str) -> str:
@@ -166,17 +182,25 @@ def _value(response: httpx.Response) -> Any:
 
 
 def _bulk_values(response: httpx.Response, requested: list[str]) -> dict[str, Any]:
-    """The revived ``values`` of a bulk get's answer."""
+    """The revived ``values`` of a bulk get's answer; DamagedValueError when some
+    requested keys hold values that cannot be read."""
     if codec.TYPE_KEY not in requested or codec.VALUE_KEY not in requested:
-        return dict(_value(response)["values"])
-    # The answer's "values" object may hold exactly the two keys of a type mark:
-    # decoding the whole answer would take it for one. Revive each value alone.
-    values = _document(response)["values"]
-    try:
-        return {key: _revive(document) for key, document in values.items()}
-    except ValueError as exc:
-        message = f"the daemon's answer holds a value that is not one: {exc}"
-        raise ClientError(message, response.status_code) from exc
+        answer = _value(response)
+        values = dict(answer["values"])
+    else:
+        # The answer's "values" object may hold exactly the two keys of a type mark:
+        # decoding the whole answer would take it for one. Revive each value alone.
+        answer = _document(response)
+        try:
+            values = {key: _revive(document) for key, document in answer["values"].items()}
+        except ValueError as exc:
+            message = f"the daemon's answer holds a value that is not one: {exc}"
+            raise ClientError(message, response.status_code) from exc
+    damaged = answer.get("corrupt")
+    if damaged:
+        message = f"the stored values of {damaged!r:.300} cannot be read"
+        raise DamagedValueError(message, response.status_code, keys=list(damaged), values=values)
+    return values
 
 
 def _page(answer: Any, after: str | None) -> tuple[list[str], str | None]:
@@ -216,6 +240,8 @@ def _raise_for(response: httpx.Response, *, key: str | None = None) -> None:
         message, code = response.text or response.reason_phrase, None
     if status == 404 and key is not None and code == "not_found":
         raise KeyError(key)
+    if code == "corrupt":
+        raise DamagedValueError(message, status, keys=[key] if key is not None else [])
     if status == 401:
         raise UnauthorizedError(message, status)
     if status == 503:

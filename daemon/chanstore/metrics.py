@@ -178,6 +178,7 @@ class Metrics:
             self.backend_errors: ("backend", "container", "operation", "error"),
             self.cache_entries: ("container",),
             self.backend_up: ("backend", "container"),
+            self.integrity_problems: ("container", "kind"),
         }
         for metric, names in labelled.items():
             for values in _label_sets(metric, names, container=name):

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from load_helpers import DaemonProcess, daemon_running, json_entry, key_path
 
+from chanstore.client import DamagedValueError
+
 CHANNEL = "ch-torn"
 CONFIG = [
     json_entry("stats"),  # loaded when the channel is first used
@@ -73,6 +75,16 @@ def test_a_torn_value_is_an_error_that_stays_listed_and_can_be_deleted(
         assert bulk.status_code == 200
         assert bulk.json() == {"values": {"good": {"hp": 10, "name": "good"}},
                                "missing": ["absent"], "corrupt": ["bad"]}  # fmt: skip
+
+        # The clients say so too: never a KeyError, never a shorter dict without a word.
+        with daemon.client() as client:
+            with pytest.raises(DamagedValueError) as damaged:
+                client.get(CHANNEL, container, "bad")
+            assert damaged.value.keys == ["bad"]
+            with pytest.raises(DamagedValueError) as damaged:
+                client.get_many(CHANNEL, container, ["good", "bad"])
+            assert damaged.value.keys == ["bad"]
+            assert damaged.value.values == {"good": {"hp": 10, "name": "good"}}
 
         # Logged at error once, with the file; counted once: the daemon found it once.
         found = daemon.events("integrity_problem", since=since)

@@ -193,7 +193,13 @@ class Api:
             log.exception("request_crashed", method=request.method, route=route,
                           request_id=request.request_id)  # fmt: skip
             error = HttpError(500, f"internal error: {type(exc).__name__}")
-        if error.status >= 500:
+        if error.code == "corrupt":
+            # Found, logged at error and counted once where it was read; each later
+            # read of the same damaged key is only worth a warning.
+            log.warning("request_failed", method=request.method, route=route,
+                        status=error.status, error=error.message, code=error.code,
+                        request_id=request.request_id)  # fmt: skip
+        elif error.status >= 500:
             log.error("request_failed", method=request.method, route=route, status=error.status,
                       error=error.message, code=error.code,
                       request_id=request.request_id)  # fmt: skip
