@@ -374,6 +374,35 @@ def test_a_planted_journal_is_never_read_nor_overwritten(root, outside, metrics)
     assert outside.untouched()
 
 
+def test_a_journal_swapped_for_a_link_while_in_use_is_never_written(root, outside, metrics):
+    db = JSONDatabase(domain="svc.chan.box", root_dir=str(root))
+    attach(db, container="box", metrics=metrics)
+    db.set_many({"a": 1})  # the journal is made, owned, and holds a record
+    journal = root / JOURNAL_NAME
+    journal.rename(root / "journal.moved")
+    journal.symlink_to(outside.folder / "secret.json")
+
+    with pytest.raises(BackendError) as raised:
+        db.set_many({"b": 2})
+    assert raised.value.kind == "planted_link"
+    # A write of a journaled file must empty the journal first: it cannot, so it is refused.
+    assert_planted(db.set_value("a", 3), journal)
+    assert db.get_value("a") == (True, 1) and db.get_value("b")[0] is False
+    assert outside.untouched() and still_a_link(journal, outside.folder / "secret.json")
+
+    journal.unlink()  # an operator removed it: a new journal is started
+    db.set_many({"b": 2})
+    assert journal.is_file() and not journal.is_symlink()
+    assert db.load_all() == {"a": 1, "b": 2}
+
+    journal.rename(root / "journal.moved-again")
+    journal.symlink_to(outside.folder / "secret.json")
+    with capture_logs() as events:
+        db.close()  # its checkpoint cannot empty the journal: told, and no crash
+    assert [e["event"] for e in events] == ["json_journal_checkpoint_failed"]
+    assert outside.untouched()
+
+
 def test_a_dangling_journal_link_creates_nothing(root, outside):
     link = root / JOURNAL_NAME
     link.symlink_to(outside.folder / "journal-to-be")

@@ -30,12 +30,11 @@ import secrets
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from chanstore import logs
-from chanstore.errors import CorruptValue, IntegrityProblem
+from chanstore.errors import CorruptValue
 
 __all__ = [
     "SYNC_WRITERS",
@@ -44,7 +43,6 @@ __all__ = [
     "Root",
     "call_each",
     "fdatasync",
-    "problems",
     "read_file",
     "release_replaced",
     "remove_file",
@@ -66,8 +64,6 @@ _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 #: O_EXCL never follows a link either: it fails on any name that exists.
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-log = logs.get_logger(backend="json")
 
 
 class PlantedLink(CorruptValue):
@@ -187,6 +183,62 @@ class Root:
         for level in levels[:-1]:
             os.close(level)
         return levels[-1]
+
+    def sync(self, paths: Collection[str]) -> None:
+        """Flush each file of ``paths`` (relative to the root), then their folders up to the root.
+
+        In parallel, on :data:`SYNC_WRITERS`. A file or folder gone since,
+        or a link put in its place, is skipped: nothing of ours to flush there.
+        """
+        by_folder: dict[str, list[str]] = {}
+        for path in paths:
+            parent, name = os.path.split(path)
+            by_folder.setdefault(parent, []).append(name)
+        call_each(self._sync_files, list(by_folder.items()))
+        levels = {""}  # the folders and every one above them, up to the root
+        for parent in by_folder:
+            level = parent
+            while level:
+                levels.add(level)
+                level = os.path.dirname(level)
+        call_each(self._sync_folder, sorted(levels, key=len, reverse=True))
+
+    def _sync_files(self, folder_and_names: tuple[str, list[str]]) -> None:
+        parent, names = folder_and_names
+        folder = self._reach(parent)
+        if folder is None:
+            return
+        try:
+            for name in names:
+                try:
+                    fd = os.open(name, _READ, dir_fd=folder)
+                except (FileNotFoundError, IsADirectoryError):
+                    continue  # replaced or removed since: what took its place was made durable
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.EMLINK):
+                        continue  # a link planted since: not ours to flush
+                    raise
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(folder)
+
+    def _sync_folder(self, parent: str) -> None:
+        folder = self._reach(parent)
+        if folder is not None:
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+    def _reach(self, parent: str) -> int | None:
+        """A descriptor of ``parent`` (relative to the root), or None if it is gone or a link."""
+        try:
+            return self.folder(parent.split(os.sep) if parent else [])
+        except (FileNotFoundError, PlantedLink):
+            return None
 
     def close(self) -> None:
         """Let go of the descriptor; a later use opens the root again."""
@@ -468,61 +520,6 @@ def sync_file_system(fd: int) -> bool:
     if code == errno.ENOSYS:
         return False
     raise OSError(code, f"syncfs failed: {os.strerror(code)}")
-
-
-# -- integrity problems found by chanstore itself ----------------------------------------
-
-
-class _Problems:
-    """Integrity problems found in json roots, kept per root until a backend hands them over.
-
-    For what no operation's answer carries (a journal replay that skipped
-    records, a planted link a listing came across): any backend of the root
-    hands them over once, through ``integrity_problems()``, which the
-    daemon's readiness probe calls every few seconds. Each problem is told
-    once per process; a bounded memory of what was told keeps an attacker
-    who plants links by the million from growing it without end.
-    """
-
-    #: Problems remembered as told, at most; past it the memory starts afresh.
-    REMEMBERED = 10_000
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[str, list[IntegrityProblem]] = {}
-        self._told: set[tuple[str, str]] = set()
-
-    def add(self, root: str, problem: IntegrityProblem) -> bool:
-        """Keep ``problem`` of ``root`` for the next backend that asks; False if known already."""
-        with self._lock:
-            if (root, problem.message) in self._told:
-                return False
-            if len(self._told) >= self.REMEMBERED:
-                self._told.clear()
-            self._told.add((root, problem.message))
-            self._pending.setdefault(root, []).append(problem)
-            return True
-
-    def take(self, root: str) -> list[IntegrityProblem]:
-        """The problems of ``root`` not handed over yet (each is handed over once)."""
-        if root not in self._pending:  # the usual case, without the lock
-            return []
-        with self._lock:
-            return self._pending.pop(root, [])
-
-
-#: The integrity problems of every json root in this process.
-problems = _Problems()
-
-
-def report_planted(root: str, path: str, where: str) -> None:
-    """A planted link found by something other than an operation on it (a listing, a replay).
-
-    Logged at error and kept as an integrity problem, once per path.
-    """
-    problem = IntegrityProblem(kind="planted_link", message=str(PlantedLink(path)))
-    if problems.add(root, problem):
-        log.error("json_planted_link", root=root, path=path, found_by=where)
 
 
 # -- replaced file versions, let go of off the writing thread ------------------------------

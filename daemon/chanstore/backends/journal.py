@@ -153,15 +153,14 @@ from chanstore import logs
 from chanstore.backends.files import (
     PlantedLink,
     Root,
-    call_each,
     fdatasync,
     named,
     release_replaced,
     replace_with,
-    report_planted,
     sync_file_system,
     write_all,
 )
+from chanstore.backends.integrity import report_planted
 from chanstore.backends.journal_records import JOURNAL_NAME, decode_records, encode_record
 from chanstore.backends.journal_recovery import recover
 
@@ -190,7 +189,9 @@ MAX_GROWTH = 1 << 20
 #: A reset truncates a journal that a huge batch made larger than this.
 KEEP_ALLOCATION = 2 * CHECKPOINT_BYTES
 _BLOCK = 4096
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+#: What a checkpoint may fail with: the file system, or a link in the journal's place.
+_FAILURES = (OSError, PlantedLink)
 
 log = logs.get_logger(backend="json")
 
@@ -255,7 +256,7 @@ class Journal:
             if self._owner:
                 try:
                     self._checkpoint()
-                except OSError as exc:
+                except _FAILURES as exc:
                     # The records stay; the next open replays them (which is harmless).
                     log.error("json_journal_checkpoint_failed", root=self.root, error=str(exc))
             self._closed = True
@@ -326,13 +327,14 @@ class Journal:
         with self._lock:
             if not self._own(create=True):
                 raise NotJournaling(self.root)
-            generation, first = self._generation, self._sequence
-            records = b"".join([encode_record(generation, first + number, path, data)
-                                for number, (path, data) in enumerate(files)])  # fmt: skip
             # Marked before the records exist: see bypassing().
             self._journaled.update(path for path, _data in files)
-            self._append(records)
-            self._sequence = first + len(files)
+            try:
+                self._append(self._encode(files))
+            except FileNotFoundError:
+                self._start_over()  # the journal's name lost our file: a new one, then again
+                self._append(self._encode(files))
+            self._sequence += len(files)
             self._records += len(files)
             # Durable in the journal: now the files, in order.
             errors = self._apply(files)
@@ -341,6 +343,28 @@ class Journal:
             elif self._offset > CHECKPOINT_BYTES or self._records > CHECKPOINT_RECORDS:
                 self._checkpoint_quietly("the journal is full")
             return errors
+
+    def _encode(self, files: Sequence[tuple[str, bytes]]) -> bytes:
+        generation, first = self._generation, self._sequence
+        return b"".join([encode_record(generation, first + number, path, data)
+                         for number, (path, data) in enumerate(files)])  # fmt: skip
+
+    def _start_over(self) -> None:
+        """Journal in a new file: the name no longer holds ours (moved, or a link removed).
+
+        What ours held is made durable first, so that dropping it loses
+        nothing; then the name is taken as at the first write.
+        """
+        if self._records:
+            self._sync_written()
+        assert self._fd is not None
+        os.close(self._fd)  # and with it the flock on the file that went away
+        self._fd = None
+        self._owner = False
+        self._allocated = self._offset = self._records = self._sequence = 0
+        self._generation = _new_generation()
+        if not self._own(create=True):
+            raise NotJournaling(self.root)
 
     def _apply(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """Write each file (unflushed: the journal holds it), reaching each folder once."""
@@ -420,71 +444,23 @@ class Journal:
         if self._records == 0:
             self._journaled.clear()  # only batches that failed before their flush marked these
             return
+        self._sync_written()
+        self._reset()
+
+    def _sync_written(self) -> None:
+        """Make every file written through the journal durable, with its folders."""
         assert self._fd is not None
         # A few files are flushed one by one: the cost stays theirs, whatever
         # else the file system has to write. Many at once: one syncfs.
         if len(self._journaled) <= SYNC_EACH_MAX or not sync_file_system(self._fd):
-            self._sync_each()
-        self._reset()
+            self.folder.sync(self._journaled)
 
     def _checkpoint_quietly(self, why: str) -> None:
         try:
             self._checkpoint()
-        except OSError as exc:
+        except _FAILURES as exc:
             log.error("json_journal_checkpoint_failed", root=self.root, reason=why,
                       error=str(exc))  # fmt: skip
-
-    def _sync_each(self) -> None:
-        """Flush each journaled file, then each of their folders up to the root."""
-        by_folder: dict[str, list[str]] = {}
-        for path in self._journaled:
-            parent, name = os.path.split(path)
-            by_folder.setdefault(parent, []).append(name)
-        call_each(self._sync_files, list(by_folder.items()))
-        levels = {""}  # the folders and every one above them, up to the root
-        for parent in by_folder:
-            level = parent
-            while level:
-                levels.add(level)
-                level = os.path.dirname(level)
-        call_each(self._sync_folder, sorted(levels, key=len, reverse=True))
-
-    def _sync_files(self, folder_and_names: tuple[str, list[str]]) -> None:
-        parent, names = folder_and_names
-        folder = self._reach(parent)
-        if folder is None:
-            return
-        try:
-            for name in names:
-                try:
-                    fd = os.open(name, _FILE, dir_fd=folder)
-                except (FileNotFoundError, IsADirectoryError):
-                    continue  # replaced or removed since: what took its place was made durable
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.EMLINK):
-                        continue  # a link planted since: not ours to flush
-                    raise
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        finally:
-            os.close(folder)
-
-    def _sync_folder(self, parent: str) -> None:
-        folder = self._reach(parent)
-        if folder is not None:
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
-
-    def _reach(self, parent: str) -> int | None:
-        """A descriptor of ``parent`` (relative to the root), or None if it is gone or a link."""
-        try:
-            return self.folder.folder(parent.split(os.sep) if parent else [])
-        except (FileNotFoundError, PlantedLink):
-            return None
 
     def _reset(self) -> None:
         """Empty the journal, durably: every record of the generation becomes zeros."""
@@ -522,7 +498,7 @@ class Journal:
         except BaseException:
             # Settled all the same (the write may have been done in part), but
             # the write's own error is the answer.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(*_FAILURES):
                 self._settle(paths)
             raise
         self._settle(paths)

@@ -32,11 +32,10 @@ from chanstore.backends.files import (
     PlantedLink,
     Root,
     call_each,
-    problems,
     replace_with,
-    report_planted,
     write_all,
 )
+from chanstore.backends.integrity import problems, report_planted
 from chanstore.backends.journal_records import DAMAGED_SUFFIX, JOURNAL_NAME, Scan, scan
 from chanstore.errors import IntegrityProblem
 

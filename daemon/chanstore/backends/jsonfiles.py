@@ -54,14 +54,13 @@ from chanstore.backends.files import (
     PlantedLink,
     call_each,
     named,
-    problems,
     read_file,
     release_replaced,
     remove_file,
     rename_over,
-    report_planted,
     write_temp,
 )
+from chanstore.backends.integrity import problems, report_planted
 from chanstore.backends.journal import NotJournaling, journals
 from chanstore.errors import (
     BackendUnavailable,
