@@ -143,6 +143,12 @@ class Metrics:
         self.http_connections = Gauge(
             "chanstore_http_connections", "HTTP connections open now.", **on
         )
+        self.http_connections_max = Gauge(
+            "chanstore_http_connections_max",
+            "Open HTTP connections at most (--max-connections): at it, the idlest is closed "
+            "to make room, or a new one refused.",
+            **on,
+        )
         self.http_connections_closed = Counter(
             "chanstore_http_connections_closed_total",
             "HTTP connections that ended, by reason (client, idle_timeout, header_timeout, "

@@ -70,6 +70,7 @@ class Connections:
         self.now = 0.0
         self._open: OrderedDict[Connection, None] = OrderedDict()
         self._gauge = metrics.http_connections
+        metrics.http_connections_max.set(limits.max_connections)
         self._closed = {reason: metrics.http_connections_closed.labels(reason)
                         for reason in REASONS}  # fmt: skip
         self._sweeper: asyncio.Task[None] | None = None
