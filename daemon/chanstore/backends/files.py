@@ -3,13 +3,15 @@
 Nothing inside a json root is ever followed: a symbolic link planted there
 (a channel folder, a key's file, the journal) could otherwise send writes out
 of the root or serve a foreign file as a value. So every file and folder below
-the root is reached from the root's descriptor, one name at a time, each
-opened with ``O_NOFOLLOW`` (:class:`Root`), and files are then created,
-renamed and removed relative to their folder's descriptor (``openat``,
-``renameat``, ``unlinkat``). A name that is a link where chanstore expects its
-own file or folder is a :class:`PlantedLink` error naming the path. The root
-itself may be a link: it is resolved once, when the first backend of the
-root is built.
+the root is reached from the root's descriptor through no link (:class:`Root`:
+``openat2`` with ``RESOLVE_NO_SYMLINKS``, or one ``O_NOFOLLOW`` open per
+level), and files are then read, created, renamed and removed relative to
+their folder's descriptor (``openat`` with ``O_NOFOLLOW``, ``renameat``,
+``unlinkat``). Checking a path first and then using it could race with a link
+swapped in between; reaching it this way cannot. A name that is a link where
+chanstore expects its own file or folder is a :class:`PlantedLink` error
+naming the path. The root itself may be a link: it is resolved once, when the
+first backend of the root is built.
 
 The json backend and its journal (see journal.py) write a key's file the same
 way: a temporary file in the key's folder, optionally flushed, renamed over
@@ -43,6 +45,8 @@ __all__ = [
     "Root",
     "call_each",
     "fdatasync",
+    "is_link",
+    "named",
     "read_file",
     "release_replaced",
     "remove_file",

@@ -24,9 +24,9 @@ write, so that looking up channels that were never written (a scan of random
 channel ids) does not grow the tree.
 
 Nothing inside the root is followed (see :mod:`chanstore.backends.files`): a
-domain's folder is reached from the root's descriptor one level at a time
-with ``O_NOFOLLOW``, and its files are read, written, renamed and removed
-relative to the folder's descriptor. A symbolic link where a folder or a key's
+domain's folder is reached from the root's descriptor through no link, and
+its files are read, written, renamed and removed relative to the folder's
+descriptor. A symbolic link where a folder or a key's
 file should be fails the operation with the kind ``planted_link``, naming the
 path; a listing lists a planted ``<key>.json`` (reading it is that error) and
 reports it as an integrity problem. The root itself may be a link: it is
