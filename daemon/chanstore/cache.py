@@ -62,6 +62,9 @@ _CALLER_ERRORS = {"invalid_value": UnstorableValue, "invalid_key": InvalidKey}
 _UNKNOWN_OUTCOMES = frozenset({"timeout", "unavailable"})
 #: The ``kind`` label of ``chanstore_integrity_problems_total`` for a value that cannot be read.
 CORRUPT_VALUE = "corrupt_value"
+#: Kinds of failure that mean a stored value exists but cannot be used: held as
+#: an UnreadableValue, never passed off as absent or as a backend outage.
+_UNREADABLE_KINDS = frozenset({CorruptValue.kind, "planted_link"})
 
 
 class CachedDict(MutableMapping[str, Any]):
@@ -174,7 +177,7 @@ class CachedDict(MutableMapping[str, Any]):
             kind = failure_kind(value, default=NOT_FOUND)
             if kind == NOT_FOUND:
                 return ABSENT
-            if kind != CorruptValue.kind:
+            if kind not in _UNREADABLE_KINDS:
                 raise _backend_error(value)
             value = self._unreadable(key, value)
         memory._fill({key: value}, since)
@@ -186,10 +189,14 @@ class CachedDict(MutableMapping[str, Any]):
         held = self.memory._values.get(key)
         if held.__class__ is UnreadableValue:
             return held  # type: ignore[return-value]
-        self._metrics.integrity_problems.labels(self.name, CORRUPT_VALUE).inc()
-        log = logs.get_logger(container=self.name, domain=getattr(self.database, "domain", ""))
-        log.error("integrity_problem", kind=CORRUPT_VALUE, key=key, error=str(failure))
-        return UnreadableValue(self.name, key)
+        kind = getattr(failure, "kind", CorruptValue.kind)
+        if kind == CorruptValue.kind:
+            # A planted link is the backend's to report (it knows the path and tells
+            # it once, through integrity_problems); a damaged value is this cache's.
+            self._metrics.integrity_problems.labels(self.name, CORRUPT_VALUE).inc()
+            log = logs.get_logger(container=self.name, domain=getattr(self.database, "domain", ""))
+            log.error("integrity_problem", kind=CORRUPT_VALUE, key=key, error=str(failure))
+        return UnreadableValue(self.name, key, kind)
 
     # -- whole-domain operations --------------------------------------------------
 

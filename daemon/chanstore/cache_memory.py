@@ -52,21 +52,26 @@ class UnreadableValue(CorruptValue):
     to the log when the damage is found.
     """
 
-    def __init__(self, container: str, key: str) -> None:
-        super().__init__(
-            f"the stored value of key {key[:200]!r} in container {container[:200]!r} is "
-            "damaged and cannot be read; delete the key or store a new value over it"
-        )
+    def __init__(self, container: str, key: str, kind: str = CorruptValue.kind) -> None:
+        where = f"key {key[:200]!r} in container {container[:200]!r}"
+        if kind == "planted_link":
+            fix = "is behind a link planted in the data root, which chanstore never follows"
+            message = f"the stored value of {where} {fix}; the log says where: remove the link"
+        else:
+            fix = "delete the key or store a new value over it"
+            message = f"the stored value of {where} is damaged and cannot be read; {fix}"
+        super().__init__(message)
         self.container = container
         self.key = key
+        self.kind = kind
 
     def fresh(self) -> UnreadableValue:
         """A new exception like this one, to raise."""
-        return UnreadableValue(self.container, self.key)
+        return UnreadableValue(self.container, self.key, self.kind)
 
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
         # Pickled (across processes) by what it names, not by its message.
-        return UnreadableValue, (self.container, self.key)
+        return UnreadableValue, (self.container, self.key, self.kind)
 
 
 class CacheMemory:

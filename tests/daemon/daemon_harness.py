@@ -342,12 +342,13 @@ class DaemonProcess:
     def data_files(self) -> dict[str, bytes]:
         """The json backends' value files (under the data root ``data/``), with their bytes.
 
-        The root's write-ahead journal is the backend's own bookkeeping, not a value.
+        The root's write-ahead journal (and any damaged journal kept aside for
+        inspection) is the backend's own bookkeeping, not a value.
         """
         return {
             name: data
             for name, data in self.files().items()
-            if name.startswith("data/") and Path(name).name != JOURNAL_NAME
+            if name.startswith("data/") and not Path(name).name.startswith(JOURNAL_NAME)
         }
 
 

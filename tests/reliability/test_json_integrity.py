@@ -98,6 +98,12 @@ def test_links_planted_in_the_data_root_are_never_followed(tmp_path: Path) -> No
         for request in (daemon.put("carol", "box", "k", {"hp": 3}),
                         daemon.http.delete("/v1/channels/carol/box/k")):  # fmt: skip
             assert request.status_code >= 500, request.text
+        # Every answer names the kind, and never a path: where the link is, is for the log.
+        for answer in (daemon.get("bob", "box", "k"), daemon.get("carol", "box", "k"),
+                       daemon.put("bob", "box", "new", {"hp": 2}),
+                       daemon.put("carol", "box", "k", {"hp": 3})):  # fmt: skip
+            assert (answer.status_code, answer.json()["code"]) == (500, "planted_link"), answer.text
+            assert str(tmp_path) not in answer.text
 
         assert outside.untouched()
         assert (carol / "k.json").is_symlink() and bob.is_symlink()

@@ -53,11 +53,17 @@ def error_for(exc: BaseException) -> HttpError:
         return exc
     if isinstance(exc, UnknownContainer):
         return HttpError(404, str(exc), code="unknown_container")
+    if getattr(exc, "kind", None) == "planted_link" and not isinstance(exc, UnreadableValue):
+        # Where the link is (a path) is for the log, not for the answer.
+        return HttpError(500, "a link planted in the data root stands where a stored file or "
+                              "folder belongs; chanstore never follows links there (the log "
+                              "says where)", code="planted_link")  # fmt: skip
+    if isinstance(exc, UnreadableValue):
+        return HttpError(500, str(exc), code="planted_link" if exc.kind == "planted_link"
+                         else "corrupt")  # fmt: skip
     if isinstance(exc, CorruptValue):
-        # The cache's UnreadableValue names container and key; a backend's own
-        # message may name a file, which the log has and an answer must not.
-        if isinstance(exc, UnreadableValue):
-            return HttpError(500, str(exc), code="corrupt")
+        # The cache's UnreadableValue (above) names container and key; a backend's
+        # own message may name a file, which the log has and an answer must not.
         return HttpError(500, "a stored value is damaged and cannot be read (the log says "
                          "which)", code="corrupt")  # fmt: skip
     if isinstance(exc, BackendError):
