@@ -148,3 +148,29 @@ def test_disk_read_only(disk_daemon: DaemonProcess, small_disk: Path) -> None:
     done = _mount("-o", "remount,rw", str(small_disk))
     assert done.returncode == 0, done.stderr
     recovered(disk_daemon)
+
+
+def test_one_channels_folder_read_only_keeps_the_daemon_in_rotation(
+    disk_daemon: DaemonProcess, small_disk: Path
+) -> None:
+    """One channel's folder turns read-only (a bind mount over it): its writes get 503
+    read_only, but /readyz stays 200 and the other channels are written as before."""
+    assert disk_daemon.put("stuck", "stats", "k", {"n": 1}).status_code == 200
+    assert disk_daemon.put("free", "stats", "k", {"n": 1}).status_code == 200
+    (folder,) = [path for path in small_disk.rglob("*stuck*") if path.is_dir()]
+    assert _mount("--bind", str(folder), str(folder)).returncode == 0
+    try:
+        done = _mount("-o", "remount,bind,ro", str(folder))
+        assert done.returncode == 0, done.stderr
+        for attempt in range(3):
+            refused = disk_daemon.put("stuck", "stats", f"new{attempt}", {"n": attempt})
+            assert refused.status_code == 503, refused.text
+            assert "read_only" in refused.json()["error"]
+        assert disk_daemon.put("free", "stats", "k", {"n": 2}).status_code == 200
+        # Probes run every few seconds and on each /readyz: none takes the daemon out.
+        for _ in range(3):
+            assert disk_daemon.http.get("/readyz").status_code == 200
+        assert disk_daemon.metric("chanstore_ready") == 1
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30, check=False)
+    assert disk_daemon.put("stuck", "stats", "again", {"n": 3}).status_code == 200

@@ -308,10 +308,7 @@ class JSONDatabase(DatabaseInterface):
             found = (fd, str(folder))
         fd, path = found
         try:
-            # The process writes with its effective ids; os.access checks the real ones unless told.
-            effective = os.access in os.supports_effective_ids
-            if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=effective):
-                raise BackendUnavailable(f"json folder {path} is not writable")
+            _check_writable(fd, path)
         finally:
             os.close(fd)
 
@@ -544,3 +541,22 @@ def _domain_folders(domain: str) -> list[str]:
         too_long = len(part.encode("utf-8")) > NAME_MAX
         folders.append(_hashed_name(part) if too_long else part)
     return folders
+
+
+def _check_writable(fd: int, path: str) -> None:
+    """Raise BackendUnavailable, of the kind a write would meet, unless a write can succeed
+    in the folder ``fd``: its file system mounted writable and not full, the folder
+    writable by this process."""
+    stats = os.fstatvfs(fd)
+    if stats.f_flag & os.ST_RDONLY:
+        error = BackendUnavailable(f"json folder {path} is on a read-only file system")
+        error.kind = "read_only"
+        raise error
+    if stats.f_bavail == 0 or stats.f_favail == 0:
+        error = BackendUnavailable(f"json folder {path} is on a full file system")
+        error.kind = "disk_full"
+        raise error
+    # The process writes with its effective ids; os.access checks the real ones unless told.
+    effective = os.access in os.supports_effective_ids
+    if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=effective):
+        raise BackendUnavailable(f"json folder {path} is not writable")

@@ -86,7 +86,6 @@ class Slot:
     def settled(self, write: Write, outcome: bool | BaseException) -> None:
         """A lane's word on a write of this slot: bring the cache up to date with it."""
         self.channel.busy -= 1
-        self.runtime.wrote(outcome)
         memory = self.cached.memory  # type: ignore[union-attr]
         key = write.key
         if self.encoded:

@@ -29,7 +29,7 @@ from chanstore.config import ContainerSpec
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
 from chanstore.engine.lanes import WriteLanes
 from chanstore.engine.settings import EngineSettings
-from chanstore.errors import BackendError, BackendUnavailable, IntegrityProblem
+from chanstore.errors import BackendError, IntegrityProblem
 from chanstore.instrumentation import attach
 from chanstore.keys import encode_domain_part
 from chanstore.metrics import Metrics
@@ -63,8 +63,6 @@ class ContainerRuntime:
         self.metrics = metrics
         self.lanes = WriteLanes(spec.name, settings.write_lanes, settings.backend_timeout)
         self.executor = ThreadPoolExecutor(READ_THREADS, f"chanstore-{spec.name}")
-        #: The last write failure, until a write succeeds again (readiness reports it).
-        self.write_problem: BaseException | None = None
         #: The backend's last report of lost data, while it keeps the container not ready.
         self.data_lost: BackendError | None = None
         #: Seconds a data loss keeps the container not ready (tests shorten it).
@@ -103,12 +101,13 @@ class ContainerRuntime:
                 f"answer within {self.settings.backend_timeout:g}s"
             ) from None
 
-    def wrote(self, outcome: bool | BaseException) -> None:
-        """Note a write's outcome: a failure stays the container's problem until a write works."""
-        self.write_problem = outcome if isinstance(outcome, BaseException) else None
-
     async def check(self) -> BaseException | None:
         """Why this container's backend cannot serve now, or None.
+
+        Readiness is the probe's word alone (reachable; for json, a writable
+        file system with room): a failed write of one key or one channel's folder
+        is that request's answer, never a reason to take the daemon out of a load
+        balancer's rotation, and a backend that fails as a whole fails the probe.
 
         Also hands on what the backend found by itself: each integrity problem
         is logged and counted, and a ``data_lost`` one drops the container's
@@ -124,11 +123,7 @@ class ContainerRuntime:
                       error=problem.message)  # fmt: skip
             if problem.kind == "data_lost":
                 self._lost(problem)
-        if isinstance(self.write_problem, BackendUnavailable | BackendTimeout):
-            # The backend is reachable again: a probe settles an outage, or a
-            # not-ready daemon that is sent no writes would never be ready again.
-            self.write_problem = None
-        return self.write_problem or self._still_lost()
+        return self._still_lost()
 
     def _lost(self, problem: IntegrityProblem) -> None:
         """The backend lost the data: no cache may answer for it any more."""
