@@ -176,10 +176,11 @@ def _stats(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
             before, after = stats.scrape_samples(client.metrics_text, max(args.interval, 0.1))
+            problems = client.readiness()
         except ClientError as exc:
             print(f"chanstore stats: {exc}", file=sys.stderr)
             return UNREACHABLE if exc.status is None else FAILED
-    print(stats.render(before, after))
+    print(stats.render(before, after, problems))
     return OK
 
 

@@ -372,6 +372,20 @@ class Client:
         """The daemon's /metrics page, in Prometheus's text format."""
         return self._request("GET", "/metrics").text
 
+    def readiness(self) -> dict[str, str]:
+        """What keeps the daemon from being ready, by container (the kind of each
+        failure): empty when /readyz answers 200."""
+        try:
+            response = self._http.get("/readyz")
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from exc
+        if response.status_code == 200:
+            return {}
+        if response.status_code != 503:
+            _raise_for(response)
+        problems = response.json().get("problems")
+        return dict(problems) if isinstance(problems, dict) else {"daemon": "not_ready"}
+
     def channel(self, channel: str) -> ChannelView:
         """A channel whose containers are attributes (``client.channel("c1").stats``)."""
         return ChannelView(self, channel)

@@ -101,7 +101,7 @@ def _the_truth_is_told(daemon: DaemonProcess, redis: RedisServer, cause: str) ->
         time.sleep(0.2)
     assert _lost_count(daemon) == 1
     stats = _run_stats(daemon)
-    assert "readiness       NOT READY: mana" in stats
+    assert "readiness       NOT READY: mana (data_lost)" in stats  # the kind, from /readyz
     assert "mana                 data_lost        1 since start" in stats
     # The json container never noticed; the redis one takes writes again at once.
     assert daemon.get(CHANNEL, "stats", "HP").json() == 100
