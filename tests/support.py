@@ -9,8 +9,10 @@ import dataclasses
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -332,3 +334,53 @@ ODD_KEYS: list[str] = [
     "é" * 500,  # 1000 bytes of UTF-8
     "z" * 1024,  # the limit exactly
 ]
+
+
+# -- the json write-ahead journal, read and crashed the way tests need ---------------
+
+_JOURNAL_HEADER = struct.Struct("<4sQIII")
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalRecord:
+    """One record of a json root's journal: where it lies, and the write it holds."""
+
+    start: int
+    end: int
+    path: str
+    data: bytes
+
+
+def journal_records(data: bytes) -> list[JournalRecord]:
+    """A journal's records, read strictly from offset 0: the tests' own reader of the
+    format (CSJ3), independent of the one under test."""
+    found, offset = [], 0
+    while offset + _JOURNAL_HEADER.size <= len(data):
+        magic, generation, sequence, length, crc = _JOURNAL_HEADER.unpack_from(data, offset)
+        end = offset + _JOURNAL_HEADER.size + length
+        payload = data[offset + _JOURNAL_HEADER.size : end]
+        checked = zlib.crc32(struct.pack("<QII", generation, sequence, length))
+        if magic != b"CSJ3" or end > len(data) or zlib.crc32(payload, checked) != crc:
+            break
+        (size,) = struct.unpack_from("<H", payload)
+        path = payload[2 : 2 + size].decode()
+        found.append(JournalRecord(offset, end, path, payload[2 + size :]))
+        offset = end
+    return found
+
+
+def crash_journal(backend: Any) -> None:
+    """Drop a json backend's journal the way a killed process does: no checkpoint, its
+    lock released. (Reaches into the journal's internals: only a test may.)"""
+    from chanstore.backends.journal import journals  # noqa: PLC0415
+
+    journal = backend._journal
+    with journal._lock:
+        if journal._fd is not None:
+            os.close(journal._fd)
+            journal._fd = None
+        journal._owner = False
+        journal._closed = True
+    with journals._lock:
+        if journals._open.get(journal.root) is journal:
+            del journals._open[journal.root]

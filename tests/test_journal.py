@@ -30,29 +30,14 @@ from chanstore.backends.journal import (
     Journal,
     decode_records,
     encode_record,
-    journals,
 )
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.errors import BulkWriteError, UnstorableValue
 from chanstore.instrumentation import attach
 from chanstore.metrics import Metrics
-from support import reaped, sigkill_after, wait_until
+from support import crash_journal, reaped, sigkill_after, wait_until
 
 GENERATION = 0x1234_5678_9ABC_DEF0
-
-
-def crash(backend: JSONDatabase) -> None:
-    """Drop ``backend``'s journal the way a killed process does: no checkpoint, lock released."""
-    journal = backend._journal
-    with journal._lock:
-        if journal._fd is not None:
-            os.close(journal._fd)
-            journal._fd = None
-        journal._owner = False
-        journal._closed = True
-    with journals._lock:
-        if journals._open.get(journal.root) is journal:
-            del journals._open[journal.root]
 
 
 def journal_records(root: Path) -> list[tuple[str, bytes]]:
@@ -180,7 +165,7 @@ def test_a_simulated_crash_after_journaled_sets_is_replayed(tmp_path):
     # The files were written without a flush; a machine crash may lose them.
     (backend.path / "a.json").unlink()
     (backend.path / "b.json").write_text("torn")
-    crash(backend)
+    crash_journal(backend)
     assert read(tmp_path, "svc.chan.box", "a") == (True, 1)
     assert read(tmp_path, "svc.chan.box", "b") == (True, 3)
 
@@ -201,7 +186,7 @@ def test_checkpoint_makes_the_journal_empty(tmp_path, monkeypatch):
         assert journal.pending <= 5
     assert len(journal_records(tmp_path)) == journal.pending
     # A crash now replays only what followed the last checkpoint, harmlessly.
-    crash(backend)
+    crash_journal(backend)
     again = JSONDatabase(domain="d", root_dir=str(tmp_path))
     assert again.load_all() == {"a": 1, "b": 2} | {f"{p}{n}": n for n in range(4) for p in "kj"}
     again.close()
@@ -218,7 +203,7 @@ def test_a_journal_grows_past_its_first_allocation_and_shrinks_back(tmp_path, mo
     backend._journal.checkpoint()
     assert (tmp_path / JOURNAL_NAME).stat().st_size == 0
     backend.set_many({"small": "again"})
-    crash(backend)
+    crash_journal(backend)
     assert read(tmp_path, "d", "small") == (True, "again")
     assert read(tmp_path, "d", "k4") == (True, big)
 
@@ -232,7 +217,7 @@ def test_a_delete_after_a_journaled_set_is_never_undone(tmp_path):
     assert backend.delete_key("gone") == (True, "gone")
     backend.set_many({"also": 3})
     assert backend.delete_many(["also", "absent"]) == ["also"]
-    crash(backend)
+    crash_journal(backend)
     again = JSONDatabase(domain="d", root_dir=str(tmp_path))
     assert again.load_all() == {"kept": 2}
     again.close()
@@ -245,7 +230,7 @@ def test_a_single_set_after_a_journaled_set_is_never_undone(tmp_path):
     quick = JSONDatabase(domain="d", root_dir=str(tmp_path), fsync=False)
     backend.set_many({"other": 2})
     quick.set_many({"other": 3})  # fsync off bypasses the journal too
-    crash(backend)
+    crash_journal(backend)
     again = JSONDatabase(domain="d", root_dir=str(tmp_path))
     assert again.load_all() == {"k": "newer", "other": 3}
     again.close()
@@ -300,7 +285,7 @@ def test_concurrent_batches_end_consistent(tmp_path):
         expected[domain] = values
     for backend, domain in zip(backends, domains, strict=True):
         assert backend.load_all() == expected[domain]
-    crash(backends[0])  # and a replay of what is left changes nothing
+    crash_journal(backends[0])  # and a replay of what is left changes nothing
     for domain in domains:
         again = JSONDatabase(domain=domain, root_dir=str(tmp_path))
         assert again.load_all() == expected[domain]
@@ -326,7 +311,7 @@ def test_racing_a_bypassing_write_of_the_same_key_the_replay_keeps_the_last(tmp_
         stop.set()
         thread.join(timeout=60)
     final = backend.get_value("hot")
-    crash(backend)
+    crash_journal(backend)
     assert read(tmp_path, "d", "hot") == final
 
 
@@ -516,7 +501,7 @@ def test_a_failed_rename_after_the_flush_is_reported_and_not_replayed(tmp_path, 
     assert sorted(raised.value.done) == ["a", "c"]
     assert backend._journal.pending == 0  # checkpointed at once
     monkeypatch.undo()
-    crash(backend)
+    crash_journal(backend)
     assert read(tmp_path, "d", "b") == (True, 0)  # reported failed, and not brought back
     assert read(tmp_path, "d", "a") == (True, 1)
 
@@ -567,7 +552,7 @@ def test_a_journal_that_cannot_grow_fails_every_part_and_writes_nothing(small_di
     assert leftovers == []
     (small_disk / "filler").unlink()
     assert JSONDatabase.set_many_together([(first, {"x": 2}), (second, {"y": 3})]) == [None, None]
-    crash(first)
+    crash_journal(first)
     assert read(small_disk, "s.a", "x") == (True, 2)
     assert read(small_disk, "s.a", "kept") == (True, "before")
 
@@ -582,7 +567,7 @@ def test_files_that_cannot_be_written_after_the_flush_fail_and_are_not_replayed(
     assert backend.load_all() == {"kept": "before", "other": 0}
     assert backend._journal.pending == 0  # checkpointed: the failed records are gone
     (small_disk / "filler").unlink()
-    crash(backend)
+    crash_journal(backend)
     assert read(small_disk, "s", "kept") == (True, "before")
     assert read(small_disk, "s", "new")[0] is False
 

@@ -15,76 +15,37 @@ record, which a crash during a batch leaves, stays quiet.
 
 from __future__ import annotations
 
-import os
 import random
-import struct
 import subprocess
 import sys
 import textwrap
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from chanstore.backends import journal_recovery
-from chanstore.backends.journal import journals
 from chanstore.backends.journal_records import DAMAGED_SUFFIX, JOURNAL_NAME, decode_records
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.errors import IntegrityProblem
-from support import reaped, sigkill_after, wait_until
+from support import (
+    JournalRecord,
+    crash_journal,
+    journal_records,
+    reaped,
+    sigkill_after,
+    wait_until,
+)
 
 
-@dataclass(frozen=True)
-class Record:
-    start: int
-    end: int
-    path: str
-    data: bytes
-
-
-_HEADER = struct.Struct("<4sQIII")
-
-
-def parse(data: bytes) -> list[Record]:
-    """The records of a journal, read strictly from offset 0 (a reader of this test's own)."""
-    found, offset = [], 0
-    while offset + _HEADER.size <= len(data):
-        magic, generation, sequence, length, crc = _HEADER.unpack_from(data, offset)
-        end = offset + _HEADER.size + length
-        payload = data[offset + _HEADER.size : end]
-        checked = zlib.crc32(struct.pack("<QII", generation, sequence, length))
-        if magic != b"CSJ3" or end > len(data) or zlib.crc32(payload, checked) != crc:
-            break
-        (size,) = struct.unpack_from("<H", payload)
-        found.append(Record(offset, end, payload[2 : 2 + size].decode(), payload[2 + size :]))
-        offset = end
-    return found
-
-
-def crash(backend: JSONDatabase) -> None:
-    """Drop ``backend``'s journal the way a killed process does: no checkpoint, lock released."""
-    journal = backend._journal
-    with journal._lock:
-        if journal._fd is not None:
-            os.close(journal._fd)
-            journal._fd = None
-        journal._owner = False
-        journal._closed = True
-    with journals._lock:
-        if journals._open.get(journal.root) is journal:
-            del journals._open[journal.root]
-
-
-def lose_files(root: Path, records: list[Record]) -> None:
+def lose_files(root: Path, records: list[JournalRecord]) -> None:
     """What a power loss may do to files written since the last checkpoint: gone."""
     for record in records:
         (root / record.path).unlink(missing_ok=True)
 
 
-def damage(root: Path, record: Record) -> bytes:
+def damage(root: Path, record: JournalRecord) -> bytes:
     """Flip one bit in the middle of ``record``; the damaged journal's bytes."""
     path = root / JOURNAL_NAME
     data = bytearray(path.read_bytes())
@@ -97,14 +58,14 @@ def asides(root: Path) -> list[Path]:
     return sorted(root.glob(JOURNAL_NAME + DAMAGED_SUFFIX + "*"))
 
 
-def read_back(root: Path, record: Record) -> bytes | None:
+def read_back(root: Path, record: JournalRecord) -> bytes | None:
     try:
         return (root / record.path).read_bytes()
     except FileNotFoundError:
         return None
 
 
-def write_journal(root: Path, batches: int = 40, keys: int = 5) -> list[Record]:
+def write_journal(root: Path, batches: int = 40, keys: int = 5) -> list[JournalRecord]:
     """A journal of ``batches * keys`` records, each its own file, left by a simulated crash."""
     backends = [JSONDatabase(domain=f"svc.c{n}.box", root_dir=str(root)) for n in range(3)]
     for batch in range(batches):
@@ -112,8 +73,8 @@ def write_journal(root: Path, batches: int = 40, keys: int = 5) -> list[Record]:
                  for backend in backends[batch % 2 :]]  # fmt: skip
         assert JSONDatabase.set_many_together(parts) == [None] * len(parts)
     for backend in backends:
-        crash(backend)
-    return parse((root / JOURNAL_NAME).read_bytes())
+        crash_journal(backend)
+    return journal_records((root / JOURNAL_NAME).read_bytes())
 
 
 def reopen(root: Path) -> tuple[JSONDatabase, list[dict]]:
@@ -126,8 +87,9 @@ def reopen(root: Path) -> tuple[JSONDatabase, list[dict]]:
 POSITIONS = {"start": lambda n: 0, "middle": lambda n: n // 2, "end": lambda n: n - 2}
 
 
-def check_truthful_replay(root: Path, records: list[Record], lost: Record, damaged: bytes,
-                          backend: JSONDatabase, events: list[dict]) -> None:  # fmt: skip
+def check_truthful_replay(root: Path, records: list[JournalRecord], lost: JournalRecord,
+                          damaged: bytes, backend: JSONDatabase,
+                          events: list[dict]) -> None:  # fmt: skip
     """Every record but ``lost`` replayed; the loss logged, kept aside, told once."""
     # The old lie is gone: every record after the damaged one is replayed too (the previous
     # release stopped at the damage, and at record 0 replayed nothing at all).
@@ -165,7 +127,7 @@ def test_replay_goes_on_past_a_damaged_record(tmp_path, where):
     check_truthful_replay(tmp_path, records, lost, damaged, backend, events)
     # The root goes on as usual; the next start is quiet and keeps the earlier copy.
     backend.set_many({"after": 1})
-    crash(backend)
+    crash_journal(backend)
     again, events = reopen(tmp_path)
     assert not [e for e in events if e["event"] == "json_journal_damaged"]
     assert len(asides(tmp_path)) == 1 and again.integrity_problems() == []
@@ -293,7 +255,7 @@ def test_sigkill_mid_writes_then_damage_replays_every_record_that_verifies(tmp_p
         sigkill_after(writer, random.uniform(0.0, 0.2))
     last_acked = acked(log_path)
 
-    records = parse((root / JOURNAL_NAME).read_bytes())  # up to a torn last batch, if any
+    records = journal_records((root / JOURNAL_NAME).read_bytes())  # up to a torn last batch, if any
     assert len(records) >= 30 * 12  # nothing checkpointed yet: every batch is in it
     journaled = {record.path for record in records}
     for seq in range(1, last_acked + 1):  # every acknowledged write is in the journal

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import threading
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,6 +23,7 @@ import pytest
 from load_helpers import daemon_running, json_entry, wait_until
 
 from chanstore.backends.journal_records import DAMAGED_SUFFIX, JOURNAL_NAME, decode_records
+from support import journal_records
 
 SERVICE = "service_e2e"  # the harness runs the daemon with --service-id e2e
 
@@ -145,33 +143,6 @@ def test_links_planted_in_the_data_root_are_never_followed(tmp_path: Path) -> No
 # -- a damaged journal -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Record:
-    start: int
-    end: int
-    path: str
-    data: bytes
-
-
-_HEADER = struct.Struct("<4sQIII")
-
-
-def parse(data: bytes) -> list[Record]:
-    """The journal's records, read strictly from offset 0 (this test's own reader)."""
-    found, offset = [], 0
-    while offset + _HEADER.size <= len(data):
-        magic, generation, sequence, length, crc = _HEADER.unpack_from(data, offset)
-        end = offset + _HEADER.size + length
-        payload = data[offset + _HEADER.size : end]
-        checked = zlib.crc32(struct.pack("<QII", generation, sequence, length))
-        if magic != b"CSJ3" or end > len(data) or zlib.crc32(payload, checked) != crc:
-            break
-        (size,) = struct.unpack_from("<H", payload)
-        found.append(Record(offset, end, payload[2 : 2 + size].decode(), payload[2 + size :]))
-        offset = end
-    return found
-
-
 def write_for_a_while(daemon, count: int) -> dict[tuple[str, str], int]:
     """``count`` PUTs of distinct keys from three threads; what was acknowledged."""
     acked: dict[tuple[str, str], int] = {}
@@ -204,7 +175,7 @@ def test_a_journal_damaged_after_sigkill_is_replayed_past_the_damage_and_told(
         assert len(acked) == 240
         daemon.stop(signal.SIGKILL)
         journal = daemon.data_dir / JOURNAL_NAME
-        records = parse(journal.read_bytes())
+        records = journal_records(journal.read_bytes())
         assert len(records) == 240  # every write, and nothing checkpointed yet
         index = {"start": 0, "middle": len(records) // 2, "end": len(records) - 2}[where]
         lost = records[index]
