@@ -222,7 +222,7 @@ class Api:
 
     def request_id(self, request: Request) -> str:
         """The client's X-Request-Id when it is sane, a new unique one otherwise."""
-        given = request.header(b"x-request-id")
+        given = request.given_id
         if given is not None and _SANE_REQUEST_ID.fullmatch(given):
             return given.decode()
         # A random prefix per process and a counter: unique, and no system call.

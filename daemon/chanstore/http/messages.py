@@ -8,6 +8,7 @@ with one system call; handlers see neither sockets nor parsers.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from chanstore.http.errors import HttpError
@@ -16,17 +17,18 @@ __all__ = ["JSON_TYPE", "Request", "Response"]
 
 JSON_TYPE = b"application/json"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_UNSEEN: Any = object()
 _OK_JSON = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
 
 
 class Request:
     """One HTTP request: method, raw path and query, headers, the whole body."""
 
-    __slots__ = ("_segments", "body", "headers", "keep_alive", "method", "path", "query",
-                 "request_id", "started", "version")  # fmt: skip
+    __slots__ = ("_given_id", "_segments", "body", "headers", "keep_alive", "method", "path",
+                 "query", "request_id", "started", "version")  # fmt: skip
 
-    def __init__(self, method: str, path: bytes, query: bytes = b"",
-                 headers: list[tuple[bytes, bytes]] | None = None, body: bytes = b"", *,
+    def __init__(self, method: str, path: bytes, query: bytes = b"",  # noqa: PLR0917
+                 headers: list[tuple[bytes, bytes]] | None = None, body: bytes = b"",
                  keep_alive: bool = True, started: float = 0.0) -> None:  # fmt: skip
         self.method = method
         self.path = path
@@ -37,9 +39,22 @@ class Request:
         self.keep_alive = keep_alive
         self.started = started
         self.request_id = ""
+        self._given_id: Any = _UNSEEN
         #: The HTTP version, as the parser says it ("1.1", "1.0").
         self.version = "1.1"
         self._segments: list[str] | None = None
+
+    @property
+    def given_id(self) -> bytes | None:
+        """The client's ``X-Request-Id``, if it sent one."""
+        if self._given_id is _UNSEEN:
+            self._given_id = self.header(b"x-request-id")
+        return self._given_id
+
+    @given_id.setter
+    def given_id(self, value: bytes | None) -> None:
+        # The connection notes it while parsing, sparing a search of the headers.
+        self._given_id = value
 
     def header(self, name: bytes) -> bytes | None:
         """The value of header ``name`` (lower case); None when absent."""

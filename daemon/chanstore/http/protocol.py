@@ -29,8 +29,8 @@ parsed (pipelined cached reads) go out together with one call.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
+from time import perf_counter
 from typing import Any
 
 import httptools
@@ -47,7 +47,7 @@ log = logs.get_logger()
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Headers the connection checks itself (the API reads the rest from the request).
-_CHECKED = frozenset({b"host", b"authorization", b"content-length", b"expect"})
+_CHECKED = frozenset({b"host", b"authorization", b"content-length", b"expect", b"x-request-id"})
 #: Bytes parsed at a time, so that a backlogged connection stops between slices.
 FEED_SLICE = 16 * 1024
 #: Seconds, and bytes, a refused client's input is read and dropped before the close.
@@ -83,6 +83,8 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         #: The headers the connection itself checks (a short list, usually one: Host).
         self.checked: list[tuple[bytes, bytes]] = []
+        self.host = False
+        self.request_id: bytes | None = None
         self.body: list[bytes] = []
         self.body_size = 0
         self.request: Request | None = None
@@ -148,31 +150,35 @@ class HttpProtocol(asyncio.Protocol):
                     self._pause_reading()
                     break
                 end = offset + FEED_SLICE
-                self._parse(data if offset == 0 and end >= size else data[offset:end])
+                piece = data if offset == 0 and end >= size else data[offset:end]
                 offset = end
+                in_head = self.phase == _HEAD
+                self._begun_in_read = False
+                try:
+                    self.parser.feed_data(piece)
+                except httptools.HttpParserUpgrade:
+                    self.input_closed = True  # answered; no other protocol is spoken here
+                except httptools.HttpParserError as exc:
+                    if not self.input_closed:
+                        error = HttpError(400, f"malformed request: {_reason(exc)}")
+                        self._refuse_current(error, parsed=False)
+                if in_head and self.phase == _HEAD and not self._begun_in_read:
+                    self._head_spans_reads(len(piece))
         finally:
             self._feeding = False
             self._flush()
             self.writes = None
-        self._after_write()
+        if self.input_closed:
+            self._after_write()
 
-    def _parse(self, data: bytes) -> None:
-        in_head = self.phase == _HEAD
-        self._begun_in_read = False
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.input_closed = True  # the request was answered; no other protocol is spoken
-        except httptools.HttpParserError as exc:
-            if not self.input_closed:
-                error = HttpError(400, f"malformed request: {_reason(exc)}")
-                self._refuse_current(error, parsed=False)
-        if in_head and self.phase == _HEAD and not self._begun_in_read and not self.input_closed:
-            # A head that spans reads: httptools holds its unfinished header itself,
-            # so the reads are what bounds it.
-            self.head_read += len(data)
-            if self.head_read > self.limits.max_header_bytes:
-                self._head_too_large()
+    def _head_spans_reads(self, size: int) -> None:
+        """A head that spans reads: httptools holds its unfinished header itself, so
+        the reads are what bounds it."""
+        if self.input_closed:
+            return
+        self.head_read += size
+        if self.head_read > self.limits.max_header_bytes:
+            self._head_too_large()
 
     def eof_received(self) -> bool | None:
         if self.lingering:
@@ -209,34 +215,47 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.checked = []
-        self.body = []
-        self.body_size = 0
-        self.request = None
+        self.host = False
+        self.request_id = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.limits.max_header_bytes:
+            self._head_too_large()
+            raise _Stop
         name = name.lower()
         value = value.strip(b" \t")
         self.headers.append((name, value))
         if name in _CHECKED:
-            self.checked.append((name, value))
+            if name == b"host":
+                self.host = True
+            elif name == b"x-request-id":
+                self.request_id = value
+            else:
+                self.checked.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         path, _, query = self.url.partition(b"?")
+        if b"#" in path:
+            path = path.partition(b"#")[0]
         request = self.request = Request(
-            parser.get_method().decode("ascii", "replace"), path.partition(b"#")[0], query,
-            self.headers, keep_alive=parser.should_keep_alive(), started=time.perf_counter(),
+            parser.get_method().decode("ascii", "replace"), path, query, self.headers, b"",
+            parser.should_keep_alive(), perf_counter(),
         )  # fmt: skip
-        request.version = parser.get_http_version()
+        request.version = version = parser.get_http_version()
+        request.given_id = self.request_id
         self.phase = _BODY
         self.phase_since = self.connections.now
-        refusal = self._refusal(request)
-        if refusal is not None:
+        self.body = []
+        self.body_size = 0
+        if (version != "1.1" or not self.host or self.checked) and (
+            refusal := self._refusal(request)
+        ):
             self._refuse_current(refusal)
             raise _Stop
         if self.checked and (b"expect", b"100-continue") in self.checked:
@@ -343,7 +362,7 @@ class HttpProtocol(asyncio.Protocol):
     def _refusal(self, request: Request) -> HttpError | None:
         """What the connection itself refuses about a request whose head has arrived."""
         checked = dict(self.checked)
-        if request.version == "1.1" and b"host" not in checked:
+        if request.version == "1.1" and not self.host:
             return HttpError(400, "an HTTP/1.1 request must have a Host header")
         if len(checked) < len(self.checked) and self._repeated(b"authorization"):
             return HttpError(400, "more than one Authorization header")
@@ -389,8 +408,7 @@ class HttpProtocol(asyncio.Protocol):
         path = self.url.partition(b"?")[0] or b"/"
         # The parser's method is only known once the URL began (before, it reads as DELETE).
         method = self.parser.get_method().decode("ascii", "replace") if self.url else "other"
-        return Request(method, path, b"", self.headers, keep_alive=False,
-                       started=time.perf_counter())  # fmt: skip
+        return Request(method, path, b"", self.headers, b"", False, perf_counter())
 
     # -- for Connections ---------------------------------------------------------------
 
