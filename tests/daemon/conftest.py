@@ -6,82 +6,14 @@
   their own channel (``channel`` gives each test a fresh channel id);
 * ``redis`` is a redis-server that the test itself starts and may stop.
 
-Every daemon is stopped after its test (SIGTERM, SIGKILL past a timeout), and a
-test fails when its daemon logged a crash (``request_crashed`` or a Traceback)
-or did not exit in time.
+They are defined in daemon_fixtures.py, which tests/http shares.
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from daemon_fixtures import channel, daemon, module_daemon_fixture, redis, start_daemon
+from daemon_harness import MODULE_MAX_BODY
 
-import pytest
-from daemon_harness import IN_CI, JSON_CONTAINERS, MODULE_MAX_BODY, DaemonProcess, RedisServer
+__all__ = ["channel", "daemon", "module_daemon", "redis", "start_daemon"]
 
-StartDaemon = Callable[..., DaemonProcess]
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
-    """Start a daemon of this test's own: ``start_daemon(config, args=..., env=..., token=...)``."""
-    started: list[DaemonProcess] = []
-
-    def start(config: list[dict[str, Any]] | None = None, *, workdir: Path | None = None,
-              **options: Any) -> DaemonProcess:  # fmt: skip
-        folder = workdir or tmp_path / f"daemon{len(started)}"
-        if config is None and "config_path" not in options:
-            config = JSON_CONTAINERS
-        daemon = DaemonProcess(folder, config, **options)
-        started.append(daemon)
-        return daemon.start()
-
-    yield start
-    problems = [f"{d.workdir}: {problem}" for d in started for problem in d.close()]
-    if problems:
-        pytest.fail("a daemon crashed or hung:\n" + "\n".join(problems))
-
-
-@pytest.fixture(scope="module")
-def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    folder = tmp_path_factory.mktemp("daemon")
-    daemon = DaemonProcess(folder, JSON_CONTAINERS, args=["--max-body-bytes", str(MODULE_MAX_BODY)])
-    daemon.start()
-    yield daemon
-    problems = daemon.close()
-    if problems:
-        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
-
-
-@pytest.fixture
-def daemon(module_daemon: DaemonProcess) -> Iterator[DaemonProcess]:
-    """The module's shared daemon; the test fails if it logs a crash meanwhile."""
-    if not module_daemon.running:
-        module_daemon.start(same_port=True)
-    mark = module_daemon.log_size()
-    yield module_daemon
-    crashes = module_daemon.crashes(since=mark)
-    if crashes:
-        pytest.fail("the daemon logged a crash:\n" + "\n".join(crashes))
-
-
-@pytest.fixture
-def channel() -> str:
-    """A channel id no other test uses."""
-    return f"ch-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, which the test may stop and start again."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
+module_daemon = module_daemon_fixture("daemon", MODULE_MAX_BODY)

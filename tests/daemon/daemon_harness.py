@@ -172,8 +172,9 @@ class DaemonProcess:
                 self._reconnect()
                 return self
             new_log = self.log_text()[log_start:]
-            if "cannot listen" in new_log and attempt < 4 and not same_port:
-                continue  # another process took the free port first: try another one
+            if "cannot listen" in new_log and attempt < 4:
+                same_port = False  # another process took the port first: try another one
+                continue
             raise RuntimeError(f"chanstore serve did not start; its log:\n{new_log}")
         raise AssertionError("unreachable")
 
