@@ -100,3 +100,19 @@ def test_a_new_backend_that_does_not_answer_is_reported(
         await engine.close()
 
     run(main)
+
+
+def test_every_integrity_counter_a_backend_can_meet_exists_at_zero(
+    make_engine: Callable[..., Engine], metrics: Metrics
+) -> None:
+    """So that a rate over them sees a container's first problem (a counter born at 1
+    has no increase to show)."""
+
+    async def main() -> None:
+        engine = make_engine()
+        await engine.close()
+
+    run(main)
+    for kind in ("corrupt_value", "journal_damaged", "planted_link"):
+        labels = {"container": "stats", "kind": kind}
+        assert metrics.registry.get_sample_value("chanstore_integrity_problems_total", labels) == 0

@@ -58,6 +58,10 @@ class DatabaseInterface(ABC):
     #: :mod:`chanstore.config` checks db_config entries against it: any other
     #: setting makes an entry invalid (see :meth:`check_settings`).
     SETTINGS: ClassVar[Mapping[str, tuple[type, ...]]] = {}
+    #: The kinds of integrity problem this backend can meet (``corrupt_value``: a
+    #: stored value that cannot be decoded, any backend), so that their counters
+    #: exist at 0 from the start and a rate over them sees the first problem.
+    INTEGRITY_KINDS: ClassVar[tuple[str, ...]] = ("corrupt_value",)
     #: Whether :meth:`set_many_together_async` stores on the running event loop
     #: (an asyncio client) rather than on a worker thread: a caller on a busy
     #: loop may then call it directly instead of handing the batch to a thread.

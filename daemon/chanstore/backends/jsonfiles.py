@@ -98,6 +98,7 @@ class JSONDatabase(DatabaseInterface):
 
     engine_name = "json"
     SETTINGS = {"root_dir": (str,), "fsync": (bool,)}
+    INTEGRITY_KINDS = ("corrupt_value", "journal_damaged", "planted_link")
 
     def __init__(self, domain: str = "", root_dir: str = "", fsync: bool = True, **kwargs: Any):
         super().__init__(domain, **kwargs)

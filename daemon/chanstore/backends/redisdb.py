@@ -68,6 +68,7 @@ class RedisDatabase(DatabaseInterface):
     """
 
     engine_name = "redis"
+    INTEGRITY_KINDS = ("corrupt_value", "data_lost")
     #: What integrity_problems() saw; made by its first call (only a readiness probe
     #: asks, so the thousands of backends of channels in memory carry nothing of it).
     _marker: _Marker | None = None

@@ -62,6 +62,8 @@ class ContainerRuntime:
         self.settings = settings
         self.metrics = metrics
         self.lanes = WriteLanes(spec.name, settings.write_lanes, settings.backend_timeout)
+        for kind in spec.engine.INTEGRITY_KINDS:  # every counter exists, at 0, from the start
+            metrics.integrity_problems.labels(spec.name, kind)
         self.executor = ThreadPoolExecutor(READ_THREADS, f"chanstore-{spec.name}")
         #: The backend's last report of lost data, while it keeps the container not ready.
         self.data_lost: BackendError | None = None
