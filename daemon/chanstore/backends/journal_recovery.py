@@ -54,10 +54,10 @@ def recover(root: Root, journal: int, size: int) -> int:
     0 for an empty or reset journal. Raises the ``OSError`` of a replay
     that failed (a full disk): the journal stays as it is for the next try.
     """
-    data = _read_all(journal, size) if size else b""
-    used = len(data.rstrip(b"\0"))
+    used = _used_size(journal, size)
     if not used:
-        return 0
+        return 0  # a reset journal: its zeros are not read into memory at all
+    data = _read_all(journal, used)
     found = scan(data)
     planted = _replay(root, found.records) if found.records else []
     if found.records:
@@ -153,6 +153,27 @@ def _report_damage(root: Root, found: Scan, kept: str) -> None:
               bytes_lost=found.lost_bytes, stretches=stretches[:100],
               replayed=len(found.records), kept=kept, summary=message)  # fmt: skip
     problems.add(root.path, IntegrityProblem(kind="journal_damaged", message=message))
+
+
+#: Bytes read at a time while looking for the end of a journal's records.
+_SCAN_CHUNK = 64 * 1024
+
+
+def _used_size(fd: int, size: int) -> int:
+    """Where the last byte of the journal that is not zero ends, read from its end a
+    slice at a time. A journal is preallocated in zeros and reset to zeros, so the
+    usual answer is 0; reading megabytes of zeros whole at every reopen kept the
+    daemon's memory up (glibc's threshold for giving large blocks back grows with
+    the largest one freed)."""
+    end = size
+    while end > 0:
+        start = max(0, end - _SCAN_CHUNK)
+        chunk = os.pread(fd, end - start, start)
+        stripped = len(chunk.rstrip(b"\0"))
+        if stripped:
+            return start + stripped
+        end = start
+    return 0
 
 
 def _read_all(fd: int, size: int) -> bytes:
