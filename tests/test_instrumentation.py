@@ -25,6 +25,7 @@ from chanstore.errors import (
 )
 from chanstore.instrumentation import OPERATIONS, TOGETHER, Failure, attach, instrument
 from chanstore.metrics import BACKEND_BUCKETS
+from chanstore.versions import Change
 from support import DictDatabase
 
 
@@ -98,10 +99,11 @@ def test_every_operation_is_measured(metrics):
     backend.load_all()
     backend.delete_many(["b"])
     backend.delete_key("a")
+    backend.apply_if(Change(sets={"c": 3}, expect={"c": None}))
     counts = {op: duration_count(metrics, "dictdb", op) for op, _ in OPERATIONS.values()}
     assert counts == {
         "get": 2, "set": 1, "delete": 1, "all_keys": 1,
-        "get_many": 1, "load_all": 1, "set_many": 1, "delete_many": 1,
+        "get_many": 1, "load_all": 1, "set_many": 1, "delete_many": 1, "apply_if": 1,
     }  # fmt: skip
     assert error_samples(metrics) == {}
 

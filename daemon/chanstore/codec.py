@@ -269,14 +269,19 @@ def encode(value: Any, *, indent: int | None = None) -> str:
         raise UnstorableValue(f"the value cannot be stored as JSON: {exc}") from exc
 
 
-def decode(text: str | bytes) -> Any:
+def decode(text: str | bytes, *, revive: bool = True) -> Any:
     """The value that :func:`encode` (or the original SDK) wrote as ``text``.
 
-    Raises :class:`ValueError` when ``text`` is not JSON (``json.JSONDecodeError``)
-    or holds a registered type's mark whose value does not fit that type.
+    With ``revive=False``, the stored document itself, as a :class:`Document`
+    (type marks left as they are), for callers that carry values in their
+    stored form. Raises :class:`ValueError` when ``text`` is not JSON
+    (``json.JSONDecodeError``) or holds a registered type's mark whose value
+    does not fit that type.
     """
     if isinstance(text, bytes | bytearray):
         text = text.decode("utf-8")  # a UnicodeDecodeError is a ValueError too
+    if not revive:
+        return Document(_PLAIN_DECODER.decode(text))
     # One decoder for every call: json.loads with a hook builds a new one each time.
     return _DECODER.decode(text)
 
@@ -328,3 +333,4 @@ def revive(obj: dict[str, Any]) -> Any:
 
 
 _DECODER = json.JSONDecoder(object_hook=revive)
+_PLAIN_DECODER = json.JSONDecoder()

@@ -20,6 +20,7 @@ __all__ = [
     "CorruptValue",
     "IntegrityProblem",
     "InvalidKey",
+    "PreconditionFailed",
     "UnknownEngine",
     "UnstorableValue",
     "WriteRefused",
@@ -112,6 +113,23 @@ class BulkWriteError(BackendError):
         super().__init__(message)
         self.done = done
         self.kind = error_kind(cause)
+
+
+class PreconditionFailed(ChanstoreError):
+    """A conditional write found a key not as expected, and changed nothing.
+
+    ``conflicts`` maps each key whose expectation failed to its current ETag,
+    or to None when it is absent. It is an answer, not a failure: it is not
+    counted as a backend error.
+    """
+
+    kind = "precondition_failed"
+
+    def __init__(self, conflicts: dict[str, str | None]) -> None:
+        shown = ", ".join(repr(key[:100]) for key in list(conflicts)[:5])
+        more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+        super().__init__(f"precondition failed for {shown}{more}: nothing was changed")
+        self.conflicts = conflicts
 
 
 _ERRNO_KINDS = {

@@ -32,7 +32,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from chanstore import logs
-from chanstore.errors import BackendError, ChanstoreError, CorruptValue, error_kind
+from chanstore.errors import (
+    BackendError,
+    ChanstoreError,
+    CorruptValue,
+    PreconditionFailed,
+    error_kind,
+)
 from chanstore.metrics import Metrics, default_metrics
 
 __all__ = [
@@ -59,6 +65,7 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "load_all": ("load_all", "bulk_read"),
     "set_many": ("set_many", "bulk_write"),
     "delete_many": ("delete_many", "bulk_write"),
+    "apply_if": ("apply_if", "bulk_write"),
 }
 
 # Class methods that store the items of several backend instances in one call
@@ -66,6 +73,8 @@ OPERATIONS: dict[str, tuple[str, str]] = {
 TOGETHER: dict[str, str] = {
     "set_many_together": "set_many",
     "set_many_together_async": "set_many",
+    "apply_if_together": "apply_if",
+    "apply_if_together_async": "apply_if",
 }
 
 
@@ -316,7 +325,7 @@ def _record_parts(
         if debug:
             probe.log.debug("backend_operation", operation=operation, key=_subject((items,)),
                             duration=elapsed)  # fmt: skip
-        if error is None or not isinstance(error, Exception):
+        if error is None or not isinstance(error, Exception) or _an_answer(error):
             answers.append(error)
         else:
             answers.append(_raised_as_backend_error(probe, operation, error))
@@ -413,8 +422,15 @@ def _finish_bulk_read(probe: Probe, operation: str, result: Any, args: tuple[Any
 
 def _finish_bulk_write(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(result, _Raised):
+        if _an_answer(result.exc):
+            raise result.exc
         raise _raised_as_backend_error(probe, operation, result.exc)
     return result
+
+
+def _an_answer(exc: BaseException) -> bool:
+    """A conditional write's failed expectation: the backend answered, it did not fail."""
+    return isinstance(exc, PreconditionFailed)
 
 
 def _raised_as_backend_error(probe: Probe, operation: str, exc: Exception) -> Exception:

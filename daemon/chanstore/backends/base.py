@@ -26,7 +26,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from chanstore.errors import BackendError, BulkWriteError, CorruptValue, IntegrityProblem
+from chanstore.errors import (
+    BackendError,
+    BulkWriteError,
+    CorruptValue,
+    IntegrityProblem,
+    PreconditionFailed,
+)
+from chanstore.history import ChangeHistory
 from chanstore.instrumentation import (
     NOT_FOUND,
     OPERATIONS,
@@ -36,6 +43,7 @@ from chanstore.instrumentation import (
     instrument,
     instrument_together,
 )
+from chanstore.versions import Change, conflicts, etags_of
 
 __all__ = ["COMPATIBLE_SETTING", "DatabaseInterface"]
 
@@ -66,6 +74,20 @@ class DatabaseInterface(ABC):
     #: (an asyncio client) rather than on a worker thread: a caller on a busy
     #: loop may then call it directly instead of handing the batch to a thread.
     stores_on_loop: ClassVar[bool] = False
+    #: Whether :meth:`apply_if` checks and applies in one atomic step on the backend
+    #: itself, so that a condition holds against every writer (Redis: one script).
+    #: When False, conditions hold only if the caller orders every write to the
+    #: domain itself, as the daemon's write lanes do for the json root it owns.
+    checks_conditions: ClassVar[bool] = False
+    #: Whether stored values are revived into Python objects (sets, tuples,
+    #: registered dataclasses) or read as :class:`~chanstore.codec.Document`\ s
+    #: of their stored JSON. The daemon, which carries values in their stored
+    #: form, turns it off, so that what it answers is what is stored, byte for
+    #: byte the same on every daemon.
+    revive_values: bool = True
+    #: How many recent changes per domain a backend that keeps a change history
+    #: (see :meth:`change_history`) holds; the daemon sets it (``--event-history``).
+    history_length: int = 1000
 
     def __init__(self, domain: str = "", **settings: Any) -> None:
         self.domain = domain
@@ -139,6 +161,53 @@ class DatabaseInterface(ABC):
                 raise BulkWriteError(str(message), done=deleted, cause=_cause_of(message))
         return deleted
 
+    # -- conditional changes -------------------------------------------------
+
+    def apply_if(self, change: Change) -> list[str]:
+        """Make every change of ``change`` if each key meets its expectation, else none.
+
+        Returns the deleted keys that existed. Raises
+        :class:`~chanstore.errors.PreconditionFailed` naming the keys that
+        failed, with their current ETags, and changes nothing then.
+
+        This default reads the expected keys' versions, then stores: it is
+        atomic only if nothing else writes the domain meanwhile (see
+        :attr:`checks_conditions`). A backend shared by several writers
+        overrides it with one atomic step of its own.
+        """
+        if change.expect:
+            current = etags_of(call_unmeasured(self, "get_many", list(change.expect)))
+            failed = conflicts(change.expect, current)
+            if failed:
+                raise PreconditionFailed(failed)
+        if change.sets:
+            call_unmeasured(self, "set_many", change.sets)
+        if change.deletes:
+            return call_unmeasured(self, "delete_many", change.deletes)
+        return []
+
+    @classmethod
+    def apply_if_together(
+        cls, parts: Sequence[tuple[DatabaseInterface, Change]]
+    ) -> list[list[str] | BaseException]:
+        """:meth:`apply_if` of each ``(backend, change)`` part: each part's deleted keys
+        that existed, or its error (a :class:`~chanstore.errors.PreconditionFailed`
+        for a failed expectation). Parts are independent of each other."""
+        answers: list[list[str] | BaseException] = []
+        for backend, change in parts:
+            try:
+                answers.append(call_unmeasured(backend, "apply_if", change))
+            except Exception as exc:  # noqa: BLE001 - that part's answer; the others go on
+                answers.append(exc)
+        return answers
+
+    @classmethod
+    async def apply_if_together_async(
+        cls, parts: Sequence[tuple[DatabaseInterface, Change]]
+    ) -> list[list[str] | BaseException]:
+        """:meth:`apply_if_together` for a caller on an event loop (see :attr:`stores_on_loop`)."""
+        return await asyncio.to_thread(call_unmeasured, cls, "apply_if_together", parts)
+
     # -- several domains at once ---------------------------------------------
 
     @property
@@ -183,6 +252,18 @@ class DatabaseInterface(ABC):
         :attr:`stores_on_loop`.
         """
         return await asyncio.to_thread(call_unmeasured, cls, "set_many_together", parts)
+
+    # -- history -------------------------------------------------------------
+
+    def change_history(self) -> ChangeHistory | None:
+        """This domain's change history, when the backend keeps one itself, or None.
+
+        A backend shared by several processes records each change in the same
+        atomic step as the value (see :mod:`chanstore.history`), so that the
+        daemon's change feed works across daemons and restarts. None (this
+        default) means the caller keeps a history itself, if it wants one.
+        """
+        return None
 
     # -- life cycle ----------------------------------------------------------
 

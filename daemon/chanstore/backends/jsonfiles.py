@@ -404,15 +404,17 @@ class JSONDatabase(DatabaseInterface):
         except FileNotFoundError:
             raise KeyError(key) from None
         try:
-            value = codec.decode(data)
+            value = codec.decode(data, revive=self.revive_values)
         except (ValueError, TypeError) as exc:
             path = os.path.join(self._where, name)
             raise CorruptValue(f"{path} does not hold a readable value: {exc}") from exc
         if _is_hashed(name[: -len(SUFFIX)]):
-            if not isinstance(value, dict) or value.get(LONG_KEY_FIELD) != key:
+            document = value.doc if isinstance(value, codec.Document) else value
+            if not isinstance(document, dict) or document.get(LONG_KEY_FIELD) != key:
                 path = os.path.join(self._where, name)
                 raise CorruptValue(f"{path} does not hold the value of key {key[:80]!r}")
-            return value[LONG_VALUE_FIELD]
+            inner = document[LONG_VALUE_FIELD]
+            return codec.Document(inner) if isinstance(value, codec.Document) else inner
         return value
 
     def _encode_file(self, key: str, value: Any, name: str) -> bytes:

@@ -290,7 +290,7 @@ class RedisDatabase(DatabaseInterface):
 
     def _decode(self, key: str, data: bytes) -> Any:
         try:
-            return codec.decode(data)
+            return codec.decode(data, revive=self.revive_values)
         except (ValueError, TypeError) as exc:
             raise CorruptValue(
                 f"Redis hash {self.hash_name.decode()!r} field {key!r} is not a readable "
