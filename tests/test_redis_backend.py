@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import threading
 
 import pytest
 
-from chanstore import CachedDict, MoobiusStorage
-from chanstore.backends.redisdb import RedisDatabase
-from chanstore.errors import BackendUnavailable, CorruptValue, WriteRefused
+from chanstore import CachedDict, MoobiusStorage, codec
+from chanstore.backends.redisdb import WRITE_SCRIPT, RedisDatabase
+from chanstore.errors import BackendUnavailable, CorruptValue, PreconditionFailed, WriteRefused
+from chanstore.versions import ANY, UNREADABLE, Change, etag_of, etag_of_stored
 from support import Point, RedisServer, free_port
 
 # Commands a client sends to set up a connection, and those these tests send to look.
@@ -47,7 +50,11 @@ def test_one_hash_per_domain_with_compact_json(db, redis_server):
     db.set_value("HP", {"alice": 100})
     db.set_value("p", Point(1, 2))
     client = redis_server.client()
-    assert client.keys("*") == [b"chanstore:svc.chan.box"]
+    # The hash holds the data; the stream beside it, the domain's recent changes.
+    assert sorted(client.keys("*")) == [b"chanstore:-events:svc.chan.box",
+                                        b"chanstore:svc.chan.box"]  # fmt: skip
+    assert client.type("chanstore:svc.chan.box") == b"hash"
+    assert client.type("chanstore:-events:svc.chan.box") == b"stream"
     stored = client.hgetall("chanstore:svc.chan.box")
     assert stored[b"HP"] == b'{"alice":100}'
     assert json.loads(stored[b"p"]) == {
@@ -102,13 +109,14 @@ def test_bulk_operations_take_a_constant_number_of_commands(db, redis_server, si
     db.check_available()
     reset_commands(redis_server)
     db.set_many(dict.fromkeys(keys, 1))
-    assert commands(redis_server) == {"hset": 1}
+    # One script call (one round trip); what it runs inside is counted too.
+    assert commands(redis_server) == {"evalsha": 1, "hset": size, "xadd": size}
     reset_commands(redis_server)
     assert len(db.get_many(keys)) == size
     assert commands(redis_server) == {"hmget": 1}
     reset_commands(redis_server)
     assert len(db.delete_many(keys)) == size
-    assert commands(redis_server) == {"multi": 1, "hmget": 1, "hdel": 1, "exec": 1}
+    assert commands(redis_server) == {"evalsha": 1, "hdel": size, "xadd": size}
 
 
 def test_storage_with_a_redis_container_loads_in_one_round_trip(redis_settings, redis_server):
@@ -333,7 +341,8 @@ def test_domains_stored_together_take_one_round_trip(redis_settings, redis_serve
     errors = store_together(parts, flavour)
     assert errors[0] is None and errors[2] is None
     assert errors[1] is not None and "object" in str(errors[1])  # unstorable: that part only
-    assert commands(redis_server) == {"hset": 2}  # one pipeline, nothing of the failed part
+    # One pipeline of one script call per domain, nothing of the failed part.
+    assert commands(redis_server) == {"evalsha": 2, "hset": 3, "xadd": 3}
     assert stored(redis_settings, "together.0") == {"a": 1, "b": [2]}
     assert stored(redis_settings, "together.1") == {}
     assert stored(redis_settings, "together.2") == {"d": {"e": None}}
@@ -414,7 +423,8 @@ def test_no_marker_traffic_on_reads_and_writes(redis_settings, redis_server):
     assert backend.get_value("k") == (True, 1)
     backend.set_many({"a": 1})
     assert backend.load_all() == {"k": 1, "a": 1}
-    assert commands(redis_server) == {"hset": 2, "hget": 1, "hgetall": 1}
+    assert commands(redis_server) == {"evalsha": 2, "hset": 2, "xadd": 2, "hget": 1,
+                                      "hgetall": 1}  # fmt: skip
     reset_commands(redis_server)
     assert kinds(backend) == []
     assert commands(redis_server) == {"set": 1, "get": 1}  # and INFO: one round trip
@@ -466,3 +476,257 @@ def test_an_unreachable_redis_is_unavailable_not_data_lost():
     with pytest.raises(BackendUnavailable, match="unreachable"):
         backend.integrity_problems()
     backend.close()
+
+
+# -- versions and conditional writes ---------------------------------------------------
+
+WRITE_SHA = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
+HASH = "chanstore:svc.chan.box"
+STREAM = "chanstore:-events:svc.chan.box"
+
+
+def snapshot(server):
+    """The domain's hash and the length of its history: what a failed write must not change."""
+    client = server.client()
+    try:
+        return client.hgetall(HASH), client.xlen(STREAM)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("value", [1, "text", {"a": [1, 2.5, None]}, {1, 2}, (3, "x"),
+                                   Point(1, 2), {"ü": "ß\u2603"}, [], None])  # fmt: skip
+def test_the_etag_of_a_stored_value_is_versions_etag_of(db, redis_server, value):
+    db.set_value("k", value)
+    stored = redis_server.client().hget(HASH, "k")
+    assert etag_of_stored(stored) == etag_of(value)
+    ((_id, entry),) = redis_server.client().xrange(STREAM)
+    assert entry[b"etag"].decode() == etag_of(value)
+    assert entry[b"value"] == stored
+
+
+def test_apply_if_stores_when_every_expectation_holds(db, redis_server):
+    db.set_many({"a": 1, "b": [2]})
+    change = Change(sets={"a": 10, "new": "n"}, deletes=["b", "never"],
+                    expect={"a": etag_of(1), "b": ANY, "new": None})  # fmt: skip
+    assert db.apply_if(change) == ["b"]  # the deleted keys that existed
+    assert db.load_all() == {"a": 10, "new": "n"}
+
+
+@pytest.mark.parametrize(
+    ("expect", "conflicts"),
+    [
+        ({"a": etag_of(2)}, {"a": etag_of(1)}),  # another version
+        ({"absent": etag_of(1)}, {"absent": None}),  # a version of a key that is absent
+        ({"absent": ANY}, {"absent": None}),  # If-Match: * on an absent key
+        ({"a": None}, {"a": etag_of(1)}),  # create-only on a key that exists
+        ({"a": UNREADABLE}, {"a": etag_of(1)}),  # never holds
+        ({"a": ""}, {"a": etag_of(1)}),  # not an ETag: never holds either
+    ],
+)
+def test_a_failed_expectation_changes_nothing(db, redis_server, expect, conflicts):
+    db.set_many({"a": 1, "b": 2})
+    before = snapshot(redis_server)
+    change = Change(sets={"a": 5, "c": 3}, deletes=["b"], expect=expect)
+    with pytest.raises(PreconditionFailed) as failed:
+        db.apply_if(change)
+    assert failed.value.conflicts == conflicts
+    assert snapshot(redis_server) == before  # neither the hash nor its history changed
+
+
+def test_all_or_nothing_over_many_keys(db, redis_server):
+    db.set_many({"x": 1, "y": 1, "z": 1})
+    before = snapshot(redis_server)
+    stale = {"x": etag_of(1), "y": etag_of(0), "z": etag_of(1)}  # y is not at that version
+    with pytest.raises(PreconditionFailed) as failed:
+        db.apply_if(Change(sets={"x": 2, "y": 2, "z": 2}, expect=stale))
+    assert failed.value.conflicts == {"y": etag_of(1)}
+    assert snapshot(redis_server) == before
+    current = {key: etag_of(1) for key in "xyz"}
+    assert db.apply_if(Change(sets={"x": 2, "y": 2, "z": 2}, expect=current)) == []
+    assert db.load_all() == {"x": 2, "y": 2, "z": 2}
+
+
+def test_a_conditional_delete(db, redis_server):
+    db.set_value("k", {"v": 1})
+    with pytest.raises(PreconditionFailed):
+        db.apply_if(Change(deletes=["k"], expect={"k": etag_of({"v": 2})}))
+    assert db.get_value("k") == (True, {"v": 1})
+    assert db.apply_if(Change(deletes=["k"], expect={"k": etag_of({"v": 1})})) == ["k"]
+    assert db.get_value("k")[0] is False
+    with pytest.raises(PreconditionFailed) as failed:
+        db.apply_if(Change(deletes=["k"], expect={"k": ANY}))
+    assert failed.value.conflicts == {"k": None}
+
+
+def test_a_conditional_write_is_one_round_trip(db, redis_server):
+    db.set_value("k", 1)
+    reset_commands(redis_server)
+    db.apply_if(Change(sets={"k": 2}, expect={"k": etag_of(1)}))
+    with pytest.raises(PreconditionFailed):
+        db.apply_if(Change(sets={"k": 3}, expect={"k": etag_of(1)}))
+    assert commands(redis_server) == {"evalsha": 2, "hget": 2, "hset": 1, "xadd": 1}
+
+
+def test_an_expectation_alone_checks_without_changing(db, redis_server):
+    db.set_value("k", 1)
+    assert db.apply_if(Change(expect={"k": etag_of(1)})) == []
+    with pytest.raises(PreconditionFailed):
+        db.apply_if(Change(expect={"k": None}))
+    reset_commands(redis_server)
+    assert db.apply_if(Change()) == []  # nothing to check or change: no round trip
+    assert commands(redis_server) == {}
+
+
+def test_concurrent_increments_through_apply_if_lose_no_update(redis_settings):
+    threads, increments = 8, 40
+    attempts = []
+
+    def increment(backend):
+        tries = 0
+        for _ in range(increments):
+            while True:
+                tries += 1
+                ok, value = backend.get_value("n")
+                assert ok
+                try:
+                    backend.apply_if(Change(sets={"n": value + 1}, expect={"n": etag_of(value)}))
+                    break
+                except PreconditionFailed:
+                    continue
+        attempts.append(tries)
+
+    # One backend object per thread on its own pool, as separate daemons would be.
+    backends = [RedisDatabase(domain="svc.counter",
+                              **{**redis_settings, "socket_timeout": 2.0 + n / 100})
+                for n in range(threads)]  # fmt: skip
+    assert len({backend.client for backend in backends}) == threads
+    backends[0].set_value("n", 0)
+    workers = [threading.Thread(target=increment, args=(b,)) for b in backends]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+    assert backends[0].get_value("n") == (True, threads * increments)
+    assert sum(attempts) >= threads * increments
+    for backend in backends:
+        backend.close()
+
+
+def test_a_foreign_pretty_printed_document_is_replaced_with_its_canonical_etag(db, redis_server):
+    document = {"hp": 100, "tags": ["a", "b"], "name": "ü"}
+    pretty = json.dumps(document, indent=2, ensure_ascii=False).encode()
+    redis_server.client().hset(HASH, "k", pretty)
+    canonical = etag_of(document)
+    assert etag_of_stored(pretty) != canonical  # what a naive check would compare
+    # A conflict reports the canonical ETag, the one a reader computes from the value.
+    with pytest.raises(PreconditionFailed) as failed:
+        db.apply_if(Change(sets={"k": 1}, expect={"k": etag_of({"other": 1})}))
+    assert failed.value.conflicts == {"k": canonical}
+    with pytest.raises(PreconditionFailed) as failed:
+        db.apply_if(Change(sets={"k": 1}, expect={"k": None}))
+    assert failed.value.conflicts == {"k": canonical}
+    assert redis_server.client().hget(HASH, "k") == pretty
+    # The document the caller read (and its ETag) is what is stored: the write goes through.
+    reset_commands(redis_server)
+    assert db.apply_if(Change(sets={"k": {**document, "hp": 90}}, expect={"k": canonical})) == []
+    assert commands(redis_server)["evalsha"] == 2  # the retry expects the foreign bytes
+    assert db.get_value("k") == (True, {**document, "hp": 90})
+    # Once chanstore stored it, the stored bytes are the compact form: one round trip.
+    reset_commands(redis_server)
+    db.apply_if(Change(deletes=["k"], expect={"k": etag_of({**document, "hp": 90})}))
+    assert commands(redis_server)["evalsha"] == 1
+
+
+def test_foreign_bytes_that_are_not_json_are_unreadable_and_never_match(db, redis_server):
+    redis_server.client().hset(HASH, "bad", b"\x80 not json")
+    for expected in (UNREADABLE, etag_of({"some": "document"}), None):
+        with pytest.raises(PreconditionFailed) as failed:
+            db.apply_if(Change(sets={"bad": 1}, expect={"bad": expected}))
+        assert failed.value.conflicts == {"bad": UNREADABLE}
+    assert db.apply_if(Change(sets={"bad": 1}, expect={"bad": ANY})) == []
+    assert db.get_value("bad") == (True, 1)
+
+
+def test_a_foreign_document_changed_again_between_the_tries_is_a_conflict(db, redis_server):
+    """The retry expects the exact bytes seen: a change in between is a conflict, not lost."""
+    document = {"n": 1}
+    redis_server.client().hset(HASH, "k", json.dumps(document, indent=4))
+    # Simulate the change racing in between by expecting the canonical ETag of a document
+    # whose foreign bytes are then replaced (as a second foreign writer would).
+    redis_server.client().hset(HASH, "k", json.dumps({"n": 2}, indent=4))
+    with pytest.raises(PreconditionFailed) as failed:
+        db.apply_if(Change(sets={"k": 3}, expect={"k": etag_of(document)}))
+    assert failed.value.conflicts == {"k": etag_of({"n": 2})}
+
+
+def apply_together(parts, flavour):
+    """RedisDatabase.apply_if_together, or its asyncio twin on a fresh event loop."""
+
+    async def run():
+        return await RedisDatabase.apply_if_together_async(parts)
+
+    if flavour == "async":
+        return asyncio.run(run())
+    return RedisDatabase.apply_if_together(parts)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_conditional_changes_of_many_domains_take_one_round_trip(redis_settings, redis_server,
+                                                                 flavour):  # fmt: skip
+    backends = [RedisDatabase(domain=f"cond.{n}", **redis_settings) for n in range(4)]
+    for backend in backends:
+        backend.set_value("k", 1)
+    parts = [
+        (backends[0], Change(sets={"k": 2}, expect={"k": etag_of(1)})),
+        (backends[1], Change(sets={"k": 2}, expect={"k": etag_of(5)})),  # fails: itself only
+        (backends[2], Change(deletes=["k", "gone"], expect={"k": ANY})),
+        (backends[3], Change(sets={"k": object()})),  # unstorable: nothing of it is sent
+    ]
+    reset_commands(redis_server)
+    answers = apply_together(parts, flavour)
+    assert commands(redis_server)["evalsha"] == 3
+    assert answers[0] == []
+    assert isinstance(answers[1], PreconditionFailed)
+    assert answers[1].conflicts == {"k": etag_of(1)}
+    assert answers[2] == ["k"]
+    assert isinstance(answers[3], Exception) and "object" in str(answers[3])
+    assert [b.load_all() for b in backends] == [{"k": 2}, {"k": 1}, {}, {"k": 1}]
+    for backend in backends:
+        backend.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_flushed_script_cache_is_reloaded_by_the_write(redis_settings, redis_server, flavour,
+                                                         size):  # fmt: skip
+    backends = [RedisDatabase(domain=f"noscript.{n}", **redis_settings) for n in range(size)]
+    backends[0].set_value("warm", 1)  # the script is in Redis's cache now
+    redis_server.client().script_flush()
+    reset_commands(redis_server)
+    parts = [(backend, {"k": n}) for n, backend in enumerate(backends)]
+    errors = store_together(parts, flavour)  # one pipeline (or one call) after the flush
+    assert errors == [None] * size
+    # NOSCRIPT for each call, then the text once per call, which loads the script again.
+    assert commands(redis_server)["evalsha"] == size
+    assert commands(redis_server)["eval"] == size
+    assert [stored(redis_settings, f"noscript.{n}") for n in range(size)] == [
+        {"k": n, **({"warm": 1} if n == 0 else {})} for n in range(size)
+    ]
+    assert redis_server.client().script_exists(WRITE_SHA) == [True]
+    # Conditional writes through a single call recover the same way.
+    again = RedisDatabase(domain="noscript.0", **redis_settings)
+    redis_server.client().script_flush()
+    assert again.apply_if(Change(sets={"k": 9}, expect={"k": etag_of(0)})) == []
+    assert again.get_value("k") == (True, 9)
+    again.close()
+
+
+def test_a_value_written_by_an_earlier_release_loads_and_changes_conditionally(db, redis_server):
+    # What the previous release stored: compact JSON in the hash, and no history at all.
+    redis_server.client().hset(HASH, mapping={"hp": b"100", "p": codec.encode(Point(1, 2))})
+    assert db.load_all() == {"hp": 100, "p": Point(1, 2)}
+    db.apply_if(Change(sets={"hp": 90}, expect={"hp": etag_of(100)}))
+    assert db.get_value("hp") == (True, 90)
+    assert redis_server.client().xlen(STREAM) == 1
