@@ -9,17 +9,31 @@
     chanstore set CHANNEL CONTAINER KEY JSON
     chanstore delete CHANNEL CONTAINER KEY
     chanstore keys CHANNEL CONTAINER     every key, a line each, as its page arrives
+    chanstore watch CHANNEL              every change as it happens, a JSON line each
     chanstore stats                      request rate, errors, p99s, cache, reloads
 
 ``get`` prints and ``set`` takes a value in its stored form, the JSON document
 the daemon holds: a set is ``{"_moobius_type": "builtins.set", "_moobius_val": [...]}``
 both ways, so what ``get`` prints can be given to ``set`` as it is.
+
+``watch`` prints one line per event of the change feed, flushed as it comes::
+
+    {"event": "ready", "id": "...", "container": null, "key": null, "etag": null, "value": null}
+    {"event": "set", "id": "...", "container": "stats", "key": "HP", "etag": "...", "value": 5}
+    {"event": "delete", "id": "...", "container": "stats", "key": "HP", "etag": null, "value": null}
+
+(``value`` in its stored form too). It resumes by itself when the connection
+drops, saying so on stderr, and runs until interrupted (Ctrl-C, or its reader
+going away: exit status 0). ``--since ID`` starts after the event of that id; when
+the daemon no longer holds the events after it, the exit status is 5: read the
+state again, then watch without ``--since``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +47,8 @@ __all__ = ["main"]
 
 #: Exit statuses, as sysexits(3) would have them where one fits.
 OK, FAILED, USAGE, UNREACHABLE, NOT_FOUND = 0, 1, 2, 3, 4
+#: ``watch --since``: the daemon no longer holds the events after that cursor.
+CURSOR_EXPIRED = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +112,15 @@ def _parser() -> argparse.ArgumentParser:
                              help="keys per request (default 1000, at most 10000)")  # fmt: skip
         add_arguments(sub, client_flags)
         sub.set_defaults(command=_data_command, action=name)
+
+    watch = commands.add_parser("watch", help="print a channel's changes as JSON lines")
+    watch.add_argument("channel")
+    watch.add_argument("--containers", metavar="A,B",
+                       help="only the changes of these containers (default: all)")  # fmt: skip
+    watch.add_argument("--since", metavar="CURSOR",
+                       help="start after the event of this id, not now")  # fmt: skip
+    add_arguments(watch, client_flags)
+    watch.set_defaults(command=_watch)
     return parser
 
 
@@ -209,6 +234,53 @@ def _data_command(args: argparse.Namespace) -> int:
         except ClientError as exc:
             print(f"chanstore {args.action}: {exc}", file=sys.stderr)
             return UNREACHABLE if exc.status is None else FAILED
+    return OK
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Print the channel's change feed, a JSON line per event, until interrupted."""
+    from chanstore.client import ClientError, CursorExpired  # noqa: PLC0415
+
+    containers = None
+    if args.containers is not None:
+        containers = [name for name in args.containers.split(",") if name]
+        if not containers:
+            print("chanstore watch: --containers names no container", file=sys.stderr)
+            return USAGE
+    # The client says on its logger when it resumes a stream: show it, on stderr.
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter("chanstore watch: %(message)s"))
+    client_log = logging.getLogger("chanstore.client")
+    client_log.addHandler(notes)
+    client_log.setLevel(logging.INFO)
+    try:
+        with _client(args) as client, client.watch(args.channel, containers,
+                                                   since=args.since) as events:  # fmt: skip
+            for event in events:
+                line = {"event": event.kind, "id": event.cursor, "container": event.container,
+                        "key": event.key, "etag": event.etag, "value": event.document}  # fmt: skip
+                sys.stdout.write(json.dumps(line) + "\n")
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return OK
+    except BrokenPipeError:
+        # The reader went away (``chanstore watch ... | head -3``): stop, quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return OK
+    except ValueError as exc:  # a --since that is no cursor
+        print(f"chanstore watch: {exc}", file=sys.stderr)
+        return USAGE
+    except CursorExpired as exc:
+        print(f"chanstore watch: the daemon no longer holds the events after cursor "
+              f"{exc.cursor!r} ({exc}); read the state again, then watch without --since",
+              file=sys.stderr)  # fmt: skip
+        return CURSOR_EXPIRED
+    except ClientError as exc:
+        print(f"chanstore watch: {exc}", file=sys.stderr)
+        return UNREACHABLE if exc.status is None else FAILED
+    finally:
+        client_log.removeHandler(notes)
     return OK
 
 
