@@ -605,7 +605,7 @@ def test_the_lanes_count_the_keys_a_part_did_store(tmp_path, monkeypatch):
 
     monkeypatch.setattr(journal_module, "replace_with", flaky)
     writes = [(first, "good", 1), (first, "bad", 2), (second, "other", 3)]
-    batch = [SimpleNamespace(backend=backend, key=key, value=value, delete=False)
+    batch = [SimpleNamespace(backend=backend, key=key, value=value, delete=False, condition=None)
              for backend, key, value in writes]  # fmt: skip
     results = apply_batch(batch)
     assert results[0] is True and results[2] is True

@@ -51,6 +51,11 @@ HTTP_BUCKETS = (
 )  # fmt: skip
 
 
+#: Why a change-feed stream ends: the ``reason`` label of chanstore_watchers_ended_total.
+WATCHER_END_REASONS = ("client", "slow_reader", "shutdown", "reload", "evicted",
+                       "backend_unavailable")  # fmt: skip
+
+
 class Metrics:
     """The chanstore metric families, registered on ``registry``."""
 
@@ -156,6 +161,21 @@ class Metrics:
             ["reason"],
             **on,
         )
+        self.watchers = Gauge("chanstore_watchers", "Change-feed streams open now.", **on)
+        self.feed_events_sent = Counter(
+            "chanstore_feed_events_sent_total",
+            "Change-feed events (set, delete) written to watchers' streams.",
+            **on,
+        )
+        self.watchers_ended = Counter(
+            "chanstore_watchers_ended_total",
+            "Change-feed streams that ended, by reason (client, slow_reader: it fell too far "
+            "behind, shutdown, reload, evicted, backend_unavailable).",
+            ["reason"],
+            **on,
+        )
+        for reason in WATCHER_END_REASONS:  # each exists at 0, so a rate sees the first
+            self.watchers_ended.labels(reason)
         self._deferred: list[DeferredRequests] = []
 
     def deferred_requests(self, method: str, route: str, status: str) -> DeferredRequests:

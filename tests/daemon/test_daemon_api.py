@@ -15,6 +15,8 @@ from daemon_harness import (
     segment,
 )
 
+from chanstore.versions import etag_of
+
 ODD_NAMES = [
     "a/b",
     ".",
@@ -79,6 +81,7 @@ def test_bulk_set_get_and_delete(daemon: DaemonProcess, channel: str) -> None:
     assert got.json() == {
         "values": {"HP": 10, "odd/key": {"deep": {"x": None}}},
         "missing": ["absent"],
+        "etags": {"HP": etag_of(10), "odd/key": etag_of({"deep": {"x": None}})},
     }
 
     gone = daemon.http.post(base + "/-/delete", json={"keys": ["HP", "name", "absent"]})

@@ -20,6 +20,7 @@ from chanstore.http import BearerToken, build_api
 from chanstore.http.api import Api
 from chanstore.http.messages import Request, Response
 from chanstore.metrics import Metrics
+from chanstore.versions import etag_of
 
 KEY_ROUTE = "/v1/channels/{channel}/{container}/{key}"
 
@@ -40,7 +41,7 @@ class Harness:
                     "settings": {"root_dir": str(root), "fsync": False}}, *more]  # fmt: skip
         self.engine = Engine(EngineSettings(), load_db_config(entries), metrics)
         self.api: Api = build_api(
-            self.engine.store, BearerToken(token), metrics,
+            self.engine.store, self.engine.feed, BearerToken(token), metrics,
             readiness=self.engine.readiness.check, reload=self._reload,
             containers=lambda: [{"name": "stats"}],
         )  # fmt: skip
@@ -81,7 +82,7 @@ def test_a_put_then_a_get_answered_from_memory_at_once(tmp_path: Path, metrics: 
 
     async def test(h: Harness) -> None:
         put = await h.call("PUT", "/v1/channels/c/stats/hp", b'{"hp": 5}')
-        assert (put.status, body_of(put)) == (200, {"ok": True})
+        assert (put.status, body_of(put)) == (200, {"ok": True, "etag": etag_of({"hp": 5})})
         got = await h.call("GET", "/v1/channels/c/stats/hp")
         assert (got.status, got.body) == (200, b'{"hp":5}')
         assert h.answered_at_once
@@ -191,7 +192,9 @@ def test_listing_pages_follow_next_and_bulk_routes_answer_for_each_key(
         values = {f"k{n:02d}": {"n": n} for n in range(12)}
         stored = await h.call("POST", "/v1/channels/c/stats/-/set",
                               json.dumps({"values": values}).encode())  # fmt: skip
-        assert body_of(stored) == {"stored": list(values)}
+        assert body_of(stored) == {
+            "stored": list(values), "etags": {key: etag_of(value) for key, value in values.items()},
+        }  # fmt: skip
         keys: list[str] = []
         query = "limit=5"
         for _ in range(10):
@@ -203,7 +206,8 @@ def test_listing_pages_follow_next_and_bulk_routes_answer_for_each_key(
         assert keys == sorted(values)
         got = body_of(await h.call("POST", "/v1/channels/c/stats/-/get",
                                    b'{"keys": ["k01", "zz"]}'))  # fmt: skip
-        assert got == {"values": {"k01": {"n": 1}}, "missing": ["zz"]}
+        assert got == {"values": {"k01": {"n": 1}}, "missing": ["zz"],
+                       "etags": {"k01": etag_of({"n": 1})}}  # fmt: skip
         deleted = body_of(await h.call("POST", "/v1/channels/c/stats/-/delete",
                                        b'{"keys": ["k01", "zz"]}'))  # fmt: skip
         assert deleted == {"deleted": ["k01"], "missing": ["zz"]}
@@ -236,6 +240,7 @@ def test_a_damaged_value_answers_500_corrupt_stays_listed_and_can_be_deleted(
                             b'{"keys": ["good", "bad", "none"]}')  # fmt: skip
         assert (bulk.status, body_of(bulk)) == (200, {
             "values": {"good": {"hp": 1}}, "missing": ["none"], "corrupt": ["bad"],
+            "etags": {"good": etag_of({"hp": 1})},
         })  # fmt: skip
         deleted = await h.call("DELETE", "/v1/channels/c/stats/bad")
         assert deleted.status == 200, deleted.body  # it used to be a 404 that left the file
@@ -270,7 +275,7 @@ def test_a_null_container_answers_null_for_every_key_and_lists_nothing(
         listing = body_of(await h.call("GET", "/v1/channels/c/scratch"))
         assert listing == {"keys": [], "next": None}
         bulk = body_of(await h.call("POST", "/v1/channels/c/scratch/-/get", b'{"keys": ["a"]}'))
-        assert bulk == {"values": {"a": None}, "missing": []}
+        assert bulk == {"values": {"a": None}, "missing": [], "etags": {"a": etag_of(None)}}
         assert (await h.call("DELETE", "/v1/channels/c/scratch/hp")).status == 200
 
     run(test, tmp_path, metrics, more=null)

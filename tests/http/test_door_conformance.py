@@ -43,6 +43,8 @@ from door_support import (
     unread_by_server,
 )
 
+from chanstore.versions import etag_of
+
 #: conftest's ``start_daemon`` and ``daemon_with``.
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -579,7 +581,11 @@ def test_many_pipelined_requests_are_answered_in_order(daemon: DaemonProcess, ch
             (200, b"%d" % n),
             (200, b""),
             (404, None),
-            (200, b'{"values":{"k%d":%d},"missing":[]}' % (n, n)),
+            (
+                200,
+                b'{"values":{"k%d":%d},"missing":[],"etags":{"k%d":"%s"}}'
+                % (n, n, n, etag_of(n).encode()),
+            ),
             (200, None),
             (404, None),
             (200, None),
@@ -958,7 +964,8 @@ def test_bulk_and_operations_routes_answer(daemon: DaemonProcess, channel: str) 
     stored_ = http.post(base + "/-/set", json={"values": {"a": 1, "b": [2]}})
     assert (stored_.status_code, sorted(stored_.json()["stored"])) == (200, ["a", "b"])
     got = http.post(base + "/-/get", json={"keys": ["a", "b", "c"]})
-    assert got.json() == {"values": {"a": 1, "b": [2]}, "missing": ["c"]}
+    assert got.json() == {"values": {"a": 1, "b": [2]}, "missing": ["c"],
+                          "etags": {"a": etag_of(1), "b": etag_of([2])}}  # fmt: skip
     gone = http.post(base + "/-/delete", json={"keys": ["a", "c"]})
     assert gone.json() == {"deleted": ["a"], "missing": ["c"]}
     assert http.get("/metrics").text.count("chanstore_http_requests_total") > 0

@@ -21,6 +21,7 @@ import pytest
 from load_helpers import DaemonProcess, daemon_running, json_entry, key_path
 
 from chanstore.client import DamagedValueError
+from chanstore.versions import etag_of
 
 CHANNEL = "ch-torn"
 CONFIG = [
@@ -73,8 +74,9 @@ def test_a_torn_value_is_an_error_that_stays_listed_and_can_be_deleted(
         bulk = daemon.http.post(key_path(CHANNEL, container) + "/-/get",
                                 json={"keys": ["good", "bad", "absent"]})  # fmt: skip
         assert bulk.status_code == 200
-        assert bulk.json() == {"values": {"good": {"hp": 10, "name": "good"}},
-                               "missing": ["absent"], "corrupt": ["bad"]}  # fmt: skip
+        good = {"hp": 10, "name": "good"}
+        assert bulk.json() == {"values": {"good": good}, "missing": ["absent"],
+                               "corrupt": ["bad"], "etags": {"good": etag_of(good)}}  # fmt: skip
 
         # The clients say so too: never a KeyError, never a shorter dict without a word.
         with daemon.client() as client:
@@ -122,7 +124,8 @@ def test_a_null_container_reads_every_key_as_null_and_keeps_nothing(tmp_path: Pa
         assert (got.status_code, got.content) == (200, b"null")
         assert daemon.keys(CHANNEL, "scratch") == []
         bulk = daemon.http.post(key_path(CHANNEL, "scratch") + "/-/get", json={"keys": ["hp"]})
-        assert bulk.json() == {"values": {"hp": None}, "missing": []}
+        expected = {"values": {"hp": None}, "missing": [], "etags": {"hp": etag_of(None)}}
+        assert bulk.json() == expected
         assert daemon.http.delete(key_path(CHANNEL, "scratch", "hp")).status_code == 200
         assert daemon.data_files() == {}
 

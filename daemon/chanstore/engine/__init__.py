@@ -1,4 +1,4 @@
-"""The daemon's storage side: live channels, write lanes, reconfiguration, readiness.
+"""The daemon's storage side: live channels, write lanes, change feed, reconfiguration, readiness.
 
 It knows nothing of HTTP. :class:`Engine` puts the parts together for one
 db_config; the HTTP layer reads and writes through :attr:`Engine.store`, and
@@ -14,20 +14,25 @@ from chanstore.config import DbConfig
 from chanstore.engine.channels import ChannelTable
 from chanstore.engine.containers import ContainerRuntime, Containers
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
+from chanstore.engine.feed import Feed, TooManyWatchers, Watcher
 from chanstore.engine.readiness import Readiness
 from chanstore.engine.reconfigure import Changes, Reconfiguration
 from chanstore.engine.settings import EngineSettings
-from chanstore.engine.store import ABSENT, Store
+from chanstore.engine.store import ABSENT, NO_EXPECTATION, Store
 from chanstore.metrics import Metrics
 
 __all__ = [
     "ABSENT",
+    "NO_EXPECTATION",
     "BackendTimeout",
     "Changes",
     "Engine",
     "EngineSettings",
+    "Feed",
     "Store",
+    "TooManyWatchers",
     "UnknownContainer",
+    "Watcher",
 ]
 
 
@@ -42,6 +47,7 @@ class Engine:
         )
         self.channels = ChannelTable(settings, self.containers, metrics)
         self.store = Store(self.channels, self.containers)
+        self.feed = Feed(settings, self.channels, self.containers, metrics)
         self.readiness = Readiness(self.containers, metrics)
         self._reconfiguration = Reconfiguration(config, self.containers, self.channels,
                                                 settings, metrics)  # fmt: skip
@@ -69,7 +75,8 @@ class Engine:
         return self.channels.sweep_idle()
 
     async def close(self) -> None:
-        """Finish every queued write, then close every backend."""
+        """End every change-feed stream, finish every queued write, then close every backend."""
+        await self.feed.close()
         await asyncio.gather(*(runtime.close() for runtime in self.containers))
         await self._reconfiguration.finish()
         self.channels.evict_all()

@@ -10,6 +10,14 @@ backend's deletes go in one ``delete_many``. The calls of one run go out at
 the same time on the fan-out threads, so a run costs about one round trip or
 one disk flush rather than one per channel.
 
+Conditional writes (one :class:`~chanstore.engine.lanes.Condition` shared by
+the writes made together) stay whole within one run. A backend that checks
+conditions itself (Redis: one script) gets them through
+``apply_if_together``; for any other backend their expectations are read
+here, just before the run is stored, and the writes that pass join the run's
+other writes: the lanes order every write of a domain, so nothing can change
+in between, and conditional writes share the run's one flush.
+
 Each write's result is True (stored; for a delete: the key existed), False (a
 delete of an absent key), or the error it met.
 """
@@ -18,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from chanstore.backends.base import DatabaseInterface
-from chanstore.errors import BulkWriteError
+from chanstore.errors import BulkWriteError, PreconditionFailed
+from chanstore.versions import Change, conflicts, etags_of
 
 __all__ = ["Outcome", "Queued", "apply_batch", "apply_batch_on_loop", "stores_on_loop"]
 
@@ -34,30 +43,48 @@ _Part = tuple[DatabaseInterface, dict[str, int]]
 
 
 class Queued(Protocol):
-    """What a batch is made of: one set (``delete`` false) or delete of ``key``."""
+    """What a batch is made of: one set (``delete`` false) or delete of ``key``,
+    made together with its neighbours that share its ``condition``, if it has one."""
 
     backend: DatabaseInterface
     key: str
     value: Any
     delete: bool
+    condition: Any
 
 
 def stores_on_loop(batch: Sequence[Queued]) -> bool:
-    """Whether :func:`apply_batch_on_loop` can store ``batch``: sets only, to backends
-    that store on the event loop themselves (``stores_on_loop``)."""
-    return all(not write.delete and type(write.backend).stores_on_loop for write in batch)
+    """Whether :func:`apply_batch_on_loop` can store ``batch``: sets and conditional
+    writes only, to backends that store on the event loop themselves (``stores_on_loop``)
+    and check conditions themselves."""
+    for write in batch:
+        kind = type(write.backend)
+        if not kind.stores_on_loop:
+            return False
+        if write.condition is not None:
+            if not kind.checks_conditions:
+                return False
+        elif write.delete:
+            return False
+    return True
 
 
 def apply_batch(batch: Sequence[Queued], fan_out: Executor | None = None) -> list[Outcome]:
     """Apply ``batch`` in order, on this thread and ``fan_out``; each write's outcome."""
     results: list[Outcome] = [False] * len(batch)
     for run in _runs(batch):
-        sets, deletes = _groups(batch, run)
+        plain, units = _split(batch, run)
+        by_backend = [unit for unit in units if type(batch[unit[0]].backend).checks_conditions]
+        checked_here = [unit for unit in units if unit not in by_backend]
+        plain.extend(_passing(batch, checked_here, results))
+        sets, deletes = _groups(batch, plain)
         calls: list[Callable[[], None]] = [
             functools.partial(_store_together, parts, batch, results) for parts in sets.values()
         ]
         calls.extend(functools.partial(_remove, backend, indexes, results)
                      for backend, indexes in deletes.values())  # fmt: skip
+        calls.extend(functools.partial(_apply_together, group, batch, results)
+                     for group in _unit_groups(batch, by_backend))  # fmt: skip
         _call_all(calls, fan_out)
     return results
 
@@ -66,42 +93,154 @@ async def apply_batch_on_loop(batch: Sequence[Queued]) -> list[Outcome]:
     """:func:`apply_batch` for a batch that :func:`stores_on_loop`, with no thread at all."""
     results: list[Outcome] = [False] * len(batch)
     for run in _runs(batch):
-        sets, _deletes = _groups(batch, run)
-        await asyncio.gather(*(_store_together_async(parts, batch, results)
-                               for parts in sets.values()))  # fmt: skip
+        plain, units = _split(batch, run)
+        sets, _deletes = _groups(batch, plain)
+        await asyncio.gather(
+            *(_store_together_async(parts, batch, results) for parts in sets.values()),
+            *(_apply_together_async(group, batch, results)
+              for group in _unit_groups(batch, units)),
+        )  # fmt: skip
     return results
 
 
 def _runs(batch: Sequence[Queued]) -> Iterator[range]:
-    """The batch cut wherever a key (of one backend) repeats, in order."""
+    """The batch cut wherever a key (of one backend) repeats, in order; writes made
+    together under one condition are never cut apart."""
     start = 0
     while start < len(batch):
         seen: set[tuple[int, str]] = set()
         end = start
         while end < len(batch):
-            token = (id(batch[end].backend), batch[end].key)
-            if token in seen:
+            together = _together_from(batch, end)
+            tokens = {(id(batch[index].backend), batch[index].key) for index in together}
+            if tokens & seen:
                 break
-            seen.add(token)
-            end += 1
+            seen |= tokens
+            end = together.stop
         yield range(start, end)
         start = end
 
 
+def _together_from(batch: Sequence[Queued], index: int) -> range:
+    """The writes made together with ``batch[index]``, the first of them."""
+    condition = batch[index].condition
+    end = index + 1
+    if condition is not None:
+        while end < len(batch) and batch[end].condition is condition:
+            end += 1
+    return range(index, end)
+
+
+def _split(batch: Sequence[Queued], run: range) -> tuple[list[int], list[list[int]]]:
+    """The run's unconditional writes, and its conditional ones, each condition's together."""
+    plain: list[int] = []
+    units: list[list[int]] = []
+    index = run.start
+    while index < run.stop:
+        together = _together_from(batch, index)
+        if batch[index].condition is None:
+            plain.append(index)
+        else:
+            units.append(list(together))
+        index = together.stop
+    return plain, units
+
+
+def _passing(batch: Sequence[Queued], units: list[list[int]], results: list[Outcome]) -> list[int]:
+    """The writes of ``units`` whose expectations hold, read from their backends.
+
+    For backends that do not check conditions themselves: the write lanes
+    order every write of the domain, so nothing changes between this read
+    and the write that follows. A unit that fails is answered here.
+    """
+    passing: list[int] = []
+    for unit in units:
+        first = batch[unit[0]]
+        expect = first.condition.expect  # type: ignore[union-attr]
+        try:
+            current = etags_of(first.backend.get_many(list(expect)))
+        except Exception as exc:  # noqa: BLE001 - the unit's answer
+            for index in unit:
+                results[index] = exc
+            continue
+        failed = conflicts(expect, current)
+        if failed:
+            error = PreconditionFailed(failed)
+            for index in unit:
+                results[index] = error
+        else:
+            passing.extend(unit)
+    return passing
+
+
 def _groups(
-    batch: Sequence[Queued], run: range
+    batch: Sequence[Queued], indexes: Iterable[int]
 ) -> tuple[dict[Hashable, list[_Part]], dict[int, _Part]]:
-    """The run's sets by together key (then backend), and its deletes by backend."""
+    """The writes' sets by together key (then backend), and their deletes by backend."""
     by_backend: dict[int, _Part] = {}
     deletes: dict[int, _Part] = {}
-    for index in run:
+    for index in indexes:
         write = batch[index]
         table = deletes if write.delete else by_backend
         table.setdefault(id(write.backend), (write.backend, {}))[1][write.key] = index
     sets: dict[Hashable, list[_Part]] = {}
-    for backend, indexes in by_backend.values():
-        sets.setdefault((type(backend), backend.together_key), []).append((backend, indexes))
+    for backend, indexes_of in by_backend.values():
+        sets.setdefault((type(backend), backend.together_key), []).append((backend, indexes_of))
     return sets, deletes
+
+
+def _unit_groups(batch: Sequence[Queued], units: list[list[int]]) -> list[list[list[int]]]:
+    """Units grouped by together key, for one apply_if_together call each."""
+    groups: dict[Hashable, list[list[int]]] = {}
+    for unit in units:
+        backend = batch[unit[0]].backend
+        groups.setdefault((type(backend), backend.together_key), []).append(unit)
+    return list(groups.values())
+
+
+def _changes(batch: Sequence[Queued], group: list[list[int]]) -> list[tuple[Any, Change]]:
+    parts = []
+    for unit in group:
+        writes = [batch[index] for index in unit]
+        change = Change(
+            sets={write.key: write.value for write in writes if not write.delete},
+            deletes=[write.key for write in writes if write.delete],
+            expect=writes[0].condition.expect,  # type: ignore[union-attr]
+        )
+        parts.append((writes[0].backend, change))
+    return parts
+
+
+def _note_units(group: list[list[int]], answers: Sequence[Any], batch: Sequence[Queued],
+                results: list[Outcome]) -> None:  # fmt: skip
+    for unit, answer in zip(group, answers, strict=True):
+        existed = set() if isinstance(answer, BaseException) else set(answer)
+        for index in unit:
+            write = batch[index]
+            if isinstance(answer, BaseException):
+                results[index] = answer
+            else:
+                results[index] = write.key in existed if write.delete else True
+
+
+def _apply_together(group: list[list[int]], batch: Sequence[Queued],
+                    results: list[Outcome]) -> None:  # fmt: skip
+    parts = _changes(batch, group)
+    try:
+        answers = type(parts[0][0]).apply_if_together(parts)
+    except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
+        answers = [exc] * len(parts)
+    _note_units(group, answers, batch, results)
+
+
+async def _apply_together_async(group: list[list[int]], batch: Sequence[Queued],
+                                results: list[Outcome]) -> None:  # fmt: skip
+    parts = _changes(batch, group)
+    try:
+        answers = await type(parts[0][0]).apply_if_together_async(parts)
+    except Exception as exc:  # noqa: BLE001 - every failure is the writes' answer
+        answers = [exc] * len(parts)
+    _note_units(group, answers, batch, results)
 
 
 def _values(parts: list[_Part], batch: Sequence[Queued]) -> list[tuple[DatabaseInterface, dict]]:

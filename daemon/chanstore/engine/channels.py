@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,11 +28,14 @@ from chanstore import codec, logs
 from chanstore.cache import CachedDict, UnreadableValue
 from chanstore.engine.containers import ContainerRuntime, Containers
 from chanstore.engine.errors import UnknownContainer
+from chanstore.engine.feed import MemoryHistory, Watcher, end_watchers
 from chanstore.engine.lanes import Write
 from chanstore.engine.settings import EngineSettings
-from chanstore.errors import BackendUnavailable, ChanstoreError, error_kind
+from chanstore.errors import BackendUnavailable, ChanstoreError, PreconditionFailed, error_kind
+from chanstore.history import ChangeEvent
 from chanstore.metrics import Metrics
 from chanstore.storage import MoobiusStorage
+from chanstore.versions import etag_of_stored
 
 __all__ = ["Channel", "ChannelTable", "Slot"]
 
@@ -41,31 +43,36 @@ log = logs.get_logger()
 
 #: Tables of channels smaller than this are not worth rebuilding when channels leave.
 COMPACT_ABOVE = 1024
-#: The body of a None value: answered, not kept per key (a null container reads
+#: The answer for a None value: answered, not kept per key (a null container reads
 #: every key as None, and must not grow memory with every key it is asked for).
-NULL_BODY = b"null"
+NULL_ANSWER = (b"null", etag_of_stored(b"null"))
 
 
 class Slot:
     """One channel's copy of one container: its CachedDict, made ready on first use."""
 
-    __slots__ = ("cached", "channel", "encoded", "preparing", "ready", "runtime", "sorted_keys")
+    __slots__ = ("cached", "channel", "encoded", "history", "preparing", "ready", "runtime",
+                 "sorted_keys", "watchers")  # fmt: skip
 
     def __init__(self, runtime: ContainerRuntime, channel: Channel) -> None:
         self.runtime = runtime
         self.channel = channel
         self.cached: CachedDict | None = None
-        #: Cached values as response bodies, made on first read (None until then:
-        #: most channels in memory never answer a read from it).
-        self.encoded: dict[str, bytes] | None = None
+        #: Cached values as response bodies with their ETags, made on first read or
+        #: by a write (None until then: most channels in memory never answer a read).
+        self.encoded: dict[str, tuple[bytes, str]] | None = None
         #: The complete cache's keys in order, made on the first listing and kept
         #: up to date by writes, so that each page costs a bisection, not a sort.
         self.sorted_keys: list[str] | None = None
         self.preparing: asyncio.Future[None] | None = None
         self.ready = False
+        #: The change history this daemon keeps for the container (a backend that keeps
+        #: none), from the moment it is first watched; and who watches it.
+        self.history: MemoryHistory | None = None
+        self.watchers: list[Watcher] = []
 
-    def body_of(self, key: str, value: Any) -> bytes:
-        """The response body of ``value``, the value memory holds for ``key`` now.
+    def body_of(self, key: str, value: Any) -> tuple[bytes, str]:
+        """The response body of ``value``, the value memory holds for ``key`` now, and its ETag.
 
         Raises for an :class:`~chanstore.cache.UnreadableValue` (a stored
         value that cannot be decoded), checked only when a body is made: a
@@ -74,23 +81,26 @@ class Slot:
         encoded = self.encoded
         if encoded is None:
             encoded = self.encoded = {}
-        body = encoded.get(key)
-        if body is None:
+        found = encoded.get(key)
+        if found is None:
             if value is None:
-                return NULL_BODY
+                return NULL_ANSWER
             if value.__class__ is UnreadableValue:
                 raise value.fresh()
-            body = encoded[key] = encode_body(value)
-        return body
+            found = encoded[key] = encode_answer(value)
+        return found
 
     def settled(self, write: Write, outcome: bool | BaseException) -> None:
-        """A lane's word on a write of this slot: bring the cache up to date with it."""
+        """A lane's word on a write of this slot: bring the cache (and the feed) up to date."""
         self.channel.busy -= 1
         memory = self.cached.memory  # type: ignore[union-attr]
         key = write.key
-        if self.encoded:
-            self.encoded.pop(key, None)
+        encoded = self.encoded
+        if encoded:
+            encoded.pop(key, None)
         if isinstance(outcome, BaseException):
+            if write.condition is not None and isinstance(outcome, PreconditionFailed):
+                return  # nothing was changed
             # A write that timed out or lost its connection may still land: what
             # the backend holds is not known, so the next read asks it.
             memory.unsure(key)
@@ -98,10 +108,28 @@ class Slot:
         elif write.delete:
             memory.deleted(key)
             self._unlist(key)
+            if outcome and self.history is not None:
+                self._publish(self.history.append("delete", key, None, None))
         else:
             memory.stored(key, write.value)
             if memory.keeps_writes:  # a null container lists nothing
                 self._list(key)
+                if encoded is not None and write.body is not None:
+                    encoded[key] = (write.body, write.etag)  # type: ignore[assignment]
+            if self.history is not None:
+                self._publish(self.history.append("set", key, write.body, write.etag))
+
+    def _publish(self, event: ChangeEvent) -> None:
+        name = self.runtime.name
+        for watcher in self.watchers:
+            watcher.push(name, event)
+
+    def end_watchers(self, reason: str) -> None:
+        """End every stream watching this copy, and let its history go."""
+        end_watchers(self.watchers, reason)
+        if self.history is not None:
+            self.history.release()
+            self.history = None
 
     def forget(self) -> None:
         """Drop what memory holds of this copy (its backend lost the data): the next
@@ -139,10 +167,10 @@ class Slot:
                 del keys[index]
 
 
-def encode_body(value: Any) -> bytes:
-    """A value as the JSON document the backend holds (type marks and all)."""
-    return json.dumps(codec.to_json_shape(value), separators=(",", ":"),
-                      ensure_ascii=False).encode()  # fmt: skip
+def encode_answer(value: Any) -> tuple[bytes, str]:
+    """A value as the JSON document the backend holds (type marks and all), and its ETag."""
+    body = codec.encode(value).encode()
+    return body, etag_of_stored(body)
 
 
 class Channel:
@@ -267,6 +295,10 @@ class ChannelTable:
             )
             error.kind = error_kind(exc)
             raise error from exc
+        # The daemon carries values in their stored form (so that every daemon
+        # answers the same bytes and ETags), and sizes the backend's own history.
+        cached.database.revive_values = False
+        cached.database.history_length = self.settings.event_history
         if self.containers.get(spec.name) is not runtime:
             # A reload retired this container while its backend was being opened.
             channel.storage.remove_container(spec.name).close()
@@ -279,6 +311,7 @@ class ChannelTable:
         for channel in self._channels.values():
             slot = channel.slots.pop(name, None)
             if slot is not None:
+                slot.end_watchers("reload")
                 slots.append(slot)
                 if name in channel.storage.containers:
                     channel.storage.remove_container(name)
@@ -322,6 +355,8 @@ class ChannelTable:
     def _evict(self, channels: Iterable[Channel]) -> None:
         for channel in channels:
             del self._channels[channel.id]
+            for slot in channel.slots.values():
+                slot.end_watchers("evicted")
             channel.storage.close()
         self.metrics.channels.set(len(self._channels))
         self._compact()

@@ -1,7 +1,9 @@
 """Write lanes: writes applied in the order they were acknowledged, in batches.
 
-Each container has a few lanes; a key always goes to the same lane, so writes
-to one key are applied, and acknowledged, in the order they arrived. A lane
+Each container has a few lanes; a channel always goes to the same lane, so
+writes to one channel's container are applied, and acknowledged, in the order
+they arrived, and writes made together (a conditional bulk write) stay in one
+lane and one batch. A lane
 takes everything that queued up while its previous batch was being written
 and applies it as one batch (see :mod:`chanstore.engine.batches`): one Redis
 round trip, or one journal flush, shared by the writes that were waiting
@@ -34,8 +36,9 @@ from chanstore.backends.base import DatabaseInterface
 from chanstore.engine.batches import Outcome, apply_batch, apply_batch_on_loop, stores_on_loop
 from chanstore.engine.errors import BackendTimeout
 from chanstore.errors import error_kind
+from chanstore.versions import Expectation
 
-__all__ = ["MAX_BATCH", "Write", "WriteLanes", "WriteOwner"]
+__all__ = ["MAX_BATCH", "Condition", "Write", "WriteLanes", "WriteOwner"]
 
 log = logs.get_logger()
 
@@ -53,23 +56,49 @@ class WriteOwner(Protocol):
     def settled(self, write: Write, outcome: Outcome) -> None: ...
 
 
+class Condition:
+    """What a conditional write requires, shared by the writes made together with it.
+
+    ``expect`` maps keys to their expectations (see :mod:`chanstore.versions`);
+    the writes of one condition are stored together or not at all, and each
+    write's future fails with :class:`~chanstore.errors.PreconditionFailed`
+    when an expectation does not hold.
+    """
+
+    __slots__ = ("expect", "size")
+
+    def __init__(self, expect: dict[str, Expectation], size: int) -> None:
+        self.expect = expect
+        #: How many writes are made together under this condition.
+        self.size = size
+
+
 class Write:
     """One queued set (``delete`` false) or delete of ``key`` in ``backend``.
 
     ``future`` ends with the outcome once the backend answered; ``owner``
     hears of it just before, even if nobody waits for the future any more.
+    A set carries its value's stored form (``body``) and ETag, made once on
+    the event loop for the answer, the cache and the change feed. Writes with
+    the same ``route`` (a channel) take the same lane, so they are applied in
+    the order they were queued.
     """
 
-    __slots__ = ("backend", "delete", "future", "key", "owner", "request_id", "value")
+    __slots__ = ("backend", "body", "condition", "delete", "etag", "future", "key", "owner",
+                 "request_id", "route", "value")  # fmt: skip
 
     def __init__(self, backend: DatabaseInterface, key: str, value: Any, delete: bool,  # noqa: PLR0917
-                 owner: WriteOwner, request_id: str = "") -> None:  # fmt: skip
+                 owner: WriteOwner, request_id: str = "", route: str = "") -> None:  # fmt: skip
         self.backend = backend
         self.key = key
         self.value = value
         self.delete = delete
         self.owner = owner
         self.request_id = request_id
+        self.route = route
+        self.body: bytes | None = None
+        self.etag: str | None = None
+        self.condition: Condition | None = None
         self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
 
@@ -83,10 +112,19 @@ class WriteLanes:
 
     def submit(self, write: Write) -> asyncio.Future[bool]:
         """Queue ``write``; its future is True once stored (for a delete: the key existed)."""
-        lanes = self._lanes
-        lane = lanes[0] if len(lanes) == 1 else lanes[_lane_of(write.key, len(lanes))]
-        lane.submit(write)
+        self._lane(write.route).submit(write)
         return write.future
+
+    def submit_together(self, writes: list[Write]) -> list[asyncio.Future[bool]]:
+        """Queue ``writes`` (one route, one :class:`Condition`) to be applied as one."""
+        lane = self._lane(writes[0].route)
+        for write in writes:
+            lane.submit(write)
+        return [write.future for write in writes]
+
+    def _lane(self, route: str) -> _Lane:
+        lanes = self._lanes
+        return lanes[0] if len(lanes) == 1 else lanes[_lane_of(route, len(lanes))]
 
     @property
     def queued(self) -> int:
@@ -99,8 +137,8 @@ class WriteLanes:
         self._fan_out.shutdown(wait=True)
 
 
-def _lane_of(key: str, lanes: int) -> int:
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % lanes
+def _lane_of(route: str, lanes: int) -> int:
+    return zlib.crc32(route.encode("utf-8", "surrogatepass")) % lanes
 
 
 class _Lane:
@@ -138,7 +176,8 @@ class _Lane:
         A frame of its own, so that nothing of the batch stays referenced while
         the lane waits for more (each write's owner holds its channel).
         """
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        end = _batch_end(self._queue)
+        batch, self._queue = self._queue[:end], self._queue[end:]
         self._writing = len(batch)
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self._timeout, _expire, batch, self.name, self._timeout)
@@ -166,6 +205,15 @@ class _Lane:
         self._wakeup.set()
         await self._task
         self._thread.shutdown(wait=True)
+
+
+def _batch_end(queue: list[Write]) -> int:
+    """Where the next batch ends: at MAX_BATCH, but never inside writes made together."""
+    end = min(MAX_BATCH, len(queue))
+    while end < len(queue) and queue[end].condition is not None \
+            and queue[end].condition is queue[end - 1].condition:  # fmt: skip
+        end += 1
+    return end
 
 
 def _resolve(write: Write, outcome: Outcome) -> None:

@@ -21,3 +21,11 @@ class EngineSettings:
     write_lanes: int = 1
     #: Seconds a request waits for a backend before it fails.
     backend_timeout: float = 10.0
+    #: Change-feed streams open at most.
+    max_watchers: int = 1024
+    #: Changes kept per channel's container, for feeds that resume.
+    event_history: int = 1000
+    #: Bytes of change history held in memory for containers whose backend keeps none.
+    event_history_bytes: int = 64 * 1024 * 1024
+    #: Bytes of events one feed stream may fall behind by before it is dropped.
+    watcher_buffer_bytes: int = 1024 * 1024

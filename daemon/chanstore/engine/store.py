@@ -16,15 +16,39 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Generator, Mapping
+from typing import Any, NamedTuple
 
 from chanstore.cache import ABSENT, UNKNOWN
-from chanstore.engine.channels import ChannelTable, Slot, encode_body
+from chanstore.engine.channels import ChannelTable, Slot, encode_answer
 from chanstore.engine.containers import Containers
-from chanstore.engine.lanes import Write
+from chanstore.engine.lanes import Condition, Write
+from chanstore.versions import Expectation
 
-__all__ = ["ABSENT", "Store"]
+__all__ = ["ABSENT", "NO_EXPECTATION", "Pending", "Store"]
+
+#: One change of a write: key, value, whether it deletes, and the value's answer
+#: (its stored form and ETag; None for a delete).
+_Item = tuple[str, Any, bool, "tuple[bytes, str] | None"]
+
+
+class NoExpectation:
+    """The type of :data:`NO_EXPECTATION`."""
+
+
+#: A write that requires nothing of the key (None would mean "must be absent").
+NO_EXPECTATION = NoExpectation()
+
+
+class Pending(NamedTuple):
+    """A write under way: its future, and the ETag the value will have (None: a delete)."""
+
+    future: asyncio.Future[bool]
+    etag: str | None
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        """Awaiting a pending write awaits its future."""
+        return self.future.__await__()
 
 
 class Store:
@@ -41,9 +65,10 @@ class Store:
     # -- reading -------------------------------------------------------------
 
     def cached_body(self, channel_id: str, name: str, key: str) -> Any:
-        """The body of ``key`` answered from memory alone: bytes, ABSENT, or None to ask
-        :meth:`read_body` (the channel or container is not in memory, or the key is not).
-        Raises UnreadableValue for a stored value that cannot be decoded."""
+        """The body and ETag of ``key`` answered from memory alone: ``(bytes, etag)``,
+        ABSENT, or None to ask :meth:`read_body` (the channel or container is not in
+        memory, or the key is not). Raises UnreadableValue for a stored value that
+        cannot be decoded."""
         slot = self.table.ready_slot(channel_id, name)
         if slot is None:
             return None
@@ -53,7 +78,7 @@ class Store:
         return ABSENT if value is ABSENT else slot.body_of(key, value)
 
     async def read_body(self, channel_id: str, name: str, key: str) -> Any:
-        """The body of ``key`` (bytes), or ABSENT; raises UnreadableValue if it is damaged."""
+        """The body and ETag of ``key``, or ABSENT; raises UnreadableValue if it is damaged."""
         async with self.table.using(channel_id) as channel:
             slot = await self.table.slot(channel, name)
             cached = slot.cached
@@ -63,7 +88,7 @@ class Store:
                 value = await slot.runtime.run(cached.fetch, key)
                 # Encoded now but not kept: a write may have landed meanwhile, and
                 # the next read answers from memory anyway.
-                return ABSENT if value is ABSENT else encode_body(value)
+                return ABSENT if value is ABSENT else encode_answer(value)
             return ABSENT if value is ABSENT else slot.body_of(key, value)
 
     async def get_many(self, channel_id: str, name: str, keys: list[str]) -> dict[str, Any]:
@@ -104,44 +129,75 @@ class Store:
     # -- writing -------------------------------------------------------------
 
     def write(self, channel_id: str, name: str, key: str, value: Any, *, delete: bool = False,
-              request_id: str = "") -> asyncio.Future[bool]:  # fmt: skip
-        """Store ``value`` (or delete ``key``): a future, True once stored (for a delete:
-        whether the key existed). Queued at once when the channel's container is in memory."""
+              expect: Expectation | NoExpectation = NO_EXPECTATION,
+              request_id: str = "") -> Pending:  # fmt: skip
+        """Store ``value`` (or delete ``key``), if ``key`` meets ``expect`` when one is given.
+
+        Answers the new ETag (None for a delete) and a future: True once
+        stored (for a delete: whether the key existed), or failing with
+        :class:`~chanstore.errors.PreconditionFailed`. Queued at once when
+        the channel's container is in memory.
+        """
+        answer = None if delete else encode_answer(value)
+        expected = None if expect is NO_EXPECTATION else {key: expect}
+        change = [(key, value, delete, answer)]
         slot = self.table.ready_slot(channel_id, name)
         if slot is None or self.containers.get(name) is not slot.runtime:
-            return asyncio.ensure_future(
-                self._write_later(channel_id, name, [(key, value, delete)], request_id)
-            )
-        return self._submit(slot, key, value, delete, request_id)
+            later = self._write_later(channel_id, name, change, expected, request_id)
+            future = asyncio.ensure_future(later)
+        else:
+            (future,) = self._submit(slot, change, expected, request_id)
+        return Pending(future, None if answer is None else answer[1])
 
     async def put_many(self, channel_id: str, name: str, items: Mapping[str, Any],
-                       request_id: str = "") -> None:  # fmt: skip
-        """Store every item; returns once the backend holds them all."""
-        writes = [(key, value, False) for key, value in items.items()]
-        await self._write_many(channel_id, name, writes, request_id)
+                       request_id: str = "", *,
+                       expect: dict[str, Expectation] | None = None) -> dict[str, str]:  # fmt: skip
+        """Store every item, and only if every key of ``expect`` meets its expectation
+        (else nothing: PreconditionFailed). Returns each key's new ETag once stored."""
+        answers = {key: encode_answer(value) for key, value in items.items()}
+        change = [(key, value, False, answers[key]) for key, value in items.items()]
+        await self._write_many(channel_id, name, change, expect, request_id)
+        return {key: answer[1] for key, answer in answers.items()}
 
     async def delete_many(self, channel_id: str, name: str, keys: list[str],
                           request_id: str = "") -> list[str]:  # fmt: skip
         """Delete ``keys``; those that existed."""
-        writes = [(key, None, True) for key in keys]
-        existed = await self._write_many(channel_id, name, writes, request_id)
+        change = [(key, None, True, None) for key in keys]
+        existed = await self._write_many(channel_id, name, change, None, request_id)
         return [key for key, was in zip(keys, existed, strict=True) if was]
 
-    async def _write_later(self, channel_id: str, name: str, writes: list[tuple[str, Any, bool]],
+    async def _write_later(self, channel_id: str, name: str, change: list[_Item],
+                           expect: dict[str, Expectation] | None,
                            request_id: str) -> bool:  # fmt: skip
-        (result,) = await self._write_many(channel_id, name, writes, request_id)
+        (result,) = await self._write_many(channel_id, name, change, expect, request_id)
         return result
 
-    async def _write_many(self, channel_id: str, name: str, writes: list[tuple[str, Any, bool]],
+    async def _write_many(self, channel_id: str, name: str, change: list[_Item],
+                          expect: dict[str, Expectation] | None,
                           request_id: str) -> list[bool]:  # fmt: skip
         async with self.table.using(channel_id) as channel:
             slot = await self.table.slot(channel, name)
-            futures = [self._submit(slot, key, value, delete, request_id)
-                       for key, value, delete in writes]  # fmt: skip
-            return await _all(futures)
+            return await _all(self._submit(slot, change, expect, request_id))
 
-    def _submit(self, slot: Slot, key: str, value: Any, delete: bool,
-                request_id: str) -> asyncio.Future[bool]:  # fmt: skip
+    def _submit(self, slot: Slot, change: list[_Item], expect: dict[str, Expectation] | None,
+                request_id: str) -> list[asyncio.Future[bool]]:  # fmt: skip
+        cached = slot.cached
+        assert cached is not None
+        if expect is None:
+            return [self._submit_one(slot, item, request_id) for item in change]
+        condition = Condition(expect, len(change))
+        writes = []
+        for key, value, delete, answer in change:
+            write = Write(cached.database, key, value, delete, slot, request_id, slot.channel.id)
+            write.condition = condition
+            if answer is not None:
+                write.body, write.etag = answer
+            slot.channel.busy += 1
+            writes.append(write)
+        return slot.runtime.lanes.submit_together(writes)
+
+    def _submit_one(self, slot: Slot, item: _Item, request_id: str) -> asyncio.Future[bool]:
+        key, value, delete, answer = item
         cached = slot.cached
         assert cached is not None
         if delete and cached.memory.peek(key) is ABSENT:
@@ -150,7 +206,9 @@ class Store:
             absent.set_result(False)
             return absent
         slot.channel.busy += 1
-        write = Write(cached.database, key, value, delete, slot, request_id)
+        write = Write(cached.database, key, value, delete, slot, request_id, slot.channel.id)
+        if answer is not None:
+            write.body, write.etag = answer
         return slot.runtime.lanes.submit(write)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chanstore.engine import Store
+from chanstore.engine import Feed, Store
 from chanstore.http.api import Api, Routes
 from chanstore.http.auth import BearerToken
 from chanstore.http.handlers import DataHandlers, OpsHandlers, Verdict
@@ -20,17 +20,19 @@ from chanstore.metrics import Metrics
 __all__ = ["Api", "BearerToken", "Verdict", "build_api"]
 
 
-def build_api(store: Store, token: BearerToken, metrics: Metrics, *,
+def build_api(store: Store, feed: Feed, token: BearerToken, metrics: Metrics, *,
               readiness: Callable[[], Awaitable[dict[str, str]]],
               reload: Callable[[str], Awaitable[Verdict]],
               containers: Callable[[], list[dict[str, Any]]]) -> Api:  # fmt: skip
-    """The API over ``store``, with the operations routes calling the given functions."""
-    data = DataHandlers(store)
+    """The API over ``store`` and ``feed``, with the operations routes calling the given
+    functions."""
+    data = DataHandlers(store, feed, metrics)
     ops = OpsHandlers(metrics, readiness=readiness, reload=reload, containers=containers)
     routes = Routes(
         key={"GET": data.get_key, "PUT": data.put_key, "DELETE": data.delete_key},
         container={"GET": data.list_keys},
         bulk={"get": data.bulk_get, "set": data.bulk_set, "delete": data.bulk_delete},
+        channel={"events": {"GET": data.events}},
         fixed={
             "/metrics": {"GET": ops.metrics_page},
             "/healthz": {"GET": ops.healthz},

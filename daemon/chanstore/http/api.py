@@ -7,6 +7,7 @@ Routes (``{channel}``, ``{container}`` and ``{key}`` percent-encoded)::
     DELETE /v1/channels/{channel}/{container}/{key}       200, or 404 when absent
     GET    /v1/channels/{channel}/{container}?limit=N&after=KEY   one page of keys
     POST   /v1/channels/{channel}/{container}/-/get|set|delete    bulk operations
+    GET    /v1/channels/{channel}/-/events                the change feed (Server-Sent Events)
     GET    /v1/containers                                 the running db_config's containers
     GET    /metrics  /healthz  /readyz                    for Prometheus and orchestrators
     POST   /-/reload                                      reload db_config, answer the verdict
@@ -74,19 +75,25 @@ class Routes:
     KEY = "/v1/channels/{channel}/{container}/{key}"
     CONTAINER = "/v1/channels/{channel}/{container}"
     BULK = "/v1/channels/{channel}/{container}/-/{operation}"
+    CHANNEL = "/v1/channels/{channel}/-/{operation}"
 
     def __init__(self, key: Methods, container: Methods, bulk: dict[str, Handler],
-                 fixed: dict[str, Methods]) -> None:  # fmt: skip
+                 channel: dict[str, Methods], fixed: dict[str, Methods]) -> None:  # fmt: skip
         self._key = (self.KEY, key)
         self._container = (self.CONTAINER, container)
         self._bulk = {op: (f"{self.CONTAINER}/-/{op}", {"POST": handler})
                       for op, handler in bulk.items()}  # fmt: skip
+        # A container is named like an identifier, so "-" in its place is never one.
+        self._channel = {op: (f"/v1/channels/{{channel}}/-/{op}", methods)
+                         for op, methods in channel.items()}  # fmt: skip
         self._fixed = {path: (path, methods) for path, methods in fixed.items()}
 
     def match(self, segments: list[str]) -> tuple[str, Methods]:
         """The template and handlers of the route ``segments`` name; 404 if none."""
         if len(segments) >= 2 and segments[0] == "v1" and segments[1] == "channels":
             count = len(segments)
+            if count == 5 and segments[3] == "-" and segments[4] in self._channel:
+                return self._channel[segments[4]]
             if count == 5:
                 return self._key
             if count == 4:
@@ -96,7 +103,8 @@ class Routes:
             raise HttpError(
                 404,
                 f"no such route: channel routes are {self.CONTAINER}, "
-                f"{self.KEY} and {self.CONTAINER}/-/{{get|set|delete}}",
+                f"{self.KEY}, {self.CONTAINER}/-/{{get|set|delete}} and "
+                "/v1/channels/{channel}/-/events",
             )
         found = self._fixed.get("/" + "/".join(segments))
         if found is None:

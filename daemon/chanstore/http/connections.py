@@ -30,7 +30,7 @@ log = logs.get_logger()
 SWEEP_INTERVAL = 0.5
 #: Reasons a connection ends, the ``reason`` label of the closed-connections counter.
 REASONS = ("client", "idle_timeout", "header_timeout", "body_timeout", "write_timeout",
-           "evicted", "refused", "error", "shutdown")  # fmt: skip
+           "evicted", "refused", "error", "shutdown", "stream_ended")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class Limits:
     keep_alive_timeout: float = 30.0
     #: Requests read ahead of their answers on one connection before reading pauses.
     max_pipelined: int = 16
+    #: Seconds between keep-alive comments on an idle change-feed stream.
+    heartbeat_interval: float = 15.0
 
 
 class Connection(Protocol):

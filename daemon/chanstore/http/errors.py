@@ -8,10 +8,12 @@ Inside chanstore a failure is an exception carrying its ``kind``;
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from chanstore.cache import UnreadableValue
-from chanstore.engine import UnknownContainer
-from chanstore.errors import BackendError, ChanstoreError, CorruptValue
+from chanstore.engine import TooManyWatchers, UnknownContainer
+from chanstore.errors import BackendError, ChanstoreError, CorruptValue, PreconditionFailed
+from chanstore.history import HistoryExpired
 
 __all__ = ["HttpError", "error_for"]
 
@@ -22,6 +24,8 @@ CODES = {
     404: "no_route",
     405: "method_not_allowed",
     408: "request_timeout",
+    410: "cursor_expired",
+    412: "precondition_failed",
     413: "body_too_large",
     431: "header_too_large",
     500: "internal",
@@ -33,17 +37,20 @@ class HttpError(Exception):
     """An answer other than success: status, message, a machine-readable code, headers."""
 
     def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
-                 *, code: str | None = None) -> None:  # fmt: skip
+                 *, code: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code or CODES.get(status, "error")
         self.headers = headers or []
+        #: More fields of the body, for a client to act on (a 412's ``conflicts``).
+        self.details = details or {}
 
     def body(self) -> bytes:
-        """The JSON error body: ``{"error": message, "code": code}``."""
-        return json.dumps({"error": self.message, "code": self.code}, separators=(",", ":"),
-                          ensure_ascii=False).encode()  # fmt: skip
+        """The JSON error body: ``{"error": message, "code": code}`` and any details."""
+        return json.dumps({"error": self.message, "code": self.code, **self.details},
+                          separators=(",", ":"), ensure_ascii=False).encode()  # fmt: skip
 
 
 def error_for(exc: BaseException) -> HttpError:
@@ -53,6 +60,13 @@ def error_for(exc: BaseException) -> HttpError:
         return exc
     if isinstance(exc, UnknownContainer):
         return HttpError(404, str(exc), code="unknown_container")
+    if isinstance(exc, PreconditionFailed):
+        return _precondition_failed(exc)
+    if isinstance(exc, HistoryExpired):
+        return HttpError(410, f"{exc}: re-read what you need, then watch without a cursor",
+                         code="cursor_expired")  # fmt: skip
+    if isinstance(exc, TooManyWatchers):
+        return HttpError(503, str(exc), code="too_many_watchers")
     if getattr(exc, "kind", None) == "planted_link" and not isinstance(exc, UnreadableValue):
         # Where the link is (a path) is for the log, not for the answer.
         return HttpError(500, "a link planted in the data root stands where a stored file or "
@@ -73,3 +87,16 @@ def error_for(exc: BaseException) -> HttpError:
     if isinstance(exc, ChanstoreError):
         return HttpError(503, f"backend failure ({exc.kind}): {exc}", code="backend_unavailable")
     raise exc
+
+
+def _precondition_failed(exc: PreconditionFailed) -> HttpError:
+    """412 naming each key whose expectation failed and its current ETag (null: absent);
+    for one key, its current ETag also as the ``ETag`` header."""
+    conflicts = exc.conflicts
+    headers = []
+    if len(conflicts) == 1:
+        (current,) = conflicts.values()
+        if current is not None:
+            headers.append((b"etag", b'"%s"' % current.encode()))
+    return HttpError(412, str(exc), headers, code="precondition_failed",
+                     details={"conflicts": conflicts})  # fmt: skip

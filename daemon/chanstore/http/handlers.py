@@ -15,14 +15,17 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chanstore.codec import Document, to_json_shape
-from chanstore.engine import ABSENT, Store
-from chanstore.errors import CorruptValue
+from chanstore.engine import ABSENT, NO_EXPECTATION, Feed, Store
+from chanstore.engine.store import NoExpectation
+from chanstore.errors import ChanstoreError, CorruptValue
 from chanstore.http.api import Later
 from chanstore.http.bodies import json_body, parse_json, parse_value
 from chanstore.http.errors import HttpError
+from chanstore.http.events import EventStream
 from chanstore.http.messages import Request, Response
 from chanstore.keys import check_channel_id, check_key
 from chanstore.metrics import Metrics
+from chanstore.versions import ANY, Expectation, etag_of
 
 __all__ = ["DataHandlers", "OpsHandlers", "Verdict"]
 
@@ -37,41 +40,65 @@ _OK = Response(200, b'{"ok":true}')
 class DataHandlers:
     """``/v1``: the keys of channels' containers."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, feed: Feed, metrics: Metrics) -> None:
         self.store = store
+        self.feed = feed
+        self.metrics = metrics
 
     # -- one key --------------------------------------------------------------
 
     def get_key(self, request: Request) -> Any:
         channel, container, key = request.segments[2:5]
-        body = self.store.cached_body(channel, container, key)
-        if body is not None and body is not ABSENT:
+        found = self.store.cached_body(channel, container, key)
+        if found is not None and found is not ABSENT:
             # No checks needed: only a valid channel, container and key reach memory.
-            return Response(200, body)
+            return _value_answer(request, found)
         self._check_address(channel, container, key)
-        if body is ABSENT:
+        if found is ABSENT:
             raise _not_found(key, container)
-        return self._read(channel, container, key)
+        return self._read(request, channel, container, key)
 
-    async def _read(self, channel: str, container: str, key: str) -> Response:
-        body = await self.store.read_body(channel, container, key)
-        if body is ABSENT:
+    async def _read(self, request: Request, channel: str, container: str, key: str) -> Response:
+        found = await self.store.read_body(channel, container, key)
+        if found is ABSENT:
             raise _not_found(key, container)
-        return Response(200, body)
+        return _value_answer(request, found)
 
     def put_key(self, request: Request) -> Later:
         channel, container, key = request.segments[2:5]
         self._check_address(channel, container, key)
+        expect = write_expectation(request)
         value = parse_value(request.body)
-        future = self.store.write(channel, container, key, value, request_id=request.request_id)
-        return Later(future, _stored)
+        pending = self.store.write(channel, container, key, value, expect=expect,
+                                   request_id=request.request_id)  # fmt: skip
+        return Later(pending.future, _stored_answer(pending.etag))
 
     def delete_key(self, request: Request) -> Later:
         channel, container, key = request.segments[2:5]
         self._check_address(channel, container, key)
-        future = self.store.write(channel, container, key, None, delete=True,
-                                  request_id=request.request_id)  # fmt: skip
-        return Later(future, _deleted_answer(key, container))
+        expect = write_expectation(request)
+        pending = self.store.write(channel, container, key, None, delete=True, expect=expect,
+                                   request_id=request.request_id)  # fmt: skip
+        return Later(pending.future, _deleted_answer(key, container))
+
+    # -- a channel --------------------------------------------------------------
+
+    async def events(self, request: Request) -> EventStream:
+        """The channel's change feed, from now or after the cursor a client resumes from."""
+        channel = request.segments[2]
+        _checked(check_channel_id, channel, "channel id")
+        params = request.query_params()
+        names = [name for name in params.get("containers", "").split(",") if name] or None
+        cursor = params.get("since")
+        if cursor is None and (last := request.header(b"last-event-id")) is not None:
+            cursor = last.decode("ascii", "replace")
+        try:
+            watcher = await self.feed.open(channel, names, cursor or None)
+        except ValueError as exc:
+            if isinstance(exc, ChanstoreError):
+                raise
+            raise HttpError(400, str(exc)) from None
+        return EventStream(watcher, self.metrics)
 
     # -- a container ------------------------------------------------------------
 
@@ -93,13 +120,15 @@ class DataHandlers:
         values = await self.store.get_many(channel, container, keys)
         missing = [key for key in keys if key not in values]
         shaped: dict[str, Any] = {}
+        etags: dict[str, str] = {}
         corrupt: list[str] = []
         for key, value in values.items():
             if isinstance(value, CorruptValue):
                 corrupt.append(key)
             else:
                 shaped[key] = to_json_shape(value)
-        answer: dict[str, Any] = {"values": shaped, "missing": missing}
+                etags[key] = etag_of(value)
+        answer: dict[str, Any] = {"values": shaped, "missing": missing, "etags": etags}
         if corrupt:
             # Stored but unreadable: neither a value nor missing. Listed only when
             # there are some, so every other answer stays as it always was.
@@ -107,14 +136,18 @@ class DataHandlers:
         return Response(200, json_body(answer))
 
     async def bulk_set(self, request: Request) -> Response:
+        """Store every value; with ``"expect"``, all of them or none (412 naming the conflicts)."""
         channel, container = self._channel_and_container(request)
-        values = _object_body(request).get("values")
+        body = _object_body(request)
+        values = body.get("values")
         if not isinstance(values, dict):
             raise HttpError(400, 'expected {"values": {key: value, ...}}')
         _key_list({"keys": list(values)}, "keys")
+        expect = _bulk_expectations(body.get("expect"))
         documents = {key: Document(value) for key, value in values.items()}
-        await self.store.put_many(channel, container, documents, request.request_id)
-        return Response(200, json_body({"stored": list(values)}))
+        etags = await self.store.put_many(channel, container, documents, request.request_id,
+                                          expect=expect)  # fmt: skip
+        return Response(200, json_body({"stored": list(values), "etags": etags}))
 
     async def bulk_delete(self, request: Request) -> Response:
         channel, container = self._channel_and_container(request)
@@ -178,8 +211,64 @@ class OpsHandlers:
         return Response(200, json_body({"containers": self._containers()}))
 
 
-def _stored(_result: bool) -> Response:
-    return _OK
+def _value_answer(request: Request, found: tuple[bytes, str]) -> Response:
+    """200 with the value and its ETag; 304 when the client's copy is that version."""
+    body, etag = found
+    if request.method == "GET" and (cached := request.header(b"if-none-match")) is not None \
+            and _names_etag(cached, etag):  # fmt: skip
+        return Response(304, b"", etag=etag)
+    return Response(200, body, etag=etag)
+
+
+def _names_etag(header: bytes, etag: str) -> bool:
+    """Whether an If-None-Match list names ``etag`` (weakly compared, as RFC 9110 says)."""
+    tags = [tag.strip().removeprefix(b"W/") for tag in header.split(b",")]
+    return b"*" in tags or b'"%s"' % etag.encode() in tags
+
+
+def write_expectation(request: Request) -> Expectation | NoExpectation:
+    """What ``If-Match`` / ``If-None-Match`` require of the key a PUT or DELETE writes."""
+    if_match = request.header(b"if-match")
+    if_none_match = request.header(b"if-none-match")
+    if if_match is not None and if_none_match is not None:
+        raise HttpError(400, "send If-Match or If-None-Match, not both")
+    if if_none_match is not None:
+        if if_none_match.strip() != b"*":
+            raise HttpError(400, "on a write, If-None-Match must be * (create only: the key "
+                                 "must be absent)")  # fmt: skip
+        return None
+    if if_match is None:
+        return NO_EXPECTATION
+    tag = if_match.strip()
+    if tag == b"*":
+        return ANY
+    if len(tag) < 2 or tag[:1] != b'"' or tag[-1:] != b'"' or b'"' in tag[1:-1]:
+        raise HttpError(400, 'If-Match must be * or one strong ETag in quotes, as a GET '
+                             'answered it: If-Match: "3f2a..."')  # fmt: skip
+    return tag[1:-1].decode("ascii", "replace")
+
+
+def _bulk_expectations(expect: Any) -> dict[str, Expectation] | None:
+    """A bulk set's ``"expect"``: key -> ETag, "*" (must exist) or null (must be absent)."""
+    if expect is None:
+        return None
+    if not isinstance(expect, dict):
+        raise HttpError(400, 'expected "expect": {key: etag, "*" or null, ...}')
+    _key_list({"keys": list(expect)}, "keys")
+    for key, tag in expect.items():
+        if tag is not None and not isinstance(tag, str):
+            raise HttpError(400, f'"expect" of key {key[:200]!r} must be an ETag, "*" or null, '
+                                 f"not {json_body(tag)[:60].decode()}")  # fmt: skip
+    return {key: tag.strip('"') if isinstance(tag, str) else None for key, tag in expect.items()}
+
+
+def _stored_answer(etag: str | None) -> Callable[[bool], Response]:
+    body = json_body({"ok": True, "etag": etag})
+
+    def answer(_stored: bool) -> Response:
+        return Response(200, body, etag=etag)
+
+    return answer
 
 
 def _deleted_answer(key: str, container: str) -> Callable[[bool], Response]:

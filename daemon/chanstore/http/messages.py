@@ -7,13 +7,14 @@ with one system call; handlers see neither sockets nor parsers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from chanstore.http.errors import HttpError
 
-__all__ = ["JSON_TYPE", "Request", "Response"]
+__all__ = ["JSON_TYPE", "Request", "Response", "Streamed"]
 
 JSON_TYPE = b"application/json"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -92,16 +93,18 @@ def split_path(path: bytes) -> list[str]:
 
 
 class Response:
-    """An answer: status, body, content type and any extra headers."""
+    """An answer: status, body, content type, the value's ETag and any extra headers."""
 
-    __slots__ = ("body", "content_type", "headers", "status")
+    __slots__ = ("body", "content_type", "etag", "headers", "status")
 
     def __init__(self, status: int, body: bytes, content_type: bytes = JSON_TYPE,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+                 headers: list[tuple[bytes, bytes]] | None = None,
+                 etag: str | None = None) -> None:  # fmt: skip
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers
+        self.etag = etag
 
     @classmethod
     def of_error(cls, error: HttpError) -> Response:
@@ -118,7 +121,40 @@ class Response:
                 self.status, reason, self.content_type, len(body))  # fmt: skip
             if self.headers:
                 start += b"".join(b"%s: %s\r\n" % header for header in self.headers)
+        if self.etag is not None:
+            start += b'etag: "%s"\r\n' % self.etag.encode()
         if not keep_alive:
             start += b"connection: close\r\n"
         end = b"\r\n" if head else b"\r\n" + body
         return b"%sx-request-id: %s\r\n%s" % (start, request_id.encode(), end)
+
+
+class Streamed(Protocol):
+    """An answer written as it comes (the change feed): its head, then chunks, until it ends.
+
+    The connection writes :meth:`opening` after the head, then whatever
+    :meth:`take` gives while the socket takes it (``on_more`` wakes it when
+    there is more), a :meth:`heartbeat` when the stream has been quiet, and
+    :meth:`closing` once :attr:`ended` says why it ends; :meth:`release` is
+    called once, however the stream ended (the client may leave first).
+    """
+
+    status: int
+    content_type: bytes
+
+    def opening(self) -> bytes: ...
+
+    def on_more(self, wake: Callable[[], None]) -> None: ...
+
+    def take(self) -> bytes: ...
+
+    @property
+    def ended(self) -> str | None: ...
+
+    def closing(self) -> bytes: ...
+
+    def heartbeat(self) -> bytes: ...
+
+    def end(self, reason: str) -> None: ...
+
+    def release(self, reason: str) -> None: ...

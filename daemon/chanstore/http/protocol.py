@@ -39,7 +39,7 @@ from chanstore import logs
 from chanstore.http.api import Api
 from chanstore.http.connections import Connections, Limits
 from chanstore.http.errors import HttpError
-from chanstore.http.messages import Request, Response
+from chanstore.http.messages import Request, Response, Streamed
 
 __all__ = ["HttpProtocol"]
 
@@ -115,6 +115,10 @@ class HttpProtocol(asyncio.Protocol):
         #: What was read but not yet parsed, while the connection is backlogged.
         self.unread = b""
         self.writes_size = 0
+        #: The streamed answer being written (the change feed), and how it is framed.
+        self.stream: Streamed | None = None
+        self.chunked = True
+        self.stream_wrote_at = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -128,7 +132,8 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:
+        if self.lingering or self.stream is not None:
+            # Nothing is asked on a streaming connection: what comes is dropped.
             self._discard(len(data))
             return
         if self.input_closed or self.closed:
@@ -181,7 +186,8 @@ class HttpProtocol(asyncio.Protocol):
             self._head_too_large()
 
     def eof_received(self) -> bool | None:
-        if self.lingering:
+        if self.lingering or self.stream is not None:
+            self._end_stream("client")
             self._close_now()
             return None
         self.input_closed = True
@@ -190,6 +196,7 @@ class HttpProtocol(asyncio.Protocol):
         return True  # keep the transport open to write what is still being answered
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end_stream("client")
         if not self.closed:
             self.closed = True
             self.connections.closed(self, "client" if exc is None else "error")
@@ -203,6 +210,9 @@ class HttpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._resume_reading()
+        if self.stream is not None:
+            self._stream_more()
+            return
         self._pump()
 
     # -- httptools callbacks -------------------------------------------------------
@@ -307,12 +317,17 @@ class HttpProtocol(asyncio.Protocol):
         if not self.queue and self.reading is False and not self.write_paused:
             self._resume_reading()
 
-    def _respond(self, request: Request, response: Response) -> None:
+    def _respond(self, request: Request, response: Response | Streamed) -> None:
         """Write the answer to the request in flight; then the next one's turn."""
         if self.closed or request is not self.in_flight:
+            if response.__class__ is not Response:
+                response.release("client")  # type: ignore[union-attr]
             return  # the client left meanwhile
         self.in_flight = None
         self.served += 1
+        if response.__class__ is not Response:
+            self._begin_stream(request, response)  # type: ignore[arg-type]
+            return
         last = self.input_closed and not self.queue
         keep_alive = request.keep_alive and not last
         data = response.encode(request.request_id, keep_alive=keep_alive,
@@ -356,6 +371,61 @@ class HttpProtocol(asyncio.Protocol):
         """Close a connection whose input ended once its last answer is out."""
         if self.input_closed and self.in_flight is None and not self.queue and not self.closed:
             self.close_for("client")
+
+    # -- streamed answers --------------------------------------------------------------
+
+    def _begin_stream(self, request: Request, stream: Streamed) -> None:
+        """Write the head of a streamed answer, then what it has; the connection is its
+        from now on (requests pipelined behind it are never answered)."""
+        self.input_closed = True
+        self.queue.clear()
+        self.chunked = request.version != "1.0"
+        framing = b"transfer-encoding: chunked\r\n" if self.chunked else b"connection: close\r\n"
+        self._write(b"HTTP/1.1 %d OK\r\ncontent-type: %s\r\ncache-control: no-store\r\n%s"
+                    b"x-request-id: %s\r\n\r\n" % (stream.status, stream.content_type, framing,
+                                                    request.request_id.encode()))  # fmt: skip
+        if request.method == "HEAD":
+            stream.release("client")
+            self.close_for("client")
+            return
+        self.stream = stream
+        # Reading goes on, so that a client that leaves is noticed at once.
+        self.reading = True
+        self.transport.resume_reading()
+        self._write_chunk(stream.opening())
+        stream.on_more(self._stream_more)
+        self._stream_more()
+
+    def _stream_more(self) -> None:
+        """Write what the stream has while the socket takes it; end it once it ended."""
+        stream = self.stream
+        if stream is None or self.closed:
+            return
+        while not self.write_paused:
+            data = stream.take()
+            if not data:
+                break
+            self._write_chunk(data)
+        reason = stream.ended
+        if reason is None:
+            return
+        if reason != "slow_reader":  # a slow reader resumes from its cursor instead
+            while data := stream.take():
+                self._write_chunk(data)
+        self._write_chunk(stream.closing())
+        if self.chunked:
+            self._write(b"0\r\n\r\n")
+        self._end_stream(reason)
+        self.close_for("shutdown" if reason == "shutdown" else "stream_ended")
+
+    def _write_chunk(self, data: bytes) -> None:
+        self._write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        self.stream_wrote_at = self.connections.now
+
+    def _end_stream(self, reason: str) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.release(reason)
 
     # -- refusals --------------------------------------------------------------------
 
@@ -414,7 +484,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def idle(self) -> bool:
         """Whether nothing is being read or answered: the connection can go at no loss."""
-        return self.phase == _IDLE and self.in_flight is None and not self.queue
+        return (self.phase == _IDLE and self.in_flight is None and not self.queue
+                and self.stream is None)  # fmt: skip
 
     def check_deadlines(self, now: float) -> None:
         if self.closed:
@@ -425,6 +496,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         waited = now - self.phase_since
         limits = self.limits
+        if self.stream is not None and not self.write_paused \
+                and now - self.stream_wrote_at >= limits.heartbeat_interval:  # fmt: skip
+            self._write_chunk(self.stream.heartbeat())
         if self.write_paused and now - self.paused_since > limits.keep_alive_timeout:
             # A client that stopped reading its answers: its buffer stays bounded,
             # but it must not hold a connection for ever.
@@ -481,7 +555,11 @@ class HttpProtocol(asyncio.Protocol):
             self._close_now()
 
     def stop_serving(self) -> None:
-        """The daemon is stopping: close now if idle, else once the answer in flight is out."""
+        """The daemon is stopping: close now if idle, else once the answer in flight is out;
+        a stream ends (with its reason) at once."""
+        if self.stream is not None:
+            self.stream.end("shutdown")
+            return
         self.input_closed = True
         self._pause_reading()
         if self.idle():

@@ -110,7 +110,8 @@ class Daemon:
         reloader = Reloader(settings.db_config, self.apply, self.metrics,
                             poll_interval=settings.config_poll_interval,
                             status=self.status_line)  # fmt: skip
-        api = build_api(self.engine.store, self.token, self.metrics, readiness=self.readiness,
+        api = build_api(self.engine.store, self.engine.feed, self.token, self.metrics,
+                        readiness=self.readiness,
                         reload=reloader.reload, containers=self.containers)  # fmt: skip
         connections = self._connections = Connections(settings.limits(), self.metrics)
         listener = Listener(sock, lambda: HttpProtocol(api, connections))

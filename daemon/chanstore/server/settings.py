@@ -45,6 +45,11 @@ class DaemonSettings:
     keep_alive_timeout: float = 30.0
     max_connections: int = 4096
     max_header_bytes: int = 32 * 1024
+    max_watchers: int = 1024
+    event_history: int = 1000
+    event_history_bytes: int = 64 * 1024 * 1024
+    watcher_buffer_bytes: int = 1024 * 1024
+    heartbeat_interval: float = 15.0
 
     @property
     def listen(self) -> str:
@@ -55,14 +60,18 @@ class DaemonSettings:
         """What the storage side needs of these."""
         return EngineSettings(service_id=self.service_id, idle_timeout=self.idle_timeout,
                               max_channels=self.max_channels, write_lanes=self.write_lanes,
-                              backend_timeout=self.backend_timeout)  # fmt: skip
+                              backend_timeout=self.backend_timeout,
+                              max_watchers=self.max_watchers, event_history=self.event_history,
+                              event_history_bytes=self.event_history_bytes,
+                              watcher_buffer_bytes=self.watcher_buffer_bytes)  # fmt: skip
 
     def limits(self) -> Limits:
         """What the HTTP door needs of these."""
         return Limits(max_connections=self.max_connections,
                       max_header_bytes=self.max_header_bytes, max_body_bytes=self.max_body_bytes,
                       header_timeout=self.header_timeout, body_timeout=self.body_timeout,
-                      keep_alive_timeout=self.keep_alive_timeout)  # fmt: skip
+                      keep_alive_timeout=self.keep_alive_timeout,
+                      heartbeat_interval=self.heartbeat_interval)  # fmt: skip
 
     def read_token(self) -> str | None:
         """The bearer token from ``token_file``, or None when auth is off."""
@@ -97,7 +106,46 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "keep-alive-timeout": (float, "seconds an idle keep-alive connection stays open (default 30)"),
     "max-connections": (int, "open connections at most; the idlest make room (default 4096)"),
     "max-header-bytes": (int, "largest request line and headers, in bytes (default 32768)"),
+    "max-watchers": (int, "open change-feed streams at most; past it 503 (default 1024)"),
+    "event-history": (
+        int,
+        "changes kept per channel's container for resuming feeds (default 1000)",
+    ),
+    "event-history-bytes": (
+        int,
+        "bytes of json containers' feed history held in memory, in all (default 67108864)",
+    ),
+    "watcher-buffer-bytes": (
+        int,
+        "bytes of events a feed stream may fall behind before it is dropped (default 1048576)",
+    ),
+    "heartbeat-interval": (
+        float,
+        "seconds between keep-alive comments on idle feed streams (default 15)",
+    ),
 }
+
+
+# numeric flag -> (type, least value accepted)
+_NUMBERS: tuple[tuple[str, type, float], ...] = (
+    ("max-body-bytes", int, 1),
+    ("idle-timeout", float, 0.1),
+    ("max-channels", int, 1),
+    ("write-lanes", int, 1),
+    ("config-poll-interval", float, 0.1),
+    ("shutdown-timeout", float, 0),
+    ("backend-timeout", float, 0.1),
+    ("header-timeout", float, 0.1),
+    ("body-timeout", float, 0.1),
+    ("keep-alive-timeout", float, 0.1),
+    ("max-connections", int, 1),
+    ("max-header-bytes", int, 1024),
+    ("max-watchers", int, 0),
+    ("event-history", int, 1),
+    ("event-history-bytes", int, 0),
+    ("watcher-buffer-bytes", int, 4096),
+    ("heartbeat-interval", float, 0.1),
+)
 
 
 def env_name(flag: str) -> str:
@@ -169,18 +217,8 @@ def settings_from_arguments(args: argparse.Namespace) -> DaemonSettings:
         values["log_level"] = text.lower()
     if (text := _value(args, "token-file")) is not None:
         values["token_file"] = Path(text)
-    number("max-body-bytes", int, 1)
-    number("idle-timeout", float, 0.1)
-    number("max-channels", int, 1)
-    number("write-lanes", int, 1)
-    number("config-poll-interval", float, 0.1)
-    number("shutdown-timeout", float, 0)
-    number("backend-timeout", float, 0.1)
-    number("header-timeout", float, 0.1)
-    number("body-timeout", float, 0.1)
-    number("keep-alive-timeout", float, 0.1)
-    number("max-connections", int, 1)
-    number("max-header-bytes", int, 1024)
+    for flag, kind, minimum in _NUMBERS:
+        number(flag, kind, minimum)
     if problems:
         raise ConfigError(problems)
     return DaemonSettings(**{**defaults.__dict__, **values})
