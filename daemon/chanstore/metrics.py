@@ -53,7 +53,7 @@ HTTP_BUCKETS = (
 
 #: Why a change-feed stream ends: the ``reason`` label of chanstore_watchers_ended_total.
 WATCHER_END_REASONS = ("client", "slow_reader", "shutdown", "reload", "evicted",
-                       "backend_unavailable")  # fmt: skip
+                       "backend_unavailable", "data_lost")  # fmt: skip
 
 
 class Metrics:
@@ -170,7 +170,7 @@ class Metrics:
         self.watchers_ended = Counter(
             "chanstore_watchers_ended_total",
             "Change-feed streams that ended, by reason (client, slow_reader: it fell too far "
-            "behind, shutdown, reload, evicted, backend_unavailable).",
+            "behind, shutdown, reload, evicted, backend_unavailable, data_lost).",
             ["reason"],
             **on,
         )

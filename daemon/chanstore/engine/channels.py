@@ -140,6 +140,8 @@ class Slot:
         """
         if self.cached is not None:
             self.cached.forget()
+        # Its watchers must re-read too: the loss itself is no event they could be sent.
+        end_watchers(self.watchers, "data_lost")
         self.encoded = None
         self.sorted_keys = None
         self.ready = False
