@@ -9,7 +9,7 @@ import pytest
 
 from chanstore.codec import Document
 from chanstore.engine import Engine, TooManyWatchers
-from chanstore.engine.feed import (
+from chanstore.engine.watchers import (
     HistoryBudget,
     MemoryHistory,
     Watcher,

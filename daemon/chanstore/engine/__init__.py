@@ -14,11 +14,12 @@ from chanstore.config import DbConfig
 from chanstore.engine.channels import ChannelTable
 from chanstore.engine.containers import ContainerRuntime, Containers
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
-from chanstore.engine.feed import Feed, TooManyWatchers, Watcher
+from chanstore.engine.feed import Feed, TooManyWatchers
 from chanstore.engine.readiness import Readiness
 from chanstore.engine.reconfigure import Changes, Reconfiguration
 from chanstore.engine.settings import EngineSettings
 from chanstore.engine.store import ABSENT, NO_EXPECTATION, Store
+from chanstore.engine.watchers import Watcher
 from chanstore.metrics import Metrics
 
 __all__ = [

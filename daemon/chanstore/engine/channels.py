@@ -28,9 +28,9 @@ from chanstore import codec, logs
 from chanstore.cache import CachedDict, UnreadableValue
 from chanstore.engine.containers import ContainerRuntime, Containers
 from chanstore.engine.errors import UnknownContainer
-from chanstore.engine.feed import MemoryHistory, Watcher, end_watchers
 from chanstore.engine.lanes import Write
 from chanstore.engine.settings import EngineSettings
+from chanstore.engine.watchers import MemoryHistory, Watcher, end_watchers
 from chanstore.errors import BackendUnavailable, ChanstoreError, PreconditionFailed, error_kind
 from chanstore.history import ChangeEvent
 from chanstore.metrics import Metrics
