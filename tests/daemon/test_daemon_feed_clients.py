@@ -2,12 +2,13 @@
 
 Against real daemons (json containers, and Redis-backed ones on a redis-server
 of the test's own): ``update()`` from many threads and tasks, conditional
-writes, all-or-nothing bulk writes, ``watch()`` and its automatic resume, and
-``chanstore watch``. Against a stand-in (:class:`FeedDouble`, a stdlib HTTP
-server that plays scripted event streams byte for byte): the Server-Sent
-Events parsing, the resume after a dropped connection or an ``end`` event,
-an idle stream taken for dead, the answers that end a watch, and closing a
-watch from another thread.
+writes, all-or-nothing bulk writes, ``watch()`` and its automatic resume
+(after a daemon restart, after being dropped as a slow reader, after a 503
+past ``--max-watchers``), and ``chanstore watch``. Against a stand-in
+(:class:`FeedDouble`, a stdlib HTTP server that plays scripted event streams
+byte for byte): the Server-Sent Events parsing, the resume after a dropped
+connection or an ``end`` event, an idle stream taken for dead, the answers
+that end a watch, and closing a watch from another thread or task.
 
 Every wait is bounded: events are read through :class:`Reader`, whose
 ``next(timeout)`` fails the test rather than hang.
@@ -30,7 +31,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from daemon_harness import DaemonProcess, RedisServer, free_port, json_entry, run_cli
+from daemon_harness import (
+    DaemonProcess,
+    RedisServer,
+    free_port,
+    json_entry,
+    run_cli,
+    wait_until,
+)
 
 from chanstore.client import (
     ABSENT,
@@ -488,6 +496,53 @@ def test_watch_refusals_from_the_daemon(both: DaemonProcess, channel: str) -> No
     nobody = Client(f"http://127.0.0.1:{free_port()}", timeout=2)
     with nobody, pytest.raises(DaemonUnreachable):
         next(nobody.watch(channel))
+
+
+def test_a_watch_dropped_as_a_slow_reader_resumes(start_daemon, channel: str) -> None:
+    """The watch is not read while 2,000 changes of 5 KB are made: past its buffer (and
+    the sockets') the daemon drops the stream, and the watch resumes after the last
+    event it read."""
+    daemon = start_daemon(args=["--watcher-buffer-bytes", "65536", "--event-history", "3000"])
+    keys = [f"k{number:04d}" for number in range(2000)]
+    with daemon.client() as client:
+        reader = Reader(client.watch(channel, ["stats"]))
+        try:
+            assert reader.next().kind == "ready"
+            for start in range(0, len(keys), 50):
+                batch = {key: key + "x" * 5000 for key in keys[start : start + 50]}
+                client.set_many(channel, "stats", batch)
+            events = []
+            while len([e for e in events if e.kind == "set"]) < len(keys):
+                events.append(reader.next())
+        finally:
+            reader.close()
+    assert [e.key for e in events if e.kind == "set"] == keys  # none lost, none twice
+    assert [e.kind for e in events].count("ready") >= 1  # the resumed stream's
+    dropped = daemon.events("watcher_closed")
+    assert any(record.get("reason") == "slow_reader" for record in dropped), dropped
+
+
+def test_a_watch_past_max_watchers_waits_for_a_place(start_daemon, channel: str) -> None:
+    """A 503 (too many watchers) is asked again later: the watch opens once a place is free."""
+    daemon = start_daemon(args=["--max-watchers", "1"])
+
+    def refused() -> bool:
+        return any(line.startswith("chanstore_http_requests_total") and "events" in line
+                   and 'status="503"' in line
+                   for line in daemon.metrics_text().splitlines())  # fmt: skip
+
+    with daemon.client() as client:
+        first, second = Reader(client.watch(channel)), Reader(client.watch(channel))
+        try:
+            assert first.next().kind == "ready"
+            waiting = second._pool.submit(next, second.watch)
+            wait_until(refused, EVENT_TIMEOUT, "a 503 to the second watch")
+            assert not waiting.done()
+            first.close()
+            assert waiting.result(timeout=EVENT_TIMEOUT).kind == "ready"
+        finally:
+            first.close()
+            second.close()
 
 
 # -- chanstore watch -------------------------------------------------------------------
