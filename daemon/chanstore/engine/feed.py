@@ -63,6 +63,7 @@ class Feed:
         self.metrics = metrics
         self.budget = HistoryBudget(settings.event_history_bytes)
         self.watchers: set[Watcher] = set()
+        metrics.watchers_max.set(settings.max_watchers)
         self._followers: dict[int, Any] = {}
 
     async def open(self, channel_id: str, names: list[str] | None, cursor: str | None) -> Watcher:
