@@ -162,6 +162,11 @@ class Metrics:
             **on,
         )
         self.watchers = Gauge("chanstore_watchers", "Change-feed streams open now.", **on)
+        self.watchers_max = Gauge(
+            "chanstore_watchers_max",
+            "Change-feed streams open at most (--max-watchers): past it, 503 too_many_watchers.",
+            **on,
+        )
         self.feed_events_sent = Counter(
             "chanstore_feed_events_sent_total",
             "Change-feed events (set, delete) written to watchers' streams.",
