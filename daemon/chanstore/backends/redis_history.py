@@ -54,7 +54,7 @@ FOLLOW_COUNT = 512
 #: A stream entry id as numbers, ``(milliseconds, sequence)``: ids compare as these do.
 Position = tuple[int, int]
 
-_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_PART = 2**64 - 1
 
 log = logs.get_logger()
@@ -238,6 +238,7 @@ class RedisFollower:
         self._count = count
         self._streams: dict[bytes, dict[Deliver, _Follow]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._client: redis.asyncio.Redis | None = None
         self._client_id: int | None = None
         # The XREAD in flight: its start position per stream, and its number.
         self._reading: dict[bytes, Position] | None = None
@@ -290,17 +291,24 @@ class RedisFollower:
             unblocking.cancel()
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Python 3.11's asyncio.wait_for (which redis-py sends with) can swallow a
+            # cancellation that lands as the send completes, and the read would then
+            # block on. Closing the socket under it ends it whatever became of that.
+            client = self._client
+            if client is not None and client.connection is not None:
+                with contextlib.suppress(Exception):
+                    await client.connection.disconnect(nowait=True)
+            await asyncio.wait({task})
         self._end_follows()
 
     # -- the reading task ------------------------------------------------------
 
     async def _run(self) -> None:
-        client = self._connect()
+        client = self._client = self._connect()
+        this_task = asyncio.current_task()
         try:
             self._client_id = int(await client.client_id())
-            while self._streams:
+            while self._streams and not self._closed:
                 starts = {name: min(follow.position for follow in follows.values())
                           for name, follows in self._streams.items()}  # fmt: skip
                 self._generation += 1
@@ -313,18 +321,23 @@ class RedisFollower:
                     )
                 finally:
                     self._reading = None
+                if this_task is not None and this_task.cancelling():
+                    raise asyncio.CancelledError  # asked to stop, and redis-py lost it (above)
                 if reply:
                     self._dispatch(reply, starts)
             self._stepping_down()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every follower hears of it, then follows again
-            log.warning("redis_follow_failed", where=self.where, error=str(exc),
-                        error_type=type(exc).__name__, streams=len(self._streams))  # fmt: skip
+            if not self._closed:
+                log.warning("redis_follow_failed", where=self.where, error=str(exc),
+                            error_type=type(exc).__name__, streams=len(self._streams))  # fmt: skip
             self._stepping_down()
             self._end_follows()
         finally:
             self._client_id = None
+            if self._client is client:
+                self._client = None
             # Closing must finish even when the task was cancelled: it frees the socket.
             with contextlib.suppress(Exception):
                 await asyncio.shield(client.aclose())
