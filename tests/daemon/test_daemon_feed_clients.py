@@ -75,8 +75,12 @@ class Reader:
         self.watch = watch
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="watch")
 
+    def ask(self) -> concurrent.futures.Future[WatchEvent]:
+        """The next event, as a future: the watch is read (and waits) meanwhile."""
+        return self._pool.submit(next, self.watch)
+
     def next(self, timeout: float = EVENT_TIMEOUT) -> WatchEvent:
-        future = self._pool.submit(next, self.watch)
+        future = self.ask()
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -270,6 +274,7 @@ def test_conditional_set_and_delete(both: DaemonProcess, channel: str, container
         with pytest.raises(PreconditionFailed) as kept:
             view.delete("k", expect=third)
         assert kept.value.conflicts == {"k": current}
+        assert kept.value.etag == current
         assert view["k"] == {"a": 4}
         view.delete("k", expect=current)
         assert "k" not in view
@@ -535,7 +540,7 @@ def test_a_watch_past_max_watchers_waits_for_a_place(start_daemon, channel: str)
         first, second = Reader(client.watch(channel)), Reader(client.watch(channel))
         try:
             assert first.next().kind == "ready"
-            waiting = second._pool.submit(next, second.watch)
+            waiting = second.ask()
             wait_until(refused, EVENT_TIMEOUT, "a 503 to the second watch")
             assert not waiting.done()
             first.close()
@@ -543,6 +548,24 @@ def test_a_watch_past_max_watchers_waits_for_a_place(start_daemon, channel: str)
         finally:
             first.close()
             second.close()
+
+
+def test_heartbeats_keep_an_idle_watch_open(start_daemon, channel: str) -> None:
+    """Comments every 0.2 s, a watch that takes 1 s of silence for a dead stream, and 3 s
+    without a change: the stream stays the one it was (no second ready, no reconnection)."""
+    daemon = start_daemon(args=["--heartbeat-interval", "0.2"])
+    with daemon.client() as client:
+        reader = Reader(client.watch(channel, idle_timeout=1.0))
+        try:
+            assert reader.next().kind == "ready"
+            waiting = reader.ask()
+            threading.Event().wait(3.0)  # idle, three times the watch's idle timeout
+            client.set(channel, "stats", "k", 1)
+            event = waiting.result(timeout=EVENT_TIMEOUT)
+        finally:
+            reader.close()
+    assert (event.kind, event.key) == ("set", "k")
+    assert len(daemon.events("watcher_opened")) == 1
 
 
 # -- chanstore watch -------------------------------------------------------------------
