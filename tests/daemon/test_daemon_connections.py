@@ -18,6 +18,8 @@ from typing import BinaryIO
 import pytest
 from daemon_harness import JSON_CONTAINERS, DaemonProcess, key_path
 
+from chanstore.versions import etag_of
+
 TIMEOUT = 10.0
 TOKEN = "tok-connections-7Hq2"
 
@@ -96,10 +98,10 @@ def test_pipelined_requests_are_answered_in_order(
         request("GET", path),
     )
     assert [(r.status, r.body) for r in responses] == [
-        (200, b'{"ok":true}'),
+        (200, b'{"ok":true,"etag":"%s"}' % etag_of(1).encode()),
         (200, b"1"),
         (404, responses[2].body),
-        (200, b'{"ok":true}'),
+        (200, b'{"ok":true,"etag":"%s"}' % etag_of(2).encode()),
         (200, b"2"),
         (200, b"2"),
         (200, b'{"ok":true}'),

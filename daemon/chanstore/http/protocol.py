@@ -53,6 +53,8 @@ FEED_SLICE = 16 * 1024
 #: Seconds, and bytes, a refused client's input is read and dropped before the close.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+#: Seconds a closed connection's unread answers wait for a client that is not reading.
+ABANDON_AFTER = 10.0
 #: Bytes of answers collected during one read before they are written out.
 COLLECT_AT_MOST = 64 * 1024
 _TOO_MANY = Response(503, HttpError(503, "too many connections; try again shortly",
@@ -548,6 +550,11 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.clear()
         self.connections.closed(self, self.end_reason or "client")
         self.transport.close()
+        if self.write_paused:
+            # close() waits for the client to take what is buffered: a client that
+            # never reads would hold the socket and the buffer for as long as it
+            # likes. It gets a while longer, then both go.
+            asyncio.get_running_loop().call_later(ABANDON_AFTER, self.transport.abort)
 
     def _discard(self, size: int) -> None:
         self.discarded += size
