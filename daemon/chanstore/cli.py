@@ -251,6 +251,7 @@ def _watch(args: argparse.Namespace) -> int:
     notes = logging.StreamHandler(sys.stderr)
     notes.setFormatter(logging.Formatter("chanstore watch: %(message)s"))
     client_log = logging.getLogger("chanstore.client")
+    level = client_log.level
     client_log.addHandler(notes)
     client_log.setLevel(logging.INFO)
     try:
@@ -281,6 +282,7 @@ def _watch(args: argparse.Namespace) -> int:
         return UNREACHABLE if exc.status is None else FAILED
     finally:
         client_log.removeHandler(notes)
+        client_log.setLevel(level)
     return OK
 
 
