@@ -160,12 +160,13 @@ class Watcher:
 
     def __init__(self, channel_id: str, positions: dict[str, str], limit: int) -> None:
         self.channel_id = channel_id
-        #: Each watched container's position: the cursor of what was queued last.
+        #: Each watched container's position as of the last event taken: the cursor
+        #: the client resumes from once it has what was taken.
         self.positions = positions
         #: Each container's position when the stream opened (the ``ready`` cursor).
         self.opened: dict[str, str] = {}
         self.limit = limit
-        self.queued: deque[tuple[str, str, ChangeEvent]] = deque()
+        self.queued: deque[tuple[str, ChangeEvent]] = deque()
         self.queued_bytes = 0
         self.ended: str | None = None
         self.wake: Callable[[], None] = _nothing
@@ -174,6 +175,7 @@ class Watcher:
 
     @property
     def cursor(self) -> str:
+        """The cursor after the last event taken."""
         return encode_cursor(self.positions)
 
     @property
@@ -188,14 +190,17 @@ class Watcher:
             self.push(container, event, live=False)
 
     def push(self, container: str, event: ChangeEvent | None, *, live: bool = True) -> None:
-        """Queue ``event`` of ``container`` (None: its source failed, the watcher ends)."""
+        """Queue ``event`` of ``container`` (None: its source failed, the watcher ends).
+
+        Called once per event per watcher on the writers' path, so it does no
+        more than queue: the cursor is made when the event is taken.
+        """
         if self.ended is not None:
             return
         if event is None:
             self.end("backend_unavailable")
             return
-        self.positions[container] = event.position
-        self.queued.append((self.cursor, container, event))
+        self.queued.append((container, event))
         self.queued_bytes += event_size(event)
         if live and self.queued_bytes > self.limit:
             self.end("slow_reader")
@@ -203,13 +208,16 @@ class Watcher:
         self.wake()
 
     def take(self, at_most: int = 64) -> list[tuple[str, str, ChangeEvent]]:
-        """Up to ``at_most`` queued events, each with its cursor and container, oldest first."""
+        """Up to ``at_most`` queued events, oldest first, each with the cursor just after
+        it and its container."""
         taken = []
         queued = self.queued
+        positions = self.positions
         while queued and len(taken) < at_most:
-            item = queued.popleft()
-            self.queued_bytes -= event_size(item[2])
-            taken.append(item)
+            container, event = queued.popleft()
+            self.queued_bytes -= event_size(event)
+            positions[container] = event.position
+            taken.append((encode_cursor(positions), container, event))
         return taken
 
     def end(self, reason: str) -> None:

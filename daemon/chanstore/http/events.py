@@ -60,7 +60,7 @@ class EventStream:
         """Call ``wake`` whenever there is more to take (or the stream ended)."""
         self.watcher.wake = wake
 
-    def take(self, at_most: int = 64) -> bytes:
+    def take(self, at_most: int = 256) -> bytes:
         """The next events, worded; empty when none is queued."""
         items = self.watcher.take(at_most)
         if not items:

@@ -121,6 +121,7 @@ class HttpProtocol(asyncio.Protocol):
         self.stream: Streamed | None = None
         self.chunked = True
         self.stream_wrote_at = 0.0
+        self.stream_woken = False
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -395,11 +396,19 @@ class HttpProtocol(asyncio.Protocol):
         self.reading = True
         self.transport.resume_reading()
         self._write_chunk(stream.opening())
-        stream.on_more(self._stream_more)
+        stream.on_more(self._stream_wake)
         self._stream_more()
+
+    def _stream_wake(self) -> None:
+        """The stream has more: write it once this turn of the loop is done, so that the
+        events of one batch of writes go out in one system call, not one each."""
+        if not self.stream_woken:
+            self.stream_woken = True
+            asyncio.get_running_loop().call_soon(self._stream_more)
 
     def _stream_more(self) -> None:
         """Write what the stream has while the socket takes it; end it once it ended."""
+        self.stream_woken = False
         stream = self.stream
         if stream is None or self.closed:
             return
