@@ -1,6 +1,6 @@
 """A Redis domain's change history: a stream beside its hash, and one reader that follows many.
 
-The redis backend's write script (see :mod:`chanstore.backends.redisdb`)
+The redis backend's write script (see :mod:`chanstore.backends.redis_writes`)
 appends one entry per change to the stream ``<key_prefix>-events:<domain>``
 in the same atomic step as the change itself, trimmed to about the
 backend's ``history_length`` entries (``MAXLEN ~``: at least that many are

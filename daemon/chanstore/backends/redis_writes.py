@@ -1,0 +1,336 @@
+"""The redis backend's writes: the Lua script every change runs; how a batch is sent and answered.
+
+Every write of :class:`~chanstore.backends.redisdb.RedisDatabase` (single,
+bulk, conditional, several domains at once) becomes one :class:`Write` per
+domain: a call of :data:`WRITE_SCRIPT`, which checks the change's
+expectations and makes it, history entries included, in one atomic step.
+:func:`send_writes` sends a batch of them in one round trip (one
+non-transactional pipeline when there are several) and
+:func:`send_writes_async` does the same with redis-py's asyncio client on the
+running event loop. Both take the replies and send again what must be: a
+round after a ``NOSCRIPT`` goes by the script's text, which loads it, and a
+write whose expected document a foreign writer formatted otherwise goes once
+more (see :class:`Write`), in at most three rounds.
+
+Apart from the backend because this is the exchange of a write with Redis,
+whoever asks for it: it holds no connection pools and decodes no reads. The
+backend hands it the client and ``reaching``, the context that words a
+connection error as the backend's, as it does for
+:mod:`chanstore.backends.redis_history`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import redis
+import redis.asyncio
+
+from chanstore import codec
+from chanstore.errors import BackendError, PreconditionFailed
+from chanstore.keys import check_key
+from chanstore.versions import ANY, UNREADABLE, Change, Expectation, etag_of_stored
+
+__all__ = ["WRITE_SCRIPT", "Write", "WriteTarget", "send_writes", "send_writes_async"]
+
+#: The one script every write runs, once per domain, atomically.
+#:
+#: ``KEYS``: the domain's hash, its history stream. ``ARGV``: the history's
+#: ``MAXLEN ~``; how many expectations, sets and deletes follow; then each
+#: expectation as a field and what it must hold (an ETag; ``*``: it exists;
+#: an empty string: it is absent), each set as a field and its stored bytes,
+#: and each delete as a field.
+#:
+#: When an expectation fails, nothing changes and the answer is ``0``
+#: followed by each failed field and its current bytes (nil when absent), so
+#: that the caller reports canonical ETags and recognises a foreign writer's
+#: formatting of the expected document (see :class:`Write`). Otherwise the
+#: answer is ``1`` followed by the deleted fields that existed, and the
+#: stream has one entry per change made: ``op set key <field> value <bytes>
+#: etag <sha1>``, or ``op delete key <field>`` for a field that existed.
+WRITE_SCRIPT = """
+local hash, stream = KEYS[1], KEYS[2]
+local maxlen = ARGV[1]
+local n_expect, n_sets, n_deletes = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local at = 5
+local failed = {0}
+for _ = 1, n_expect do
+  local field, expected = ARGV[at], ARGV[at + 1]
+  at = at + 2
+  local current = redis.call('HGET', hash, field)
+  local holds
+  if expected == '' then
+    holds = not current
+  elseif expected == '*' then
+    holds = current ~= false
+  else
+    holds = current ~= false and redis.sha1hex(current) == expected
+  end
+  if not holds then
+    failed[#failed + 1] = field
+    failed[#failed + 1] = current
+  end
+end
+if #failed > 1 then
+  return failed
+end
+for _ = 1, n_sets do
+  local field, value = ARGV[at], ARGV[at + 1]
+  at = at + 2
+  redis.call('HSET', hash, field, value)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
+             'op', 'set', 'key', field, 'value', value, 'etag', redis.sha1hex(value))
+end
+local existed = {1}
+for _ = 1, n_deletes do
+  local field = ARGV[at]
+  at = at + 1
+  if redis.call('HDEL', hash, field) == 1 then
+    existed[#existed + 1] = field
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'op', 'delete', 'key', field)
+  end
+end
+return existed
+"""
+_WRITE_SHA = hashlib.sha1(WRITE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+#: How an expectation is sent to the script: "" is "must be absent".
+_ABSENT = ""
+#: Rounds one batch of writes may take: a reload of the script (NOSCRIPT), then
+#: one retry of the parts whose expected document a foreign writer formatted.
+_MAX_ROUNDS = 3
+
+
+class WriteTarget(Protocol):
+    """What a :class:`Write` needs of its backend: the domain's hash and history stream, and
+    how many entries the history keeps (read at each send, as the backend holds it then)."""
+
+    hash_name: bytes
+    stream_name: bytes
+    history_length: int
+
+
+class Write:
+    """One domain's :class:`~chanstore.versions.Change` on its way through :data:`WRITE_SCRIPT`.
+
+    Built from the change (keys checked, values encoded: a part that cannot
+    be sent has its error as its answer at once), it gives the script call
+    to send and takes the script's reply, until it has its answer: the
+    deleted keys that existed, or an error.
+
+    A foreign writer (``redis-cli HSET`` with pretty-printed JSON) stores a
+    document in bytes whose SHA-1 is not the ETag chanstore gives the same
+    document (the SHA-1 of its compact form, which is what every reader
+    computes). When an expected ETag fails on such bytes but the compact
+    form of what is stored has that ETag, the write is sent once more
+    expecting exactly those stored bytes: still one atomic check, now of the
+    document the caller saw. Conflicts are reported with canonical ETags
+    (:data:`~chanstore.versions.UNREADABLE` for bytes that are not JSON).
+    """
+
+    __slots__ = ("answer", "arguments", "backend", "expect", "retried", "sent_expect")
+
+    def __init__(self, backend: WriteTarget, change: Change) -> None:
+        self.backend = backend
+        self.answer: list[str] | BaseException | None = None
+        self.retried = False
+        self.expect: dict[str, Expectation] = {}
+        self.sent_expect: dict[str, str] = {}
+        self.arguments: list[Any] = []
+        try:
+            self.expect = {check_key(key): expected for key, expected in change.expect.items()}
+            self.sent_expect = {key: _sent(expected) for key, expected in self.expect.items()}
+            sets = [(check_key(key), codec.encode(value)) for key, value in change.sets.items()]
+            deletes = [check_key(key) for key in change.deletes]
+        except Exception as exc:  # noqa: BLE001 - this part's answer; nothing of it is sent
+            self.answer = exc
+            return
+        if not sets and not deletes and not self.expect:
+            self.answer = []  # nothing to check or change: no round trip
+            return
+        arguments: list[Any] = [len(sets), len(deletes)]
+        for pair in sets:
+            arguments.extend(pair)
+        arguments.extend(deletes)
+        self.arguments = arguments
+
+    def command(self, by_text: bool) -> tuple[Any, ...]:
+        """The script call: by its SHA-1, or (after a NOSCRIPT) by its text, which loads it."""
+        backend = self.backend
+        expectations: list[str] = []
+        for key, sent in self.sent_expect.items():
+            expectations.append(key)
+            expectations.append(sent)
+        head = ("EVAL", WRITE_SCRIPT) if by_text else ("EVALSHA", _WRITE_SHA)
+        return (*head, 2, backend.hash_name, backend.stream_name,
+                max(1, int(backend.history_length)), len(self.sent_expect),
+                *self.arguments[:2], *expectations, *self.arguments[2:])  # fmt: skip
+
+    def take(self, reply: Any) -> bool:
+        """Take the script's reply; False when the call must be sent again."""
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return False  # the script did not run at all: sending it again is safe
+        if isinstance(reply, BaseException):
+            self.answer = reply
+            return True
+        if reply[0] == 1:
+            self.answer = [field.decode("utf-8") for field in reply[1:]]
+            return True
+        failed: dict[str, str | None] = {}
+        formatted: dict[str, str] = {}
+        for index in range(1, len(reply), 2):
+            key = reply[index].decode("utf-8")
+            stored = reply[index + 1]
+            current = None if stored is None else _canonical_etag(stored)
+            expected = self.expect.get(key)
+            if (stored is not None and current == expected and current != UNREADABLE
+                    and not self.retried):  # fmt: skip
+                formatted[key] = etag_of_stored(stored)
+            else:
+                failed[key] = current
+        if failed or not formatted:
+            self.answer = PreconditionFailed(failed)
+            return True
+        self.retried = True
+        self.sent_expect.update(formatted)
+        return False
+
+    def result(self) -> list[str] | BaseException:
+        """The answer, once there is one."""
+        if self.answer is None:
+            return BackendError("the write was not sent")
+        return self.answer
+
+    def error(self) -> BaseException | None:
+        """The answer as ``set_many`` parts give it: the error, or None."""
+        answer = self.result()
+        return answer if isinstance(answer, BaseException) else None
+
+    def answer_or_raise(self) -> list[str]:
+        answer = self.result()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def _sent(expected: Expectation) -> str:
+    """An expectation as the script takes it: an ETag, ``*``, or "" for "absent"."""
+    if expected is None:
+        return _ABSENT
+    if not isinstance(expected, str):
+        raise TypeError(f"an expectation is an ETag, {ANY!r} or None, not {expected!r}")
+    # "" is no ETag (and would read as "absent"): like any unknown one, it never holds.
+    return expected or UNREADABLE
+
+
+def _canonical_etag(stored: bytes) -> str:
+    """The ETag every reader gives the document stored as ``stored``: that of its compact form."""
+    try:
+        return etag_of_stored(codec.encode(codec.decode(stored, revive=False)))
+    except (ValueError, TypeError):
+        return UNREADABLE
+
+
+class _Round:
+    """The writes of one batch still waiting for their answers, round after round."""
+
+    def __init__(self, writes: Sequence[Write]) -> None:
+        self.pending = [write for write in writes if write.answer is None]
+        self.by_text = False
+        self.rounds = 0
+
+    def commands(self) -> list[tuple[Any, ...]]:
+        return [write.command(self.by_text) for write in self.pending]
+
+    def take(self, replies: Sequence[Any]) -> None:
+        self.rounds += 1
+        # After a NOSCRIPT (a restarted Redis, SCRIPT FLUSH) the next round sends the
+        # text, which loads the script for every later EVALSHA: no SCRIPT LOAD round trip.
+        self.by_text = any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
+        self.pending = [write for write, reply in zip(self.pending, replies, strict=True)
+                        if not write.take(reply)]  # fmt: skip
+        if self.pending and self.rounds >= _MAX_ROUNDS:
+            for write in self.pending:
+                write.answer = BackendError(
+                    f"the write script did not run in {self.rounds} attempts (its cache was "
+                    "flushed each time)"
+                )
+            self.pending = []
+
+    def failed(self, exc: BaseException) -> None:
+        """The round trip failed: every write still waiting has that error as its answer."""
+        for write in self.pending:
+            write.answer = exc
+        self.pending = []
+
+
+def send_writes(
+    writes: Sequence[Write],
+    client: redis.Redis,
+    *,
+    reaching: Callable[[], AbstractContextManager[None]],
+) -> None:
+    """Send ``writes`` (of ``client``'s connection pool): one script call each, one round trip.
+
+    A batch of several goes as one non-transactional pipeline. redis-py's
+    own script support is not used for it: a pipeline holding a ``Script``
+    asks ``SCRIPT EXISTS`` first, a round trip more for every batch. Each
+    round trip runs inside ``reaching()``; when it fails, every write still
+    waiting has the error as its answer.
+    """
+    batch = _Round(writes)
+    while batch.pending:
+        commands = batch.commands()
+        try:
+            with reaching():
+                if len(commands) == 1:
+                    try:
+                        replies = [client.execute_command(*commands[0])]
+                    except redis.ResponseError as exc:  # NOSCRIPT, WRONGTYPE: that write's answer
+                        replies = [exc]
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
+            batch.failed(exc)
+            return
+        batch.take(replies)
+
+
+async def send_writes_async(
+    writes: Sequence[Write],
+    async_client: Callable[[], redis.asyncio.Redis],
+    *,
+    reaching: Callable[[], AbstractContextManager[None]],
+) -> None:
+    """:func:`send_writes` on the running event loop, with the pool's asyncio client.
+
+    ``async_client()`` gives that client; it is asked for only when there is
+    something to send.
+    """
+    batch = _Round(writes)
+    if not batch.pending:
+        return
+    client = async_client()
+    while batch.pending:
+        commands = batch.commands()
+        try:
+            with reaching():
+                if len(commands) == 1:
+                    try:
+                        replies = [await client.execute_command(*commands[0])]
+                    except redis.ResponseError as exc:  # NOSCRIPT, WRONGTYPE: that write's answer
+                        replies = [exc]
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
+            batch.failed(exc)
+            return
+        batch.take(replies)
