@@ -208,8 +208,12 @@ class Traffic:
     """Requests against a daemon from a thread, until stopped: rates that are not zero.
 
     Each round stores and reads values in each of ``json_containers`` (cache
-    hits and misses, 404s for absent keys, a 400 for a body that is not JSON)
-    and stores into ``failing_container``, whose backend cannot be reached (503).
+    hits and misses, 404s for absent keys, a 400 for a body that is not JSON,
+    a 412 for a conditional write that loses) and stores into
+    ``failing_container``, whose backend cannot be reached (503). Every tenth
+    round also uses the change feed: a stream that opens (200) and gets the
+    event of a write, a resume from a cursor that does not cover a container
+    (410), and a stream of ``failing_container`` (503 backend_unavailable).
     """
 
     def __init__(self, daemon: Daemon, json_containers: list[str], failing_container: str) -> None:
@@ -231,12 +235,47 @@ class Traffic:
             self._send("GET", f"{channel}/{container}")
             self._send("POST", f"{channel}/{container}/-/get",
                        json={"keys": [f"key-{i}" for i in range(3)]})  # fmt: skip
+            self._send("PUT", key, json=n, headers={"If-Match": '"0"'})  # nobody's ETag: 412
             if n % 10 == 0:
                 self._send("DELETE", key)
                 self._send("PUT", key, content=b"{not json")
         self._send("PUT", f"{channel}/{self.failing_container}/score", json=n)
         if n % 10 == 0:
             self._send("GET", "/readyz")
+            self.feed(channel, n)
+
+    def feed(self, channel: str, n: int) -> None:
+        """A change-feed stream that sees one write; a 410 and a 503 on the feed's route."""
+        container = self.json_containers[0]
+        cursor = self._watch(channel, {"containers": container},
+                             then=(f"{channel}/{container}/watched", n))  # fmt: skip
+        assert cursor is not None, "the change feed did not open"
+        # The cursor names a position in ``container`` only: resuming the failing
+        # container from it is cursor_expired, before its backend is asked.
+        self._watch(channel, {"containers": self.failing_container, "since": cursor})
+        self._watch(channel, {"containers": self.failing_container})
+
+    def _watch(self, channel: str, params: dict[str, str],
+               then: tuple[str, Any] | None = None) -> str | None:  # fmt: skip
+        """Ask for a feed stream; once open, store ``then`` (path, value) and read up to its
+        event, then close. The stream's first cursor, or None when it did not open."""
+        with self._client.stream("GET", f"{channel}/-/events", params=params) as response:
+            status = response.status_code
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status != 200:
+                response.read()
+                return None
+            cursor = None
+            for line in response.iter_lines():
+                if cursor is None and line.startswith("id: "):
+                    cursor = line.removeprefix("id: ")
+                    if then is None:
+                        break
+                    path, value = then
+                    self._send("PUT", path, json=value)
+                elif line == "event: set":
+                    break
+            return cursor
 
     def _send(self, method: str, path: str, **options: Any) -> None:
         response = self._client.request(method, path, **options)

@@ -2,17 +2,27 @@
 
 Grafana itself is not packaged for Debian, so what Grafana would do with the
 files is checked by reading them; that every panel's query runs and returns
-data is shown against a real Prometheus in test_ops_prometheus_e2e.py.
+data is shown against a real Prometheus in test_ops_prometheus_e2e.py. Which
+metrics the dashboard must show is what a real daemon's /metrics exports.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from ops_support import DASHBOARDS, GRAFANA_DIR, dashboard_panels, load_yaml, variable_query
+from ops_support import (
+    DASHBOARDS,
+    GRAFANA_DIR,
+    Daemon,
+    dashboard_panels,
+    load_yaml,
+    variable_query,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 DATASOURCE_UID = "${datasource}"
 #: Metrics some panel must show: what an operator looks at first.
@@ -31,7 +41,13 @@ REQUIRED_METRICS = (
     "chanstore_http_connections",
     "chanstore_http_connections_closed_total",
     "chanstore_integrity_problems_total",
+    "chanstore_watchers",
+    "chanstore_watchers_max",
+    "chanstore_feed_events_sent_total",
+    "chanstore_watchers_ended_total",
 )
+#: The change feed's route, as the daemon labels its requests.
+FEED_ROUTE = "/v1/channels/{channel}/-/events"
 _RANGE = re.compile(r"\[([^\]]*)\]")
 _USE = re.compile(r"\$\{?(\w+)\}?")
 
@@ -151,6 +167,65 @@ def test_operator_panels_are_there(dashboard: dict[str, Any]) -> None:
     stat_text = " ".join(t["expr"] for p in stats for t in p["targets"])
     assert "chanstore_config_last_reload_successful" in stat_text
     assert "chanstore_config_last_reload_success_timestamp_seconds" in stat_text
+
+
+def test_every_exported_chanstore_metric_is_on_a_dashboard(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    # What a real daemon exports, so that a metric added to the daemon without
+    # a panel (or a variable) that shows it fails here.
+    text = start_daemon().metrics_text()
+    exported = {f.name for f in text_string_to_metric_families(text)
+                if f.name.startswith("chanstore_")}  # fmt: skip
+    assert {"chanstore_http_requests", "chanstore_watchers"} <= exported, exported
+    queries = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        queries += expressions(dashboard)
+        queries += [variable_query(v) for v in dashboard["templating"]["list"]]
+    shown = "\n".join(queries)
+    # The parser names a counter without _total and a histogram without _bucket.
+    suffix = "(_total|_bucket|_count|_sum)?"
+    missing = [name for name in sorted(exported) if not re.search(rf"\b{name}{suffix}\b", shown)]
+    assert not missing, f"exported, but no dashboard shows: {missing}"
+
+
+def _row_panels(dashboard: dict[str, Any], title: str) -> list[dict[str, Any]]:
+    """The panels laid out under the row ``title``, down to the next row."""
+    rows = sorted(
+        (p["gridPos"]["y"], p["title"]) for p in dashboard["panels"] if p["type"] == "row"
+    )
+    (top,) = [y for y, name in rows if name == title]
+    bottom = min((y for y, _name in rows if y > top), default=float("inf"))
+    return [p for p in dashboard["panels"]
+            if p["type"] != "row" and top < p["gridPos"]["y"] < bottom]  # fmt: skip
+
+
+def test_change_feed_row(dashboard: dict[str, Any]) -> None:
+    panels = _row_panels(dashboard, "Change feed")
+    by_expr = {t["expr"]: p for p in panels for t in p["targets"]}
+
+    def panel_of(pattern: str) -> dict[str, Any]:
+        found = [p for expr, p in by_expr.items() if re.search(pattern, expr)]
+        assert found, f"no panel of the Change feed row matches {pattern}"
+        return found[0]
+
+    # Open streams against the cap, in one panel.
+    assert panel_of(r"^chanstore_watchers\{") is panel_of(r"^chanstore_watchers_max\{")
+    assert panel_of(r"rate\(chanstore_feed_events_sent_total\{")
+    ended = panel_of(r"sum by \(reason\) \(rate\(chanstore_watchers_ended_total\{")
+    assert ended["fieldConfig"]["defaults"]["unit"] == "ops"
+    # The feed's requests by status, the refusals picked out in colour.
+    requests = panel_of(rf'sum by \(status\) .*route="{re.escape(FEED_ROUTE)}"')
+    colored = {o["matcher"]["options"] for o in requests["fieldConfig"]["overrides"]
+               if o["matcher"]["id"] == "byName"
+               and any(prop["id"] == "color" for prop in o["properties"])}  # fmt: skip
+    assert {"410", "503"} <= colored, colored
+    for target in requests["targets"]:
+        assert target["legendFormat"] == "{{status}}"  # the names the overrides match
+    # Conditional writes that lost (412), by route.
+    conflicts = panel_of(r'sum by \([^)]*route[^)]*\) .*status="412"')
+    assert conflicts["fieldConfig"]["defaults"]["unit"] == "reqps"
 
 
 def test_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:

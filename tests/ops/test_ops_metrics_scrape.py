@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chanstore.metrics import ProcessCollector
 
-#: Every family of DESIGN.md section 3, the readiness gauges, and the process
-#: metrics the dashboard shows.
+#: Every family of DESIGN.md section 3, the readiness gauges, the connection
+#: and change-feed families, and the process metrics the dashboard shows.
 FAMILIES = {
     "chanstore_backend_operation_duration_seconds": "histogram",
     "chanstore_backend_operation_errors": "counter",
@@ -30,6 +30,14 @@ FAMILIES = {
     "chanstore_build_info": "gauge",
     "chanstore_ready": "gauge",
     "chanstore_backend_up": "gauge",
+    "chanstore_integrity_problems": "counter",
+    "chanstore_http_connections": "gauge",
+    "chanstore_http_connections_max": "gauge",
+    "chanstore_http_connections_closed": "counter",
+    "chanstore_watchers": "gauge",
+    "chanstore_watchers_max": "gauge",
+    "chanstore_feed_events_sent": "counter",
+    "chanstore_watchers_ended": "counter",
     "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds": "counter",  # the parser names counters without _total
 }
@@ -105,6 +113,20 @@ def test_readiness_gauges_follow_the_backends_without_readyz(start_daemon: Start
         30,
         "chanstore_ready to become 1",
     )
+
+
+def test_the_change_feed_series_exist_from_the_start(start_daemon: StartDaemon) -> None:
+    # The shipped alerts take increase() of slow_reader ends and compare the open
+    # streams with the cap: both need their series before the first stream.
+    text = start_daemon().metrics_text()
+    assert samples(text, "chanstore_watchers_ended_total") == {
+        (("reason", reason),): 0.0
+        for reason in ("client", "slow_reader", "shutdown", "reload", "evicted",
+                       "backend_unavailable", "data_lost")
+    }  # fmt: skip
+    assert samples(text, "chanstore_watchers") == {(): 0.0}
+    assert samples(text, "chanstore_watchers_max") == {(): 1024.0}  # --max-watchers' default
+    assert samples(text, "chanstore_feed_events_sent_total") == {(): 0.0}
 
 
 def _process_samples(collector_class: type, proc: Path) -> dict[str, float]:

@@ -1,19 +1,21 @@
 """End to end: a real Prometheus scrapes a real daemon; the dashboard and the rules run on it.
 
 The daemon gets traffic that includes a rejected reload, a backend that
-cannot be reached and two stored values that do not decode (one read before
-Prometheus starts, one after: integrity problems); Prometheus (the shipped
-scrape job and rule files, at a 1 s interval) scrapes it while the traffic
-goes on. Then every query of the dashboard, with Grafana's variables filled
-in as "All", must run and return data; every rule expression must run; every
-rule must evaluate healthy; and the alerts that this traffic calls for must be
-pending or firing.
+cannot be reached, two stored values that do not decode (one read before
+Prometheus starts, one after: integrity problems), conditional writes that
+lose, and change-feed requests (a stream, an expired cursor, a failing
+backend); Prometheus (the shipped scrape job and rule files, at a 1 s
+interval) scrapes it while the traffic goes on. Then every query of the
+dashboard, with Grafana's variables filled in as "All", must run and return
+data; every rule expression must run; every rule must evaluate healthy; and
+the alerts that this traffic calls for must be pending or firing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,8 @@ def scraped(
             wait_until(lambda: _rules_evaluated(prometheus), TIMEOUT, "every rule evaluated")
             assert traffic.statuses.get(503), "the unreachable backend never failed a request"
             assert traffic.statuses.get(200), traffic.statuses
+            # Conditional writes that lost, and a feed cursor that expired.
+            assert traffic.statuses.get(412) and traffic.statuses.get(410), traffic.statuses
         yield prometheus
     except BaseException:
         print("daemon log:\n" + daemon.log_text())
@@ -172,6 +176,23 @@ def test_dashboard_variables_find_the_containers_and_backends(scraped: Prometheu
         assert {"profiles", "health_bars", "scores"} <= found["container"], found
         assert {"json", "redis"} <= found["backend"], found
         assert found["job"] == {"chanstore"}, found
+
+
+def _named_routes() -> set[str]:
+    texts = [rule["expr"] for kind in ("record", "alert") for _path, rule in rules(kind)]
+    texts += [expr for _panel, expr in PANEL_QUERIES]
+    return {route for text in texts for route in re.findall(r'\broute="([^"]*)"', text)}
+
+
+NAMED_ROUTES = sorted(_named_routes())
+
+
+@pytest.mark.parametrize("route", NAMED_ROUTES)
+def test_routes_named_by_rules_and_panels_are_the_daemons(scraped: Prometheus, route: str) -> None:
+    # A route template that the daemon never labels requests with would make an
+    # alert that never fires and a panel that stays empty.
+    answer = scraped.query(f'chanstore_http_requests_total{{route="{route}"}}')
+    assert answer["data"]["result"], f"no request was counted under route {route!r}"
 
 
 RULES = [(rule.get("alert") or rule["record"], rule["expr"]) for kind in ("record", "alert")

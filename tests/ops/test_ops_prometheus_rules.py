@@ -31,6 +31,8 @@ REQUIRED_ALERTS = {
     "ChanstoreDataDamaged",
     "ChanstoreConnectionsRefused",
     "ChanstoreConnectionsAtCap",
+    "ChanstoreWatchersAtCap",
+    "ChanstoreSlowWatchers",
 }
 SEVERITIES = {"critical", "warning"}
 
