@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -35,7 +36,14 @@ EVENT_OVERHEAD = 200
 
 def encode_cursor(positions: dict[str, str]) -> str:
     """The cursor naming ``positions`` (container -> position): opaque, URL- and header-safe."""
-    text = ",".join(f"{name}:{position}" for name, position in positions.items())
+    return _cursor_of(tuple(positions.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cursor_of(items: tuple[tuple[str, str], ...]) -> str:
+    # Cached: every watcher of a channel takes the same events, so they make the
+    # same cursors, each once per event.
+    text = ",".join(f"{name}:{position}" for name, position in items)
     return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode("ascii")
 
 
@@ -166,7 +174,7 @@ class Watcher:
         #: Each container's position when the stream opened (the ``ready`` cursor).
         self.opened: dict[str, str] = {}
         self.limit = limit
-        self.queued: deque[tuple[str, ChangeEvent]] = deque()
+        self.queued: deque[tuple[str, ChangeEvent, int]] = deque()
         self.queued_bytes = 0
         self.ended: str | None = None
         self.wake: Callable[[], None] = _nothing
@@ -200,8 +208,9 @@ class Watcher:
         if event is None:
             self.end("backend_unavailable")
             return
-        self.queued.append((container, event))
-        self.queued_bytes += event_size(event)
+        size = event_size(event)
+        self.queued.append((container, event, size))
+        self.queued_bytes += size
         if live and self.queued_bytes > self.limit:
             self.end("slow_reader")
             return
@@ -214,8 +223,8 @@ class Watcher:
         queued = self.queued
         positions = self.positions
         while queued and len(taken) < at_most:
-            container, event = queued.popleft()
-            self.queued_bytes -= event_size(event)
+            container, event, size = queued.popleft()
+            self.queued_bytes -= size
             positions[container] = event.position
             taken.append((encode_cursor(positions), container, event))
         return taken

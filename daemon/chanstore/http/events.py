@@ -92,17 +92,29 @@ class EventStream:
 
 
 def _worded(cursor: str, container: str, event: ChangeEvent) -> bytes:
+    """The event as SSE, made once for all the watchers that send it with that cursor
+    (every watcher of a channel's containers, as a rule)."""
+    key = (cursor, container, id(event))
+    found = _WORDED.get(key)
+    if found is not None:
+        return found[1]
     head = b'{"container":%s,"key":%s' % (_json(container), _json(event.key))
     if event.op == "delete":
         data = head + b"}"
     else:
         data = head + b',"etag":"%s","value":%s}' % (
             (event.etag or "").encode(), _one_line(event.value))  # fmt: skip
-    return b"event: %s\nid: %s\ndata: %s\n\n" % (event.op.encode(), cursor.encode(), data)
+    worded = b"event: %s\nid: %s\ndata: %s\n\n" % (event.op.encode(), cursor.encode(), data)
+    if len(_WORDED) >= WORDED_KEPT:
+        del _WORDED[next(iter(_WORDED))]  # the oldest: dicts keep insertion order
+    _WORDED[key] = (event, worded)
+    return worded
 
 
-def _json(text: str) -> bytes:
-    return json.dumps(text).encode()
+#: Recent events as worded, by (cursor, container, id(event)); each entry holds its
+#: event, so that the id is not reused while the entry is kept.
+_WORDED: dict[tuple[str, str, int], tuple[ChangeEvent, bytes]] = {}
+WORDED_KEPT = 4096
 
 
 def _one_line(value: bytes | None) -> bytes:
@@ -117,3 +129,7 @@ def _one_line(value: bytes | None) -> bytes:
     except ValueError:
         # Not JSON at all: sent as the text it is, so the event is still told.
         return json.dumps(value.decode("utf-8", "replace")).encode()
+
+
+def _json(text: str) -> bytes:
+    return json.dumps(text).encode()
