@@ -123,6 +123,14 @@ class CacheMemory:
         self._counts.hits += 1
         return value
 
+    def held(self, key: str) -> Any:
+        """What memory holds of ``key``, as :meth:`peek` says it, without counting a hit:
+        for a writer that checks what it is about to replace, not a read."""
+        value = self._values.get(key, UNKNOWN)
+        if value is UNKNOWN and self._complete:
+            return ABSENT
+        return value
+
     @property
     def complete(self) -> bool:
         """Whether memory holds the whole domain: a key it does not hold is absent."""
@@ -267,6 +275,9 @@ class NullMemory(CacheMemory):
 
     def peek(self, key: str) -> Any:
         self._counts.hits += 1
+        return None
+
+    def held(self, key: str) -> Any:
         return None
 
     def unsure(self, key: str) -> None:

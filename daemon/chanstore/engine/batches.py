@@ -42,6 +42,19 @@ Outcome = bool | BaseException
 _Part = tuple[DatabaseInterface, dict[str, int]]
 
 
+#: :meth:`Owner.known_etag`'s answer when only the backend knows.
+UNKNOWN_ETAG = "?"
+
+
+class Owner(Protocol):
+    """Who follows a queued write (its channel's copy of the container)."""
+
+    def known_etag(self, key: str) -> str | None:
+        """The ETag of what ``key`` holds as far as memory knows (None: absent), or
+        :data:`UNKNOWN_ETAG`. Called on a lane's thread."""
+        ...
+
+
 class Queued(Protocol):
     """What a batch is made of: one set (``delete`` false) or delete of ``key``,
     made together with its neighbours that share its ``condition``, if it has one."""
@@ -51,6 +64,8 @@ class Queued(Protocol):
     value: Any
     delete: bool
     condition: Any
+    etag: str | None
+    owner: Any
 
 
 def stores_on_loop(batch: Sequence[Queued]) -> bool:
@@ -72,11 +87,13 @@ def stores_on_loop(batch: Sequence[Queued]) -> bool:
 def apply_batch(batch: Sequence[Queued], fan_out: Executor | None = None) -> list[Outcome]:
     """Apply ``batch`` in order, on this thread and ``fan_out``; each write's outcome."""
     results: list[Outcome] = [False] * len(batch)
+    # The batch's writes so far, by key: the one stored, or None where it failed.
+    stored: dict[tuple[int, str], Queued | None] = {}
     for run in _runs(batch):
         plain, units = _split(batch, run)
         by_backend = [unit for unit in units if type(batch[unit[0]].backend).checks_conditions]
         checked_here = [unit for unit in units if unit not in by_backend]
-        plain.extend(_passing(batch, checked_here, results))
+        plain.extend(_passing(batch, checked_here, results, stored))
         sets, deletes = _groups(batch, plain)
         calls: list[Callable[[], None]] = [
             functools.partial(_store_together, parts, batch, results) for parts in sets.values()
@@ -86,6 +103,7 @@ def apply_batch(batch: Sequence[Queued], fan_out: Executor | None = None) -> lis
         calls.extend(functools.partial(_apply_together, group, batch, results)
                      for group in _unit_groups(batch, by_backend))  # fmt: skip
         _call_all(calls, fan_out)
+        _note_stored(batch, run, results, stored)
     return results
 
 
@@ -146,19 +164,22 @@ def _split(batch: Sequence[Queued], run: range) -> tuple[list[int], list[list[in
     return plain, units
 
 
-def _passing(batch: Sequence[Queued], units: list[list[int]], results: list[Outcome]) -> list[int]:
-    """The writes of ``units`` whose expectations hold, read from their backends.
+def _passing(batch: Sequence[Queued], units: list[list[int]], results: list[Outcome],
+             stored: dict[tuple[int, str], Queued | None]) -> list[int]:  # fmt: skip
+    """The writes of ``units`` whose expectations hold; a unit that fails is answered here.
 
     For backends that do not check conditions themselves: the write lanes
-    order every write of the domain, so nothing changes between this read
-    and the write that follows. A unit that fails is answered here.
+    order every write of the domain, so what a key holds now is what the
+    batch's own earlier writes stored, else what its owner's memory holds,
+    else what the backend answers; nothing can change it before this run is
+    stored.
     """
     passing: list[int] = []
     for unit in units:
         first = batch[unit[0]]
-        expect = first.condition.expect  # type: ignore[union-attr]
+        expect = first.condition.expect
         try:
-            current = etags_of(first.backend.get_many(list(expect)))
+            current = _current_etags(first, list(expect), stored)
         except Exception as exc:  # noqa: BLE001 - the unit's answer
             for index in unit:
                 results[index] = exc
@@ -171,6 +192,42 @@ def _passing(batch: Sequence[Queued], units: list[list[int]], results: list[Outc
         else:
             passing.extend(unit)
     return passing
+
+
+def _current_etags(write: Queued, keys: list[str],
+                   stored: dict[tuple[int, str], Queued | None]) -> dict[str, str]:  # fmt: skip
+    """The ETags of those ``keys`` of ``write``'s domain that exist now."""
+    current: dict[str, str] = {}
+    unknown: list[str] = []
+    for key in keys:
+        token = (id(write.backend), key)
+        if token in stored:
+            earlier = stored[token]
+            if earlier is None or (not earlier.delete and earlier.etag is None):
+                unknown.append(key)  # it failed (it may have landed), or was not made here
+            elif not earlier.delete:
+                current[key] = earlier.etag
+            continue
+        known = write.owner.known_etag(key)
+        if known is UNKNOWN_ETAG:
+            unknown.append(key)
+        elif known is not None:
+            current[key] = known
+    if unknown:
+        current.update(etags_of(write.backend.get_many(unknown)))
+    return current
+
+
+def _note_stored(batch: Sequence[Queued], run: range, results: list[Outcome],
+                 stored: dict[tuple[int, str], Queued | None]) -> None:  # fmt: skip
+    """Remember what the run stored, for the conditions of the runs after it; a key
+    whose write failed is read from the backend again."""
+    for index in run:
+        write = batch[index]
+        outcome = results[index]
+        if isinstance(outcome, PreconditionFailed):
+            continue  # it changed nothing
+        stored[id(write.backend), write.key] = None if isinstance(outcome, BaseException) else write
 
 
 def _groups(

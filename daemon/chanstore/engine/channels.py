@@ -25,7 +25,8 @@ from typing import Any
 import structlog
 
 from chanstore import codec, logs
-from chanstore.cache import CachedDict, UnreadableValue
+from chanstore.cache import ABSENT, UNKNOWN, CachedDict, UnreadableValue
+from chanstore.engine.batches import UNKNOWN_ETAG
 from chanstore.engine.containers import ContainerRuntime, Containers
 from chanstore.engine.errors import UnknownContainer
 from chanstore.engine.lanes import Write
@@ -35,7 +36,7 @@ from chanstore.errors import BackendUnavailable, ChanstoreError, PreconditionFai
 from chanstore.history import ChangeEvent
 from chanstore.metrics import Metrics
 from chanstore.storage import MoobiusStorage
-from chanstore.versions import etag_of_stored
+from chanstore.versions import etag_of, etag_of_stored
 
 __all__ = ["Channel", "ChannelTable", "Slot"]
 
@@ -118,6 +119,23 @@ class Slot:
                     encoded[key] = (write.body, write.etag)  # type: ignore[assignment]
             if self.history is not None:
                 self._publish(self.history.append("set", key, write.body, write.etag))
+
+    def known_etag(self, key: str) -> str | None:
+        """The ETag of ``key``'s value as memory holds it (None: absent), or UNKNOWN_ETAG.
+
+        Asked on a write lane's thread just before a conditional write of a
+        backend this daemon owns: every write of the key is settled by then
+        (the lane orders them), so memory is current for the keys it holds.
+        """
+        encoded = self.encoded
+        if encoded is not None and (found := encoded.get(key)) is not None:
+            return found[1]
+        value = self.cached.memory.held(key)  # type: ignore[union-attr]
+        if value is UNKNOWN:
+            return UNKNOWN_ETAG
+        if value is ABSENT:
+            return None
+        return etag_of(value)
 
     def _publish(self, event: ChangeEvent) -> None:
         name = self.runtime.name
