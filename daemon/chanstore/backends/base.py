@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+from chanstore.coherence import Invalidations
 from chanstore.errors import (
     BackendError,
     BulkWriteError,
@@ -262,6 +263,16 @@ class DatabaseInterface(ABC):
         atomic step as the value (see :mod:`chanstore.history`), so that the
         daemon's change feed works across daemons and restarts. None (this
         default) means the caller keeps a history itself, if it wants one.
+        """
+        return None
+
+    def invalidations(self) -> Invalidations | None:
+        """The link that tells of writes other processes make to this backend, or None.
+
+        A backend that several processes write (Redis, shared by several
+        daemons) answers the link of its server (see :mod:`chanstore.coherence`),
+        so that a cache of it stays current. None (this default) means that
+        only this process writes it.
         """
         return None
 
