@@ -118,8 +118,10 @@ class CachedDict(MutableMapping[str, Any]):
 
     # -- reading through the cache --------------------------------------------------
 
-    def fetch(self, key: str) -> Any:
-        """The value of ``key``, or :data:`ABSENT`: from memory, else from the backend.
+    def fetch(self, key: str, *, fresh: bool = False) -> Any:
+        """The value of ``key``, or :data:`ABSENT`: from memory, else from the backend
+        (from the backend whatever memory holds, when ``fresh``: for a caller that
+        cannot trust memory now, such as a daemon that lost its invalidation link).
 
         A miss is counted and its answer cached, unless a write was noted
         while the backend was asked. Raises
@@ -128,7 +130,7 @@ class CachedDict(MutableMapping[str, Any]):
         cannot be decoded, and :class:`~chanstore.errors.InvalidKey` for a key
         that memory does not answer and no backend could hold.
         """
-        value = self.memory.peek(key)
+        value = UNKNOWN if fresh else self.memory.peek(key)
         if value is UNKNOWN:
             check_key(key)
             value = self._fetch_unknown(key)
@@ -136,7 +138,7 @@ class CachedDict(MutableMapping[str, Any]):
             raise value.fresh()
         return value
 
-    def fetch_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    def fetch_many(self, keys: Iterable[str], *, fresh: bool = False) -> dict[str, Any]:
         """The values of those ``keys`` that exist, as :meth:`fetch` finds them.
 
         The keys memory does not answer are read with one ``get_many`` call.
@@ -149,7 +151,7 @@ class CachedDict(MutableMapping[str, Any]):
         found: dict[str, Any] = {}
         unknown: list[str] = []
         for key in keys:
-            value = memory.peek(key)
+            value = UNKNOWN if fresh else memory.peek(key)
             if value is UNKNOWN:
                 unknown.append(check_key(key))
             elif value is not ABSENT:

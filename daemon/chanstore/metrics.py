@@ -161,6 +161,20 @@ class Metrics:
             ["reason"],
             **on,
         )
+        self.cache_invalidations = Counter(
+            "chanstore_cache_invalidations_total",
+            "Cached keys dropped because another daemon wrote them (heard on the invalidation "
+            "link of a shared backend).",
+            ["container"],
+            **on,
+        )
+        self.invalidation_link_up = Gauge(
+            "chanstore_invalidation_link_up",
+            "1 while the invalidation link to a shared backend is up; while 0, its containers "
+            "are not answered from memory.",
+            ["link"],
+            **on,
+        )
         self.watchers = Gauge("chanstore_watchers", "Change-feed streams open now.", **on)
         self.watchers_max = Gauge(
             "chanstore_watchers_max",
@@ -210,6 +224,7 @@ class Metrics:
             self.cache_entries: ("container",),
             self.backend_up: ("backend", "container"),
             self.integrity_problems: ("container", "kind"),
+            self.cache_invalidations: ("container",),
         }
         for metric, names in labelled.items():
             for values in _label_sets(metric, names, container=name):

@@ -52,8 +52,8 @@ NULL_ANSWER = (b"null", etag_of_stored(b"null"))
 class Slot:
     """One channel's copy of one container: its CachedDict, made ready on first use."""
 
-    __slots__ = ("cached", "channel", "encoded", "history", "preparing", "ready", "runtime",
-                 "sorted_keys", "watchers")  # fmt: skip
+    __slots__ = ("cached", "channel", "encoded", "history", "loaded_at", "preparing", "ready",
+                 "runtime", "sorted_keys", "watchers")  # fmt: skip
 
     def __init__(self, runtime: ContainerRuntime, channel: Channel) -> None:
         self.runtime = runtime
@@ -67,6 +67,8 @@ class Slot:
         self.sorted_keys: list[str] | None = None
         self.preparing: asyncio.Future[None] | None = None
         self.ready = False
+        #: When memory was last made whole from the backend (for the max age).
+        self.loaded_at = 0.0
         #: The change history this daemon keeps for the container (a backend that keeps
         #: none), from the moment it is first watched; and who watches it.
         self.history: MemoryHistory | None = None
@@ -120,6 +122,17 @@ class Slot:
             if self.history is not None:
                 self._publish(self.history.append("set", key, write.body, write.etag))
 
+    def invalidate(self, keys: list[str]) -> None:
+        """Another daemon wrote ``keys``: memory forgets them (and that it is complete);
+        a read of the backend in flight for this copy is not cached."""
+        memory = self.cached.memory  # type: ignore[union-attr]
+        encoded = self.encoded
+        for key in keys:
+            memory.unsure(key)
+            if encoded:
+                encoded.pop(key, None)
+        self.sorted_keys = None
+
     def known_etag(self, key: str) -> str | None:
         """The ETag of ``key``'s value as memory holds it (None: absent), or UNKNOWN_ETAG.
 
@@ -141,6 +154,11 @@ class Slot:
         name = self.runtime.name
         for watcher in self.watchers:
             watcher.push(name, event)
+
+    def stop_following(self) -> None:
+        """This copy leaves memory: invalidations need not reach it."""
+        if self.cached is not None:
+            self.runtime.forget_cache(self.cached.database.domain)
 
     def end_watchers(self, reason: str) -> None:
         """End every stream watching this copy, and let its history go."""
@@ -241,6 +259,9 @@ class ChannelTable:
         slot = channel.slots.get(name)
         if slot is None or not slot.ready:
             return None
+        if time.monotonic() - slot.loaded_at > slot.runtime.max_age:
+            slot.ready = False  # the backstop behind the invalidation link: load it again
+            return None
         self.touch(channel)
         return slot
 
@@ -272,6 +293,8 @@ class ChannelTable:
         slot = channel.slots.get(name)
         if slot is None or slot.runtime is not runtime:
             slot = channel.slots[name] = Slot(runtime, channel)
+        if slot.ready and time.monotonic() - slot.loaded_at > runtime.max_age:
+            slot.ready = False
         if slot.ready:
             return slot
         if slot.preparing is None:
@@ -295,6 +318,9 @@ class ChannelTable:
             self._cleared.add((channel.id, spec.name))
         elif spec.load:
             await runtime.run(slot.cached.load)
+        else:
+            slot.cached.forget()  # not loaded: what memory held before is not trusted
+        slot.loaded_at = time.monotonic()
         slot.ready = True
         # Let this task go: kept, a finished task holds its coroutine and its
         # context for as long as the channel stays in memory.
@@ -323,6 +349,9 @@ class ChannelTable:
             # A reload retired this container while its backend was being opened.
             channel.storage.remove_container(spec.name).close()
             raise UnknownContainer(f"container {spec.name!r} was removed by a reload")
+        slot = channel.slots.get(spec.name)
+        if slot is not None:
+            runtime.follow_writes_of(cached.database, slot)
         return cached
 
     def drop_container(self, name: str) -> list[Slot]:
@@ -332,6 +361,7 @@ class ChannelTable:
             slot = channel.slots.pop(name, None)
             if slot is not None:
                 slot.end_watchers("reload")
+                slot.stop_following()
                 slots.append(slot)
                 if name in channel.storage.containers:
                     channel.storage.remove_container(name)
@@ -377,6 +407,7 @@ class ChannelTable:
             del self._channels[channel.id]
             for slot in channel.slots.values():
                 slot.end_watchers("evicted")
+                slot.stop_following()
             channel.storage.close()
         self.metrics.channels.set(len(self._channels))
         self._compact()

@@ -21,10 +21,11 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from chanstore import logs
 from chanstore.backends.base import DatabaseInterface
+from chanstore.coherence import Invalidations
 from chanstore.config import ContainerSpec
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
 from chanstore.engine.lanes import WriteLanes
@@ -37,6 +38,14 @@ from chanstore.metrics import Metrics
 __all__ = ["DATA_LOST_HOLD", "ContainerRuntime", "Containers"]
 
 T = TypeVar("T")
+
+
+class KeyCache(Protocol):
+    """One channel's cached copy of a container, as invalidations reach it."""
+
+    def invalidate(self, keys: list[str]) -> None: ...
+
+
 log = logs.get_logger()
 
 #: Threads per container for backend reads, loads and readiness probes.
@@ -75,6 +84,14 @@ class ContainerRuntime:
         self.forget_caches: Callable[[], int] = _nothing_cached
         self._probe: DatabaseInterface | None = None
         self._unloaded: tuple[ContainerSpec, ContainerSpec] | None = None
+        #: Whether memory may answer: False while the invalidation link of a shared
+        #: backend is down (or not up yet), when another daemon's writes go unheard.
+        self.coherent = True
+        #: Seconds a slot's memory may answer before it is loaded again (shared backends).
+        self.max_age = float("inf")
+        self._link: Invalidations | None = None
+        #: The caches of this container's channels by domain, for invalidations.
+        self._caches: dict[str, KeyCache] = {}
 
     @property
     def name(self) -> str:
@@ -103,6 +120,46 @@ class ContainerRuntime:
                 f"answer within {self.settings.backend_timeout:g}s"
             ) from None
 
+    # -- coherence ----------------------------------------------------------------
+
+    def follow_writes_of(self, backend: DatabaseInterface, cache: KeyCache) -> None:
+        """Keep ``cache`` (one channel's copy, over ``backend``) current with the writes
+        other processes make, when ``backend`` is shared (it has an invalidation link)."""
+        link = backend.invalidations()
+        if link is None:
+            return
+        self._caches[backend.domain] = cache
+        if self._link is None:
+            self._link = link
+            self.max_age = self.settings.cache_max_age
+            self.coherent = False  # until the link says it is up
+            link.subscribe(self)
+
+    def forget_cache(self, domain: str) -> None:
+        """The copy of ``domain`` left memory: no invalidation needs to reach it."""
+        self._caches.pop(domain, None)
+
+    def invalidated(self, domain: str, keys: list[str]) -> None:
+        """Another daemon wrote ``keys`` of ``domain``: its cached copy forgets them."""
+        cache = self._caches.get(domain)
+        if cache is not None:
+            cache.invalidate(keys)
+            self.metrics.cache_invalidations.labels(self.spec.name).inc(len(keys))
+
+    def link_changed(self, up: bool) -> None:
+        """The invalidation link went up (drop every cache, then trust memory) or down."""
+        link_name = self._link.name if self._link is not None else "?"
+        self.metrics.invalidation_link_up.labels(link_name).set(1 if up else 0)
+        if not up:
+            if self.coherent:
+                log.warning("invalidation_link_down", container=self.spec.name, link=link_name)
+            self.coherent = False
+            return
+        dropped = self.forget_caches()
+        self.coherent = True
+        log.info("invalidation_link_up", container=self.spec.name, link=link_name,
+                 caches_dropped=dropped)  # fmt: skip
+
     async def check(self) -> BaseException | None:
         """Why this container's backend cannot serve now, or None.
 
@@ -125,6 +182,11 @@ class ContainerRuntime:
                       error=problem.message)  # fmt: skip
             if problem.kind == "data_lost":
                 self._lost(problem)
+        if not self.coherent and self._link is not None:
+            error = BackendError(f"container {self.spec.name!r}: the invalidation link to "
+                                 f"{self._link.name} is down; reads go to the backend")  # fmt: skip
+            error.kind = "invalidation_link_down"
+            return error
         return self._still_lost()
 
     def _lost(self, problem: IntegrityProblem) -> None:
@@ -153,7 +215,9 @@ class ContainerRuntime:
         return self._probe.integrity_problems()
 
     async def close(self) -> None:
-        """Finish queued writes, then release the threads and the probe."""
+        """Finish queued writes, then release the threads, the link and the probe."""
+        if self._link is not None:
+            self._link.unsubscribe(self)
         await self.lanes.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._probe is not None:

@@ -29,3 +29,6 @@ class EngineSettings:
     event_history_bytes: int = 64 * 1024 * 1024
     #: Bytes of events one feed stream may fall behind by before it is dropped.
     watcher_buffer_bytes: int = 1024 * 1024
+    #: Seconds a shared backend's cached container is answered from memory at most
+    #: before it is read again: a backstop behind the invalidation link.
+    cache_max_age: float = 60.0

@@ -70,7 +70,7 @@ class Store:
         memory, or the key is not). Raises UnreadableValue for a stored value that
         cannot be decoded."""
         slot = self.table.ready_slot(channel_id, name)
-        if slot is None:
+        if slot is None or not slot.runtime.coherent:
             return None
         value = slot.cached.memory.peek(key)  # type: ignore[union-attr]
         if value is UNKNOWN:
@@ -83,9 +83,9 @@ class Store:
             slot = await self.table.slot(channel, name)
             cached = slot.cached
             assert cached is not None
-            value = cached.memory.peek(key)
+            value = cached.memory.peek(key) if slot.runtime.coherent else UNKNOWN
             if value is UNKNOWN:
-                value = await slot.runtime.run(cached.fetch, key)
+                value = await slot.runtime.run(_fetch_fresh, cached, key)
                 # Encoded now but not kept: a write may have landed meanwhile, and
                 # the next read answers from memory anyway.
                 return ABSENT if value is ABSENT else encode_answer(value)
@@ -100,6 +100,8 @@ class Store:
             assert cached is not None
             found: dict[str, Any] = {}
             unknown: list[str] = []
+            if not slot.runtime.coherent:
+                return await slot.runtime.run(_fetch_many_fresh, cached, keys)
             for key in keys:
                 value = cached.memory.peek(key)
                 if value is UNKNOWN:
@@ -118,7 +120,7 @@ class Store:
             slot = await self.table.slot(channel, name)
             cached = slot.cached
             assert cached is not None
-            if cached.memory.complete:
+            if cached.memory.complete and slot.runtime.coherent:
                 keys = slot.page(after, limit + 1)
             else:
                 keys = await slot.runtime.run(_page_of_backend, cached, after, limit + 1)
@@ -216,6 +218,15 @@ async def _all(futures: list[asyncio.Future[bool]]) -> list[bool]:
     if len(futures) == 1:
         return [await futures[0]]
     return list(await asyncio.gather(*futures))
+
+
+def _fetch_fresh(cached: Any, key: str) -> Any:
+    """``key`` read from the backend (memory is not trusted, or does not know it)."""
+    return cached.fetch(key, fresh=True)
+
+
+def _fetch_many_fresh(cached: Any, keys: list[str]) -> dict[str, Any]:
+    return cached.fetch_many(keys, fresh=True)
 
 
 def _page_of_backend(cached: Any, after: str | None, limit: int) -> list[str]:

@@ -50,6 +50,7 @@ class DaemonSettings:
     event_history_bytes: int = 64 * 1024 * 1024
     watcher_buffer_bytes: int = 1024 * 1024
     heartbeat_interval: float = 15.0
+    cache_max_age: float = 60.0
 
     @property
     def listen(self) -> str:
@@ -63,7 +64,8 @@ class DaemonSettings:
                               backend_timeout=self.backend_timeout,
                               max_watchers=self.max_watchers, event_history=self.event_history,
                               event_history_bytes=self.event_history_bytes,
-                              watcher_buffer_bytes=self.watcher_buffer_bytes)  # fmt: skip
+                              watcher_buffer_bytes=self.watcher_buffer_bytes,
+                              cache_max_age=self.cache_max_age)  # fmt: skip
 
     def limits(self) -> Limits:
         """What the HTTP door needs of these."""
@@ -123,6 +125,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
         float,
         "seconds between keep-alive comments on idle feed streams (default 15)",
     ),
+    "cache-max-age": (
+        float,
+        "seconds a shared backend's cached container answers from memory before it is read "
+        "again, behind the invalidation link (default 60)",
+    ),
 }
 
 
@@ -145,6 +152,7 @@ _NUMBERS: tuple[tuple[str, type, float], ...] = (
     ("event-history-bytes", int, 0),
     ("watcher-buffer-bytes", int, 4096),
     ("heartbeat-interval", float, 0.1),
+    ("cache-max-age", float, 0.1),
 )
 
 
