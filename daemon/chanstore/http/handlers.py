@@ -200,7 +200,8 @@ class OpsHandlers:
     async def readyz(self, request: Request) -> Response:
         problems = await self._readiness()
         if problems:
-            return Response(503, json_body({"status": "not ready", "problems": problems}))
+            status = "draining" if problems.get("daemon") == "draining" else "not ready"
+            return Response(503, json_body({"status": status, "problems": problems}))
         return Response(200, json_body({"status": "ready"}))
 
     async def reload(self, request: Request) -> Response:

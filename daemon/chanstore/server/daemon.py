@@ -65,6 +65,8 @@ class Daemon:
         self._readiness: tuple[float, dict[str, str]] = (0.0, {})
         self._stop = asyncio.Event()
         self._connections: Connections | None = None
+        #: Set on SIGTERM with --drain-seconds: not ready, still serving.
+        self.draining = False
 
     def status_line(self, event: str = "serving") -> str:
         """What ``systemctl status`` shows on the STATUS= line."""
@@ -76,6 +78,9 @@ class Daemon:
 
     async def readiness(self) -> dict[str, str]:
         """Why the daemon cannot serve every container now (empty when ready)."""
+        if self.draining:
+            self.metrics.ready.set(0)
+            return {"daemon": "draining"}
         checked, problems = self._readiness
         if time.monotonic() - checked > READINESS_TTL:
             problems = await self.engine.readiness.check()
@@ -98,6 +103,18 @@ class Daemon:
         return Applied(changes, warnings)
 
     def request_stop(self) -> None:
+        """SIGTERM or SIGINT: drain first if --drain-seconds says so, then stop; a second
+        signal stops at once (a third stops waiting for requests in flight)."""
+        drain = self.settings.drain_seconds
+        if drain > 0 and not self.draining and not self._stop.is_set():
+            # Not ready from now on, so that load balancers stop sending here, while
+            # everything still works for whoever they already sent.
+            self.draining = True
+            self.metrics.ready.set(0)
+            log.info("draining", seconds=drain)
+            systemd.notify(f"STATUS=draining for {drain:g}s: not ready, still serving")
+            asyncio.get_running_loop().call_later(drain, self._stop.set)
+            return
         if self._stop.is_set() and self._connections is not None:
             self._connections.cut()  # a second signal: stop waiting for stragglers
         self._stop.set()

@@ -51,6 +51,7 @@ class DaemonSettings:
     watcher_buffer_bytes: int = 1024 * 1024
     heartbeat_interval: float = 15.0
     cache_max_age: float = 60.0
+    drain_seconds: float = 0.0
 
     @property
     def listen(self) -> str:
@@ -130,6 +131,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
         "seconds a shared backend's cached container answers from memory before it is read "
         "again, behind the invalidation link (default 60)",
     ),
+    "drain-seconds": (
+        float,
+        "on SIGTERM, seconds to keep serving while /readyz answers 503 draining, so that a "
+        "load balancer stops sending first (default 0)",
+    ),
 }
 
 
@@ -153,6 +159,7 @@ _NUMBERS: tuple[tuple[str, type, float], ...] = (
     ("watcher-buffer-bytes", int, 4096),
     ("heartbeat-interval", float, 0.1),
     ("cache-max-age", float, 0.1),
+    ("drain-seconds", float, 0),
 )
 
 
