@@ -30,6 +30,8 @@ import redis
 import redis.asyncio
 
 from chanstore import codec
+from chanstore.backends import redis_invalidations as invalidations
+from chanstore.backends.redis_invalidations import channel_of
 from chanstore.errors import BackendError, PreconditionFailed
 from chanstore.keys import check_key
 from chanstore.versions import ANY, UNREADABLE, Change, Expectation, etag_of_stored
@@ -39,7 +41,8 @@ __all__ = ["WRITE_SCRIPT", "Write", "WriteTarget", "send_writes", "send_writes_a
 #: The one script every write runs, once per domain, atomically.
 #:
 #: ``KEYS``: the domain's hash, its history stream. ``ARGV``: the history's
-#: ``MAXLEN ~``; how many expectations, sets and deletes follow; then each
+#: ``MAXLEN ~``; how many expectations, sets and deletes follow; the channel
+#: of invalidations and this process's origin (see below); then each
 #: expectation as a field and what it must hold (an ETag; ``*``: it exists;
 #: an empty string: it is absent), each set as a field and its stored bytes,
 #: and each delete as a field.
@@ -51,11 +54,20 @@ __all__ = ["WRITE_SCRIPT", "Write", "WriteTarget", "send_writes", "send_writes_a
 #: answer is ``1`` followed by the deleted fields that existed, and the
 #: stream has one entry per change made: ``op set key <field> value <bytes>
 #: etag <sha1>``, or ``op delete key <field>`` for a field that existed.
+#:
+#: When something changed (a set, or the delete of a field that existed), the
+#: script also publishes one invalidation on the channel
+#: ``<key_prefix>-invalidations``: the origin, the hash's name and every
+#: changed field, joined by NUL, which none of them can hold (see
+#: :mod:`chanstore.backends.redis_invalidations`, whose link delivers it to
+#: the other daemons). Inside the script, so that it is published exactly when
+#: the change is made, before the writer hears of it, in the same round trip.
 WRITE_SCRIPT = """
 local hash, stream = KEYS[1], KEYS[2]
 local maxlen = ARGV[1]
 local n_expect, n_sets, n_deletes = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local at = 5
+local channel, origin = ARGV[5], ARGV[6]
+local at = 7
 local failed = {0}
 for _ = 1, n_expect do
   local field, expected = ARGV[at], ARGV[at + 1]
@@ -77,12 +89,14 @@ end
 if #failed > 1 then
   return failed
 end
+local changed = {origin, hash}
 for _ = 1, n_sets do
   local field, value = ARGV[at], ARGV[at + 1]
   at = at + 2
   redis.call('HSET', hash, field, value)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
              'op', 'set', 'key', field, 'value', value, 'etag', redis.sha1hex(value))
+  changed[#changed + 1] = field
 end
 local existed = {1}
 for _ = 1, n_deletes do
@@ -91,7 +105,11 @@ for _ = 1, n_deletes do
   if redis.call('HDEL', hash, field) == 1 then
     existed[#existed + 1] = field
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'op', 'delete', 'key', field)
+    changed[#changed + 1] = field
   end
+end
+if #changed > 2 then
+  redis.call('PUBLISH', channel, table.concat(changed, string.char(0)))
 end
 return existed
 """
@@ -104,12 +122,14 @@ _MAX_ROUNDS = 3
 
 
 class WriteTarget(Protocol):
-    """What a :class:`Write` needs of its backend: the domain's hash and history stream, and
-    how many entries the history keeps (read at each send, as the backend holds it then)."""
+    """What a :class:`Write` needs of its backend: the domain's hash and history stream, how
+    many entries the history keeps (read at each send, as the backend holds it then), and the
+    key prefix, whose channel the script publishes invalidations on."""
 
     hash_name: bytes
     stream_name: bytes
     history_length: int
+    key_prefix: str
 
 
 class Write:
@@ -166,7 +186,8 @@ class Write:
         head = ("EVAL", WRITE_SCRIPT) if by_text else ("EVALSHA", _WRITE_SHA)
         return (*head, 2, backend.hash_name, backend.stream_name,
                 max(1, int(backend.history_length)), len(self.sent_expect),
-                *self.arguments[:2], *expectations, *self.arguments[2:])  # fmt: skip
+                *self.arguments[:2], channel_of(backend.key_prefix), invalidations.ORIGIN,
+                *expectations, *self.arguments[2:])  # fmt: skip
 
     def take(self, reply: Any) -> bool:
         """Take the script's reply; False when the call must be sent again."""

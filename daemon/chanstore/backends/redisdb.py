@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import redis
@@ -55,6 +56,7 @@ import redis
 from chanstore import codec
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.redis_history import RedisFollower, RedisHistory
+from chanstore.backends.redis_invalidations import RedisInvalidations, link_connection, shared_link
 from chanstore.backends.redis_marker import MARKER_SUFFIX, Marker
 from chanstore.backends.redis_pools import pools
 from chanstore.backends.redis_writes import WRITE_SCRIPT, Write, send_writes, send_writes_async
@@ -270,6 +272,21 @@ class RedisDatabase(DatabaseInterface):
 
     def _follower(self) -> RedisFollower:
         return pools.follower(self._pool_key, self.where)
+
+    # -- coherence ---------------------------------------------------------------
+
+    def invalidations(self) -> RedisInvalidations | None:
+        """The invalidation link of this backend's Redis and key prefix, on the running loop.
+
+        Every write's script publishes what it changed, tagged with this
+        process's origin; the link (one dedicated subscribed connection per
+        connection settings, key prefix and event loop, shared by every
+        domain) tells listeners of the writes of other processes (see
+        :mod:`chanstore.backends.redis_invalidations`). None when no event
+        loop is running: only the daemon listens, on its loop.
+        """
+        return shared_link(self._pool_key, self.key_prefix, self.where,
+                           partial(link_connection, self._pool_args))  # fmt: skip
 
     # -- life cycle ------------------------------------------------------------
 
