@@ -18,11 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from chanstore.errors import ChanstoreError
 
-__all__ = ["ORIGIN", "ChangeEvent", "ChangeHistory", "HistoryExpired", "HistoryFollower"]
+__all__ = [
+    "HISTORY_LOST",
+    "ORIGIN",
+    "ChangeEvent",
+    "ChangeHistory",
+    "HistoryExpired",
+    "HistoryFollower",
+]
 
 #: The position before the first change of a domain.
 ORIGIN = "0-0"
@@ -38,6 +45,14 @@ class ChangeEvent:
     key: str
     value: bytes | None = None
     etag: str | None = None
+
+
+#: What a :class:`HistoryFollower` delivers, once, in place of changes it can no
+#: longer vouch for: the changes right after a follower's position were trimmed
+#: (or lost with the data) before it read them. Not a change: its ``op`` is
+#: ``"lost"`` and no history holds it; recognise it by identity
+#: (``event is HISTORY_LOST``). See :class:`HistoryFollower`.
+HISTORY_LOST: Final = ChangeEvent(position="", op="lost", key="")
 
 
 class HistoryExpired(ChanstoreError):
@@ -78,10 +93,23 @@ class HistoryFollower(Protocol):
 
     ``follow(name, position, deliver)`` calls ``deliver(event)`` for every
     change of history ``name`` after ``position``, in order, until
-    ``unfollow(name, deliver)``. Several callers may follow one history; each
-    is called in order. When the connection fails, each follower is called
-    with None, then the follow ends (the caller resumes from its last
-    position when it wants to).
+    ``unfollow(name, deliver)``. ``position`` is one the history gave: a
+    change's, :meth:`ChangeHistory.position`, or :data:`ORIGIN`. Several
+    callers may follow one history; each is called in order. When the
+    connection fails, each follower is called with None, then the follow ends
+    (the caller resumes from its last position when it wants to).
+
+    A follower never skips a change without a word. When the changes right
+    after a follower's position are no longer all held by the time it reads
+    them (a burst longer than the history was trimmed before it caught up,
+    or the data was lost), it is not given what remains: it is called once
+    with :data:`HISTORY_LOST` instead, and its follow ends. The caller ends
+    the stream it feeds and resumes, if it wants to, as after None: from its
+    last position, with :meth:`ChangeHistory.since`, which gives the changes
+    that follow it if they are all held and raises :class:`HistoryExpired`
+    (a client's 410) if not. The check may err only the safe way: a position
+    trimmed just after the read that had everything is also reported lost
+    (the resume then settles it); a skipped change is never delivered past.
     """
 
     def follow(self, name: bytes, position: str,

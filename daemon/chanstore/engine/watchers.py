@@ -18,7 +18,7 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
-from chanstore.history import ChangeEvent, HistoryExpired
+from chanstore.history import HISTORY_LOST, ChangeEvent, HistoryExpired
 
 __all__ = [
     "HistoryBudget",
@@ -198,7 +198,9 @@ class Watcher:
             self.push(container, event, live=False)
 
     def push(self, container: str, event: ChangeEvent | None, *, live: bool = True) -> None:
-        """Queue ``event`` of ``container`` (None: its source failed, the watcher ends).
+        """Queue ``event`` of ``container`` (None: its source failed, the watcher ends;
+        :data:`~chanstore.history.HISTORY_LOST`: the changes after its position are no
+        longer all held, so it ends as ``history_lost`` and its client resumes).
 
         Called once per event per watcher on the writers' path, so it does no
         more than queue: the cursor is made when the event is taken.
@@ -207,6 +209,9 @@ class Watcher:
             return
         if event is None:
             self.end("backend_unavailable")
+            return
+        if event is HISTORY_LOST:
+            self.end("history_lost")
             return
         size = event_size(event)
         self.queued.append((container, event, size))
