@@ -788,17 +788,7 @@ def test_sigterm_ends_every_stream_and_only_redis_cursors_outlive_the_daemon(
     "container",
     [
         "profiles",
-        pytest.param(
-            "more_mana",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "server bug: a stream of a Redis-backed container is not registered in the "
-                    "channel's slot (Feed._watch_backend), so a reload that removes the container "
-                    "does not end it: it stays open with keep-alives and never ends"
-                ),
-            ),
-        ),
+        "more_mana",
     ],
 )
 def test_a_reload_that_removes_a_container_ends_its_streams(
@@ -970,16 +960,6 @@ def test_a_slow_watcher_is_dropped_and_writers_keep_going(
     wait_for_metric(daemon, "chanstore_watchers", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (since fa4e799, 'each event worded once for all its watchers'): "
-        "http/events.py keeps the last 4,096 events as sent (_WORDED), each with its "
-        "ChangeEvent, bounded by their number and not their bytes: one watcher and 48 "
-        "values of 500 KB keep about 48 MB in the daemon, up to 4,096 x 2 MiB with "
-        "values at the body limit"
-    ),
-)
 def test_the_daemons_memory_does_not_grow_with_the_size_of_the_values_streamed(
     start_daemon, redis: RedisServer, channel: str
 ) -> None:
@@ -1000,15 +980,6 @@ def test_the_daemons_memory_does_not_grow_with_the_size_of_the_values_streamed(
     assert peak - baseline < 16 * 1024 * 1024, (baseline, peak)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (since 13cbe94, 'one write per stream per loop turn'): push() counts "
-        "every event of a settled batch against --watcher-buffer-bytes before the "
-        "connection had a chance to write any, so one write larger than the buffer ends "
-        "every stream of the container as slow_reader, however fast its client reads"
-    ),
-)
 def test_a_watcher_that_reads_is_not_dropped_for_one_large_write(
     start_daemon, redis: RedisServer, channel: str
 ) -> None:

@@ -71,12 +71,27 @@ def test_the_budget_takes_the_oldest_events_of_the_least_recently_written_histor
 
 
 def test_a_watcher_that_falls_too_far_behind_is_ended_not_grown() -> None:
-    watcher = Watcher("c1", {"stats": "e.0"}, limit=10_000)
+    """Past its limit while its connection takes nothing more, a watcher is ended; while
+    the connection still takes what is written, one burst may queue past the limit."""
     history = MemoryHistory(1000, HistoryBudget(1 << 30))
+    burst = Watcher("c1", {"stats": "e.0"}, limit=10_000)
+    for _ in range(20):
+        burst.push("stats", history.append("set", "k", b"x" * 1000, "e"))
+    assert burst.ended is None  # 20 KB queued in one turn of the loop, not yet written
+    burst.pause(True)  # the socket is full and there is still more than the limit to send
+    assert burst.ended == "slow_reader"
+
+    stalled = Watcher("c1", {"stats": "e.0"}, limit=10_000)
+    stalled.pause(True)
     for _ in range(100):
-        watcher.push("stats", history.append("set", "k", b"x" * 1000, "e"))
-    assert watcher.ended == "slow_reader"
-    assert watcher.queued_bytes < 10_000 + event_size(history.append("set", "k", b"", "e")) + 1000
+        stalled.push("stats", history.append("set", "k", b"x" * 1000, "e"))
+    assert stalled.ended == "slow_reader"
+    assert stalled.queued_bytes <= 10_000 + event_size(history.append("set", "k", b"x" * 1000, "e"))
+
+    endless = Watcher("c1", {"stats": "e.0"}, limit=10_000)
+    for _ in range(1000):  # never paused, but a queue without end is never kept either
+        endless.push("stats", history.append("set", "k", b"x" * 1000, "e"))
+    assert endless.ended == "slow_reader"
 
 
 def test_a_watcher_gets_each_acknowledged_write_in_order_and_resumes_after_its_cursor(

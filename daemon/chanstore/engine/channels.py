@@ -167,17 +167,19 @@ class Slot:
             self.history.release()
             self.history = None
 
-    def forget(self) -> None:
-        """Drop what memory holds of this copy (its backend lost the data): the next
-        request loads it again, so no cached value or body outlives what it copied.
+    def forget(self, lost: bool = False) -> None:
+        """Drop what memory holds of this copy: the next request loads it again, so no
+        cached value or body outlives what it copied. ``lost``: because the backend
+        lost the data (not only because memory can no longer be trusted).
 
         Cleared in place rather than replaced, so that a write in flight still
         settles into the same memory and the reload that follows picks it up.
         """
         if self.cached is not None:
             self.cached.forget()
-        # Its watchers must re-read too: the loss itself is no event they could be sent.
-        end_watchers(self.watchers, "data_lost")
+        if lost:
+            # Its watchers must re-read too: the loss itself is no event they could be sent.
+            end_watchers(self.watchers, "data_lost")
         self.encoded = None
         self.sorted_keys = None
         self.ready = False
@@ -367,7 +369,7 @@ class ChannelTable:
                     channel.storage.remove_container(name)
         return slots
 
-    def forget_caches(self, runtime: ContainerRuntime) -> int:
+    def forget_caches(self, runtime: ContainerRuntime, lost: bool = False) -> int:
         """Drop every channel's cache of ``runtime``'s container; how many were dropped.
 
         For a backend that lost the data those caches copy: each slot is made
@@ -377,7 +379,7 @@ class ChannelTable:
         for channel in self._channels.values():
             slot = channel.slots.get(runtime.name)
             if slot is not None and slot.runtime is runtime:
-                slot.forget()
+                slot.forget(lost)
                 dropped += 1
         return dropped
 

@@ -59,7 +59,7 @@ READ_THREADS = 4
 DATA_LOST_HOLD = 300.0
 
 
-def _nothing_cached() -> int:
+def _nothing_cached(lost: bool = False) -> int:
     return 0
 
 
@@ -81,7 +81,7 @@ class ContainerRuntime:
         self._lost_until = 0.0
         #: Drops this container's cache in every channel in memory; how many it dropped.
         #: :class:`Containers` connects it to the holder of the channels.
-        self.forget_caches: Callable[[], int] = _nothing_cached
+        self.forget_caches: Callable[..., int] = _nothing_cached
         self._probe: DatabaseInterface | None = None
         self._unloaded: tuple[ContainerSpec, ContainerSpec] | None = None
         #: Whether memory may answer: False while the invalidation link of a shared
@@ -191,7 +191,7 @@ class ContainerRuntime:
 
     def _lost(self, problem: IntegrityProblem) -> None:
         """The backend lost the data: no cache may answer for it any more."""
-        dropped = self.forget_caches()
+        dropped = self.forget_caches(lost=True)
         self._lost_until = time.monotonic() + self.data_lost_hold
         error = BackendError(f"container {self.spec.name!r}: {problem.message}")
         error.kind = "data_lost"
@@ -228,7 +228,7 @@ class Containers:
     """The running db_config's containers by name."""
 
     def __init__(self, runtimes: dict[str, ContainerRuntime]) -> None:
-        self._forget: Callable[[ContainerRuntime], int] | None = None
+        self._forget: Callable[..., int] | None = None
         self._runtimes: dict[str, ContainerRuntime] = {}
         self.runtimes = runtimes
 
@@ -254,8 +254,8 @@ class Containers:
         """
         self._forget = forget
 
-    def _forget_caches(self, runtime: ContainerRuntime) -> int:
-        return 0 if self._forget is None else self._forget(runtime)
+    def _forget_caches(self, runtime: ContainerRuntime, lost: bool = False) -> int:
+        return 0 if self._forget is None else self._forget(runtime, lost)
 
     def __getitem__(self, name: str) -> ContainerRuntime:
         """The runtime of container ``name``; UnknownContainer lists the served ones."""

@@ -149,7 +149,14 @@ class Feed:
             watcher.push(name, event)
 
         follower.follow(history.name, backlog[-1].position if backlog else start, deliver)
-        return lambda: follower.unfollow(history.name, deliver)
+        # Listed on the slot too, so that a reload or a data loss ends it like any other.
+        slot.watchers.append(watcher)
+
+        def stop() -> None:
+            follower.unfollow(history.name, deliver)
+            _remove(slot.watchers, watcher)
+
+        return stop
 
     def end_all(self, reason: str) -> None:
         """End every stream (the daemon stops)."""

@@ -30,6 +30,9 @@ __all__ = [
     "event_size",
 ]
 
+#: How many times its limit a watcher may queue while its connection still takes
+#: everything (one burst of writes, queued before the stream's turn to write).
+BURST_FACTOR = 16
 #: Bytes an event is counted as beyond its value, for the budgets.
 EVENT_OVERHEAD = 200
 
@@ -176,6 +179,9 @@ class Watcher:
         self.limit = limit
         self.queued: deque[tuple[str, ChangeEvent, int]] = deque()
         self.queued_bytes = 0
+        #: Whether the stream's connection cannot take more now (its client is not
+        #: reading what was sent): only then does a queue past ``limit`` end it.
+        self.paused = False
         self.ended: str | None = None
         self.wake: Callable[[], None] = _nothing
         #: Undoes what opening did (unfollow, unregister, let the channel go).
@@ -216,10 +222,17 @@ class Watcher:
         size = event_size(event)
         self.queued.append((container, event, size))
         self.queued_bytes += size
-        if live and self.queued_bytes > self.limit:
+        if live and self.queued_bytes > self.limit \
+                and (self.paused or self.queued_bytes > BURST_FACTOR * self.limit):  # fmt: skip
             self.end("slow_reader")
             return
         self.wake()
+
+    def pause(self, paused: bool) -> None:
+        """The stream's connection stopped (or went on) taking what is written to it."""
+        self.paused = paused
+        if paused and self.queued_bytes > self.limit:
+            self.end("slow_reader")
 
     def take(self, at_most: int = 64) -> list[tuple[str, str, ChangeEvent]]:
         """Up to ``at_most`` queued events, oldest first, each with the cursor just after

@@ -80,6 +80,10 @@ class EventStream:
     def heartbeat(self) -> bytes:
         return HEARTBEAT
 
+    def writable(self, yes: bool) -> None:
+        """The connection can take more (or cannot, its client not reading)."""
+        self.watcher.pause(not yes)
+
     def end(self, reason: str) -> None:
         """End the stream for ``reason`` (the daemon stops): queued events go out first."""
         self.watcher.end(reason)
@@ -95,7 +99,7 @@ def _worded(cursor: str, container: str, event: ChangeEvent) -> bytes:
     """The event as SSE, made once for all the watchers that send it with that cursor
     (every watcher of a channel's containers, as a rule)."""
     key = (cursor, container, id(event))
-    found = _WORDED.get(key)
+    found = _recent.get(key)
     if found is not None:
         return found[1]
     head = b'{"container":%s,"key":%s' % (_json(container), _json(event.key))
@@ -105,16 +109,42 @@ def _worded(cursor: str, container: str, event: ChangeEvent) -> bytes:
         data = head + b',"etag":"%s","value":%s}' % (
             (event.etag or "").encode(), _one_line(event.value))  # fmt: skip
     worded = b"event: %s\nid: %s\ndata: %s\n\n" % (event.op.encode(), cursor.encode(), data)
-    if len(_WORDED) >= WORDED_KEPT:
-        del _WORDED[next(iter(_WORDED))]  # the oldest: dicts keep insertion order
-    _WORDED[key] = (event, worded)
+    _recent.keep(key, event, worded)
     return worded
 
 
-#: Recent events as worded, by (cursor, container, id(event)); each entry holds its
-#: event, so that the id is not reused while the entry is kept.
-_WORDED: dict[tuple[str, str, int], tuple[ChangeEvent, bytes]] = {}
-WORDED_KEPT = 4096
+class _RecentlyWorded:
+    """Events as recently worded, by (cursor, container, id(event)), within a byte budget.
+
+    Each entry holds its event, so that the id is not reused while it is kept;
+    the budget counts the worded bytes and the event's value, which the entry
+    keeps alive, so that large values cannot make it hold more than
+    :data:`WORDED_BYTES` however many events pass.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._entries: dict[tuple[str, str, int], tuple[ChangeEvent, bytes, int]] = {}
+
+    def get(self, key: tuple[str, str, int]) -> tuple[ChangeEvent, bytes, int] | None:
+        return self._entries.get(key)
+
+    def keep(self, key: tuple[str, str, int], event: ChangeEvent, worded: bytes) -> None:
+        size = 2 * len(worded)  # the worded event, and about as much of its value
+        if size > self.budget // 8:
+            return  # a large value is worded for each watcher: cheaper than holding it
+        entries = self._entries
+        while entries and self.used + size > self.budget:
+            oldest = next(iter(entries))  # dicts keep insertion order
+            self.used -= entries.pop(oldest)[2]
+        entries[key] = (event, worded, size)
+        self.used += size
+
+
+#: Bytes of recently worded events kept for the other watchers of the same events.
+WORDED_BYTES = 4 * 1024 * 1024
+_recent = _RecentlyWorded(WORDED_BYTES)
 
 
 def _one_line(value: bytes | None) -> bytes:

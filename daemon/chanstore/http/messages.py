@@ -135,7 +135,8 @@ class Streamed(Protocol):
     The connection writes :meth:`opening` after the head, then whatever
     :meth:`take` gives while the socket takes it (``on_more`` wakes it when
     there is more), a :meth:`heartbeat` when the stream has been quiet, and
-    :meth:`closing` once :attr:`ended` says why it ends; :meth:`release` is
+    :meth:`closing` once :attr:`ended` says why it ends. :meth:`writable` tells it
+    when the socket stops (or goes on) taking what is written; :meth:`release` is
     called once, however the stream ended (the client may leave first).
     """
 
@@ -154,6 +155,8 @@ class Streamed(Protocol):
     def closing(self) -> bytes: ...
 
     def heartbeat(self) -> bytes: ...
+
+    def writable(self, yes: bool) -> None: ...
 
     def end(self, reason: str) -> None: ...
 

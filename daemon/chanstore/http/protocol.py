@@ -208,12 +208,16 @@ class HttpProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.paused_since = self.connections.now
+        if self.stream is not None:
+            self.stream.writable(False)
+            return  # a stream keeps reading, to notice its client leaving
         self._pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self._resume_reading()
         if self.stream is not None:
+            self.stream.writable(True)
             self._stream_more()
             return
         self._pump()
