@@ -133,7 +133,9 @@ class ContainerRuntime:
             self._link = link
             self.max_age = self.settings.cache_max_age
             self.coherent = False  # until the link says it is up
-            link.subscribe(self)
+            # In a context of its own: the link outlives the request that opened it, and
+            # its events must not name that request's channel or id.
+            contextvars.Context().run(link.subscribe, self)
 
     def forget_cache(self, domain: str) -> None:
         """The copy of ``domain`` left memory: no invalidation needs to reach it."""

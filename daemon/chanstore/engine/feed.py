@@ -28,6 +28,7 @@ Watchers are bounded by ``max_watchers``.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -148,7 +149,9 @@ class Feed:
         def deliver(event: ChangeEvent | None) -> None:
             watcher.push(name, event)
 
-        follower.follow(history.name, backlog[-1].position if backlog else start, deliver)
+        # In a context of its own: the follower outlives the request that started it.
+        contextvars.Context().run(follower.follow, history.name,
+                                  backlog[-1].position if backlog else start, deliver)  # fmt: skip
         # Listed on the slot too, so that a reload or a data loss ends it like any other.
         slot.watchers.append(watcher)
 
