@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio
 
 from chanstore.backends.redis_history import FOLLOW_BLOCK_SECONDS, RedisFollower, parse_position
 from chanstore.backends.redisdb import RedisDatabase
-from chanstore.history import ORIGIN, ChangeEvent, HistoryExpired
+from chanstore.history import HISTORY_LOST, ORIGIN, ChangeEvent, HistoryExpired
 from chanstore.versions import ANY, Change, etag_of, etag_of_stored
 
 STREAM = b"chanstore:-events:svc.chan.box"
@@ -357,6 +358,184 @@ def test_unfollow_and_a_callback_that_raises_stop_only_themselves(db, writer):
     assert [event.key for event in steady] == ["a", "b", "c"]
     assert [event.key for event in leaving] == ["a"]
     assert [event.key for event in calls] == ["a"]  # dropped after it raised
+
+
+# -- a follower never skips in silence -------------------------------------------------------
+
+#: A burst longer than any node of a stream (100 entries at most), so that ``MAXLEN ~ 5``
+#: trims within it.
+BURST = {f"k{n:03d}": n for n in range(300)}
+
+
+def held(redis_server, position: str) -> bool:
+    client = redis_server.client()
+    try:
+        return bool(client.xrange(STREAM, position, position))
+    finally:
+        client.close()
+
+
+def test_a_follower_behind_a_burst_longer_than_the_history_hears_it_lost(db, writer, redis_server):
+    """A burst trimmed before the follower read it: HISTORY_LOST, once, and the follow
+    ends; never the part of the burst that was left. A follower further on, at a
+    position still held, is read again from there and misses nothing."""
+    writer.history_length = 5
+    history = db.change_history()
+    writer.set_value("before", 0)
+    start = history.position()
+
+    async def main():
+        follower = history.follower()
+        waiting, behind, ahead = Received(), Received(), Received()
+        follower.follow(history.name, start, waiting)
+        await blocked(redis_server)  # the read is served after the whole script: trimmed
+        await write(writer, ("set_many", BURST))
+        await waiting.count(1)
+        assert not held(redis_server, start)
+        latest = await asyncio.to_thread(history.position)
+        follower.follow(history.name, start, behind)  # behind from the start
+        follower.follow(history.name, latest, ahead)
+        await behind.count(1)
+        await write(writer, ("set_value", "after", 1))
+        await ahead.count(1)
+        await write(writer, ("set_value", "after", 2))
+        await ahead.count(2)
+        await follower.close()
+        return waiting.events, behind.events, ahead.events
+
+    waiting, behind, ahead = asyncio.run(main())
+    assert waiting == [HISTORY_LOST]  # and no None at close: its follow had ended
+    assert waiting[0] is HISTORY_LOST and behind[0] is HISTORY_LOST
+    assert behind == [HISTORY_LOST]
+    assert ahead.pop() is None
+    assert changes(ahead) == [("set", "after", b"1"), ("set", "after", b"2")]
+
+
+def test_a_follower_that_keeps_up_gets_every_entry_while_the_history_is_trimmed(
+    db, writer, redis_server
+):
+    """Bursts within the history, read in several steps, and single writes read one by
+    one with ``MAXLEN ~ 5`` trimming all along: every entry, in order, nothing lost."""
+    history = db.change_history()
+    writer.history_length = 5000
+    writer.set_value("before", 0)
+    start = history.position()
+    within = {f"w{n:04d}": n for n in range(1500)}  # three reads of FOLLOW_COUNT and more
+
+    async def main():
+        follower = history.follower()
+        received = Received()
+        follower.follow(history.name, start, received)
+        await blocked(redis_server)
+        await write(writer, ("set_many", within))
+        await received.count(len(within))
+        writer.history_length = 5
+        for n in range(250):  # past two whole nodes: the stream is trimmed meanwhile
+            await write(writer, ("set_value", "one", n))
+            await received.count(len(within) + n + 1)
+        await follower.close()
+        assert received.events.pop() is None
+        return received.events
+
+    events = asyncio.run(main())
+    assert HISTORY_LOST not in events
+    assert not held(redis_server, start)  # it was trimmed, after it was read
+    assert changes(events) == [
+        *(("set", key, str(value).encode()) for key, value in within.items()),
+        *(("set", "one", str(n).encode()) for n in range(250)),
+    ]
+
+
+def test_a_follower_from_the_origin_is_told_when_the_first_changes_are_gone(
+    db, writer, redis_server
+):
+    """ORIGIN: all of a history never trimmed; HISTORY_LOST for one that lost its first
+    entries, whether before the follow or while it waited in its first read."""
+    history = db.change_history()
+    writer.history_length = 5
+
+    async def main():
+        follower = history.follower()
+        whole, during, before = Received(), Received(), Received()
+        # A history that does not exist yet, then changes that all fit in one node.
+        follower.follow(history.name, ORIGIN, whole)
+        await blocked(redis_server)
+        await write(writer, ("set_value", "a", 1), ("set_value", "b", 2))
+        await whole.count(2)
+        follower.unfollow(history.name, whole)
+        await asyncio.to_thread(redis_server.flush)
+        # A history that begins with a burst trimmed before the first read is served.
+        follower.follow(history.name, ORIGIN, during)
+        await blocked(redis_server)
+        await write(writer, ("set_many", BURST))
+        await during.count(1)
+        # A history trimmed long before.
+        follower.follow(history.name, ORIGIN, before)
+        await before.count(1)
+        await follower.close()
+        return whole.events, during.events, before.events
+
+    whole, during, before = asyncio.run(main())
+    assert changes(whole) == [("set", "a", b"1"), ("set", "b", b"2")]
+    assert during == [HISTORY_LOST]
+    assert before == [HISTORY_LOST]
+    with pytest.raises(HistoryExpired):
+        history.since(ORIGIN)  # since() says the same
+
+
+def test_a_follower_whose_history_was_flushed_hears_it_lost(db, writer, redis_server):
+    """The data lost (FLUSHALL), then a new history begun: a position of the old one is
+    not followed into the new one as if nothing happened."""
+    history = db.change_history()
+    writer.set_value("k", 1)
+    old = history.position()
+
+    async def main():
+        follower = history.follower()
+        received = Received()
+        follower.follow(history.name, old, received)
+        await blocked(redis_server)
+        await asyncio.to_thread(redis_server.flush)
+        await write(writer, ("set_value", "k", 2))
+        await received.count(1)
+        await follower.close()
+        return received.events
+
+    assert asyncio.run(main()) == [HISTORY_LOST]
+
+
+def test_the_check_after_a_read_is_sound_for_the_origin(db, writer, redis_server):
+    """The ORIGIN check, against replies read before the stream was trimmed (XTRIM, as an
+    operator might): holding every entry ever added is enough, holding fewer is not."""
+    history = db.change_history()
+    writer.set_many({f"k{n}": n for n in range(10)})
+
+    async def main():
+        follower = history.follower()
+        client = redis.asyncio.Redis(**redis_server.settings, single_connection_client=True)
+        try:
+            await client.ping()
+            whole = await client.xread({STREAM: ORIGIN})
+            first_three = await client.xread({STREAM: ORIGIN}, count=3)
+            starts = {STREAM: (0, 0)}
+            follower._streams[STREAM] = {Received(): None}  # followed: so it is checked
+            untouched = await follower._lost_streams(client, first_three, starts)
+            await client.xtrim(STREAM, maxlen=0)
+            after_whole = await follower._lost_streams(client, whole, starts)
+            after_part = await follower._lost_streams(client, first_three, starts)
+            await client.delete(STREAM)
+            gone = await follower._lost_streams(client, whole, starts)
+            at = {STREAM: parse_position(whole[0][1][0][0].decode())}
+            gone_at = await follower._lost_streams(client, whole, at)
+        finally:
+            follower._streams.clear()
+            await client.aclose()
+            await follower.close()
+        return untouched, after_whole, after_part, gone, gone_at
+
+    untouched, after_whole, after_part, gone, gone_at = asyncio.run(main())
+    assert untouched == set() and after_whole == set()
+    assert after_part == gone == gone_at == {STREAM}
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ HTTP_BUCKETS = (
 
 #: Why a change-feed stream ends: the ``reason`` label of chanstore_watchers_ended_total.
 WATCHER_END_REASONS = ("client", "slow_reader", "shutdown", "reload", "evicted",
-                       "backend_unavailable", "data_lost")  # fmt: skip
+                       "backend_unavailable", "data_lost", "history_lost")  # fmt: skip
 
 
 class Metrics:

@@ -32,7 +32,7 @@ import redis
 import redis.asyncio
 
 from chanstore import logs
-from chanstore.history import ORIGIN, ChangeEvent, HistoryExpired
+from chanstore.history import HISTORY_LOST, ORIGIN, ChangeEvent, HistoryExpired
 
 __all__ = [
     "FOLLOW_BLOCK_SECONDS",
@@ -205,6 +205,23 @@ class RedisFollower:
     skips what it had, and every follower gets every entry after its start
     exactly once, in order, whatever the mix.
 
+    An ``XREAD`` from an id gives what follows it *now*: entries trimmed
+    before the read are passed over without a word. So after each read that
+    brings entries, the follower checks, in one pipelined round trip on its
+    connection for all the streams of that reply, that each stream still holds
+    the position it was read from (:meth:`_lost_streams`): ``XRANGE id id``
+    (the stream is trimmed from its start, so if that entry is still there,
+    nothing after it was trimmed before the read), and for
+    :data:`~chanstore.history.ORIGIN`, ``XINFO STREAM`` (nothing was ever
+    trimmed, or every entry ever added is one that was read). Where it is
+    not, the reply's entries of that stream go to no follower: each follower
+    at that position gets :data:`~chanstore.history.HISTORY_LOST` and is
+    unfollowed, and the others (further on, so perhaps also gone) are read
+    again, checked the same way. A position trimmed just after a read that
+    had everything is reported lost as well: a false alarm costs the caller
+    a resume (which gives it the changes, or :class:`HistoryExpired`), never
+    a change.
+
     A follow that the ``XREAD`` in flight does not cover (a new stream, or an
     earlier position) ends that ``XREAD`` at once: ``CLIENT UNBLOCK`` of the
     reading connection, sent over ``control()`` (the pool's asyncio client),
@@ -324,7 +341,10 @@ class RedisFollower:
                 if this_task is not None and this_task.cancelling():
                     raise asyncio.CancelledError  # asked to stop, and redis-py lost it (above)
                 if reply:
-                    self._dispatch(reply, starts)
+                    lost = await self._lost_streams(client, reply, starts)
+                    if this_task is not None and this_task.cancelling():
+                        raise asyncio.CancelledError
+                    self._dispatch(reply, starts, lost)
             self._stepping_down()
         except asyncio.CancelledError:
             raise
@@ -348,12 +368,68 @@ class RedisFollower:
         if self._task is asyncio.current_task():
             self._task = None
 
-    def _dispatch(self, reply: Iterable[Any], starts: dict[bytes, Position]) -> None:
-        """Hand each stream's entries to its followers whose positions the read covered."""
+    async def _lost_streams(self, client: redis.asyncio.Redis, reply: Iterable[Any],
+                            starts: dict[bytes, Position]) -> set[bytes]:  # fmt: skip
+        """The streams of ``reply`` that no longer hold the position they were read from.
+
+        One round trip for them all, pipelined on the follower's own
+        connection (the one that read: a pipeline of the client would take
+        another), after the read. Sound one way only: a stream it does not
+        name lost nothing between its position and the entries read.
+        """
+        checks: list[tuple[bytes, Position, int]] = []
+        commands: list[tuple[Any, ...]] = []
+        for name, entries in reply:
+            read_from = starts.get(name)
+            if not entries or read_from is None or not self._streams.get(name):
+                continue
+            if read_from == (0, 0):
+                commands.append(("XINFO STREAM", name))
+            else:
+                text = _id_text(read_from)
+                commands.append(("XRANGE", name, text, text, "COUNT", 1))
+            checks.append((name, read_from, len(entries)))
+        if not checks:
+            return set()
+        connection = client.connection
+        if connection is None:
+            raise redis.ConnectionError("the follower's connection is gone")
+        await connection.send_packed_command(connection.pack_commands(commands))
+        answers: list[Any] = []
+        for command in commands:  # every answer is read, so that none is left on the wire
+            try:
+                answers.append(await client.parse_response(connection, command[0]))
+            except redis.ResponseError as exc:
+                answers.append(exc)
+        lost = set()
+        for (name, read_from, read), answer in zip(checks, answers, strict=True):
+            if read_from != (0, 0):
+                if isinstance(answer, Exception):
+                    raise answer
+                held = bool(answer)  # the entry itself: so is everything after it
+            elif isinstance(answer, redis.ResponseError) and "no such key" in str(answer).lower():
+                held = False  # gone since the read (the data was lost): cannot tell
+            elif isinstance(answer, Exception):
+                raise answer
+            else:
+                added, length = answer["entries-added"], answer["length"]
+                # Nothing ever trimmed, or every entry ever added was in this read.
+                held = added == length or added <= read
+            if not held:
+                lost.add(name)
+        return lost
+
+    def _dispatch(self, reply: Iterable[Any], starts: dict[bytes, Position],
+                  lost: set[bytes]) -> None:  # fmt: skip
+        """Hand each stream's entries to its followers whose positions the read covered;
+        for a stream in ``lost``, tell those at the position it was read from instead."""
         for name, entries in reply:
             follows = self._streams.get(name)
             read_from = starts.get(name)
             if not follows or not entries or read_from is None:
+                continue
+            if name in lost:
+                self._history_lost(name, read_from)
                 continue
             events = [(_entry_position(entry_id), change_event(entry_id, fields))
                       for entry_id, fields in entries]  # fmt: skip
@@ -373,6 +449,26 @@ class RedisFollower:
                                   error=str(exc), error_type=type(exc).__name__)  # fmt: skip
                         self.unfollow(name, follow.deliver)
                         break
+
+    def _history_lost(self, name: bytes, read_from: Position) -> None:
+        """Stream ``name`` no longer holds ``read_from``: each follower there gets
+        :data:`~chanstore.history.HISTORY_LOST` and is unfollowed (first, so that a
+        callback may follow again); the ones further on are read again."""
+        follows = self._streams.get(name, {})
+        gone = [follow for follow in follows.values() if follow.position == read_from]
+        if not gone:
+            return  # each started elsewhere meanwhile: the next read checks again
+        for follow in gone:
+            self.unfollow(name, follow.deliver)
+        log.warning("redis_follow_history_lost", where=self.where,
+                    stream=name.decode(errors="replace"), position=_id_text(read_from),
+                    followers=len(gone))  # fmt: skip
+        for follow in gone:
+            try:
+                follow.deliver(HISTORY_LOST)
+            except Exception as exc:  # noqa: BLE001 - the others must hear it too
+                log.error("redis_follow_deliver_failed", where=self.where,
+                          error=str(exc), error_type=type(exc).__name__)  # fmt: skip
 
     def _end_follows(self) -> None:
         """Tell every follower that its follow ended (``deliver(None)``), and forget them."""
