@@ -460,6 +460,23 @@ def test_a_killed_connection_is_reported_down_then_up_and_writes_after_up_are_he
     run(body)
 
 
+def test_reconnect_takes_the_link_down_at_once_then_up_again(db):
+    async def body() -> None:
+        link = other_link(db)
+        recorder = Recorder()
+        link.subscribe(recorder)
+        await recorder.wait_count("up", 1, PROMPT)
+        link.reconnect()  # as after a failover: the link may no longer hear every write
+        assert recorder.heard == ["down", "up", "down"] and not link.up
+        await recorder.wait_count("up", 2, BACK)
+        start = len(recorder.heard)
+        db.set_value("k", 1)
+        assert await recorder.next_invalidation(start) == ("svc.chan.box", ["k"])
+        await link.close()
+
+    run(body)
+
+
 def test_a_restarted_redis_server_takes_the_link_down_then_up(tmp_path):
     server = RedisServer(tmp_path / "restarted").start()
 

@@ -273,6 +273,23 @@ class RedisInvalidations:
         if not self._listeners:
             self._stop()
 
+    def reconnect(self) -> None:
+        """Call the link down now and connect again (to wherever ``connect()`` leads then).
+
+        For whoever knows better than the connection that it no longer hears
+        every write: after a Sentinel failover, a link still subscribed to the
+        old primary would stay up and hear none of the new primary's writes.
+        """
+        if self._task is None:
+            return
+        self._set_up(False)
+        connection = self._connection
+        if connection is not None:
+            # The read in flight then fails, and the task connects again after its backoff.
+            closing = self.loop.create_task(connection.disconnect(nowait=True))
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
+
     async def close(self) -> None:
         """Stop the link for good: its task ends and its connection closes (within
         :data:`CLOSE_TIMEOUT`); listeners still subscribed hear that it is down."""
@@ -414,6 +431,9 @@ class RedisInvalidations:
         state = "closed" if self._closed else "up" if self._up else "down"
         return f"RedisInvalidations({self.name!r}, {self.key_prefix!r}, {state})"
 
+
+#: Connections being closed by reconnect(), kept until done (the loop holds tasks weakly).
+_closing: set[asyncio.Task[Any]] = set()
 
 _lock = threading.Lock()
 #: The shared links: one per pool key, key prefix and event loop.
