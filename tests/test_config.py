@@ -117,7 +117,7 @@ def problems_of(config) -> list[str]:
                 "entry 0 ('a')",
                 "field 'settings'",
                 "'prot' is not a setting of RedisDatabase",
-                "known: db, host, key_prefix, password, port,",
+                "known: db, host, key_prefix, master_name, min_replicas, mode, nodes, password,",
             ],
         ),
         (

@@ -7,10 +7,13 @@ expectations and makes it, history entries included, in one atomic step.
 :func:`send_writes` sends a batch of them in one round trip (one
 non-transactional pipeline when there are several) and
 :func:`send_writes_async` does the same with redis-py's asyncio client on the
-running event loop. Both take the replies and send again what must be: a
-round after a ``NOSCRIPT`` goes by the script's text, which loads it, and a
-write whose expected document a foreign writer formatted otherwise goes once
-more (see :class:`Write`), in at most three rounds.
+running event loop; with ``min_replicas``, the pipeline ends with ``WAIT``
+(:mod:`chanstore.backends.redis_wait`). Both take the replies and send again
+what must be: a round after a ``NOSCRIPT`` goes by the script's text, which
+loads it, and a write whose expected document a foreign writer formatted
+otherwise goes once more (see :class:`Write`), in at most three rounds. In a
+cluster the same :class:`Write` objects go to their slots' primaries
+instead (:mod:`chanstore.backends.redis_cluster`).
 
 Apart from the backend because this is the exchange of a write with Redis,
 whoever asks for it: it holds no connection pools and decodes no reads. The
@@ -32,6 +35,7 @@ import redis.asyncio
 from chanstore import codec
 from chanstore.backends import redis_invalidations as invalidations
 from chanstore.backends.redis_invalidations import channel_of
+from chanstore.backends.redis_wait import ReplicaWait
 from chanstore.errors import BackendError, PreconditionFailed
 from chanstore.keys import check_key
 from chanstore.versions import ANY, UNREADABLE, Change, Expectation, etag_of_stored
@@ -262,16 +266,30 @@ class _Round:
         self.by_text = False
         self.rounds = 0
 
-    def commands(self) -> list[tuple[Any, ...]]:
-        return [write.command(self.by_text) for write in self.pending]
+    def commands(self, wait: ReplicaWait | None = None) -> list[tuple[Any, ...]]:
+        """This round's script calls, and with ``wait`` its ``WAIT`` after them."""
+        commands = [write.command(self.by_text) for write in self.pending]
+        if wait is not None:
+            commands.append(wait.command())
+        return commands
 
-    def take(self, replies: Sequence[Any]) -> None:
+    def take(self, replies: Sequence[Any], wait: ReplicaWait | None = None,
+             where: str = "") -> None:  # fmt: skip
+        """Take the replies of :meth:`commands`: with ``wait``, the writes answered in
+        this round are acknowledged only if its ``WAIT`` (the last reply) says so."""
         self.rounds += 1
+        if wait is not None:
+            replies, acknowledged = list(replies[:-1]), replies[-1]
         # After a NOSCRIPT (a restarted Redis, SCRIPT FLUSH) the next round sends the
         # text, which loads the script for every later EVALSHA: no SCRIPT LOAD round trip.
         self.by_text = any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
-        self.pending = [write for write, reply in zip(self.pending, replies, strict=True)
-                        if not write.take(reply)]  # fmt: skip
+        answered = []
+        pending = []
+        for write, reply in zip(self.pending, replies, strict=True):
+            (answered if write.take(reply) else pending).append(write)
+        self.pending = pending
+        if wait is not None and answered and not wait.holds(acknowledged):
+            wait.refuse(answered, acknowledged, where)
         if self.pending and self.rounds >= _MAX_ROUNDS:
             for write in self.pending:
                 write.answer = BackendError(
@@ -292,6 +310,8 @@ def send_writes(
     client: redis.Redis,
     *,
     reaching: Callable[[], AbstractContextManager[None]],
+    wait: ReplicaWait | None = None,
+    where: str = "",
 ) -> None:
     """Send ``writes`` (of ``client``'s connection pool): one script call each, one round trip.
 
@@ -300,10 +320,16 @@ def send_writes(
     asks ``SCRIPT EXISTS`` first, a round trip more for every batch. Each
     round trip runs inside ``reaching()``; when it fails, every write still
     waiting has the error as its answer.
+
+    With ``wait`` (``min_replicas``), the pipeline ends with ``WAIT`` on the
+    same connection, still one round trip, and the writes it answers are
+    acknowledged only if enough replicas hold them
+    (:mod:`chanstore.backends.redis_wait`; ``where`` names the Redis in what
+    it says).
     """
     batch = _Round(writes)
     while batch.pending:
-        commands = batch.commands()
+        commands = batch.commands(wait)
         try:
             with reaching():
                 if len(commands) == 1:
@@ -319,7 +345,7 @@ def send_writes(
         except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
             batch.failed(exc)
             return
-        batch.take(replies)
+        batch.take(replies, wait, where)
 
 
 async def send_writes_async(
@@ -327,6 +353,8 @@ async def send_writes_async(
     async_client: Callable[[], redis.asyncio.Redis],
     *,
     reaching: Callable[[], AbstractContextManager[None]],
+    wait: ReplicaWait | None = None,
+    where: str = "",
 ) -> None:
     """:func:`send_writes` on the running event loop, with the pool's asyncio client.
 
@@ -338,7 +366,7 @@ async def send_writes_async(
         return
     client = async_client()
     while batch.pending:
-        commands = batch.commands()
+        commands = batch.commands(wait)
         try:
             with reaching():
                 if len(commands) == 1:
@@ -354,4 +382,4 @@ async def send_writes_async(
         except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
             batch.failed(exc)
             return
-        batch.take(replies)
+        batch.take(replies, wait, where)

@@ -40,6 +40,30 @@ reports a ``data_lost`` :class:`~chanstore.errors.IntegrityProblem` when it
 vanishes or changes. Reads and writes never touch it: the check costs one
 round trip per probe, not one per request.
 
+Topologies (the ``mode`` setting): one server (``standalone``, the
+default), a primary managed by Redis Sentinel (``sentinel``: ``sentinels`` and
+``master_name``), or a Redis Cluster (``cluster``: ``nodes``, any reachable
+subset). Sentinel and cluster clients follow a failover by themselves (see
+:mod:`chanstore.backends.redis_pools`); requests during one fail with
+:class:`~chanstore.errors.BackendUnavailable`, never with a wrong answer.
+Key layout per mode:
+
+* standalone and sentinel: ``<key_prefix><domain>`` and
+  ``<key_prefix>-events:<domain>``, exactly the names of earlier releases,
+  so their data loads unchanged (a Sentinel-managed primary is one server);
+* cluster: ``<key_prefix>{<domain>}`` and ``<key_prefix>-events:{<domain>}``:
+  the domain is the names' hash tag, so a domain's hash and history live in
+  one slot and its write script stays one atomic step on one primary (see
+  :mod:`chanstore.backends.redis_cluster`). Cluster mode is new, so no data
+  was ever written under other names: there is nothing to migrate. Domains
+  share nothing: a batch over many domains is one atomic step per domain,
+  never one for the batch.
+
+``min_replicas`` (default 0) and ``replica_timeout`` (seconds, default 1):
+a write is acknowledged only once that many replicas hold it, ``WAIT`` after
+the write on its connection; otherwise it fails as not acknowledged (see
+:mod:`chanstore.backends.redis_wait`).
+
 This module keeps :class:`RedisDatabase` itself: its settings, the domain's
 names, reads and their decoding, and the words for a Redis out of reach.
 """
@@ -48,23 +72,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import redis
 
 from chanstore import codec
 from chanstore.backends.base import DatabaseInterface
+from chanstore.backends.redis_cluster import (
+    ping_primaries,
+    send_writes_cluster,
+    send_writes_cluster_async,
+)
 from chanstore.backends.redis_history import RedisFollower, RedisHistory
 from chanstore.backends.redis_invalidations import RedisInvalidations, link_connection, shared_link
-from chanstore.backends.redis_marker import MARKER_SUFFIX, Marker
-from chanstore.backends.redis_pools import pools
+from chanstore.backends.redis_marker import MARKER_SUFFIX, ClusterMarkers, Marker, lowest_slots
+from chanstore.backends.redis_pools import CLUSTER, SENTINEL, STANDALONE, Topology, pools
+from chanstore.backends.redis_wait import ReplicaWait
 from chanstore.backends.redis_writes import WRITE_SCRIPT, Write, send_writes, send_writes_async
-from chanstore.errors import BackendUnavailable, CorruptValue, IntegrityProblem
+from chanstore.errors import BackendUnavailable, ConfigError, CorruptValue, IntegrityProblem
 from chanstore.keys import check_key
 from chanstore.versions import Change
 
-__all__ = ["EVENTS_SUFFIX", "MARKER_SUFFIX", "WRITE_SCRIPT", "RedisDatabase"]
+__all__ = ["EVENTS_SUFFIX", "MARKER_SUFFIX", "MODES", "WRITE_SCRIPT", "RedisDatabase"]
 
 _NONE = type(None)
 
@@ -72,6 +101,10 @@ _NONE = type(None)
 #: ``chanstore:-events:<domain>``. No MoobiusStorage domain starts with "-", so
 #: no domain's hash can be named so either.
 EVENTS_SUFFIX = "-events:"
+#: The topologies a redis entry's ``mode`` may name.
+MODES = (STANDALONE, SENTINEL, CLUSTER)
+#: Settings that only one mode takes, and that mode.
+_MODE_OF = {"sentinels": SENTINEL, "master_name": SENTINEL, "nodes": CLUSTER}
 
 
 class RedisDatabase(DatabaseInterface):
@@ -80,7 +113,15 @@ class RedisDatabase(DatabaseInterface):
     Settings: ``host``, ``port``, ``db``, ``username``, ``password`` or ``url``
     (``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS,
     ``unix://path``); ``socket_timeout`` and ``socket_connect_timeout`` in
-    seconds; ``key_prefix`` for the hash names.
+    seconds; ``key_prefix`` for the hash names. ``mode``: ``standalone``
+    (the default), ``sentinel`` (with ``sentinels``, ``["host:port", ...]``,
+    and ``master_name``, in place of ``host``/``port``/``url``) or
+    ``cluster`` (with ``nodes``, ``["host:port", ...]``, any reachable
+    subset, and ``db`` 0). ``min_replicas`` (default 0) and
+    ``replica_timeout`` (seconds, default 1): acknowledge a write only once
+    that many replicas hold it. Inconsistent settings are a
+    :class:`~chanstore.errors.ConfigError` that says what was expected
+    (:meth:`check_settings` finds them in a db_config before anything is built).
     """
 
     engine_name = "redis"
@@ -102,13 +143,19 @@ class RedisDatabase(DatabaseInterface):
         "socket_timeout": (int, float),
         "socket_connect_timeout": (int, float),
         "key_prefix": (str,),
+        "mode": (str,),
+        "sentinels": (list,),
+        "master_name": (str,),
+        "nodes": (list,),
+        "min_replicas": (int,),
+        "replica_timeout": (int, float),
     }
 
     def __init__(
         self,
         domain: str = "",
-        host: str = "localhost",
-        port: int = 6379,
+        host: str | None = None,
+        port: int | None = None,
         db: int = 0,
         password: str | None = None,
         *,
@@ -117,20 +164,56 @@ class RedisDatabase(DatabaseInterface):
         socket_timeout: float = 5.0,
         socket_connect_timeout: float = 2.0,
         key_prefix: str = "chanstore:",
+        mode: str = STANDALONE,
+        sentinels: list[str] | None = None,
+        master_name: str | None = None,
+        nodes: list[str] | None = None,
+        min_replicas: int = 0,
+        replica_timeout: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        given = {name: value for name, value in (
+            ("host", host), ("port", port), ("db", db or None), ("url", url),
+            ("key_prefix", key_prefix), ("mode", mode), ("sentinels", sentinels),
+            ("master_name", master_name), ("nodes", nodes), ("min_replicas", min_replicas),
+            ("replica_timeout", replica_timeout)) if value is not None}  # fmt: skip
+        problems = _topology_problems(given)
+        if problems:
+            raise ConfigError([f"RedisDatabase: {problem}" for problem in problems])
+        if mode == CLUSTER and not domain:
+            raise ValueError("in cluster mode a domain cannot be empty: it is the hash tag that "
+                             "keeps its hash and its history in one slot")  # fmt: skip
         super().__init__(domain, **kwargs)
-        self.hash_name = f"{key_prefix}{domain}".encode()
-        self.stream_name = f"{key_prefix}{EVENTS_SUFFIX}{domain}".encode()
+        host = "localhost" if host is None else host
+        port = 6379 if port is None else port
+        self.mode = mode
+        self.hash_name, self.stream_name = _names(key_prefix, domain, mode)
         self.key_prefix = key_prefix
+        self.wait = ReplicaWait(min_replicas, float(replica_timeout)) if min_replicas else None
         options = {
             "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(socket_connect_timeout),
         }
-        if url:
+        topology = Topology(mode)
+        if mode == SENTINEL:
+            password = password or None
+            addresses = tuple(_address(entry) for entry in sentinels or ())
+            topology = Topology(mode, sentinels=addresses, master_name=master_name or "")
+            self.where = (f"primary {master_name!r} of sentinels "
+                          f"{','.join(sentinels or ())}/{db}")  # fmt: skip
+            pool_key: tuple[Any, ...] = (topology, db, username, password, *options.values())
+            self._pool_args: dict[str, Any] = {"db": db, "username": username,
+                                               "password": password, **options}  # fmt: skip
+        elif mode == CLUSTER:
+            password = password or None
+            topology = Topology(mode, nodes=tuple(_address(entry) for entry in nodes or ()))
+            self.where = f"cluster {','.join(nodes or ())}"
+            pool_key = (topology, username, password, *options.values())
+            self._pool_args = {"username": username, "password": password, **options}
+        elif url:
             self.where = _redacted(url)
-            pool_key: tuple[Any, ...] = ("url", url, *options.values())
-            self._pool_args: dict[str, Any] = {"url": url, **options}
+            pool_key = ("url", url, *options.values())
+            self._pool_args = {"url": url, **options}
         else:
             # The original's default password "" means "no password".
             password = password or None
@@ -139,8 +222,19 @@ class RedisDatabase(DatabaseInterface):
             self._pool_args = {"host": host, "port": port, "db": db, "username": username,
                                "password": password, **options}  # fmt: skip
         self._pool_key = pool_key
-        self.client = pools.acquire(pool_key, self._pool_args)
+        self.client = pools.acquire(pool_key, self._pool_args, topology)
         self._closed = False
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+        """The base checks (names, types), then whether the settings make one topology:
+        ``mode`` and the settings it needs, values in range, nothing of another mode."""
+        problems, warnings = super().check_settings(settings)
+        typed = {name: value for name, value in settings.items()
+                 if name in cls.SETTINGS and isinstance(value, cls.SETTINGS[name])
+                 and not isinstance(value, bool)}  # fmt: skip
+        problems.extend(_topology_problems(typed))
+        return problems, warnings
 
     # -- the four ------------------------------------------------------------
 
@@ -202,8 +296,9 @@ class RedisDatabase(DatabaseInterface):
 
     @property
     def together_key(self) -> tuple[Any, ...]:
-        """Backends with equal keys share a connection pool: one pipeline can store for all."""
-        return self._pool_key
+        """Backends with equal keys share a connection pool (one pipeline, or in a cluster
+        one per primary, can store for all) and wait for as many replicas."""
+        return (*self._pool_key, self.wait)
 
     @classmethod
     def set_many_together(
@@ -286,11 +381,16 @@ class RedisDatabase(DatabaseInterface):
         loop is running: only the daemon listens, on its loop.
         """
         return shared_link(self._pool_key, self.key_prefix, self.where,
-                           partial(link_connection, self._pool_args))  # fmt: skip
+                           pools.link_connector(self._pool_key, link_connection))  # fmt: skip
 
     # -- life cycle ------------------------------------------------------------
 
     def check_available(self) -> None:
+        """``PING`` the server, or the primary the sentinels name, or every primary of the
+        cluster (reading its slot table again if one does not answer)."""
+        if self.mode == CLUSTER:
+            ping_primaries(self.client, self._reaching)
+            return
         with self._reaching():
             self.client.ping()
 
@@ -302,7 +402,13 @@ class RedisDatabase(DatabaseInterface):
         later call compares. One round trip; the daemon's readiness probe
         calls it every few seconds, so each instance remembers its own view
         and every daemon sharing the Redis notices a loss by itself.
+
+        In cluster mode each primary has a marker of its own (see
+        :class:`~chanstore.backends.redis_marker.ClusterMarkers`): one round
+        trip per primary.
         """
+        if self.mode == CLUSTER:
+            return self._cluster_integrity_problems()
         marker = self._marker
         if marker is None:
             name = f"{self.key_prefix}{MARKER_SUFFIX}".encode()
@@ -310,6 +416,28 @@ class RedisDatabase(DatabaseInterface):
         with self._reaching():
             problem = marker.check(self.client)
         return [] if problem is None else [problem]
+
+    #: integrity_problems() of a cluster: the markers of its primaries.
+    _cluster_markers: ClusterMarkers | None = None
+
+    def _cluster_integrity_problems(self) -> list[IntegrityProblem]:
+        markers = self._cluster_markers
+        if markers is None:
+            markers = self._cluster_markers = ClusterMarkers(self.key_prefix, self.where)
+        names = ping_primaries(self.client, self._reaching)  # a slot table, every primary up
+        with self._reaching():
+            cluster = self.client.get()
+            lowest = lowest_slots(cluster.nodes_manager.slots_cache)
+            primaries = []
+            for name in names:
+                node = cluster.get_node(node_name=name)
+                if node is not None and name in lowest:
+                    primaries.append((name, lowest[name], cluster.get_redis_connection(node)))
+        problems = []
+        for name, slot, client in primaries:
+            with self._reaching(name):
+                problems.extend(markers.check([(name, slot, client)]))
+        return problems
 
     def close(self) -> None:
         if not self._closed:
@@ -328,31 +456,58 @@ class RedisDatabase(DatabaseInterface):
         return write.answer_or_raise()
 
     def _send(self, writes: Sequence[Write]) -> None:
-        """Send ``writes`` (of this backend's connection pool) in one round trip."""
-        send_writes(writes, self.client, reaching=self._reaching)
+        """Send ``writes`` (of this backend's connection pool and :attr:`wait`): one round
+        trip, or in a cluster one per primary that holds their slots."""
+        if self.mode == CLUSTER:
+            send_writes_cluster(writes, self.client, reaching=self._reaching, wait=self.wait,
+                                where=self.where)  # fmt: skip
+            return
+        send_writes(writes, self.client, reaching=self._reaching, wait=self.wait,
+                    where=self.where)  # fmt: skip
 
     async def _send_async(self, writes: Sequence[Write]) -> None:
-        """:meth:`_send` on the running event loop, with the pool's asyncio client."""
-        await send_writes_async(writes, lambda: pools.async_client(self._pool_key),
-                                reaching=self._reaching)  # fmt: skip
+        """:meth:`_send` on the running event loop, with the pool's asyncio clients."""
+        key = self._pool_key
+        if self.mode == CLUSTER:
+            await send_writes_cluster_async(
+                writes, lambda: pools.async_client(key),
+                lambda host, port: pools.async_node_client(key, host, port),
+                reaching=self._reaching, wait=self.wait, where=self.where,
+            )  # fmt: skip
+            return
+        await send_writes_async(writes, lambda: pools.async_client(key),
+                                reaching=self._reaching, wait=self.wait,
+                                where=self.where)  # fmt: skip
 
     @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        """Say which Redis could not be reached, not just that a socket failed."""
+    def _reaching(self, node: str | None = None) -> Iterator[None]:
+        """Say which Redis could not be reached (in a cluster, which node when one is
+        named), not just that a socket failed; a cluster in the middle of a failover is
+        unavailable too."""
+        where = self.where if node is None else f"{self.where} (node {node})"
         try:
             yield
         except redis.AuthenticationError as exc:
             # redis-py derives it from ConnectionError, but Redis answered: it is
             # the credentials that are wrong, not the network.
-            error = BackendUnavailable(f"Redis at {self.where} refused the credentials: {exc}")
+            error = BackendUnavailable(f"Redis at {where} refused the credentials: {exc}")
             error.kind = "permission"
             raise error from exc
         except redis.TimeoutError as exc:
-            error = BackendUnavailable(f"Redis at {self.where} did not answer in time: {exc}")
+            error = BackendUnavailable(f"Redis at {where} did not answer in time: {exc}")
             error.kind = "timeout"
             raise error from exc
         except redis.ConnectionError as exc:
-            raise BackendUnavailable(f"Redis at {self.where} is unreachable: {exc}") from exc
+            raise BackendUnavailable(f"Redis at {where} is unreachable: {exc}") from exc
+        except (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+                redis.exceptions.MovedError, redis.exceptions.ClusterError,
+                redis.exceptions.SlotNotCoveredError) as exc:  # fmt: skip
+            raise BackendUnavailable(
+                f"Redis Cluster at {where} cannot serve the request now (a failover or a "
+                f"resharding is under way, or a primary is down): {exc}"
+            ) from exc
+        except redis.exceptions.RedisClusterException as exc:
+            raise BackendUnavailable(f"Redis Cluster at {where} cannot be used: {exc}") from exc
 
     def _decode(self, key: str, data: bytes) -> Any:
         try:
@@ -375,3 +530,85 @@ def _redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     credentials, at, location = rest.rpartition("@")
     return f"{scheme}{sep}{location}" if at and credentials else url
+
+
+def _names(key_prefix: str, domain: str, mode: str) -> tuple[bytes, bytes]:
+    """The domain's hash and history stream (see the module docstring for the layout)."""
+    if mode == CLUSTER:
+        return (f"{key_prefix}{{{domain}}}".encode(),
+                f"{key_prefix}{EVENTS_SUFFIX}{{{domain}}}".encode())  # fmt: skip
+    return f"{key_prefix}{domain}".encode(), f"{key_prefix}{EVENTS_SUFFIX}{domain}".encode()
+
+
+def _address(entry: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:port"`` for IPv6) as a pair; ValueError when it is not one."""
+    host, colon, port = entry.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'{entry!r} is not "host:port" (a port from 1 to 65535)')
+    return host, int(port)
+
+
+def _topology_problems(settings: Mapping[str, Any]) -> list[str]:
+    """Why ``settings`` (of the right types) do not make one topology; empty when they do."""
+    problems: list[str] = []
+    mode = settings.get("mode", STANDALONE)
+    if mode not in MODES:
+        problems.append(f"setting 'mode' must be 'standalone', 'sentinel' or 'cluster', not "
+                        f"{mode!r}")  # fmt: skip
+        return problems
+    for name in ("sentinels", "nodes"):
+        entries = settings.get(name)
+        if entries is None:
+            continue
+        if not entries:
+            problems.append(f'setting {name!r} must list at least one "host:port"')
+        for index, entry in enumerate(entries):
+            try:
+                if not isinstance(entry, str):
+                    raise ValueError(f'{entry!r} is not a "host:port" string')
+                _address(entry)
+            except ValueError as exc:
+                problems.append(f"setting {name!r}: item {index}: {exc}")
+    if settings.get("master_name") == "":
+        problems.append("setting 'master_name' must name the primary that the sentinels "
+                        "monitor (as in their 'sentinel monitor <name> ...'), not ''")  # fmt: skip
+    min_replicas = settings.get("min_replicas")
+    if isinstance(min_replicas, int) and min_replicas < 0:
+        problems.append(f"setting 'min_replicas' must be 0 or more, not {min_replicas}")
+    timeout = settings.get("replica_timeout")
+    if isinstance(timeout, int | float) and not timeout > 0:
+        problems.append(f"setting 'replica_timeout' must be more than 0 seconds (how long a "
+                        f"write waits for its replicas), not {timeout!r}")  # fmt: skip
+    for name, only in _MODE_OF.items():
+        if name in settings and mode != only:
+            problems.append(f"setting {name!r} is a setting of {only} mode, and the mode is "
+                            f"{mode}: add \"mode\": \"{only}\", or remove {name!r}")  # fmt: skip
+    if mode == SENTINEL:
+        for name in ("sentinels", "master_name"):
+            if name not in settings:
+                problems.append(f"sentinel mode needs setting {name!r} (expected "
+                                + ('["host:port", ...], the sentinels to ask' if name ==
+                                   "sentinels" else "the name the sentinels monitor the "
+                                   "primary by") + ")")  # fmt: skip
+        for name in ("url", "host", "port"):
+            if name in settings:
+                problems.append(f"setting {name!r} names one server, but in sentinel mode "
+                                f"the sentinels name the primary: remove {name!r}")  # fmt: skip
+    if mode == CLUSTER:
+        if "nodes" not in settings:
+            problems.append("cluster mode needs setting 'nodes' (expected "
+                            '["host:port", ...]: any reachable nodes of the cluster; the '
+                            "rest is discovered)")  # fmt: skip
+        for name in ("url", "host", "port"):
+            if name in settings:
+                problems.append(f"setting {name!r} names one server, but in cluster mode the "
+                                f"servers are 'nodes': remove {name!r}")  # fmt: skip
+        if settings.get("db", 0) != 0:
+            problems.append(f"setting 'db' must be 0 in cluster mode (a Redis Cluster has only "
+                            f"database 0), not {settings['db']}")  # fmt: skip
+        prefix = settings.get("key_prefix", "")
+        if "{" in prefix or "}" in prefix:
+            problems.append(f"setting 'key_prefix' cannot hold '{{' or '}}' in cluster mode "
+                            f"(the domain is the names' hash tag), not {prefix!r}")  # fmt: skip
+    return problems
