@@ -122,7 +122,7 @@ def test_the_change_feed_series_exist_from_the_start(start_daemon: StartDaemon) 
     assert samples(text, "chanstore_watchers_ended_total") == {
         (("reason", reason),): 0.0
         for reason in ("client", "slow_reader", "shutdown", "reload", "evicted",
-                       "backend_unavailable", "data_lost")
+                       "backend_unavailable", "data_lost", "history_lost")
     }  # fmt: skip
     assert samples(text, "chanstore_watchers") == {(): 0.0}
     assert samples(text, "chanstore_watchers_max") == {(): 1024.0}  # --max-watchers' default
