@@ -189,7 +189,8 @@ class Metrics:
         self.watchers_ended = Counter(
             "chanstore_watchers_ended_total",
             "Change-feed streams that ended, by reason (client, slow_reader: it fell too far "
-            "behind, shutdown, reload, evicted, backend_unavailable, data_lost).",
+            "behind, shutdown, reload, evicted, backend_unavailable, data_lost, history_lost: "
+            "the changes it had not read were trimmed from the history).",
             ["reason"],
             **on,
         )
