@@ -81,6 +81,7 @@ __all__ = [
     "MAX_ROUNDS",
     "ClusterFollower",
     "LazyCluster",
+    "SlotClient",
     "ping_primaries",
     "send_writes_cluster",
     "send_writes_cluster_async",
@@ -381,6 +382,69 @@ async def send_writes_cluster_async(
     if batch.stale:
         with contextlib.suppress(redis.RedisError, RedisClusterException):
             await client.nodes_manager.initialize()
+
+
+# -- reading one slot ------------------------------------------------------------------
+
+
+class SlotClient:
+    """What :class:`~chanstore.backends.redis_history.RedisHistory` reads one stream with,
+    in a cluster: commands through the cluster client, and ``MULTI`` pipelines on a
+    connection of the primary that holds the stream's slot.
+
+    redis-py's cluster transaction pipeline leaves its replies unparsed (an
+    ``XINFO STREAM`` comes back as raw pairs), so the history's one-round-trip
+    ``MULTI`` goes to the slot's primary as a plain pipeline. When the slot
+    moved meanwhile, Redis answers ``MOVED`` (the backend's words: unavailable)
+    and the slot table is read again for the next call.
+    """
+
+    def __init__(self, cluster: LazyCluster, key: bytes) -> None:
+        self._cluster = cluster
+        self._key = key
+
+    def xrevrange(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cluster.xrevrange(*args, **kwargs)
+
+    def pipeline(self, transaction: bool = True) -> _SlotPipeline:
+        return _SlotPipeline(self._cluster, self._key, transaction)
+
+
+class _SlotPipeline:
+    """The commands of a pipeline, sent to the primary of one slot by ``execute``.
+
+    Everything that touches the network (the slot table, the node's
+    connection) happens in ``execute``, which the caller runs inside its
+    ``reaching``; after a ``MOVED`` the slot table is read again.
+    """
+
+    def __init__(self, cluster: LazyCluster, key: bytes, transaction: bool) -> None:
+        self._cluster = cluster
+        self._key = key
+        self._transaction = transaction
+        self._calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., _SlotPipeline]:
+        def queue(*args: Any, **kwargs: Any) -> _SlotPipeline:
+            self._calls.append((name, args, kwargs))
+            return self
+
+        return queue
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        cluster = self._cluster.get()
+        node = cluster.get_node_from_key(self._key)
+        pipe = cluster.get_redis_connection(node).pipeline(transaction=self._transaction)
+        for name, args, kwargs in self._calls:
+            getattr(pipe, name)(*args, **kwargs)
+        try:
+            replies = pipe.execute(raise_on_error=raise_on_error)
+        except (MovedError, ClusterDownError, redis.ConnectionError):
+            self._cluster.refresh()
+            raise
+        if any(isinstance(reply, MovedError) for reply in replies):
+            self._cluster.refresh()
+        return replies
 
 
 # -- health ---------------------------------------------------------------------------

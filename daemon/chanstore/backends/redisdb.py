@@ -79,6 +79,7 @@ import redis
 from chanstore import codec
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.redis_cluster import (
+    SlotClient,
     ping_primaries,
     send_writes_cluster,
     send_writes_cluster_async,
@@ -362,7 +363,8 @@ class RedisDatabase(DatabaseInterface):
 
     def change_history(self) -> RedisHistory:
         """This domain's history, the stream :attr:`stream_name` that every write appends to."""
-        return RedisHistory(self.stream_name, self.client, reaching=self._reaching,
+        client = SlotClient(self.client, self.stream_name) if self.mode == CLUSTER else self.client
+        return RedisHistory(self.stream_name, client, reaching=self._reaching,
                             follower=self._follower)  # fmt: skip
 
     def _follower(self) -> RedisFollower:
