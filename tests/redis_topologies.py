@@ -525,3 +525,61 @@ def write_loop(
         if measure.resumed_at is not None and measure.after_resume >= after:
             return measure
     raise AssertionError("unreachable")
+
+
+class Heard:
+    """An invalidation listener that keeps what it hears: ``"up"``/``"down"`` and
+    ``(domain, keys)``; and a follower's ``deliver`` that keeps its events."""
+
+    def __init__(self) -> None:
+        self.heard: list[Any] = []
+        self.events: list[Any] = []
+
+    def invalidated(self, domain: str, keys: list[str]) -> None:
+        self.heard.append((domain, keys))
+
+    def link_changed(self, up: bool) -> None:
+        self.heard.append("up" if up else "down")
+
+    def deliver(self, event: Any) -> None:
+        self.events.append(event)
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` on the event loop until it is true, at most ``timeout`` seconds."""
+    import asyncio  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return result
+
+
+def other_link(backend: Any) -> Any:
+    """The invalidation link of ``backend``'s Redis, as another process would hold it (so
+    it hears this process's writes), made through the pool's topology-aware connector."""
+    from chanstore.backends.redis_invalidations import (  # noqa: PLC0415
+        RedisInvalidations,
+        link_connection,
+    )
+    from chanstore.backends.redis_pools import pools  # noqa: PLC0415
+
+    return RedisInvalidations(
+        pools.link_connector(backend._pool_key, link_connection),
+        key_prefix=backend.key_prefix, name=backend.where, origin="someone-else",
+        hash_tagged=backend.mode == "cluster",
+    )  # fmt: skip
+
+
+async def until_async(attempt: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Await ``attempt()`` until it returns a true value, at most ``timeout`` seconds."""
+    import asyncio  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while not (result := await attempt()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return result

@@ -19,7 +19,15 @@ from chanstore.backends.redisdb import RedisDatabase
 from chanstore.errors import BackendUnavailable, PreconditionFailed
 from chanstore.history import ORIGIN
 from chanstore.versions import Change, etag_of
-from redis_topologies import ClusterSetup, require_redis, write_loop
+from redis_topologies import (
+    ClusterSetup,
+    Heard,
+    other_link,
+    require_redis,
+    until,
+    until_async,
+    write_loop,
+)
 from support import wait_until
 
 pytestmark = pytest.mark.slow
@@ -338,3 +346,45 @@ def test_with_min_replicas_no_acknowledged_write_is_lost(own_cluster):
     print("\n" + measure.report("cluster, min_replicas 1, asyncio", lost))
     assert measure.not_acknowledged > 0  # the promoted replica's shard had no replica
     assert lost == []
+
+
+def test_the_follower_and_the_invalidation_link_follow_a_failover(own_cluster):
+    domain = "service_s.channel_c.feed"
+    backend = RedisDatabase(domain=domain, **own_cluster.settings())
+    heard = Heard()
+
+    async def write(key, value, timeout=30):
+        async def once():
+            [error] = await RedisDatabase.set_many_together_async([(backend, {key: value})])
+            return error is None
+
+        await until_async(once, timeout, f"the write of {key}")
+
+    async def main():
+        link = other_link(backend)
+        link.subscribe(heard)
+        await until(lambda: "up" in heard.heard, 10, "the link up")
+        history = backend.change_history()
+        follower = history.follower()
+        follower.follow(history.name, history.position(), heard.deliver)
+        await write("a", 1)
+        await until(lambda: (domain, ["a"]) in heard.heard, 5, "heard a")
+        await until(lambda: len(heard.events) == 1, 5, "followed a")
+        killed = own_cluster.kill_primary_of(key_slot(backend.hash_name))
+        await until(lambda: None in heard.events, 15, "the follow ended")
+        await asyncio.to_thread(own_cluster.wait_failover, killed.port)
+        await write("b", 2)
+        follower.follow(history.name, heard.events[0].position, heard.deliver)
+        await until(lambda: heard.events[-1] is not None and heard.events[-1].key == "b", 10,
+                    "followed b from the new primary")  # fmt: skip
+        # The link is on any node: if it was the killed one, it went down and came back.
+        await until(lambda: heard.heard[-1] != "down", 15, "the link up")
+        await write("c", 3)
+        await until(lambda: (domain, ["c"]) in heard.heard, 5, "heard c")
+        await link.close()
+        await follower.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        backend.close()

@@ -15,7 +15,16 @@ import pytest
 from chanstore.backends.redisdb import RedisDatabase
 from chanstore.errors import BackendUnavailable, PreconditionFailed
 from chanstore.versions import Change
-from redis_topologies import MASTER_NAME, SentinelSetup, require_redis, write_loop
+from redis_topologies import (
+    MASTER_NAME,
+    Heard,
+    SentinelSetup,
+    other_link,
+    require_redis,
+    until,
+    until_async,
+    write_loop,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -221,5 +230,46 @@ def test_master_name_unknown_to_the_sentinels_is_unavailable(sentinel):
         with pytest.raises(BackendUnavailable, match="No master found for 'nobody'"):
             backend.check_available()
         assert MASTER_NAME in sentinel.settings()["master_name"]
+    finally:
+        backend.close()
+
+
+def test_the_follower_and_the_invalidation_link_follow_a_failover(own_sentinel):
+    backend = RedisDatabase(domain="service_s.channel_c.feed", **own_sentinel.settings())
+    heard = Heard()
+
+    async def write(key, value, timeout=30):
+        async def once():
+            [error] = await RedisDatabase.set_many_together_async([(backend, {key: value})])
+            return error is None
+
+        await until_async(once, timeout, f"the write of {key}")
+
+    async def main():
+        link = other_link(backend)
+        link.subscribe(heard)
+        await until(lambda: "up" in heard.heard, 10, "the link up")
+        history = backend.change_history()
+        follower = history.follower()
+        follower.follow(history.name, history.position(), heard.deliver)
+        await write("a", 1)
+        await until(lambda: ("service_s.channel_c.feed", ["a"]) in heard.heard, 5, "heard a")
+        await until(lambda: len(heard.events) == 1, 5, "followed a")
+        killed = own_sentinel.kill_primary()
+        await until(lambda: None in heard.events, 15, "the follow ended")
+        await until(lambda: "down" in heard.heard, 15, "the link down")
+        await asyncio.to_thread(own_sentinel.wait_failover, killed.port)
+        await write("b", 2)
+        follower.follow(history.name, heard.events[0].position, heard.deliver)
+        await until(lambda: heard.events[-1] is not None and heard.events[-1].key == "b", 10,
+                    "followed b from the new primary")  # fmt: skip
+        await until(lambda: heard.heard[-1] == "up", 15, "the link up again")
+        await write("c", 3)
+        await until(lambda: ("service_s.channel_c.feed", ["c"]) in heard.heard, 5, "heard c")
+        await link.close()
+        await follower.close()
+
+    try:
+        asyncio.run(main())
     finally:
         backend.close()

@@ -130,17 +130,26 @@ def payload(origin: str, hash_name: bytes, keys: list[str]) -> bytes:
     return SEPARATOR.join([origin.encode(), hash_name, *(key.encode() for key in keys)])
 
 
-def parse(message: bytes, key_prefix: bytes) -> tuple[bytes, str, list[str]] | None:
+def parse(
+    message: bytes, key_prefix: bytes, hash_tagged: bool = False
+) -> tuple[bytes, str, list[str]] | None:
     """``(origin, domain, keys)`` of an invalidation of the hashes under ``key_prefix``.
 
     None for a message that is not one (someone else publishing on the
     channel): the hash name must start with ``key_prefix``, and what follows
     is the domain up to the next NUL (so a prefix holding NUL is read right).
+    ``hash_tagged``: the hashes are a cluster's, ``<key_prefix>{<domain>}``
+    (see :mod:`chanstore.backends.redis_cluster`), and the braces are not the
+    domain's.
     """
     origin, sep, rest = message.partition(SEPARATOR)
     if not sep or not rest.startswith(key_prefix):
         return None
     domain, *keys = rest[len(key_prefix) :].split(SEPARATOR)
+    if hash_tagged:
+        if not (domain.startswith(b"{") and domain.endswith(b"}")):
+            return None
+        domain = domain[1:-1]
     try:
         return origin, domain.decode("utf-8"), [key.decode("utf-8") for key in keys if key]
     except UnicodeDecodeError:
@@ -217,6 +226,7 @@ class RedisInvalidations:
         key_prefix: str,
         name: str,
         origin: str | None = None,
+        hash_tagged: bool = False,
         ping_interval: float = PING_INTERVAL,
         pong_timeout: float = PONG_TIMEOUT,
         backoff_first: float = BACKOFF_FIRST,
@@ -228,6 +238,7 @@ class RedisInvalidations:
         self.key_prefix = key_prefix
         self.channel = channel_of(key_prefix)
         self._prefix = key_prefix.encode()
+        self._hash_tagged = hash_tagged
         self._connect = connect
         # None: this process's origin (read at each message: a forked child has its own).
         self._origin = origin
@@ -402,7 +413,7 @@ class RedisInvalidations:
                 pinging, next_ping = False, now + self._ping_interval
 
     def _dispatch(self, message: bytes) -> None:
-        parsed = parse(message, self._prefix)
+        parsed = parse(message, self._prefix, self._hash_tagged)
         if parsed is None:
             log.debug("redis_invalidations_unreadable", where=self.name, message=message[:200])
             return
@@ -445,9 +456,12 @@ def shared_link(
     key_prefix: str,
     where: str,
     connect: Callable[[], redis.asyncio.connection.AbstractConnection],
+    *,
+    hash_tagged: bool = False,
 ) -> RedisInvalidations | None:
     """The link of Redis ``pool_key`` and ``key_prefix`` on the running event loop, made on
     first use; None when no loop is running (only the daemon, on its loop, listens).
+    ``hash_tagged``: a cluster's, whose hashes are ``<key_prefix>{<domain>}``.
 
     Links of loops that closed are forgotten (their tasks went with their loops).
     """
@@ -461,5 +475,6 @@ def shared_link(
             del _links[stale]
         link = _links.get(key)
         if link is None or link.closed:
-            link = _links[key] = RedisInvalidations(connect, key_prefix=key_prefix, name=where)
+            link = _links[key] = RedisInvalidations(connect, key_prefix=key_prefix, name=where,
+                                                    hash_tagged=hash_tagged)  # fmt: skip
         return link

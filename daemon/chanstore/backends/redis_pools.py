@@ -237,7 +237,10 @@ class SharedPools:
                 pool = redis.asyncio.sentinel.SentinelConnectionPool(
                     topology.master_name, self.async_sentinel(key), **_made_with(template)
                 )
-                return pool.connection_class(**pool.connection_kwargs)
+                connection = pool.connection_class(**pool.connection_kwargs)
+                # The connection refers to its pool weakly: it holds it, so that it lives.
+                connection.sentinel_pool = pool
+                return connection
 
             return sentinel_link
         if topology.mode == CLUSTER:

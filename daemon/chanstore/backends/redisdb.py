@@ -383,7 +383,8 @@ class RedisDatabase(DatabaseInterface):
         loop is running: only the daemon listens, on its loop.
         """
         return shared_link(self._pool_key, self.key_prefix, self.where,
-                           pools.link_connector(self._pool_key, link_connection))  # fmt: skip
+                           pools.link_connector(self._pool_key, link_connection),
+                           hash_tagged=self.mode == CLUSTER)  # fmt: skip
 
     # -- life cycle ------------------------------------------------------------
 
