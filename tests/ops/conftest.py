@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import Daemon, free_port, ops_db_config, require_tool
+from ops_support import Daemon, free_port, ops_db_config, require_tool, running_redis
+
+from support import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +27,16 @@ def promtool() -> str:
 def prometheus_binary() -> str:
     """The path of the prometheus server."""
     return require_tool("prometheus")
+
+
+@pytest.fixture
+def shared_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, with a password, for daemons to share.
+
+    Ask for it before ``start_daemon``: the daemons then stop before it does.
+    """
+    with running_redis(tmp_path / "redis", "--requirepass", "ops-secret") as server:
+        yield server
 
 
 @pytest.fixture

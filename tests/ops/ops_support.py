@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from support import wait_until
+from support import RedisServer, wait_until
 
 T = TypeVar("T")
 
@@ -44,12 +44,13 @@ START_TIMEOUT = 30
 STOP_TIMEOUT = 15
 
 
-def require_tool(name: str) -> str:
-    """The path of the executable ``name``: missing, the test fails in CI and skips elsewhere."""
+def require_tool(name: str, package: str = "prometheus") -> str:
+    """The path of the executable ``name`` (of Debian's ``package``): missing, the test fails
+    in CI and skips elsewhere."""
     path = shutil.which(name)
     if path is None:
         message = (
-            f"{name} is not installed (Debian package prometheus; scripts/test installs it as root)"
+            f"{name} is not installed (Debian package {package}; scripts/test installs it as root)"
         )
         if IN_CI:
             pytest.fail(f"{message}, and CI is set: the ops tests need the real tool")
@@ -102,6 +103,22 @@ def ops_db_config(unreachable_port: int) -> list[dict[str, Any]]:
          "settings": {"root_dir": "data", "fsync": False}},
         {"implementation": "redis", "name": "scores", "load": False, "settings": redis},
     ]  # fmt: skip
+
+
+def shared_redis_entry(redis: RedisServer, name: str = "shared") -> dict[str, Any]:
+    """A redis container on ``redis``, which several daemons can serve together."""
+    return {"implementation": "redis", "name": name, "load": False, "settings": redis.settings}
+
+
+@contextlib.contextmanager
+def running_redis(folder: Path, *options: str) -> Iterator[RedisServer]:
+    """A redis-server of the test's own in ``folder``, on a free port, stopped afterwards."""
+    require_tool("redis-server", package="redis-server")
+    server = RedisServer(folder, *options)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int | None:
@@ -214,12 +231,19 @@ class Traffic:
     round also uses the change feed: a stream that opens (200) and gets the
     event of a write, a resume from a cursor that does not cover a container
     (410), and a stream of ``failing_container`` (503 backend_unavailable).
+    Given a ``peer`` daemon that serves ``shared_container`` (a redis container)
+    with this one, each round also reads a key of it here and then writes it
+    through the peer: this daemon hears of the write (an invalidation).
     """
 
-    def __init__(self, daemon: Daemon, json_containers: list[str], failing_container: str) -> None:
+    def __init__(self, daemon: Daemon, json_containers: list[str], failing_container: str,
+                 *, peer: Daemon | None = None, shared_container: str = "") -> None:  # fmt: skip
         self.json_containers = json_containers
         self.failing_container = failing_container
+        self.shared_container = shared_container
+        self._peer = httpx.Client(base_url=peer.url, timeout=10) if peer is not None else None
         self.statuses: dict[int, int] = {}
+        self.peer_statuses: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
         self._client = httpx.Client(base_url=daemon.url, timeout=10)
@@ -240,6 +264,11 @@ class Traffic:
                 self._send("DELETE", key)
                 self._send("PUT", key, content=b"{not json")
         self._send("PUT", f"{channel}/{self.failing_container}/score", json=n)
+        if self._peer is not None:
+            key = f"{channel}/{self.shared_container}/key-{n % 7}"
+            self._send("GET", key)  # the channel, and this key if present, in memory here
+            status = self._peer.put(key, json={"n": n}).status_code
+            self.peer_statuses[status] = self.peer_statuses.get(status, 0) + 1
         if n % 10 == 0:
             self._send("GET", "/readyz")
             self.feed(channel, n)
@@ -297,6 +326,8 @@ class Traffic:
         self._stop.set()
         self._thread.join(timeout=STOP_TIMEOUT)
         self._client.close()
+        if self._peer is not None:
+            self._peer.close()
 
 
 class Prometheus(_ServedProcess):

@@ -45,6 +45,9 @@ REQUIRED_METRICS = (
     "chanstore_watchers_max",
     "chanstore_feed_events_sent_total",
     "chanstore_watchers_ended_total",
+    "chanstore_invalidation_link_up",
+    "chanstore_cache_invalidations_total",
+    "chanstore_ready",
 )
 #: The change feed's route, as the daemon labels its requests.
 FEED_ROUTE = "/v1/channels/{channel}/-/events"
@@ -226,6 +229,38 @@ def test_change_feed_row(dashboard: dict[str, Any]) -> None:
     # Conditional writes that lost (412), by route.
     conflicts = panel_of(r'sum by \([^)]*route[^)]*\) .*status="412"')
     assert conflicts["fieldConfig"]["defaults"]["unit"] == "reqps"
+
+
+def test_several_daemons_row(dashboard: dict[str, Any]) -> None:
+    panels = _row_panels(dashboard, "Several daemons")
+    by_expr = {t["expr"]: p for p in panels for t in p["targets"]}
+
+    def panel_of(pattern: str) -> dict[str, Any]:
+        found = [p for expr, p in by_expr.items() if re.search(pattern, expr)]
+        assert found, f"no panel of the Several daemons row matches {pattern}"
+        return found[0]
+
+    # Up or down, per daemon and link; ready or not (draining, a link down), per
+    # daemon: states, each series named after its daemon.
+    for pattern, labels in ((r"^chanstore_invalidation_link_up\{", ("instance", "link")),
+                            (r"^chanstore_ready\{", ("instance",))):  # fmt: skip
+        panel = panel_of(pattern)
+        assert panel["type"] in {"state-timeline", "stat"}, panel["title"]
+        mapped = panel["fieldConfig"]["defaults"]["mappings"][0]["options"]
+        assert {"0", "1"} <= set(mapped), panel["title"]
+        assert mapped["0"]["color"] == "red" and mapped["1"]["color"] == "green", mapped
+        for target in panel["targets"]:
+            for label in labels:
+                assert f"{{{{{label}}}}}" in target["legendFormat"], panel["title"]
+    # Invalidations heard per second, by container and daemon (a silent daemon shows).
+    heard = panel_of(
+        r"sum by \((instance, container|container, instance)\) "
+        r"\(rate\(chanstore_cache_invalidations_total\{"
+    )
+    assert heard["fieldConfig"]["defaults"]["unit"] == "ops"
+    # Beside it, the writes to redis containers that others should hear.
+    writes = panel_of(r'chanstore_backend_operation_duration_seconds_count\{[^}]*backend="redis"')
+    assert writes["fieldConfig"]["defaults"]["unit"] == "ops"
 
 
 def test_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:

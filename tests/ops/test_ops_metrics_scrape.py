@@ -8,14 +8,23 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
-from ops_support import Daemon, Traffic, free_port, ops_db_config, run_tool, wait_until
+from ops_support import (
+    Daemon,
+    Traffic,
+    free_port,
+    ops_db_config,
+    run_tool,
+    shared_redis_entry,
+    wait_until,
+)
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chanstore.metrics import ProcessCollector
+from support import RedisServer
 
-#: Every family of DESIGN.md section 3, the readiness gauges, the connection
-#: and change-feed families, and the process metrics the dashboard shows.
+#: Every family of DESIGN.md section 3, the readiness gauges, the connection,
+#: change-feed and coherence families, and the process metrics the dashboard shows.
 FAMILIES = {
     "chanstore_backend_operation_duration_seconds": "histogram",
     "chanstore_backend_operation_errors": "counter",
@@ -38,6 +47,8 @@ FAMILIES = {
     "chanstore_watchers_max": "gauge",
     "chanstore_feed_events_sent": "counter",
     "chanstore_watchers_ended": "counter",
+    "chanstore_cache_invalidations": "counter",
+    "chanstore_invalidation_link_up": "gauge",
     "process_resident_memory_bytes": "gauge",
     "process_cpu_seconds": "counter",  # the parser names counters without _total
 }
@@ -127,6 +138,65 @@ def test_the_change_feed_series_exist_from_the_start(start_daemon: StartDaemon) 
     assert samples(text, "chanstore_watchers") == {(): 0.0}
     assert samples(text, "chanstore_watchers_max") == {(): 1024.0}  # --max-watchers' default
     assert samples(text, "chanstore_feed_events_sent_total") == {(): 0.0}
+
+
+#: The write operations ChanstoreInvalidationsStalled sums over the daemons of a job.
+WRITE_OPERATIONS = ("set", "set_many", "delete", "delete_many", "apply_if")
+
+
+def test_the_coherence_series_of_two_daemons_over_one_redis(
+    shared_redis: RedisServer, start_daemon: StartDaemon
+) -> None:
+    # What the "Several daemons" row and the coherence alerts read, from two real
+    # daemons over one Redis (with a password, which no label may show).
+    entry = shared_redis_entry(shared_redis)
+    reader, writer = start_daemon([entry]), start_daemon([entry])
+    link = f"127.0.0.1:{shared_redis.port}/0"
+
+    def series(daemon: Daemon, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return samples(daemon.metrics_text(), name)
+
+    def link_is(value: float) -> bool:
+        return series(reader, "chanstore_invalidation_link_up") == {(("link", link),): value}
+
+    # ChanstoreInvalidationsStalled subtracts a daemon's writes from its job's:
+    # each daemon's write operations on a redis container exist, at 0, from the start.
+    for daemon in (reader, writer):
+        counts = series(daemon, "chanstore_backend_operation_duration_seconds_count")
+        for operation in WRITE_OPERATIONS:
+            key = (("backend", "redis"), ("container", "shared"), ("operation", operation))
+            assert counts.get(key) == 0.0, (operation, counts)
+
+    path = "/v1/channels/lobby/shared/score"
+    assert writer.http.put(path, json=1).status_code == 200
+    assert reader.http.get(path).json() == 1  # the channel is in the reader's memory now
+    wait_until(lambda: link_is(1.0), 10, "the reader's invalidation link up")
+    assert shared_redis.password and shared_redis.password not in reader.metrics_text()
+    assert writer.http.put(path, json=2).status_code == 200
+    # The reader hears the writer's write: one key dropped from its cache of shared.
+    invalidations = {(("container", "shared"),): 1.0}
+    wait_until(lambda: series(reader, "chanstore_cache_invalidations_total") == invalidations,
+               10, "the reader to count the invalidation")  # fmt: skip
+    assert reader.http.get(path).json() == 2
+    # A daemon's own writes are no invalidation to it.
+    assert series(writer, "chanstore_cache_invalidations_total") == {}
+
+    # The link refused while Redis itself answers (an ACL that takes the channel
+    # away): the gauge, /readyz and chanstore_ready say so until it is back.
+    client = shared_redis.client()
+    try:
+        client.execute_command("ACL", "SETUSER", "default", "resetchannels")
+        wait_until(lambda: link_is(0.0), 10, "the reader's link down")
+        ready = reader.http.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["problems"] == {"shared": "invalidation_link_down"}, ready.text
+        assert series(reader, "chanstore_ready") == {(): 0.0}
+        client.execute_command("ACL", "SETUSER", "default", "allchannels")
+        wait_until(lambda: link_is(1.0), 10, "the reader's link back")
+        wait_until(lambda: reader.http.get("/readyz").status_code == 200, 10, "the reader ready")
+        assert series(reader, "chanstore_ready") == {(): 1.0}
+    finally:
+        client.close()
 
 
 def _process_samples(collector_class: type, proc: Path) -> dict[str, float]:

@@ -3,9 +3,12 @@
 The daemon gets traffic that includes a rejected reload, a backend that
 cannot be reached, two stored values that do not decode (one read before
 Prometheus starts, one after: integrity problems), conditional writes that
-lose, and change-feed requests (a stream, an expired cursor, a failing
-backend); Prometheus (the shipped scrape job and rule files, at a 1 s
-interval) scrapes it while the traffic goes on. Then every query of the
+lose, change-feed requests (a stream, an expired cursor, a failing
+backend), and a redis container it shares with a second daemon, which writes
+what the first has read (invalidations heard over a link that is up, beside
+the unreachable Redis's link, down); Prometheus (the shipped scrape job and
+rule files, at a 1 s interval) scrapes the first daemon while the traffic
+goes on. Then every query of the
 dashboard, with Grafana's variables filled in as "All", must run and return
 data; every rule expression must run; every rule must evaluate healthy; and
 the alerts that this traffic calls for must be pending or firing.
@@ -33,10 +36,14 @@ from ops_support import (
     load_yaml,
     ops_db_config,
     rules,
+    running_redis,
+    shared_redis_entry,
     substitute,
     variable_query,
     wait_until,
 )
+
+from support import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +64,29 @@ def prometheus_config(target: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def e2e_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The Redis the e2e daemon shares with its peer."""
+    with running_redis(tmp_path_factory.mktemp("e2e-redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def scraped(
-    prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory
+    prometheus_binary: str, e2e_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Prometheus]:
     """A Prometheus that has scraped a busy daemon a dozen times and evaluated its rules."""
     folder = tmp_path_factory.mktemp("e2e")
-    entries = ops_db_config(free_port())
+    shared = shared_redis_entry(e2e_redis)
+    entries = [*ops_db_config(free_port()), shared]
     daemon = Daemon(folder / "daemon", entries)
+    peer = Daemon(folder / "peer", [shared])  # not scraped: the other daemon of the Redis
     plant_torn_values(daemon.folder)
     daemon.start()
     prometheus: Prometheus | None = None
     try:
-        with Traffic(daemon, ["profiles", "health_bars"], "scores") as traffic:
+        peer.start()
+        with Traffic(daemon, ["profiles", "health_bars"], "scores",
+                     peer=peer, shared_container="shared") as traffic:  # fmt: skip
             # A reload that is applied, then one that is rejected and stays so.
             daemon.write_config([*entries, {"implementation": "json", "name": "extra",
                                             "settings": {"root_dir": "data"}}])  # fmt: skip
@@ -89,6 +107,7 @@ def scraped(
             assert traffic.statuses.get(200), traffic.statuses
             # Conditional writes that lost, and a feed cursor that expired.
             assert traffic.statuses.get(412) and traffic.statuses.get(410), traffic.statuses
+            assert traffic.peer_statuses.get(200), traffic.peer_statuses
         yield prometheus
     except BaseException:
         print("daemon log:\n" + daemon.log_text())
@@ -98,6 +117,7 @@ def scraped(
     finally:
         if prometheus is not None:
             prometheus.stop()
+        peer.stop()
         daemon.stop()
 
 
@@ -224,12 +244,14 @@ def test_the_alerts_this_traffic_calls_for(scraped: Prometheus) -> None:
     # reload was rejected: ChanstoreConfigReloadFailed has no `for`, it fires.
     # A second torn value of health_bars was read while Prometheus watched:
     # ChanstoreDataDamaged has no `for` either. (The first was read before
-    # Prometheus started: alone, it would not fire.)
+    # Prometheus started: alone, it would not fire.) scores' Redis does not
+    # exist: its invalidation link is down too (shared's is up).
     expected = {
         ("ChanstoreNotReady", "scores"): {"pending", "firing"},
         ("ChanstoreBackendErrorRatio", "scores"): {"pending", "firing"},
         ("ChanstoreConfigReloadFailed", None): {"firing"},
         ("ChanstoreDataDamaged", "health_bars"): {"firing"},
+        ("ChanstoreInvalidationLinkDown", None): {"pending", "firing"},
     }
 
     def states() -> dict[tuple[str, str | None], str]:

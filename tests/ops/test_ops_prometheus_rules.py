@@ -33,6 +33,8 @@ REQUIRED_ALERTS = {
     "ChanstoreConnectionsAtCap",
     "ChanstoreWatchersAtCap",
     "ChanstoreSlowWatchers",
+    "ChanstoreInvalidationLinkDown",
+    "ChanstoreInvalidationsStalled",
 }
 SEVERITIES = {"critical", "warning"}
 
