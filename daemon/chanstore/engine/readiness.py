@@ -48,7 +48,10 @@ class Readiness:
         for runtime, failure in checked:
             label = (engine_label(runtime.spec.engine), runtime.name)
             labels.add(label)
-            self.metrics.backend_up.labels(*label).set(0 if failure else 1)
+            # About the backend alone: a daemon whose invalidation link is down is not
+            # ready, but its backend answers (reads go to it).
+            down = failure is not None and error_kind(failure) != "invalidation_link_down"
+            self.metrics.backend_up.labels(*label).set(0 if down else 1)
         for gone in self._labels - labels:
             self.metrics.backend_up.remove(*gone)
         self._labels = labels
