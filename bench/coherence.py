@@ -52,7 +52,7 @@ the median of the rounds' ratios. wrk, the poller, both daemons and
 redis-server share this machine's cores, which the report says; only ratios
 from one run mean anything.
 
-Run: ``python3 bench/coherence.py`` (about 4 minutes) or ``python3
+Run: ``python3 bench/coherence.py`` (about 3 minutes) or ``python3
 bench/coherence.py --quick`` (under a minute); ``--only staleness,get`` runs
 just those.
 """
