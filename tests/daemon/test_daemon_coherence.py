@@ -799,13 +799,6 @@ def test_a_cut_invalidation_link_never_leads_to_a_stale_answer(
 # -- writes behind chanstore's back ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the --cache-max-age reload (ChannelTable._prepare after ready_slot/slot "
-    "set slot.ready = False) reloads the CachedDict but keeps Slot.encoded and Slot.sorted_keys, "
-    "so a GET of a key whose answer was encoded before, and every listing, keep answering what "
-    "they answered before the reload",
-)
 def test_a_write_made_with_redis_cli_is_seen_within_the_cache_max_age(
     start_daemon, redis: RedisServer, channel: str
 ) -> None:

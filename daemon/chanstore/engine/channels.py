@@ -315,6 +315,10 @@ class ChannelTable:
         spec = runtime.spec
         if slot.cached is None:
             slot.cached = await self._open(channel, runtime)
+        # Loaded again (a max age passed, a cache was dropped): bodies and the key
+        # index made from what memory held before must not outlive it.
+        slot.encoded = None
+        slot.sorted_keys = None
         if spec.clear and (channel.id, spec.name) not in self._cleared:
             await runtime.run(slot.cached.clear)
             self._cleared.add((channel.id, spec.name))

@@ -133,6 +133,7 @@ class ContainerRuntime:
             self._link = link
             self.max_age = self.settings.cache_max_age
             self.coherent = False  # until the link says it is up
+            self.metrics.cache_invalidations.labels(self.spec.name)  # at 0, for rates
             # In a context of its own: the link outlives the request that opened it, and
             # its events must not name that request's channel or id.
             contextvars.Context().run(link.subscribe, self)
