@@ -6,7 +6,9 @@ read with "absent", which looks like an empty channel. :class:`Marker` tells
 the two apart with one key per key prefix and database,
 ``<key_prefix>-marker`` (:data:`MARKER_SUFFIX`), and gives a ``data_lost``
 :class:`~chanstore.errors.IntegrityProblem` when it vanishes or changes; its
-docstring says what it sees and what it cannot.
+docstring says what it sees and what it cannot. A Redis Cluster loses data
+per shard, so :class:`ClusterMarkers` keeps one marker per primary,
+``<key_prefix>-marker{<tag>}``, in a slot that primary holds.
 
 Apart from the backend because only the daemon's readiness probe uses it,
 through :meth:`~chanstore.backends.redisdb.RedisDatabase.integrity_problems`:
