@@ -97,6 +97,8 @@ MAX_ROUNDS = 5
 Reaching = Callable[..., AbstractContextManager[None]]
 
 log = logs.get_logger()
+#: Followers of moved slots being closed, kept until done.
+_closing: set[asyncio.Task[None]] = set()
 
 
 class LazyCluster:
@@ -605,9 +607,9 @@ class ClusterFollower:
         slot = self._slots.get(number)
         if slot is not None and (slot.host, slot.port) != (host, port):
             # The slot moved: the old node's follows end (they follow again, here).
-            old = slot.follower
-            task = self.loop.create_task(old.close())
-            task.add_done_callback(lambda _t: None)
+            closing = self.loop.create_task(slot.follower.close())
+            _closing.add(closing)  # the loop holds tasks only weakly
+            closing.add_done_callback(_closing.discard)
             slot = None
         if slot is None or slot.follower.closed:
             follower = RedisFollower(
