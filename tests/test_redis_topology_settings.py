@@ -9,6 +9,8 @@ names of earlier releases; cluster names carry the domain as hash tag.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.crc import key_slot
 
@@ -171,3 +173,31 @@ def test_together_keys_part_by_min_replicas():
     finally:
         plain.close()
         waiting.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_standalone_min_replicas_waits_in_the_writes_own_round_trip(redis_settings, redis_server,
+                                                                   flavour):  # fmt: skip
+    # The session's server has no replica: WAIT 1 answers 0 once its timeout passed.
+    backend = RedisDatabase(domain="svc.wait", **redis_settings, min_replicas=1,
+                            replica_timeout=0.05)  # fmt: skip
+    client = redis_server.client()
+    backend.set_value("loads-the-script", 0)  # so that the write below takes one round
+    client.config_resetstat()
+    try:
+        if flavour == "sync":
+            [error] = RedisDatabase.set_many_together([(backend, {"k": 1})])
+        else:
+            [error] = asyncio.run(RedisDatabase.set_many_together_async([(backend, {"k": 1})]))
+        assert isinstance(error, BackendUnavailable)
+        where = f"Redis at 127.0.0.1:{redis_server.port}/0"
+        assert str(error).startswith(f"{where}: the write is not acknowledged: only 0 of the 1 "
+                                     "replica required")  # fmt: skip
+        stats = client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_wait"]["calls"] == 1
+        assert backend.get_value("k") == (True, 1)  # made on the primary, as it says
+        with pytest.raises(BackendUnavailable, match="not acknowledged"):
+            backend.delete_many(["k"])
+    finally:
+        client.close()
+        backend.close()
