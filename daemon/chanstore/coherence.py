@@ -54,3 +54,7 @@ class Invalidations(Protocol):
     def unsubscribe(self, listener: InvalidationListener) -> None:
         """Stop telling ``listener``; the link stops once nobody listens."""
         ...
+
+    async def close(self) -> None:
+        """Stop the link for good (the process stops): its task ends, its connection closes."""
+        ...

@@ -1,8 +1,9 @@
 """Redis stops for a few seconds under load; the daemon rides it out and recovers by itself.
 
 While Redis is down: the daemon keeps serving (same process), json containers
-and cached reads of the redis container answer 200, writes to the redis
-container answer 503 and never 200, /readyz is 503 and names the redis
+answer 200, reads and writes of the redis container answer 503 and never a
+wrong value (its invalidation link is down with Redis, so memory does not
+answer for it), /readyz is 503 and names the redis
 container, and chanstore_backend_operation_errors_total counts the failures
 by kind. When Redis is started again on the same port, readiness and writes
 come back with no restart, and every acknowledged write reads back (after a
@@ -132,14 +133,17 @@ def test_redis_outage_under_load(tmp_path: Path) -> None:
                       for status, sent, answered in w.answers
                       if sent > down_since and answered < down_until]  # fmt: skip
             assert during and set(during) == {503}, sorted(set(map(str, during)))
-            # json writes and every read (cached values of Redis too) never failed.
+            # json writes and reads never failed. Reads of the redis container are never
+            # wrong: while its invalidation link is down (Redis is), memory does not answer
+            # for it (another daemon may write the moment Redis is back), so they go to
+            # Redis and answer 503 while it is down, the right value otherwise.
             json_statuses = {s for w in writers if w.container == "jout" for s, _, _ in w.answers}
             assert json_statuses == {200}, json_statuses
-            for reader in readers:
-                assert reader.answers and set(reader.answers) == {(200, True)}, (
-                    reader.container,
-                    {a for a in reader.answers if a != (200, True)},
-                )
+            answers = {reader.container: set(reader.answers) for reader in readers}
+            assert answers["jout"] == {(200, True)}, answers["jout"]
+            redis_reads = answers["rout"]
+            assert (200, True) in redis_reads, redis_reads
+            assert redis_reads <= {(200, True), (503, False)}, redis_reads
             # The failures are counted by kind.
             assert errors.get("unavailable", 0) + errors.get("timeout", 0) > 0, errors
             assert daemon.http.get("/healthz").json()["pid"] == pid  # no restart

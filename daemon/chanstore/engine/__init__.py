@@ -78,6 +78,9 @@ class Engine:
     async def close(self) -> None:
         """End every change-feed stream, finish every queued write, then close every backend."""
         await self.feed.close()
-        await asyncio.gather(*(runtime.close() for runtime in self.containers))
+        runtimes = list(self.containers)
+        await asyncio.gather(*(runtime.close() for runtime in runtimes))
+        links = {id(link): link for runtime in runtimes if (link := runtime.link) is not None}
+        await asyncio.gather(*(link.close() for link in links.values()))
         await self._reconfiguration.finish()
         self.channels.evict_all()

@@ -40,6 +40,11 @@ __all__ = ["DATA_LOST_HOLD", "ContainerRuntime", "Containers"]
 T = TypeVar("T")
 
 
+def _shares_writes(engine: type[DatabaseInterface]) -> bool:
+    """Whether backends of ``engine`` may answer an invalidation link (they override it)."""
+    return engine.invalidations is not DatabaseInterface.invalidations
+
+
 class KeyCache(Protocol):
     """One channel's cached copy of a container, as invalidations reach it."""
 
@@ -48,6 +53,8 @@ class KeyCache(Protocol):
 
 log = logs.get_logger()
 
+#: Seconds the first readiness check waits for a shared backend's new link to come up.
+LINK_START_WAIT = 1.0
 #: Threads per container for backend reads, loads and readiness probes.
 READ_THREADS = 4
 
@@ -130,13 +137,16 @@ class ContainerRuntime:
             return
         self._caches[backend.domain] = cache
         if self._link is None:
-            self._link = link
-            self.max_age = self.settings.cache_max_age
-            self.coherent = False  # until the link says it is up
-            self.metrics.cache_invalidations.labels(self.spec.name)  # at 0, for rates
-            # In a context of its own: the link outlives the request that opened it, and
-            # its events must not name that request's channel or id.
-            contextvars.Context().run(link.subscribe, self)
+            self._attach(link)
+
+    def _attach(self, link: Invalidations) -> None:
+        self._link = link
+        self.max_age = self.settings.cache_max_age
+        self.coherent = False  # until the link says it is up
+        self.metrics.cache_invalidations.labels(self.spec.name)  # at 0, for rates
+        # In a context of its own: the link outlives the request that opened it, and
+        # its events must not name that request's channel or id.
+        contextvars.Context().run(link.subscribe, self)
 
     def forget_cache(self, domain: str) -> None:
         """The copy of ``domain`` left memory: no invalidation needs to reach it."""
@@ -176,6 +186,8 @@ class ContainerRuntime:
         caches at once (on the event loop, where they are read).
         """
         try:
+            if self._open_link_early():
+                await self._link_up_within(LINK_START_WAIT)
             problems = await self.run(self._check_available)
         except Exception as exc:  # noqa: BLE001 - any failure is the answer
             return exc
@@ -208,12 +220,42 @@ class ContainerRuntime:
             self.data_lost = None
         return self.data_lost
 
+    def _open_link_early(self) -> bool:
+        """Open a shared backend's invalidation link at the first readiness check, not at
+        the first request: a daemon is ready once it hears other daemons' writes, and a
+        load balancer's first checks of a new daemon must not find it not ready.
+        Whether a link was opened now."""
+        if self._link is not None or not _shares_writes(self.spec.engine):
+            return False
+        if self._probe is None:
+            self._probe = self._new_probe()
+        link = self._probe.invalidations()
+        if link is None:
+            return False
+        self._attach(link)
+        return True
+
+    async def _link_up_within(self, seconds: float) -> None:
+        """Give a link just opened a moment to come up (a round trip or two)."""
+        deadline = time.monotonic() + seconds
+        while not self.coherent and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    @property
+    def link(self) -> Invalidations | None:
+        """The invalidation link of this container's shared backend, once opened."""
+        return self._link
+
+    def _new_probe(self) -> DatabaseInterface:
+        domain = f"service_{encode_domain_part(self.settings.service_id)}"
+        probe = self.spec.engine(domain=domain, **self.spec.settings)
+        attach(probe, container=self.spec.name, metrics=self.metrics)
+        return probe
+
     def _check_available(self) -> list[IntegrityProblem]:
         """Probe the backend; the integrity problems it found since the last probe."""
         if self._probe is None:
-            domain = f"service_{encode_domain_part(self.settings.service_id)}"
-            self._probe = self.spec.engine(domain=domain, **self.spec.settings)
-            attach(self._probe, container=self.spec.name, metrics=self.metrics)
+            self._probe = self._new_probe()
         self._probe.check_available()
         return self._probe.integrity_problems()
 
