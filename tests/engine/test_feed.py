@@ -138,3 +138,21 @@ def test_watchers_are_bounded_and_shutdown_ends_them(make_engine: Callable[..., 
         assert first.ended == third.ended == "shutdown"
 
     run(main)
+
+
+def test_a_container_named_twice_is_watched_once_and_opening_counts_against_the_cap(
+    make_engine: Callable[..., Engine],
+) -> None:
+    async def main() -> None:
+        engine = make_engine(max_watchers=2)
+        twice = await engine.feed.open("c1", ["stats", "stats"], None)
+        await engine.store.write("c1", "stats", "hp", Document(1))
+        assert [e.key for _, _, e in twice.take()] == ["hp"]
+        # Two opens at once with one place left: one gets it, never both.
+        opened = await asyncio.gather(engine.feed.open("c2", None, None),
+                                      engine.feed.open("c3", None, None),
+                                      return_exceptions=True)  # fmt: skip
+        assert sorted(type(result).__name__ for result in opened) == ["TooManyWatchers", "Watcher"]
+        await engine.close()
+
+    run(main)

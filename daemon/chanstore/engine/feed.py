@@ -66,6 +66,7 @@ class Feed:
         self.watchers: set[Watcher] = set()
         metrics.watchers_max.set(settings.max_watchers)
         self._followers: dict[int, Any] = {}
+        self._opening = 0
 
     async def open(self, channel_id: str, names: list[str] | None, cursor: str | None) -> Watcher:
         """A watcher of ``channel_id``'s containers ``names`` (all when None), queued with
@@ -74,11 +75,18 @@ class Feed:
         Raises TooManyWatchers, UnknownContainer, ValueError (a malformed
         channel id or cursor) or HistoryExpired, before anything is sent.
         """
-        if len(self.watchers) >= self.settings.max_watchers:
+        if len(self.watchers) + self._opening >= self.settings.max_watchers:
             raise TooManyWatchers(f"{self.settings.max_watchers} change-feed streams are open "
                                   "already (--max-watchers); try again later")  # fmt: skip
         check_channel_id(channel_id)
-        names = names or self.containers.names()
+        names = list(dict.fromkeys(names or self.containers.names()))
+        self._opening += 1  # counted against the cap while it opens, so that no burst
+        try:  # of opens gets past it
+            return await self._open(channel_id, names, cursor)
+        finally:
+            self._opening -= 1
+
+    async def _open(self, channel_id: str, names: list[str], cursor: str | None) -> Watcher:
         for name in names:
             self.containers[name]  # UnknownContainer names the served ones
         wanted = decode_cursor(cursor) if cursor is not None else None
