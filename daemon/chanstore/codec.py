@@ -104,10 +104,13 @@ class Document:
     reads back with its type (a set stays a set).
     """
 
-    __slots__ = ("doc",)
+    __slots__ = ("doc", "stored")
 
     def __init__(self, doc: Any) -> None:
         self.doc = doc
+        #: Its compact stored form when the writer made it already, so that
+        #: :func:`encode` does not make it again (the daemon makes it once per write).
+        self.stored: str | None = None
 
     def __eq__(self, other: object) -> bool:
         # As JSON: 1 and true (or 1 and 1.0) are different documents, key order is not.
@@ -260,6 +263,8 @@ def to_json_shape(value: Any) -> Any:
 
 def encode(value: Any, *, indent: int | None = None) -> str:
     """``value`` as type-marked JSON text (``indent=2`` is the original's file form)."""
+    if indent is None and value.__class__ is Document and value.stored is not None:
+        return value.stored
     shaped = to_json_shape(value)
     try:
         if indent is None:

@@ -413,12 +413,14 @@ class RedisInvalidations:
                 pinging, next_ping = False, now + self._ping_interval
 
     def _dispatch(self, message: bytes) -> None:
+        own = self._origin if self._origin is not None else ORIGIN
+        if message.startswith(b"%s\0" % own.encode()):
+            return  # this process's own write (most messages, on a busy daemon): not parsed
         parsed = parse(message, self._prefix, self._hash_tagged)
         if parsed is None:
             log.debug("redis_invalidations_unreadable", where=self.name, message=message[:200])
             return
         origin, domain, keys = parsed
-        own = self._origin if self._origin is not None else ORIGIN
         if origin == own.encode() or not keys:
             return
         for listener in list(self._listeners):

@@ -114,6 +114,8 @@ class Slot:
             if outcome and self.history is not None:
                 self._publish(self.history.append("delete", key, None, None))
         else:
+            if write.value.__class__ is codec.Document:
+                write.value.stored = None  # memory keeps the document, not its text twice
             memory.stored(key, write.value)
             if memory.keeps_writes:  # a null container lists nothing
                 self._list(key)
@@ -210,6 +212,16 @@ class Slot:
 def encode_answer(value: Any) -> tuple[bytes, str]:
     """A value as the JSON document the backend holds (type marks and all), and its ETag."""
     body = codec.encode(value).encode()
+    return body, etag_of_stored(body)
+
+
+def encode_for_writing(value: Any) -> tuple[bytes, str]:
+    """:func:`encode_answer` of a value about to be written: a Document keeps its stored
+    form until the write settles, so that the backend does not make it again."""
+    text = codec.encode(value)
+    if value.__class__ is codec.Document:
+        value.stored = text
+    body = text.encode()
     return body, etag_of_stored(body)
 
 

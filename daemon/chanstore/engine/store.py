@@ -20,7 +20,7 @@ from collections.abc import Generator, Mapping
 from typing import Any, NamedTuple
 
 from chanstore.cache import ABSENT, UNKNOWN
-from chanstore.engine.channels import ChannelTable, Slot, encode_answer
+from chanstore.engine.channels import ChannelTable, Slot, encode_answer, encode_for_writing
 from chanstore.engine.containers import Containers
 from chanstore.engine.lanes import Condition, Write
 from chanstore.versions import Expectation
@@ -140,7 +140,7 @@ class Store:
         :class:`~chanstore.errors.PreconditionFailed`. Queued at once when
         the channel's container is in memory.
         """
-        answer = None if delete else encode_answer(value)
+        answer = None if delete else encode_for_writing(value)
         expected = None if expect is NO_EXPECTATION else {key: expect}
         change = [(key, value, delete, answer)]
         slot = self.table.ready_slot(channel_id, name)
@@ -156,7 +156,7 @@ class Store:
                        expect: dict[str, Expectation] | None = None) -> dict[str, str]:  # fmt: skip
         """Store every item, and only if every key of ``expect`` meets its expectation
         (else nothing: PreconditionFailed). Returns each key's new ETag once stored."""
-        answers = {key: encode_answer(value) for key, value in items.items()}
+        answers = {key: encode_for_writing(value) for key, value in items.items()}
         change = [(key, value, False, answers[key]) for key, value in items.items()]
         await self._write_many(channel_id, name, change, expect, request_id)
         return {key: answer[1] for key, answer in answers.items()}
