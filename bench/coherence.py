@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -82,6 +81,19 @@ from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
+
+from harness import (
+    chanstore_command,
+    free_port,
+    markdown_table,
+    on_time_limit,
+    progress,
+    redis_pings,
+    source_state,
+    stop,
+    text_table,
+    wait_until,
+)
 
 CONNECTIONS = 32
 WRK_THREADS = 2
@@ -200,50 +212,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 # -- processes -----------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[Any], timeout: float = 20.0) -> int:
-    """Stop ``process`` with SIGTERM (SIGKILL past ``timeout``); its exit status."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-    return process.returncode
-
-
-def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str,
-               log: Path, timeout: float) -> None:  # fmt: skip
-    """Poll ``check`` until it holds; explain (with ``log``'s tail) if it never does."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if process.poll() is not None or time.monotonic() > deadline:
-            state = (f"exited with status {process.returncode}" if process.poll() is not None
-                     else f"was not ready within {timeout:g}s")  # fmt: skip
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{what} {state}; its output ends with:\n{tail}")
-        time.sleep(0.05)
-
-
-def redis_pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[int]:
     """A redis-server of our own on a free port, without persistence; yields the port."""
@@ -285,15 +253,6 @@ def ready(port: int) -> bool:
         return True
     except (OSError, ValueError):
         return False
-
-
-def chanstore_command() -> str:
-    """The ``chanstore`` script of the running Python, or the one on PATH."""
-    beside = Path(sys.executable).with_name("chanstore")
-    found = str(beside) if beside.exists() else shutil.which("chanstore")
-    if found is None:
-        raise SystemExit("chanstore is not installed: pip install -e '.[test]'")
-    return found
 
 
 def serve_command(port: int | str) -> list[str]:
@@ -802,42 +761,6 @@ def first_line(command: list[str]) -> str:
     return (finished.stdout or finished.stderr).splitlines()[0]
 
 
-def source_state() -> str:
-    """The commit of the daemon's source, and whether daemon/ differs from it."""
-    spec = importlib.util.find_spec("chanstore")
-    if spec is None or spec.origin is None:
-        return "chanstore source: not found"
-    root = Path(spec.origin).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True,
-                                timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
-                                "daemon"], capture_output=True, text=True, check=True,
-                               timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "chanstore source: not a git checkout"
-    state = "with uncommitted changes in daemon/" if dirty else "daemon/ as committed"
-    return f"chanstore source: commit {commit}, {state}"
-
-
-def text_table(headers: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
-    widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(cells)
-        ).rstrip()
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, body)])
-
-
-def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
-    align = ["---:" if i in right else "---" for i in range(len(headers))]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [headers, align, *body])
-
-
 Section = tuple[str, list[str], Sequence[str], list[list[str]], set[int]]
 
 
@@ -943,10 +866,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="where to make the temporary working directory")  # fmt: skip
     parser.add_argument("--poller", metavar="SPEC", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def on_time_limit(signum: int, frame: object) -> None:
-    raise TimeoutError("the benchmark ran past its time limit")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

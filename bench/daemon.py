@@ -65,7 +65,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,6 +78,18 @@ from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
+
+from harness import (
+    chanstore_command,
+    free_port,
+    markdown_table,
+    on_time_limit,
+    progress,
+    redis_pings,
+    stop,
+    text_table,
+    wait_until,
+)
 
 CONNECTIONS = 32
 #: The connections of the ``get512`` measure (wrk keeps its WRK_THREADS threads).
@@ -229,46 +240,6 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
 # -- processes -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
-    """Stop ``process`` with SIGTERM (SIGKILL past ``timeout``); its exit status."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-    return process.returncode
-
-
-def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str,
-               log: Path, timeout: float) -> None:  # fmt: skip
-    """Poll ``check`` until it holds; explain (with ``log``'s tail) if it never does."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if process.poll() is not None or time.monotonic() > deadline:
-            state = (f"exited with status {process.returncode}" if process.poll() is not None
-                     else f"was not ready within {timeout:g}s")  # fmt: skip
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{what} {state}; its output ends with:\n{tail}")
-        time.sleep(0.05)
-
-
-def redis_pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[int]:
     """A redis-server of our own on a free port, without persistence; yields the port."""
@@ -302,15 +273,6 @@ def healthy(port: int) -> bool:
         return http(port, "GET", "/healthz", timeout=1).get("status") == "serving"
     except (OSError, ValueError):
         return False
-
-
-def chanstore_command() -> str:
-    """The ``chanstore`` script of the running Python, or the one on PATH."""
-    beside = Path(sys.executable).with_name("chanstore")
-    found = str(beside) if beside.exists() else shutil.which("chanstore")
-    if found is None:
-        raise SystemExit("chanstore is not installed: pip install -e '.[test]'")
-    return found
 
 
 @dataclass
@@ -602,10 +564,6 @@ def profiled(pid: int, seconds: int, out: Path | None) -> Iterator[None]:
 
 
 # -- the run -----------------------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
 def describe(sample: Sample) -> str:
@@ -933,23 +891,6 @@ def rows(results: list[Comparison]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def text_table(headers: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
-    widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(cells)
-        ).rstrip()
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, body)])
-
-
-def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
-    align = ["---:" if i in right else "---" for i in range(len(headers))]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in [headers, align, *body])
-
-
 def sharing_note(only: Sequence[str]) -> str:
     lister = ", and the lister's wrk (1 thread) beside them" if "lister" in only else ""
     return (
@@ -1042,10 +983,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="one more argument for chanstore serve, e.g. "
                              "--serve-arg=--write-lanes=1 (repeatable)")  # fmt: skip
     return parser.parse_args(argv)
-
-
-def on_time_limit(signum: int, frame: object) -> None:
-    raise TimeoutError("the benchmark ran past its time limit")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
