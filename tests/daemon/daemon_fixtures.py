@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import IN_CI, JSON_CONTAINERS, DaemonProcess, RedisServer
+from daemon_harness import IN_CI, JSON_CONTAINERS, DaemonProcess, RedisServer, json_entry
 
 __all__ = ["StartDaemon", "channel", "daemon", "redis", "start_daemon"]
 
@@ -62,17 +62,38 @@ def channel() -> str:
     return f"ch-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, which the test may stop and start again."""
+def _need_redis_server() -> None:
+    """Skip without redis-server (fail in CI, which must have it)."""
     if shutil.which("redis-server") is None:
         message = "redis-server is not installed (apt-get install redis-server)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may stop and start again."""
+    _need_redis_server()
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server shared by a test module (tests that do not stop it)."""
+    _need_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def json_and_redis_containers(redis: RedisServer, *more: dict[str, Any]) -> list[dict[str, Any]]:
+    """A db_config of json ``stats`` (under ``data/``) and Redis-backed ``mana``, and ``more``."""
+    mana = {"implementation": "redis", "name": "mana", "load": True,
+            "settings": {**redis.settings, "socket_timeout": 5.0}}  # fmt: skip
+    return [json_entry("stats"), mana, *more]
 
 
 def module_daemon_fixture(folder_name: str, max_body: int) -> Any:

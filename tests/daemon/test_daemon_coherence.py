@@ -129,15 +129,6 @@ def coherent(trio: Trio) -> Trio:
 
 
 @pytest.fixture(scope="module")
-def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def module_trio(
     tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer
 ) -> Iterator[Trio]:

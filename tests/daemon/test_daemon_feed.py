@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from daemon_fixtures import json_and_redis_containers
 from daemon_harness import (
     JSON_CONTAINERS,
     DaemonProcess,
@@ -259,27 +260,6 @@ def cursor_of(positions: dict[str, str]) -> str:
 # -- daemons -----------------------------------------------------------------------------
 
 
-def _containers(redis: RedisServer, *more: dict[str, Any]) -> list[dict[str, Any]]:
-    """json ``stats`` (fsync on, as by default) and Redis-backed ``mana``."""
-    return [
-        json_entry("stats"),
-        {
-            "implementation": "redis",
-            "name": "mana",
-            "load": True,
-            "settings": {**redis.settings, "socket_timeout": 5.0},
-        },
-        *more,
-    ]
-
-
-@pytest.fixture(scope="module")
-def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def module_both(
     tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer
@@ -287,7 +267,7 @@ def module_both(
     """json ``stats`` and Redis ``mana``; keep-alive comments every half second."""
     daemon = DaemonProcess(
         tmp_path_factory.mktemp("feed"),
-        _containers(module_redis),
+        json_and_redis_containers(module_redis),
         args=["--heartbeat-interval", "0.5"],
     )
     daemon.start()
@@ -542,7 +522,7 @@ def test_refusals_come_before_any_stream(both: DaemonProcess, channel: str) -> N
 def test_a_redis_feed_spans_daemons_and_survives_a_restart(
     start_daemon, redis: RedisServer, channel: str
 ) -> None:
-    config = _containers(redis)
+    config = json_and_redis_containers(redis)
     near, far = start_daemon(config), start_daemon(config)
 
     with Stream(near, channel, "containers=mana") as watched:
@@ -594,7 +574,7 @@ def test_a_redis_cursor_older_than_the_history_is_expired(
     """``--event-history 5``: the stream in Redis is trimmed (``MAXLEN ~ 5``: at least the
     last 5 are kept; Redis drops whole nodes of entries), so a cursor from before the
     trimmed part is 410, and one of the last five resumes exactly."""
-    daemon = start_daemon(_containers(redis), args=["--event-history", "5"])
+    daemon = start_daemon(json_and_redis_containers(redis), args=["--event-history", "5"])
     history = "chanstore:-events:" + container_domain("e2e", channel, "mana")
     events: list[Event] = []
     with Stream(daemon, channel, "containers=mana") as stream, redis.client() as client:
@@ -633,7 +613,7 @@ def test_a_burst_longer_than_the_redis_history_reaches_a_watcher_whole(
     100 events in order, or its stream ends with ``history_lost`` (so that its client
     resumes, and hears 410 or exactly what followed); it must never see some and
     silently miss others."""
-    daemon = start_daemon(_containers(redis), args=["--event-history", "5"])
+    daemon = start_daemon(json_and_redis_containers(redis), args=["--event-history", "5"])
     keys = [f"k{number:03d}" for number in range(100)]
     expected = [*keys, "last"]
     with Stream(daemon, channel, "containers=mana") as stream:
@@ -726,7 +706,7 @@ def test_sigterm_ends_every_stream_and_only_redis_cursors_outlive_the_daemon(
     ``shutdown``, its chunked body is ended, and the connection closes. Started again,
     the daemon resumes a Redis cursor from before; a json one (its history was in the
     memory of the process that stopped) is 410."""
-    daemon = start_daemon(_containers(redis))
+    daemon = start_daemon(json_and_redis_containers(redis))
     url = f"{daemon.url}/v1/channels/{channel}/-/events"
     curl = subprocess.Popen(
         ["curl", "--silent", "--show-error", "--no-buffer", url],
@@ -811,7 +791,9 @@ def test_a_reload_that_removes_a_container_ends_its_streams(
             "settings": {**redis.settings, "socket_timeout": 5.0},
         },
     ]
-    daemon = start_daemon(_containers(redis, *removed), args=["--heartbeat-interval", "0.5"])
+    daemon = start_daemon(
+        json_and_redis_containers(redis, *removed), args=["--heartbeat-interval", "0.5"]
+    )
     mark = daemon.log_size()
     with (
         Stream(daemon, channel, f"containers={container}") as gone,
@@ -822,7 +804,7 @@ def test_a_reload_that_removes_a_container_ends_its_streams(
         stored(put(daemon, channel, container, "k", 1))
         assert change(gone.next_event()) == ("set", "k", 1)
 
-        daemon.write_config(_containers(redis))
+        daemon.write_config(json_and_redis_containers(redis))
         reloaded = daemon.http.post("/-/reload")
         assert reloaded.status_code == 200, reloaded.text
 
@@ -913,7 +895,7 @@ def test_a_slow_watcher_is_dropped_and_writers_keep_going(
     a Redis-backed container: the writers' requests all succeed, the stream is dropped
     (slow_reader), a stream that reads gets every event in order, and the daemon's memory
     stays bounded."""
-    config = [json_entry("stats", settings={"fsync": False}), *_containers(redis)[1:]]
+    config = [json_entry("stats", settings={"fsync": False}), *json_and_redis_containers(redis)[1:]]
     daemon = start_daemon(config, args=["--watcher-buffer-bytes", "65536"])
     slow_before = gauge(daemon, "chanstore_watchers_ended_total", reason="slow_reader")
 
@@ -975,7 +957,7 @@ def test_the_daemons_memory_does_not_grow_with_the_size_of_the_values_streamed(
     Redis, 10 events of it) while 48 values of 500 KB are written over 4 keys: the
     daemon holds 4 values and a few in flight, so its memory grows by far less than the
     24 MB that went through it."""
-    daemon = start_daemon(_containers(redis), args=["--event-history", "10"])
+    daemon = start_daemon(json_and_redis_containers(redis), args=["--event-history", "10"])
     with Stream(daemon, channel, "containers=mana") as stream:
         stream.ready()
         baseline = peak = rss_bytes(daemon)
@@ -993,7 +975,9 @@ def test_a_watcher_that_reads_is_not_dropped_for_one_large_write(
 ) -> None:
     """``--watcher-buffer-bytes 65536`` and one ``-/set`` of 20 values of 4 KB (84 KB of
     events): a stream whose client reads gets all 20, and is not ended."""
-    daemon = start_daemon(_containers(redis), args=["--watcher-buffer-bytes", "65536"])
+    daemon = start_daemon(
+        json_and_redis_containers(redis), args=["--watcher-buffer-bytes", "65536"]
+    )
     values = {f"k{number:02d}": f"{number:02d}".ljust(VALUE_SIZE, "x") for number in range(20)}
     for container in ("stats", "mana"):
         with Stream(daemon, channel, f"containers={container}") as stream:

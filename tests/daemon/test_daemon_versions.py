@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from daemon_harness import DaemonProcess, RedisServer, json_entry, key_path
+from daemon_fixtures import json_and_redis_containers
+from daemon_harness import DaemonProcess, RedisServer, key_path
 
 from chanstore import codec
 from chanstore.keys import encode_domain_part
@@ -38,31 +39,13 @@ LOOP_DEADLINE = 60.0
 CONTAINERS = pytest.mark.parametrize("container", ["stats", "mana"])
 
 
-def _containers(redis: RedisServer) -> list[dict[str, Any]]:
-    """json ``stats`` (under ``data/``) and Redis-backed ``mana``."""
-    return [
-        json_entry("stats"),
-        {
-            "implementation": "redis",
-            "name": "mana",
-            "load": True,
-            "settings": {**redis.settings, "socket_timeout": 5.0},
-        },
-    ]
-
-
-@pytest.fixture(scope="module")
-def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def module_both(
     tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer
 ) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess(tmp_path_factory.mktemp("versions"), _containers(module_redis))
+    daemon = DaemonProcess(
+        tmp_path_factory.mktemp("versions"), json_and_redis_containers(module_redis)
+    )
     daemon.start()
     yield daemon
     problems = daemon.close()
