@@ -12,6 +12,7 @@ from chanstore.keys import (
     MAX_KEY_BYTES,
     check_channel_id,
     check_key,
+    decode_domain_part,
     decode_filename,
     encode_domain_part,
     encode_filename,
@@ -126,3 +127,19 @@ def test_domain_parts_have_no_separator_and_round_trip(part):
 )
 def test_domain_part_encoding(part, encoded):
     assert encode_domain_part(part) == encoded
+
+
+@given(key_text)
+def test_decode_domain_part_reverses_encode_domain_part(part):
+    """The chanstore backend reads the service id, channel id and container name back
+    out of the domain it is given."""
+    assert decode_domain_part(encode_domain_part(part)) == part
+
+
+@pytest.mark.parametrize(
+    ("encoded", "part"),
+    [("svc", "svc"), ("42", "42"), ("a%2Eb", "a.b"), ("%2E%2E", ".."), ("a%252Eb", "a%2Eb"),
+     ("a%2Fb%5C", "a/b\\"), ("Ünï", "Ünï")],
+)  # fmt: skip
+def test_decode_domain_part(encoded, part):
+    assert decode_domain_part(encoded) == part

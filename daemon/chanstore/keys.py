@@ -11,7 +11,8 @@ without NUL. Two encodings turn them into names:
   :func:`decode_filename` reverses it.
 * :func:`encode_domain_part` does the same for a service id, a channel id or a
   container name, and also encodes ``.``, the domain's separator, so that an
-  id cannot add a level to the domain (and so a folder to the json layout).
+  id cannot add a level to the domain (and so a folder to the json layout);
+  :func:`decode_domain_part` reverses it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "check_channel_id",
     "check_key",
+    "decode_domain_part",
     "decode_filename",
     "encode_domain_part",
     "encode_filename",
@@ -86,3 +88,11 @@ def decode_filename(name: str) -> str:
 def encode_domain_part(part: Any) -> str:
     """A service id, channel id or name as one part of a dotted domain."""
     return _percent_encode(str(part), _DOMAIN_ESCAPED)
+
+
+def decode_domain_part(encoded: str) -> str:
+    """The service id, channel id or name that :func:`encode_domain_part` made ``encoded``.
+
+    Ids come back as strings (an int id was encoded as its digits).
+    """
+    return unquote(encoded, errors="surrogateescape") if "%" in encoded else encoded
