@@ -266,6 +266,139 @@ def test_a_write_during_a_clear_is_left_to_the_backend(hooked):
     assert box.get("c") == backend.load_all().get("c")  # so reads ask the backend
 
 
+# -- what a follower of the backend tells memory: heard, drop, written --------------------
+
+
+def test_heard_puts_a_change_memory_holds_the_key_of_and_pops_a_delete(hooked):
+    backend, box = hooked
+    memory = box.memory
+    assert box["a"] == 1  # held now; "b" is not
+    writes = memory.writes
+    memory.heard("a", 10)
+    memory.heard("b", [20])  # partial memory, "b" not held: it stays unknown
+    assert (memory.peek("a"), memory.peek("b")) == (10, UNKNOWN)
+    memory.heard("a", ABSENT)
+    assert memory.peek("a") is UNKNOWN  # deleted: a partial memory just forgets it
+    assert memory.writes == writes + 3
+    assert backend.reads == ["a"]
+
+
+def test_heard_on_a_complete_memory_keeps_it_complete(hooked):
+    _backend, box = hooked
+    memory = box.memory
+    box.load()
+    memory.heard("new", {"x": 1})
+    memory.heard("a", ABSENT)
+    memory.heard("b", "changed")
+    assert memory.complete
+    assert held(box) == {"new": {"x": 1}, "b": "changed"}
+    assert memory.peek("a") is ABSENT
+
+
+def test_heard_during_a_read_keeps_the_read_from_being_cached(hooked):
+    backend, box = hooked
+    memory = box.memory
+    # The read finds 1; meanwhile another client stores 10, and a follower hears it.
+    backend.during = lambda: (backend.set_value("a", 10), memory.heard("a", 10))
+    assert box.fetch("a") == 1
+    assert memory.peek("a") is UNKNOWN  # the old answer was not cached
+    assert box["a"] == 10
+
+
+def test_heard_during_a_load_leaves_the_key_unknown_and_memory_incomplete(hooked):
+    backend, box = hooked
+    memory = box.memory
+    original = backend.load_all
+
+    def load_then_hear():
+        found = original()
+        backend.set_value("a", "new")
+        memory.heard("a", "new")  # newer than what the load read, or older: unknown
+        return found
+
+    backend.load_all = load_then_hear
+    box.load()
+    assert not memory.complete
+    assert memory.peek("a") is UNKNOWN
+    assert memory.peek("b") == [2]
+    assert box["a"] == "new"
+
+
+def test_drop_forgets_everything_and_completeness(hooked):
+    backend, box = hooked
+    memory = box.memory
+    box.load()
+    writes = memory.writes
+    memory.drop()
+    assert (memory.complete, len(memory), memory.writes) == (False, 0, writes + 1)
+    backend.set_value("a", "elsewhere")  # a change the follower missed
+    assert box["a"] == "elsewhere"
+
+
+def test_drop_during_a_load_keeps_nothing_the_load_read(hooked):
+    backend, box = hooked
+    memory = box.memory
+    original = backend.load_all
+    backend.load_all = lambda: (original(), memory.drop())[0]
+    box.load()
+    assert (memory.complete, len(memory)) == (False, 0)
+    backend.load_all = original
+    box.load()  # the next load is trusted again
+    assert memory.complete
+    assert held(box) == {"a": 1, "b": [2]}
+
+
+def test_written_holds_the_owners_write_and_its_own_note_changes_nothing_more(hooked):
+    _backend, box = hooked
+    memory = box.memory
+    box.load()
+    mine = {"hp": 9}
+    memory.written("a", mine)  # the follower orders the acknowledged write first...
+    memory.heard("a", {"hp": 8})  # ... then a newer change by another client...
+    memory.stored("a", mine)  # ... and the owner's own note of its write comes late
+    assert memory.peek("a") == {"hp": 8}
+    memory.written("b", ABSENT)
+    memory.heard("b", "back")
+    memory.deleted("b")
+    assert memory.peek("b") == "back"
+    # Consumed once: the next note of the same object is a write like any other.
+    memory.stored("a", mine)
+    assert memory.peek("a") is mine
+
+
+def test_written_not_certain_forgets_the_key_and_absorbs_the_owners_note(hooked):
+    _backend, box = hooked
+    memory = box.memory
+    box.load()
+    mine = [1]
+    memory.written("a", mine, certain=False)
+    memory.stored("a", mine)
+    assert memory.peek("a") is UNKNOWN
+    assert not memory.complete
+
+
+def test_a_drop_forgets_what_a_follower_noted(hooked):
+    _backend, box = hooked
+    memory = box.memory
+    mine = "mine"
+    memory.written("a", mine)
+    memory.drop()
+    memory.stored("a", mine)  # a write noted after the drop is held as usual
+    assert memory.peek("a") == "mine"
+
+
+def test_a_null_memory_keeps_nothing_it_hears(metrics):
+    box = CachedDict(name="scratch", metrics=metrics)  # the null backend
+    memory = box.memory
+    writes = memory.writes
+    memory.heard("k", {"x": 1})
+    memory.written("k", {"x": 1})
+    memory.drop()
+    assert (memory.complete, len(memory), memory.peek("k")) == (True, 0, None)
+    assert memory.writes == writes + 3
+    assert box["k"] is None
+
+
 def test_a_strict_write_that_timed_out_leaves_its_key_unknown(metrics):
     class Stalling(DictDatabase):
         engine_name = "stalling"

@@ -6,6 +6,13 @@ many channels' writes in one backend call) read memory with
 lock, and tell it what the backend now holds with :meth:`CacheMemory.stored`,
 :meth:`~CacheMemory.deleted` and :meth:`~CacheMemory.unsure`.
 
+A *follower* of the backend (see
+:meth:`~chanstore.backends.base.DatabaseInterface.keep_current`) tells memory
+of writes other clients made: :meth:`CacheMemory.heard` for one change,
+:meth:`~CacheMemory.drop` when changes may have been missed, and
+:meth:`~CacheMemory.written` when it learns of the owner's own write before
+the owner notes it.
+
 ``peek`` answers a value or one of three markers: :data:`ABSENT`,
 :data:`UNKNOWN` (only the backend knows), or an :class:`UnreadableValue` for
 a key whose stored value exists but cannot be decoded, held so that a damaged
@@ -89,7 +96,8 @@ class CacheMemory:
     ``chanstore_cache_requests_total`` when the metrics are collected.
     """
 
-    __slots__ = ("_complete", "_counts", "_entries", "_lock", "_touched", "_values", "_writes")
+    __slots__ = ("_complete", "_counts", "_entries", "_lock", "_noted", "_touched", "_values",
+                 "_void", "_writes")  # fmt: skip
 
     #: Whether the values of writes are kept (:class:`NullMemory` keeps nothing).
     keeps_writes = True
@@ -104,6 +112,11 @@ class CacheMemory:
         # While a load or clear is under way: the keys written meanwhile, and
         # whether the last write of each was unsure.
         self._touched: dict[str, bool] | None = None
+        # Whether drop() came while a load or clear was under way: it keeps nothing it read.
+        self._void = False
+        # The owner's writes a follower noted first (written()), by key: the value, or
+        # ABSENT. None until there is one, so that a memory nobody follows stays small.
+        self._noted: dict[str, Any] | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -159,6 +172,9 @@ class CacheMemory:
         """The caller's own write of ``key`` is now held by the backend: cache ``value``."""
         with self._lock:
             self._writes += 1
+            if self._noted is not None and self._noted.get(key, _MISSING) is value:
+                del self._noted[key]  # a follower noted this very write first
+                return
             self._put(key, value)
             if self._touched is not None:
                 self._touched[key] = False
@@ -167,6 +183,9 @@ class CacheMemory:
         """The caller deleted ``key`` from the backend (or found it absent there)."""
         with self._lock:
             self._writes += 1
+            if self._noted is not None and self._noted.get(key, _MISSING) is ABSENT:
+                del self._noted[key]  # a follower noted this very delete first
+                return
             self._pop(key)
             if self._touched is not None:
                 self._touched[key] = False
@@ -178,11 +197,75 @@ class CacheMemory:
         the backend holds is not known: the next read of ``key`` asks it.
         """
         with self._lock:
-            self._writes += 1
-            self._complete = False  # before the pop: a peek must never see ABSENT for key
-            self._pop(key)
+            if self._noted is not None:
+                self._noted.pop(key, None)
+            self._forget(key)
+
+    # -- writes other clients made, told by a follower of the backend ---------------
+
+    def heard(self, key: str, value: Any) -> None:
+        """Another client changed ``key``: ``value`` is its new value, or :data:`ABSENT`
+        for a delete.
+
+        A read of the backend begun before it is not cached. While a load or a
+        clear is under way, ``key`` is left unknown, as :meth:`unsure` leaves it
+        (what the load read of it may be older or newer). Otherwise memory
+        holds the change when it holds ``key`` or the whole domain; a partial
+        memory that did not hold ``key`` keeps not holding it.
+        """
+        with self._lock:
             if self._touched is not None:
-                self._touched[key] = True
+                self._forget(key)
+                return
+            self._writes += 1
+            if value is ABSENT:
+                self._pop(key)
+            elif self._complete or key in self._values:
+                self._put(key, value)
+
+    def drop(self) -> None:
+        """Forget everything held, completeness too (what :meth:`CachedDict.forget
+        <chanstore.cache.CachedDict.forget>` does): changes may have been missed. The
+        next reads ask the backend; a load or clear under way keeps nothing it read."""
+        with self._lock:
+            self._writes += 1
+            if self._touched is not None:
+                self._void = True
+            self._replace({}, False)
+
+    def written(self, key: str, value: Any, *, certain: bool = True) -> None:
+        """The owner's own write of ``key`` (``value``, or :data:`ABSENT` for a delete) is
+        acknowledged, and a follower, which orders it among the changes it hears, tells
+        memory before the owner does.
+
+        Memory holds it now, and the owner's own :meth:`stored` of this very
+        ``value`` (or :meth:`deleted`, for a delete) changes nothing more, so
+        that a change heard in between is not undone by it. Not ``certain``
+        (changes may have been missed while the write was under way), memory
+        forgets ``key`` instead, as :meth:`unsure` does.
+        """
+        with self._lock:
+            if self._noted is None:
+                self._noted = {}
+            self._noted[key] = value
+            if not certain:
+                self._forget(key)
+                return
+            self._writes += 1
+            if value is ABSENT:
+                self._pop(key)
+            else:
+                self._put(key, value)
+            if self._touched is not None:
+                self._touched[key] = False
+
+    def _forget(self, key: str) -> None:
+        """:meth:`unsure` of ``key``, the lock held."""
+        self._writes += 1
+        self._complete = False  # before the pop: a peek must never see ABSENT for key
+        self._pop(key)
+        if self._touched is not None:
+            self._touched[key] = True
 
     def __repr__(self) -> str:
         state = "complete" if self._complete else "partial"
@@ -208,6 +291,7 @@ class CacheMemory:
         """A load or clear starts: note the keys written until :meth:`_end_whole`."""
         with self._lock:
             self._touched = {}
+            self._void = False
 
     def _end_whole(self, values: dict[str, Any] | None, *, trust_writes: bool) -> None:
         """Hold exactly ``values`` (what the backend held), completed by the writes meanwhile.
@@ -219,7 +303,8 @@ class CacheMemory:
         """
         with self._lock:
             touched, self._touched = self._touched or {}, None
-            if values is None:
+            if values is None or self._void:
+                self._void = False  # dropped meanwhile: what was read may be out of date
                 return
             complete = True
             for key, was_unsure in touched.items():
@@ -238,6 +323,7 @@ class CacheMemory:
             self._replace({}, complete)
 
     def _replace(self, values: dict[str, Any], complete: bool) -> None:
+        self._noted = None
         self._entries.inc(len(values) - len(self._values))
         if complete:
             self._values = values
@@ -281,6 +367,14 @@ class NullMemory(CacheMemory):
         return None
 
     def unsure(self, key: str) -> None:
+        with self._lock:
+            self._writes += 1
+
+    def heard(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._writes += 1
+
+    def written(self, key: str, value: Any, *, certain: bool = True) -> None:
         with self._lock:
             self._writes += 1
 
