@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -57,15 +58,21 @@ BACKENDS = ["json-fsync", "json-nofsync", "redis", "dict"]
 
 
 class BackendFactory:
-    """Builds backends of one kind on any domain; the same domain means the same data."""
+    """Builds backends of one kind on any domain; the same domain means the same data.
 
-    def __init__(self, kind: str, build: Callable[[str], DatabaseInterface]) -> None:
+    ``engine`` and ``settings`` are the class and the settings every backend is
+    built with (for its class methods, such as ``list_domains``).
+    """
+
+    def __init__(self, kind: str, engine: type[DatabaseInterface],
+                 settings: dict[str, Any]) -> None:  # fmt: skip
         self.kind = kind
-        self._build = build
+        self.engine = engine
+        self.settings = settings
         self.built: list[DatabaseInterface] = []
 
     def __call__(self, domain: str = "contract.test") -> DatabaseInterface:
-        backend = self._build(domain)
+        backend = self.engine(domain=domain, **self.settings)
         self.built.append(backend)
         return backend
 
@@ -78,18 +85,14 @@ def _build(kind: str, request: pytest.FixtureRequest, folder: Path) -> BackendFa
     if kind.startswith("json"):
         from chanstore.backends.jsonfiles import JSONDatabase  # noqa: PLC0415
 
-        fsync = kind == "json-fsync"
-        return BackendFactory(
-            kind, lambda domain: JSONDatabase(domain=domain, root_dir=str(folder), fsync=fsync)
-        )
+        return BackendFactory(kind, JSONDatabase,
+                              {"root_dir": str(folder), "fsync": kind == "json-fsync"})  # fmt: skip
     if kind == "redis":
         from chanstore.backends.redisdb import RedisDatabase  # noqa: PLC0415
 
-        settings = request.getfixturevalue("redis_settings")
-        return BackendFactory(kind, lambda domain: RedisDatabase(domain=domain, **settings))
+        return BackendFactory(kind, RedisDatabase, dict(request.getfixturevalue("redis_settings")))
     if kind == "dict":
-        store: dict[str, dict[str, str]] = {}
-        return BackendFactory(kind, lambda domain: DictDatabase(domain, store))
+        return BackendFactory(kind, DictDatabase, {"store": {}})
     raise AssertionError(f"no way to build backend {kind!r}")
 
 

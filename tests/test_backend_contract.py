@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis
 
 from chanstore.backends.null import NullDatabase
 from chanstore.codec import Document
-from chanstore.errors import BackendError, BulkWriteError, ChanstoreError, UnstorableValue
+from chanstore.errors import (
+    BackendError,
+    BulkWriteError,
+    ChanstoreError,
+    CorruptValue,
+    ListingUnsupported,
+    UnstorableValue,
+)
 from chanstore.instrumentation import Failure
-from support import ODD_KEYS, VALUES, Point, assert_same
+from support import ODD_KEYS, VALUES, DictDatabase, Point, assert_same
 
 
 def assert_absent(answer: tuple[bool, object]) -> None:
@@ -245,6 +253,131 @@ def test_stores_on_loop_is_a_class_flag(backend):
     assert isinstance(type(backend).stores_on_loop, bool)
 
 
+# -- listing -----------------------------------------------------------------
+
+#: Keys a scan must give back as they are: a slash, dots, non-ASCII, 300 bytes.
+SCANNED_KEYS = ["a/b", "..", "../up", ".", "ünïcödé 汉字 🎉", "x" * 300, "%H" + "0" * 64,
+                ".chanstore-tmp-0123456789abcdef", *(f"k{n}" for n in range(20))]  # fmt: skip
+
+
+def scanned(backend, batch_size):
+    """Every batch of ``backend.scan_items(batch_size)``, checked for its shape, merged."""
+    merged: dict = {}
+    for batch in backend.scan_items(batch_size):
+        assert isinstance(batch, dict)
+        assert 0 < len(batch) <= batch_size
+        assert not merged.keys() & batch.keys(), "a key came twice"
+        merged.update(batch)
+    return merged
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 1000])
+def test_scan_items_gives_exactly_the_domains_items(backend_factory, batch_size):
+    items = {key: {"key": key, "n": n, "tags": {n}} for n, key in enumerate(SCANNED_KEYS)}
+    backend = backend_factory("scan.items")
+    backend.set_many(items)
+    # Neighbours: a parent, a child, a longer name, the same keys elsewhere.
+    for domain in ("scan", "scan.items.child", "scan.itemsx", "other.items"):
+        backend_factory(domain).set_many({"k0": "not mine", "elsewhere": 1})
+    reader = backend_factory("scan.items")
+    merged = scanned(reader, batch_size)
+    assert_same(dict(sorted(merged.items())), dict(sorted(items.items())))
+    assert list(backend_factory("scan.empty").scan_items(batch_size)) == []
+
+
+def test_scan_items_answers_as_get_many(backend_factory):
+    """Stored documents when values are not revived; the same values as load_all either way."""
+    backend = backend_factory("scan.documents")
+    backend.set_many({"s": {1, 2}, "p": Point(1, 2), "n": None})
+    assert_same(scanned(backend, 2), backend.load_all())
+    backend.revive_values = False
+    if backend_factory.kind == "dict":
+        return  # DictDatabase, as a third party may, always revives
+    merged = scanned(backend, 2)
+    assert all(isinstance(value, Document) for value in merged.values())
+    assert merged == backend.load_all()
+    assert merged["s"].doc == {"_moobius_type": "builtins.set", "_moobius_val": [1, 2]}
+
+
+def damage(backend_factory, backend, key):
+    """Store an unreadable value under ``key`` behind ``backend``'s back."""
+    if backend_factory.kind.startswith("json"):
+        (backend.path / f"{key}.json").write_bytes(b'{"torn": ')
+    elif backend_factory.kind == "redis":
+        settings = backend_factory.settings
+        client = redis.Redis(host=settings["host"], port=settings["port"])
+        client.hset(backend.hash_name, key, b'{"torn": ')
+        client.close()
+    else:
+        raise AssertionError(backend_factory.kind)
+
+
+def test_scan_items_gives_a_damaged_value_as_corrupt(backend_factory):
+    if backend_factory.kind == "dict":
+        pytest.skip("a third party says what damage is (DictDatabase raises, as get_many does)")
+    backend = backend_factory("scan.damaged")
+    backend.set_many({f"k{n}": n for n in range(5)})
+    damage(backend_factory, backend, "bad")
+    merged = scanned(backend, 2)
+    assert sorted(merged) == ["bad", "k0", "k1", "k2", "k3", "k4"]
+    assert isinstance(merged.pop("bad"), CorruptValue)
+    assert merged == {f"k{n}": n for n in range(5)}
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True, "10"])
+def test_scan_items_refuses_a_batch_size_that_is_not_one_or_more(backend, batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iter(backend.scan_items(batch_size)))
+
+
+def test_list_domains_finds_the_written_domains_under_a_prefix(backend_factory):
+    engine, settings = backend_factory.engine, backend_factory.settings
+    if backend_factory.kind == "dict":
+        with pytest.raises(ListingUnsupported):
+            engine.list_domains("service_a.", **settings)
+        return
+    written = {"service_a.channel_1.stats", "service_a.channel_2.stats",
+               "service_a.channel_2.inventory", "service_a.channel_10.stats",
+               "service_a.channel_" + "é" * 100 + ".stats"}  # fmt: skip
+    others = {"service_b.channel_1.stats", "service_ab.channel_1.stats", "service_a"}
+    for domain in written | others:
+        backend_factory(domain).set_value("k", 1)
+    emptied = backend_factory("service_a.channel_3.stats")
+    emptied.set_many({"k": 1, "j": 2})
+    emptied.delete_many(["k", "j"])
+    backend_factory("service_a.channel_4.stats").get_value("k")  # built and read, never written
+
+    listed = list(engine.list_domains("service_a.", **settings))
+    assert len(listed) == len(set(listed)), "a domain came twice"
+    assert set(listed) == written
+    assert set(engine.list_domains("service_a.channel_1", **settings)) == {
+        "service_a.channel_1.stats", "service_a.channel_10.stats"}  # fmt: skip
+    assert set(engine.list_domains("", **settings)) == written | others
+    assert set(engine.list_domains(**settings)) == written | others
+    assert list(engine.list_domains("service_c.", **settings)) == []
+    assert list(engine.list_domains("service_a.channel_2.stats", **settings)) == [
+        "service_a.channel_2.stats"]  # fmt: skip
+
+
+def test_a_backend_that_cannot_list_says_what_to_implement():
+    """DictDatabase implements only the four: the listing has no default to fall back on."""
+    with pytest.raises(ListingUnsupported) as raised:
+        DictDatabase.list_domains("service_a.", store={})
+    error = raised.value
+    assert isinstance(error, BackendError)
+    assert isinstance(error, NotImplementedError)
+    assert error.kind == "unsupported"
+    message = str(error)
+    assert "DictDatabase cannot list its domains" in message
+    assert "list_domains(prefix, **settings)" in message
+    # Its scan works: the default, from the four.
+    store: dict = {}
+    backend = DictDatabase("d", store)
+    for n in range(7):
+        backend.set_value(f"k{n}", n)
+    assert scanned(backend, 3) == {f"k{n}": n for n in range(7)}
+
+
 # -- life cycle ----------------------------------------------------------------
 
 
@@ -275,4 +408,7 @@ def test_null_backend_stores_nothing_and_answers_none():
     null.set_many({"a": 1})
     assert list(null.all_keys()) == []
     assert null.delete_many(["a"]) == ["a"]
+    assert list(null.scan_items()) == []
+    assert list(NullDatabase.list_domains("any")) == []
+    assert list(NullDatabase.list_domains()) == []
     null.close()

@@ -20,6 +20,7 @@ __all__ = [
     "CorruptValue",
     "IntegrityProblem",
     "InvalidKey",
+    "ListingUnsupported",
     "PreconditionFailed",
     "UnknownEngine",
     "UnstorableValue",
@@ -94,6 +95,26 @@ class CorruptValue(BackendError):
     """A stored value exists but cannot be decoded (a torn or foreign file)."""
 
     kind = "corrupt"
+
+
+class ListingUnsupported(BackendError, NotImplementedError):
+    """A backend cannot list its domains (see ``DatabaseInterface.list_domains``).
+
+    Listing cannot be built from the four methods every backend has, so it is
+    the one operation without a working default: export, import and migrate
+    need it. Also a ``NotImplementedError``, which is what it is.
+    """
+
+    kind = "unsupported"
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(
+            f"backend {backend} cannot list its domains (export, import and migrate need to): "
+            "a backend that can implements the classmethod list_domains(prefix, **settings), "
+            "yielding each domain of the store those settings name that starts with prefix "
+            "and holds at least one key"
+        )
+        self.backend = backend
 
 
 class WriteRefused(BackendError):

@@ -6,24 +6,31 @@ has a correct default here, which a backend overrides when it can do better
 (one Redis round trip for many keys, one folder fsync for many files).
 
 Every optional operation is declared here, so callers never look for one
-with ``getattr``: the bulk operations, and ``set_many_together`` (sync and
-async) for callers whose batches span many domains (the daemon's write
-lanes). A backend that can store several domains in one round trip or one
-flush overrides those and says which instances may share a call with
-:attr:`~DatabaseInterface.together_key`.
+with ``getattr``: the bulk operations, the listing (``list_domains`` and
+``scan_items``, for export, import and migrate), and ``set_many_together``
+(sync and async) for callers whose batches span many domains (the daemon's
+write lanes). A backend that can store several domains in one round trip or
+one flush overrides those and says which instances may share a call with
+:attr:`~DatabaseInterface.together_key`. The one operation the four cannot
+give is ``list_domains`` (a domain is all a backend instance knows of): its
+default raises :class:`~chanstore.errors.ListingUnsupported`, saying what to
+implement.
 
 Every subclass's operations are wrapped by
 :func:`chanstore.instrumentation.instrument` when the class is defined; see
 that module for how raising and returning ``(False, message)`` relate.
-Backends never call metrics code themselves.
+Backends never call metrics code themselves. The listing is not measured
+(it is the long walk of a bulk job, not a request); it raises
+:class:`~chanstore.errors.BackendError` itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from chanstore.coherence import Invalidations
@@ -32,6 +39,7 @@ from chanstore.errors import (
     BulkWriteError,
     CorruptValue,
     IntegrityProblem,
+    ListingUnsupported,
     PreconditionFailed,
 )
 from chanstore.history import ChangeHistory
@@ -46,7 +54,7 @@ from chanstore.instrumentation import (
 )
 from chanstore.versions import Change, conflicts, etags_of
 
-__all__ = ["COMPATIBLE_SETTING", "DatabaseInterface"]
+__all__ = ["COMPATIBLE_SETTING", "DatabaseInterface", "check_batch_size"]
 
 #: A setting that a backend may be given without using it (only a warning):
 #: the original SDK's example config gives redis entries a ``root_dir``.
@@ -161,6 +169,49 @@ class DatabaseInterface(ABC):
             elif failure_kind(message, default="refused") != NOT_FOUND:
                 raise BulkWriteError(str(message), done=deleted, cause=_cause_of(message))
         return deleted
+
+    # -- listing -------------------------------------------------------------
+
+    @classmethod
+    def list_domains(cls, prefix: str = "", **settings: Any) -> Iterator[str]:
+        """Every domain of the store ``settings`` name whose name starts with ``prefix``
+        and that holds at least one key; each once, in no set order, lazily.
+
+        ``settings`` are those a backend of the store is built with (without
+        ``domain``). For export, import and migrate: a walk of the whole
+        store, never a request's work. Domains written or emptied during the
+        walk may or may not be listed. A backend that fails raises
+        :class:`~chanstore.errors.BackendError`; close the iterator (or
+        exhaust it) to let go of what the walk holds.
+
+        This default raises :class:`~chanstore.errors.ListingUnsupported` at
+        once: a backend instance knows only its own domain, so the four
+        methods cannot give this.
+        """
+        raise ListingUnsupported(cls.__name__)
+
+    def scan_items(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """This domain's keys and values, a batch (a dict of at most about
+        ``batch_size`` items, never empty) at a time, so that memory stays flat
+        however large the domain.
+
+        Values as :meth:`get_many` answers them: a
+        :class:`~chanstore.errors.CorruptValue` for a damaged one, a
+        :class:`~chanstore.codec.Document` when :attr:`revive_values` is
+        False. Each key once when nothing writes the domain meanwhile; a key
+        written or deleted during the scan may or may not be in it (and a
+        backend's docs say when one can come twice). A backend that fails
+        raises :class:`~chanstore.errors.BackendError`.
+
+        This default reads :meth:`all_keys` (the keys alone are held at once)
+        and the values with one :meth:`get_many` per batch.
+        """
+        check_batch_size(batch_size)
+        keys = iter(call_unmeasured(self, "all_keys"))
+        while chunk := list(itertools.islice(keys, batch_size)):
+            batch = call_unmeasured(self, "get_many", chunk)
+            if batch:  # the chunk's keys may all have been deleted meanwhile
+                yield batch
 
     # -- conditional changes -------------------------------------------------
 
@@ -353,6 +404,13 @@ class DatabaseInterface(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(domain={self.domain!r})"
+
+
+def check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` when it is a whole number of items, 1 or more; else ValueError."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number, 1 or more, not {batch_size!r}")
+    return batch_size
 
 
 def _cause_of(failure: Any) -> BaseException:

@@ -47,6 +47,7 @@ __all__ = [
     "fdatasync",
     "is_link",
     "named",
+    "open_folder",
     "read_file",
     "release_replaced",
     "remove_file",
@@ -344,6 +345,16 @@ def _sync_folder(path: str) -> None:
 
 
 # -- reading, writing, removing in a folder --------------------------------------------
+
+
+def open_folder(folder: int, name: str, path: str) -> int:
+    """A descriptor of the folder ``name`` in ``folder`` (its path ``path``), never through a
+    link: :class:`PlantedLink` if it is one; ``FileNotFoundError`` or ``NotADirectoryError``
+    if it is gone or not a folder; another ``OSError`` naming ``path``."""
+    try:
+        return os.open(name, _FOLDER, dir_fd=folder)
+    except OSError as exc:
+        raise named(exc, folder, name, path) from None
 
 
 def read_file(folder: int, name: str, where: str) -> bytes:

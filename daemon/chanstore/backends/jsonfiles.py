@@ -35,20 +35,24 @@ resolved once, when the first backend of the root is built.
 Keys become file names by :func:`chanstore.keys.encode_filename`. A name
 longer than the file system allows (255 bytes) is stored as ``%H<sha256>.json``
 holding the key beside the value.
+
+Listing (for export, import and migrate) walks the folders below the root
+once its journal was replayed (see :mod:`chanstore.backends.json_listing`);
+a domain is read a batch of files at a time. The layout itself is in
+:mod:`chanstore.backends.json_layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from chanstore import codec
-from chanstore.backends.base import DatabaseInterface
+from chanstore.backends.base import DatabaseInterface, check_batch_size
 from chanstore.backends.files import (
     TEMP_PREFIX,
     PlantedLink,
@@ -62,25 +66,34 @@ from chanstore.backends.files import (
 )
 from chanstore.backends.integrity import problems, report_planted
 from chanstore.backends.journal import NotJournaling, journals
+from chanstore.backends.json_layout import (
+    LONG_KEY_FIELD,
+    LONG_VALUE_FIELD,
+    NAME_MAX,
+    SUFFIX,
+    domain_folders,
+    hashed_name,
+    is_hashed,
+    read_long_key,
+)
+from chanstore.backends.json_listing import (
+    domains_under,
+    entries_of,
+    listing_failed,
+    report_keyless,
+)
 from chanstore.errors import (
     BackendUnavailable,
     BulkWriteError,
     CorruptValue,
     IntegrityProblem,
+    InvalidKey,
     UnstorableValue,
 )
 from chanstore.keys import check_key, decode_filename, encode_filename
 
 __all__ = ["TEMP_PREFIX", "JSONDatabase", "PlantedLink"]
 
-SUFFIX = ".json"
-NAME_MAX = 255
-HASHED_PREFIX = "%H"
-LONG_KEY_FIELD = "_chanstore_key"
-LONG_VALUE_FIELD = "_chanstore_val"
-# Domain parts are used as folder names as they are ('%' included: ids arrive
-# percent-encoded), so these must never be in one.
-UNSAFE_IN_FOLDER = frozenset("/\\") | frozenset(map(chr, range(0x20))) | {"\x7f"}
 #: What a write or a delete may fail with, file by file.
 WRITE_ERRORS = (OSError, PlantedLink)
 
@@ -98,13 +111,13 @@ class JSONDatabase(DatabaseInterface):
 
     engine_name = "json"
     SETTINGS = {"root_dir": (str,), "fsync": (bool,)}
-    INTEGRITY_KINDS = ("corrupt_value", "journal_damaged", "planted_link")
+    INTEGRITY_KINDS = ("corrupt_value", "journal_damaged", "planted_link", "unlistable_domain")
 
     def __init__(self, domain: str = "", root_dir: str = "", fsync: bool = True, **kwargs: Any):
         super().__init__(domain, **kwargs)
         self.root_dir = root_dir
         self.fsync = fsync
-        folders = _domain_folders(domain)
+        folders = domain_folders(domain)
         # Shared by every backend of the root in this process; the first one
         # replays what a crash left in it, before anything of the root is read.
         self._journal = journals.acquire(os.path.abspath(root_dir or "."))
@@ -178,23 +191,27 @@ class JSONDatabase(DatabaseInterface):
     # -- bulk ----------------------------------------------------------------
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        found: dict[str, Any] = {}
         try:
             folder = self._open_folder()
         except FileNotFoundError:
             for key in keys:
                 check_key(key)
-            return found
+            return {}
         try:
-            for key in keys:
-                try:
-                    found[key] = self._read(check_key(key), folder)
-                except KeyError:
-                    continue
-                except CorruptValue as exc:
-                    found[key] = exc
+            return self._read_many(folder, keys)
         finally:
             os.close(folder)
+
+    def _read_many(self, folder: int, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of those ``keys`` that exist in ``folder``, the domain's (see get_many)."""
+        found: dict[str, Any] = {}
+        for key in keys:
+            try:
+                found[key] = self._read(check_key(key), folder)
+            except KeyError:
+                continue
+            except CorruptValue as exc:
+                found[key] = exc
         return found
 
     def set_many(self, items: Mapping[str, Any]) -> None:
@@ -297,6 +314,84 @@ class JSONDatabase(DatabaseInterface):
                 os.close(folder)
         return deleted
 
+    # -- listing ---------------------------------------------------------------
+
+    @classmethod
+    def list_domains(cls, prefix: str = "", **settings: Any) -> Iterator[str]:
+        """Every domain below ``root_dir`` whose name starts with ``prefix`` and whose folder
+        holds a key file; each once, in no set order, lazily.
+
+        The root is opened as a backend opens it, so a journal a crash left is
+        replayed first; then its folders are walked, none through a link (see
+        :func:`~chanstore.backends.json_listing.domains_under` for what is
+        reported: planted links, domains below a hashed folder).
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        lister = cls(domain="", **settings)  # the root's journal: replayed if a crash left it
+        try:
+            yield from domains_under(lister._root, prefix)
+        finally:
+            lister.close()
+
+    def scan_items(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """The domain's items, ``batch_size`` files at a time, read as the folder is
+        listed: neither every key nor every value is held at once.
+
+        A planted ``<key>.json`` link is that key's
+        :class:`~chanstore.errors.CorruptValue` (and reported); a file whose
+        name is not a key chanstore can store is a CorruptValue too. A hashed
+        file (``%H<sha256>.json``) whose key cannot be read is reported, as
+        ``corrupt_value``, since it has no key to be put under.
+        """
+        check_batch_size(batch_size)
+        try:
+            folder = self._open_folder()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise listing_failed(exc, f"reading {self._where}") from exc
+        try:
+            with os.scandir(folder) as entries:
+                keys: list[str] = []
+                bad: dict[str, CorruptValue] = {}
+                for entry in entries_of(entries, self._where):
+                    name = entry.name
+                    if not name.endswith(SUFFIX):
+                        continue  # temp files, and anything else that is not a key's file
+                    if entry.is_symlink():
+                        where = os.path.join(self._where, name)
+                        report_planted(self._root.path, where, f"reading {self._where}")
+                    key = self._key_of_file(folder, name, report=True)
+                    if key is None:
+                        continue
+                    try:
+                        keys.append(check_key(key))
+                    except InvalidKey as exc:
+                        path = os.path.join(self._where, name)
+                        bad[key] = CorruptValue(f"{path} is not the file of a key chanstore "
+                                                f"can store: {exc}")  # fmt: skip
+                    if len(keys) + len(bad) >= batch_size:
+                        batch = self._read_batch(folder, keys, bad)
+                        keys, bad = [], {}
+                        if batch:
+                            yield batch
+                batch = self._read_batch(folder, keys, bad)
+                if batch:
+                    yield batch
+        finally:
+            os.close(folder)
+
+    def _read_batch(
+        self, folder: int, keys: list[str], bad: dict[str, CorruptValue]
+    ) -> dict[str, Any]:
+        try:
+            found = self._read_many(folder, keys)
+        except OSError as exc:
+            raise listing_failed(exc, f"reading {self._where}") from exc
+        found.update(bad)
+        return found
+
     # -- life cycle ------------------------------------------------------------
 
     @property
@@ -363,7 +458,7 @@ class JSONDatabase(DatabaseInterface):
         """The name of ``key``'s file in the domain's folder."""
         name = encode_filename(key) + SUFFIX
         if len(name.encode("utf-8")) > NAME_MAX:
-            name = _hashed_name(key) + SUFFIX
+            name = hashed_name(key) + SUFFIX
         return name
 
     def _relative(self, name: str) -> str:
@@ -377,17 +472,22 @@ class JSONDatabase(DatabaseInterface):
                 found.append(self._relative(self._name_of(check_key(key))))
         return found
 
-    def _key_of_file(self, folder: int, name: str) -> str | None:
+    def _key_of_file(self, folder: int, name: str, *, report: bool = False) -> str | None:
+        """The key of the file ``name``; None if it has none to be read (with ``report``,
+        damage is reported: a caller that reads values must not skip it quietly)."""
         stem = name[: -len(SUFFIX)]
-        if not _is_hashed(stem):
+        if not is_hashed(stem):
             return decode_filename(stem)
         try:
-            return _read_long_key(read_file(folder, name, self._where))
+            return read_long_key(read_file(folder, name, self._where))
         except PlantedLink as exc:
             # Its key cannot be known without following the link: reported, not listed.
             report_planted(self._root.path, exc.path, f"listing {self._where}")
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        except FileNotFoundError:
+            pass  # deleted since it was listed
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if report:
+                report_keyless(self._root.path, os.path.join(self._where, name), exc)
         return None
 
     def _read(self, key: str, folder: int | None = None) -> Any:
@@ -408,7 +508,7 @@ class JSONDatabase(DatabaseInterface):
         except (ValueError, TypeError) as exc:
             path = os.path.join(self._where, name)
             raise CorruptValue(f"{path} does not hold a readable value: {exc}") from exc
-        if _is_hashed(name[: -len(SUFFIX)]):
+        if is_hashed(name[: -len(SUFFIX)]):
             document = value.doc if isinstance(value, codec.Document) else value
             if not isinstance(document, dict) or document.get(LONG_KEY_FIELD) != key:
                 path = os.path.join(self._where, name)
@@ -418,7 +518,7 @@ class JSONDatabase(DatabaseInterface):
         return value
 
     def _encode_file(self, key: str, value: Any, name: str) -> bytes:
-        if _is_hashed(name[: -len(SUFFIX)]):
+        if is_hashed(name[: -len(SUFFIX)]):
             shaped = {LONG_KEY_FIELD: key, LONG_VALUE_FIELD: codec.to_json_shape(value)}
             try:
                 return json.dumps(shaped, indent=2, allow_nan=False).encode("ascii")
@@ -515,43 +615,6 @@ class JSONDatabase(DatabaseInterface):
         else:
             for key in encoded:
                 write(key)
-
-
-def _hashed_name(text: str) -> str:
-    return HASHED_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _is_hashed(stem: str) -> bool:
-    return stem.startswith(HASHED_PREFIX) and len(stem) == len(HASHED_PREFIX) + 64
-
-
-def _read_long_key(data: bytes) -> str:
-    key = json.loads(data)[LONG_KEY_FIELD]
-    if not isinstance(key, str):
-        raise TypeError("stored key is not a string")
-    return key
-
-
-def _domain_folders(domain: str) -> list[str]:
-    """The folder names of ``domain``: its dot-separated parts, checked to be safe.
-
-    Parts are used as they are (that is the original layout), so they must
-    already be safe names: :class:`~chanstore.storage.MoobiusStorage` encodes
-    ids before they get here. A part too long for a file name is hashed.
-    """
-    if not domain:
-        return []
-    folders = []
-    for part in domain.split("."):
-        if not part or any(char in UNSAFE_IN_FOLDER for char in part) or _is_hashed(part):
-            raise ValueError(
-                f"json domain {domain!r} has the part {part!r}, which is not a safe folder "
-                "name: parts must be non-empty and free of '/', '\\' and control "
-                "characters (MoobiusStorage encodes ids for you)"
-            )
-        too_long = len(part.encode("utf-8")) > NAME_MAX
-        folders.append(_hashed_name(part) if too_long else part)
-    return folders
 
 
 def _check_writable(fd: int, path: str) -> None:

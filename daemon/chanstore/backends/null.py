@@ -6,6 +6,7 @@ backend of a CachedDict built without one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from chanstore.backends.base import DatabaseInterface
@@ -37,3 +38,12 @@ class NullDatabase(DatabaseInterface):
 
     def all_keys(self) -> list[str]:
         return []
+
+    @classmethod
+    def list_domains(cls, prefix: str = "", **settings: Any) -> Iterator[str]:
+        """None: no domain ever holds a key here."""
+        return iter(())
+
+    def scan_items(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """None: nothing is stored."""
+        return iter(())

@@ -8,7 +8,8 @@ lives in the configured ``db``: the original derived a database index from
 databases that do not exist.
 
 Values are compact type-marked JSON. Loading a domain is one ``HGETALL``,
-listing its keys one ``HKEYS``; ``KEYS`` is never used.
+listing its keys one ``HKEYS``; ``KEYS`` is never used, not even to list the
+domains (``SCAN``, see :mod:`chanstore.backends.redis_listing`).
 
 Every write (single, bulk, conditional, several domains at once) runs one
 Lua script, :data:`~chanstore.backends.redis_writes.WRITE_SCRIPT`, once per
@@ -77,7 +78,7 @@ from typing import Any
 import redis
 
 from chanstore import codec
-from chanstore.backends.base import DatabaseInterface
+from chanstore.backends.base import DatabaseInterface, check_batch_size
 from chanstore.backends.redis_cluster import (
     SlotClient,
     ping_primaries,
@@ -86,6 +87,7 @@ from chanstore.backends.redis_cluster import (
 )
 from chanstore.backends.redis_history import RedisFollower, RedisHistory
 from chanstore.backends.redis_invalidations import RedisInvalidations, link_connection, shared_link
+from chanstore.backends.redis_listing import scan_domains, scan_hash
 from chanstore.backends.redis_marker import MARKER_SUFFIX, ClusterMarkers, Marker, lowest_slots
 from chanstore.backends.redis_pools import CLUSTER, SENTINEL, STANDALONE, Topology, pools
 from chanstore.backends.redis_wait import ReplicaWait
@@ -106,6 +108,8 @@ EVENTS_SUFFIX = "-events:"
 MODES = (STANDALONE, SENTINEL, CLUSTER)
 #: Settings that only one mode takes, and that mode.
 _MODE_OF = {"sentinels": SENTINEL, "master_name": SENTINEL, "nodes": CLUSTER}
+#: The domain of the backend that list_domains builds for its client (never read or written).
+_LISTER_DOMAIN = "listing"
 
 
 class RedisDatabase(DatabaseInterface):
@@ -358,6 +362,29 @@ class RedisDatabase(DatabaseInterface):
     def delete_many(self, keys: Iterable[str]) -> list[str]:
         keys = list(keys)
         return self._apply(Change(deletes=keys)) if keys else []
+
+    # -- listing ---------------------------------------------------------------
+
+    @classmethod
+    def list_domains(cls, prefix: str = "", **settings: Any) -> Iterator[str]:
+        """Every domain of the Redis ``settings`` name (their ``key_prefix`` and ``db``)
+        whose name starts with ``prefix`` and whose hash exists, each once, lazily:
+        ``SCAN ... TYPE hash``, on every primary of a cluster (see
+        :func:`~chanstore.backends.redis_listing.scan_domains`)."""
+        lister = cls(domain=_LISTER_DOMAIN, **settings)  # a client from the shared pools
+        try:
+            yield from scan_domains(
+                lister.client, mode=lister.mode, key_prefix=lister.key_prefix, prefix=prefix,
+                reaching=lister._reaching,
+            )  # fmt: skip
+        finally:
+            lister.close()
+
+    def scan_items(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """The domain's items, one ``HSCAN`` a batch, decoded as :meth:`get_many` decodes
+        them (see :func:`~chanstore.backends.redis_listing.scan_hash`)."""
+        return scan_hash(self.client, self.hash_name, check_batch_size(batch_size),
+                         reaching=self._reaching, decode=self._decode_or_error)  # fmt: skip
 
     # -- history ---------------------------------------------------------------
 
