@@ -11,6 +11,10 @@
     chanstore keys CHANNEL CONTAINER     every key, a line each, as its page arrives
     chanstore watch CHANNEL              every change as it happens, a JSON line each
     chanstore stats                      request rate, errors, p99s, cache, reloads
+    chanstore export                     every stored key as JSON lines (backends, no daemon)
+    chanstore import [FILE]              store JSON lines that export wrote; idempotent
+    chanstore migrate --from OLD --to NEW
+                                         copy every channel's data to other backends
 
 ``get`` prints and ``set`` takes a value in its stored form, the JSON document
 the daemon holds: a set is ``{"_moobius_type": "builtins.set", "_moobius_val": [...]}``
@@ -27,6 +31,12 @@ drops, saying so on stderr, and runs until interrupted (Ctrl-C, or its reader
 going away: exit status 0). ``--since ID`` starts after the event of that id; when
 the daemon no longer holds the events after it, the exit status is 5: read the
 state again, then watch without ``--since``.
+
+``export``, ``import`` and ``migrate`` work on the backends themselves, as the
+db_config files name them (see :mod:`chanstore.transfer`). They report per
+container on the way out; the exit status is 1 when a value could not be read
+or a check failed, and 130 when interrupted: the same command run again then
+finishes the job, copying nothing twice.
 """
 
 from __future__ import annotations
@@ -115,13 +125,91 @@ def _parser() -> argparse.ArgumentParser:
 
     watch = commands.add_parser("watch", help="print a channel's changes as JSON lines")
     watch.add_argument("channel")
-    watch.add_argument("--containers", metavar="A,B",
-                       help="only the changes of these containers (default: all)")  # fmt: skip
+    watch.add_argument(
+        "--containers", metavar="A,B", help="only the changes of these containers (default: all)"
+    )
     watch.add_argument("--since", metavar="CURSOR",
                        help="start after the event of this id, not now")  # fmt: skip
     add_arguments(watch, client_flags)
     watch.set_defaults(command=_watch)
+    _add_transfer_commands(commands)
     return parser
+
+
+def _add_transfer_commands(commands: Any) -> None:
+    from chanstore.server.settings import add_arguments  # noqa: PLC0415
+
+    export = commands.add_parser("export", help="write every stored key as JSON lines")
+    add_arguments(export, ("db-config", "service-id"))
+    _add_selection(export)
+    export.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE (complete or not at all), not standard output",
+    )
+    export.set_defaults(command=_export)
+
+    load = commands.add_parser("import", help="store JSON lines that export wrote")
+    add_arguments(load, ("db-config", "service-id"))
+    load.add_argument("file", nargs="?", help="the lines (default: standard input)")
+    load.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the lines and count what would be stored; store nothing",
+    )
+    load.set_defaults(command=_import)
+
+    migrate = commands.add_parser("migrate", help="copy every channel's data between backends")
+    migrate.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="OLD",
+        help="db_config whose backends hold the data",
+    )
+    migrate.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="NEW",
+        help="db_config whose backends receive it",
+    )
+    add_arguments(migrate, ("service-id",))
+    _add_selection(migrate)
+    migrate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read both sides and report what would be copied; write nothing",
+    )
+    migrate.add_argument(
+        "--verify",
+        action="store_true",
+        help="after copying, compare every value (counts are always compared)",
+    )
+    migrate.add_argument(
+        "--delete-extra",
+        action="store_true",
+        help="delete target keys the source does not hold (never deletes from the source)",
+    )
+    migrate.add_argument("--batch-size", type=_positive, default=1000, metavar="N",
+                         help="keys read and written per backend call (default 1000)")  # fmt: skip
+    migrate.set_defaults(command=_migrate)
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--channel",
+        action="append",
+        metavar="C",
+        help="only this channel (repeat for more; default: every channel)",
+    )
+    parser.add_argument(
+        "--container",
+        action="append",
+        metavar="N",
+        help="only this container (repeat for more; default: all)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -284,6 +372,96 @@ def _watch(args: argparse.Namespace) -> int:
         client_log.removeHandler(notes)
         client_log.setLevel(level)
     return OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from chanstore.config import load_db_config  # noqa: PLC0415
+    from chanstore.transfer import export  # noqa: PLC0415
+
+    settings = _transfer_settings(args)
+    config = load_db_config(settings.db_config)
+    finished: list[bool] = []
+
+    def run(out: Any) -> list[Any]:
+        tallies = export(config, settings.service_id, out, channels=args.channel,
+                         containers=args.container, progress=sys.stderr)  # fmt: skip
+        finished.append(True)
+        return tallies
+
+    if args.output is None:
+        return _transferred("export", lambda: run(sys.stdout), report=sys.stderr)
+    # Written beside, then renamed: an interrupted export leaves no file that looks whole.
+    output = Path(args.output)
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        with partial.open("w", encoding="ascii") as out:
+            status = _transferred("export", lambda: run(out), report=sys.stderr)
+            out.flush()
+            os.fsync(out.fileno())
+        if finished:  # to the end, damaged values (reported) or not
+            partial.replace(output)
+        return status
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from chanstore.config import load_db_config  # noqa: PLC0415
+    from chanstore.transfer import import_lines  # noqa: PLC0415
+
+    settings = _transfer_settings(args)
+    config = load_db_config(settings.db_config)
+    try:
+        source = open(args.file, "rb") if args.file else sys.stdin.buffer  # noqa: SIM115
+    except OSError as exc:
+        print(f"chanstore import: {args.file}: {exc.strerror}", file=sys.stderr)
+        return USAGE
+    with source:
+        return _transferred("import", lambda: import_lines(
+            config, settings.service_id, source, dry_run=args.dry_run,
+            progress=sys.stderr), dry_run=args.dry_run)  # fmt: skip
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from chanstore.config import load_db_config  # noqa: PLC0415
+    from chanstore.transfer import migrate  # noqa: PLC0415
+
+    settings = _transfer_settings(args)
+    source, target = load_db_config(Path(args.source)), load_db_config(Path(args.target))
+    return _transferred("migrate", lambda: migrate(
+        source, target, settings.service_id, channels=args.channel, containers=args.container,
+        dry_run=args.dry_run, verify=args.verify, delete_extra=args.delete_extra,
+        progress=sys.stderr,
+        batch_size=args.batch_size),
+        dry_run=args.dry_run, verified=args.verify)  # fmt: skip
+
+
+def _transfer_settings(args: argparse.Namespace) -> Any:
+    from chanstore import logs  # noqa: PLC0415
+    from chanstore.server.settings import settings_from_arguments  # noqa: PLC0415
+
+    # What a backend finds on the way (a planted link, a damaged file) is told on stderr.
+    logs.configure("console", "warning", stream=sys.stderr)
+    return settings_from_arguments(args)
+
+
+def _transferred(name: str, run: Callable[[], list[Any]], *, report: Any = None,
+                 dry_run: bool = False, verified: bool = False) -> int:  # fmt: skip
+    """Run a transfer, print its report; the exit status it earns."""
+    from chanstore.errors import BackendError  # noqa: PLC0415
+    from chanstore.transfer import render  # noqa: PLC0415
+
+    rerun = "nothing stored is lost: run the same command again to finish"
+    try:
+        tallies = run()
+    except KeyboardInterrupt:
+        print(f"chanstore {name}: interrupted; {rerun}", file=sys.stderr)
+        return 130
+    except BackendError as exc:
+        print(f"chanstore {name}: {exc}; {rerun}", file=sys.stderr)
+        return FAILED
+    print(render(tallies, dry_run=dry_run, verified=verified), file=report or sys.stdout)
+    return OK if all(tally.ok for tally in tallies) else FAILED
 
 
 def _not_json(constant: str) -> None:
