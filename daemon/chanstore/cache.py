@@ -20,7 +20,10 @@ while reading it raises that error. A null backend stores nothing, and its
 memory keeps nothing either (:class:`NullMemory`): every key reads as None.
 
 chanstore assumes it is the only writer to a domain, which is what makes a
-complete cache trustworthy.
+complete cache trustworthy, unless the backend hears of the writes of others
+and tells memory (:meth:`DatabaseInterface.keep_current
+<chanstore.backends.base.DatabaseInterface.keep_current>`: the chanstore
+backend follows the daemon's change feed).
 """
 
 from __future__ import annotations
@@ -115,6 +118,9 @@ class CachedDict(MutableMapping[str, Any]):
         attach(database, container=name, metrics=metrics)
         memory = NullMemory if isinstance(database, NullDatabase) else CacheMemory
         self.memory = memory(metrics.cache_counts(name), metrics.cache_entries.labels(name))
+        # Before anything is read: a backend that hears of other clients' writes
+        # (the daemon's change feed) keeps memory current from here on.
+        database.keep_current(self.memory)
 
     # -- reading through the cache --------------------------------------------------
 
@@ -427,7 +433,10 @@ class CachedDict(MutableMapping[str, Any]):
                 if default is _MISSING:
                     raise
                 return default
-            del self[key]
+            # Another client may delete it between the read and the delete (a backend
+            # others write, such as the daemon): it is gone either way, as pop asks.
+            with contextlib.suppress(KeyError):
+                del self[key]
             return value
 
     def popitem(self) -> tuple[str, Any]:

@@ -31,7 +31,7 @@ import inspect
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from chanstore.coherence import Invalidations
 from chanstore.errors import (
@@ -53,6 +53,9 @@ from chanstore.instrumentation import (
     instrument_together,
 )
 from chanstore.versions import Change, conflicts, etags_of
+
+if TYPE_CHECKING:
+    from chanstore.cache_memory import CacheMemory
 
 __all__ = ["COMPATIBLE_SETTING", "DatabaseInterface", "check_batch_size"]
 
@@ -324,6 +327,19 @@ class DatabaseInterface(ABC):
         daemons) answers the link of its server (see :mod:`chanstore.coherence`),
         so that a cache of it stays current. None (this default) means that
         only this process writes it.
+        """
+        return None
+
+    def keep_current(self, memory: CacheMemory) -> None:
+        """Keep ``memory``, a CachedDict's of this domain, current with the writes other
+        clients make, when this backend can hear of them.
+
+        :class:`~chanstore.cache.CachedDict` calls it once, as it is made and
+        before anything is read. A backend that hears of other clients'
+        writes (the chanstore daemon's change feed) tells ``memory`` of each
+        (:meth:`~chanstore.cache_memory.CacheMemory.heard`), drops it when it
+        may have missed some, and lets it go at :meth:`close`. This default
+        does nothing: only this process writes the domain, or nobody tells it.
         """
         return None
 
