@@ -22,6 +22,7 @@ import httpx
 from chanstore import codec
 from chanstore.client.api import DEFAULT_URL, JSON_HEADERS, auth_headers, key_path, page_path
 from chanstore.client.bodies import (
+    bulk_documents,
     bulk_etags,
     bulk_values,
     bulk_versioned,
@@ -180,6 +181,13 @@ class AsyncClient:
         response = await self._request("POST", path, content=json_bytes({"keys": requested}))
         return bulk_values(response, requested)
 
+    async def get_many_documents(self, channel: str, container: str,
+                                 keys: Iterable[str]) -> dict[str, Any]:  # fmt: skip
+        """The stored form of the values of those ``keys`` that exist, in one request."""
+        path = key_path(channel, container) + "/-/get"
+        response = await self._request("POST", path, content=json_bytes({"keys": list(keys)}))
+        return bulk_documents(response)
+
     async def get_many_versioned(self, channel: str, container: str,
                                  keys: Iterable[str]) -> dict[str, Versioned]:  # fmt: skip
         """``{key: (value, etag)}`` for those ``keys`` that exist, in one request."""
@@ -207,7 +215,11 @@ class AsyncClient:
 
     async def containers(self) -> list[dict[str, Any]]:
         """The containers of the daemon's running db_config."""
-        return document_of(await self._request("GET", "/v1/containers"))["containers"]
+        return (await self.served())["containers"]
+
+    async def served(self) -> dict[str, Any]:
+        """What the daemon serves: ``{"service_id": ..., "containers": [...]}``."""
+        return document_of(await self._request("GET", "/v1/containers"))
 
     async def reload(self) -> dict[str, Any]:
         """Ask the daemon to reload db_config; the verdict (``ok``, ``problems``, ``changes``)."""

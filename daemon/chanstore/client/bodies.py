@@ -22,6 +22,7 @@ from chanstore.client.errors import ClientError, DamagedValueError
 from chanstore.client.versions import Expectation, Versioned, bare_expectation, etag_header
 
 __all__ = [
+    "bulk_documents",
     "bulk_etags",
     "bulk_values",
     "bulk_versioned",
@@ -133,6 +134,21 @@ def bulk_versioned(response: httpx.Response, requested: list[str]) -> dict[str, 
         message = f"the daemon answered no ETag for {missing!r:.200}: it predates versions"
         raise ClientError(message, response.status_code)
     return {key: Versioned(value, etags[key]) for key, value in values.items()}
+
+
+def bulk_documents(response: httpx.Response) -> dict[str, Any]:
+    """The ``values`` of a bulk get's answer in their stored form, as they are;
+    DamagedValueError when some requested keys hold values that cannot be read."""
+    answer = document_of(response)
+    values = answer.get("values") if isinstance(answer, dict) else None
+    if not isinstance(values, dict):
+        message = f'expected {{"values": {{key: value, ...}}}} in {answer!r:.200}'
+        raise ClientError(message, response.status_code)
+    damaged = answer.get("corrupt")
+    if damaged:
+        message = f"the stored values of {damaged!r:.300} cannot be read"
+        raise DamagedValueError(message, response.status_code, keys=list(damaged), values=values)
+    return values
 
 
 def _bulk_answer(response: httpx.Response, requested: list[str]) -> tuple[dict[str, Any], Any]:

@@ -27,6 +27,7 @@ import httpx
 from chanstore import codec
 from chanstore.client.api import DEFAULT_URL, JSON_HEADERS, auth_headers, key_path, page_path
 from chanstore.client.bodies import (
+    bulk_documents,
     bulk_etags,
     bulk_values,
     bulk_versioned,
@@ -202,6 +203,18 @@ class Client:
         response = self._request("POST", path, content=json_bytes({"keys": requested}))
         return bulk_values(response, requested)
 
+    def get_many_documents(self, channel: str, container: str,
+                           keys: Iterable[str]) -> dict[str, Any]:  # fmt: skip
+        """The stored form of the values of those ``keys`` that exist, in one request: the
+        JSON documents the daemon holds, type marks and all (see :meth:`get_document`).
+
+        :class:`DamagedValueError` names the keys whose stored value cannot be
+        read; its ``values`` holds the documents of the others.
+        """
+        path = key_path(channel, container) + "/-/get"
+        response = self._request("POST", path, content=json_bytes({"keys": list(keys)}))
+        return bulk_documents(response)
+
     def get_many_versioned(self, channel: str, container: str,
                            keys: Iterable[str]) -> dict[str, Versioned]:  # fmt: skip
         """``{key: (value, etag)}`` for those ``keys`` that exist, in one request."""
@@ -233,7 +246,12 @@ class Client:
 
     def containers(self) -> list[dict[str, Any]]:
         """The containers of the daemon's running db_config (``name``, ``implementation``, ...)."""
-        return document_of(self._request("GET", "/v1/containers"))["containers"]
+        return self.served()["containers"]
+
+    def served(self) -> dict[str, Any]:
+        """What the daemon serves: ``{"service_id": its --service-id, "containers": [...]}``
+        (``service_id`` is missing from a daemon that predates it)."""
+        return document_of(self._request("GET", "/v1/containers"))
 
     def reload(self) -> dict[str, Any]:
         """Ask the daemon to reload db_config; the verdict (``ok``, ``problems``, ``changes``)."""

@@ -23,11 +23,13 @@ __all__ = ["Api", "BearerToken", "Verdict", "build_api"]
 def build_api(store: Store, feed: Feed, token: BearerToken, metrics: Metrics, *,
               readiness: Callable[[], Awaitable[dict[str, str]]],
               reload: Callable[[str], Awaitable[Verdict]],
-              containers: Callable[[], list[dict[str, Any]]]) -> Api:  # fmt: skip
+              containers: Callable[[], list[dict[str, Any]]],
+              service_id: str | None = None) -> Api:  # fmt: skip
     """The API over ``store`` and ``feed``, with the operations routes calling the given
-    functions."""
+    functions; ``GET /v1/containers`` also names ``service_id``."""
     data = DataHandlers(store, feed, metrics)
-    ops = OpsHandlers(metrics, readiness=readiness, reload=reload, containers=containers)
+    ops = OpsHandlers(metrics, readiness=readiness, reload=reload, containers=containers,
+                      service_id=service_id)  # fmt: skip
     routes = Routes(
         key={"GET": data.get_key, "PUT": data.put_key, "DELETE": data.delete_key},
         container={"GET": data.list_keys},

@@ -184,11 +184,13 @@ class OpsHandlers:
 
     def __init__(self, metrics: Metrics, *, readiness: Callable[[], Awaitable[dict[str, str]]],
                  reload: Callable[[str], Awaitable[Verdict]],
-                 containers: Callable[[], list[dict[str, Any]]]) -> None:  # fmt: skip
+                 containers: Callable[[], list[dict[str, Any]]],
+                 service_id: str | None = None) -> None:  # fmt: skip
         self.metrics = metrics
         self._readiness = readiness
         self._reload = reload
         self._containers = containers
+        self._service_id = service_id
 
     def metrics_page(self, request: Request) -> Response:
         self.metrics.fold()
@@ -209,7 +211,12 @@ class OpsHandlers:
         return Response(200 if verdict.ok else 400, json_body(verdict.as_dict()))
 
     def containers(self, request: Request) -> Response:
-        return Response(200, json_body({"containers": self._containers()}))
+        """The running db_config's containers, and the service id the daemon serves: a
+        client that stores a service's channels here (the chanstore backend) checks it."""
+        answer: dict[str, Any] = {"containers": self._containers()}
+        if self._service_id is not None:
+            answer["service_id"] = self._service_id
+        return Response(200, json_body(answer))
 
 
 def _value_answer(request: Request, found: tuple[bytes, str]) -> Response:

@@ -128,8 +128,8 @@ class Daemon:
                             poll_interval=settings.config_poll_interval,
                             status=self.status_line)  # fmt: skip
         api = build_api(self.engine.store, self.engine.feed, self.token, self.metrics,
-                        readiness=self.readiness,
-                        reload=reloader.reload, containers=self.containers)  # fmt: skip
+                        readiness=self.readiness, reload=reloader.reload,
+                        containers=self.containers, service_id=settings.service_id)  # fmt: skip
         connections = self._connections = Connections(settings.limits(), self.metrics)
         listener = Listener(sock, lambda: HttpProtocol(api, connections))
         listener.start()
