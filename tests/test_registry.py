@@ -75,7 +75,7 @@ def test_an_unknown_name_lists_the_known_ones(name):
         get_engine(name)
     message = str(raised.value)
     assert f"unknown implementation {name!r}" in message
-    assert "known: json, null, redis" in message
+    assert "known: chanstore, json, null, redis" in message
     assert "jsondb" in message  # the aliases too
     assert isinstance(raised.value, ConfigError)
 

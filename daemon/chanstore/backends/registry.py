@@ -27,6 +27,7 @@ _BUILTIN = {
     "json": ("chanstore.backends.jsonfiles", "JSONDatabase"),
     "redis": ("chanstore.backends.redisdb", "RedisDatabase"),
     "null": ("chanstore.backends.null", "NullDatabase"),
+    "chanstore": ("chanstore.backends.remote", "ChanstoreDatabase"),
 }
 # Every spelling the original SDK's get_engine matched, folded to lower case.
 _ALIASES = {
@@ -34,6 +35,9 @@ _ALIASES = {
     "redis": "redis", "redisdb": "redis", "redisdatabase": "redis",
     "redi": "redis", "ready": "redis", "the linux one": "redis",
     "null": "null", "none": "null", "false": "null", "nulldatabase": "null", "nulldb": "null",
+    # A running chanstore daemon (not an original name: DESIGN.md section 8).
+    "chanstore": "chanstore", "daemon": "chanstore", "remote": "chanstore",
+    "chanstoredatabase": "chanstore",
 }  # fmt: skip
 
 _registered: dict[str, type[DatabaseInterface]] = {}
