@@ -2,9 +2,10 @@
 
 What the contract suite (test_backend_contract.py) cannot say for every
 backend: the json walk against planted links, a journal left by a crash,
-temp files and hashed folders; the redis ``SCAN`` against glob characters,
-the backend's own streams and marker, thousands of domains, the round trips
-of ``HSCAN``, and every primary of a real Redis Cluster.
+temp files, and hashed folders named back by their name files; the redis
+``SCAN`` against glob characters, the backend's own streams and marker,
+thousands of domains, the round trips of ``HSCAN``, and every primary of a
+real Redis Cluster.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ import pytest
 from redis.crc import key_slot
 from structlog.testing import capture_logs
 
-from chanstore import codec
+from chanstore import CachedDict, MoobiusStorage, codec
 from chanstore.backends.files import TEMP_PREFIX, PlantedLink
 from chanstore.backends.journal_records import JOURNAL_NAME, encode_record
+from chanstore.backends.json_layout import NAME_FILE
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.backends.redis_listing import SCAN_COUNT
 from chanstore.backends.redisdb import RedisDatabase
+from chanstore.config import DbConfig, load_db_config
 from chanstore.errors import CorruptValue
+from chanstore.keys import encode_domain_part
+from chanstore.storage import container_domain
+from chanstore.transfer.operations import migrate
+from chanstore.transfer.places import channel_prefix, places
 from redis_topologies import ClusterSetup, require_redis
 
 # -- json ------------------------------------------------------------------------------
@@ -143,19 +150,212 @@ def test_a_prefix_may_end_in_the_middle_of_a_part(tmp_path):
     assert not (tmp_path / "never-made").exists()
 
 
-def test_a_domain_below_a_hashed_folder_is_reported_not_listed(tmp_path):
+# -- hashed folders: named by their name file ------------------------------------------
+
+
+def hashed_folder_of(root: Path, *names: str) -> Path:
+    """The one hashed folder in ``root/names``."""
+    (folder,) = [p for p in root.joinpath(*names).iterdir() if p.name.startswith("%H")]
+    return folder
+
+
+def one_problem(root: Path, kind: str = "unlistable_domain"):
+    found = problems_of(root)
+    assert [problem.kind for problem in found] == [kind], found
+    return found[0]
+
+
+def write_together(root: Path, domain: str, items: dict) -> None:
+    """As the daemon's write lanes write: through set_many_together, with another domain."""
+    backends = [JSONDatabase(domain=d, root_dir=str(root)) for d in (domain, "svc.other.box")]
+    errors = JSONDatabase.set_many_together([(backends[0], items), (backends[1], {"o": 1})])
+    assert errors == [None, None]
+    for backend in backends:
+        backend.close()
+
+
+def write_one_by_one(root: Path, domain: str, items: dict) -> None:
+    backend = JSONDatabase(domain=domain, root_dir=str(root), fsync=False)
+    for key, value in items.items():
+        backend.set_value(key, value)
+    backend.close()
+
+
+@pytest.mark.parametrize("writer", [write, write_together, write_one_by_one],
+                         ids=["journal", "together", "one-by-one"])  # fmt: skip
+@pytest.mark.parametrize(
+    "channel",
+    ["c" * 256, "d" * 248, "é" * 128, "x.y/" * 62 + "zz"],
+    ids=["256-bytes", "248-bytes", "256-bytes-of-utf8", "encoded-to-more"],
+)
+def test_a_channel_id_too_long_for_a_folder_name_is_listed_exactly(tmp_path, writer, channel):
     root = tmp_path / "root"
-    long_part = "c" * 300  # too long for a folder name: stored as %H<sha256>
-    write(root, f"svc.{long_part}.box", {"k": 1})
+    domain = container_domain("svc", channel, "stats")
+    assert len(f"channel_{encode_domain_part(channel)}".encode()) > 255  # hashed
+    writer(root, domain, {"k": 1, "j": [2]})
+    folder = hashed_folder_of(root, "service_svc")
+    assert (folder / NAME_FILE).read_text("utf-8") == f"channel_{encode_domain_part(channel)}"
+
+    assert domain in listed(root)
+    assert listed(root, channel_prefix("svc")) == [domain]
+    config = load_db_config([{"implementation": "json", "name": "stats",
+                              "settings": {"root_dir": str(root)}}])  # fmt: skip
+    (place,) = places(list(config), "svc")
+    assert (place.channel, place.container, place.domain) == (channel, "stats", domain)
+    assert problems_of(root) == []
+
+
+def test_a_long_service_and_channel_are_migrated_whole(tmp_path):
+    """Every level hashed, through a migrate to a new root and a listing of that one."""
+    service, channel = "s" * 256, "é" * 128
+    old, new = tmp_path / "old", tmp_path / "new"
+    storage = MoobiusStorage(service, channel, [{"implementation": "json", "name": "stats",
+                                                 "settings": {"root_dir": str(old)}}])  # fmt: skip
+    storage.stats.update({"k": 1, "long " + "k" * 300: {"v": 2}})
+    storage.close()
+
+    def config(root: Path) -> DbConfig:
+        return load_db_config([{"implementation": "json", "name": "stats",
+                                "settings": {"root_dir": str(root)}}])  # fmt: skip
+
+    (tally,) = migrate(config(old), config(new), service, verify=True)
+    assert (tally.channels, tally.keys, tally.copied) == (1, 2, 2)
+    domain = container_domain(service, channel, "stats")
+    assert listed(new) == [domain]
+    reader = JSONDatabase(domain=domain, root_dir=str(new))
+    assert {k: v for batch in reader.scan_items() for k, v in batch.items()} == {
+        "k": 1, "long " + "k" * 300: {"v": 2}}  # fmt: skip
+    reader.close()
+    assert problems_of(new) == []
+
+
+def test_the_name_file_is_never_a_key(tmp_path):
+    """A hashed domain folder holds its name file beside its keys: never listed, scanned,
+    deleted nor cleared as one, and the domain written again afterwards."""
+    root = tmp_path / "root"
+    domain = "svc." + "c" * 300
+    backend = write(root, domain, {"k": 1, "%name": 2, "%name.txt": 3})
+    name_file = backend.path / NAME_FILE
+    assert name_file.read_text() == "c" * 300
+    backend = JSONDatabase(domain=domain, root_dir=str(root))
+    assert sorted(backend.all_keys()) == ["%name", "%name.txt", "k"]
+    merged = {key: value for batch in backend.scan_items(1) for key, value in batch.items()}
+    assert merged == {"k": 1, "%name": 2, "%name.txt": 3}
+    assert backend.get_many(["%name", NAME_FILE]) == {"%name": 2, NAME_FILE: 3}
+    assert backend.delete_key(NAME_FILE) == (True, NAME_FILE)  # the key of that name, only
+    assert backend.delete_key(NAME_FILE)[0] is False  # gone: the name file is no key
+    assert name_file.read_text() == "c" * 300
+    assert sorted(backend.delete_many(["%name", NAME_FILE, "absent"])) == ["%name"]
+    CachedDict(backend, name="box").clear()
+    assert backend.all_keys() == [] and list(backend.scan_items()) == []
+    assert name_file.read_text() == "c" * 300
+    assert listed(root) == []  # no key: no domain, and nothing reported
+    backend.set_value("again", 4)
+    assert listed(root) == [domain]
+    assert sorted(os.listdir(backend.path)) == sorted([NAME_FILE, "again.json"])
+    backend.close()
+    assert problems_of(root) == []
+
+
+def test_reads_make_no_hashed_folder_nor_name_file(tmp_path):
+    root = tmp_path / "root"
+    write(root, "svc.short", {"k": 1})
+    backend = JSONDatabase(domain="svc." + "c" * 300 + ".box", root_dir=str(root))
+    assert backend.get_value("k")[0] is False
+    assert backend.get_many(["k"]) == {} and backend.all_keys() == []
+    assert list(backend.scan_items()) == [] and backend.delete_many(["k"]) == []
+    backend.set_many({})
+    backend.close()
+    assert sorted(os.listdir(root / "svc")) == ["short"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["c" * 301, "d" * 300, "", "c" * 300 + "\n", "c" * 150 + "." + "c" * 149],
+    ids=["another-part", "another-part-of-the-length", "empty", "newline", "two-parts"],
+)
+def test_a_name_file_that_does_not_name_its_folder_is_reported_not_listed(tmp_path, content):
+    root = tmp_path / "root"
+    write(root, "svc." + "c" * 300 + ".box", {"k": 1})
     write(root, "svc.short.box", {"k": 1})
+    folder = hashed_folder_of(root, "svc")
+    (folder / NAME_FILE).write_text(content, "utf-8")
     with capture_logs() as events:
         assert listed(root) == ["svc.short.box"]
     (event,) = [e for e in events if e["event"] == "json_unlistable_domain"]
-    assert os.path.basename(os.path.dirname(event["path"])).startswith("%H")
-    (problem,) = problems_of(root)
-    assert problem.kind == "unlistable_domain" and event["path"] in problem.message
+    assert event["path"] == str(folder / "box")
+    problem = one_problem(root)
+    assert str(folder) in problem.message and "does not match" in problem.message
+    assert "--channel" in problem.message
+    # Not trusted, and not overwritten by a write either: it stays reported.
+    write(root, "svc." + "c" * 300 + ".box", {"j": 2})
+    assert (folder / NAME_FILE).read_text("utf-8") == content
+    assert listed(root) == ["svc.short.box"]
+
+
+def test_a_name_file_that_is_not_utf8_or_not_a_file_is_reported(tmp_path):
+    root = tmp_path / "root"
+    backend = write(root, "svc." + "c" * 300, {"k": 1})
+    (backend.path / NAME_FILE).write_bytes(b"\xff" * 300)
+    assert listed(root) == []
+    assert "does not match" in one_problem(root).message
+    (backend.path / NAME_FILE).unlink()
+    (backend.path / NAME_FILE).mkdir()
+    assert listed(root) == []
+    assert "cannot be read" in one_problem(root).message
+
+
+def test_a_hashed_folder_of_an_earlier_release_is_reported_with_its_fix(tmp_path):
+    root = tmp_path / "root"
+    long_part = "c" * 300  # too long for a folder name: stored as %H<sha256>
+    write(root, f"svc.{long_part}.box", {"k": 1})
+    write(root, f"svc.{long_part}.other", {"k": 1})
+    write(root, "svc.short.box", {"k": 1})
+    folder = hashed_folder_of(root, "svc")
+    (folder / NAME_FILE).unlink()  # as releases before the name file left it
+    with capture_logs() as events:
+        assert listed(root) == ["svc.short.box"]
+    paths = sorted(e["path"] for e in events if e["event"] == "json_unlistable_domain")
+    assert paths == [str(folder / "box"), str(folder / "other")]
+    problems = problems_of(root)
+    assert [p.kind for p in problems] == ["unlistable_domain"] * 2
+    for problem in problems:
+        assert str(folder) in problem.message and NAME_FILE in problem.message
+        assert "earlier releases" in problem.message and "--channel <id>" in problem.message
     # A prefix that names the long part whole reaches it: then its domains are known.
-    assert listed(root, f"svc.{long_part}.") == [f"svc.{long_part}.box"]
+    assert listed(root, f"svc.{long_part}.") == [f"svc.{long_part}.box", f"svc.{long_part}.other"]
+    # The fix the message gives: the channel named, its domain built with no listing.
+    channel = "c" * 256
+    write(root, container_domain("s", channel, "stats"), {"k": 1})
+    (hashed_folder_of(root, "service_s") / NAME_FILE).unlink()
+    config = load_db_config([{"implementation": "json", "name": "stats",
+                              "settings": {"root_dir": str(root)}}])  # fmt: skip
+    assert places(list(config), "s") == []
+    assert [p.channel for p in places(list(config), "s", [channel])] == [channel]
+    # And the next write to the domain names its folder.
+    write(root, f"svc.{long_part}.box", {"j": 2})
+    assert (folder / NAME_FILE).read_text() == long_part
+    assert listed(root, "svc.") == [f"svc.{long_part}.box", f"svc.{long_part}.other",
+                                    "svc.short.box"]  # fmt: skip
+
+
+def test_a_planted_name_file_link_is_reported_and_not_followed(tmp_path):
+    root = tmp_path / "root"
+    write(root, "svc." + "c" * 300 + ".box", {"k": 1})
+    folder = hashed_folder_of(root, "svc")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("c" * 300)  # says the right part: never read all the same
+    (folder / NAME_FILE).unlink()
+    (folder / NAME_FILE).symlink_to(outside)
+    with capture_logs() as events:
+        assert listed(root) == []
+    assert [e["path"] for e in events if e["event"] == "json_planted_link"] == [
+        str(folder / NAME_FILE)]  # fmt: skip
+    problems = problems_of(root)
+    assert sorted(p.kind for p in problems) == ["planted_link", "unlistable_domain"]
+    # A write leaves the link for a person to look at.
+    write(root, "svc." + "c" * 300 + ".box", {"j": 2})
+    assert (folder / NAME_FILE).is_symlink()
 
 
 def test_scan_items_reports_a_hashed_file_without_a_readable_key(tmp_path):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from chanstore import CachedDict, MoobiusStorage
+from chanstore.backends.json_layout import NAME_FILE
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.cache import ABSENT
 from chanstore.errors import BackendError, BackendUnavailable, CorruptValue, WriteRefused
@@ -207,6 +208,10 @@ def test_long_domain_parts_get_hashed_folder_names(tmp_path):
     db.set_value("k", 1)
     (folder,) = (tmp_path / "svc").iterdir()
     assert folder.name.startswith("%H")
+    # Beside the key, the part the folder is named for: what a listing reads back.
+    assert sorted(os.listdir(folder)) == [NAME_FILE, "k.json"]
+    assert (folder / NAME_FILE).read_text("utf-8") == "c" * 300
+    assert db.all_keys() == ["k"]
     assert JSONDatabase(domain="svc." + "c" * 300, root_dir=str(tmp_path)).get_value("k") == (
         True,
         1,

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from chanstore import CachedDict, ChannelStorage, MoobiusStorage
+from chanstore.backends.json_layout import NAME_FILE, hashed_name
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.backends.null import NullDatabase
 from chanstore.errors import ConfigError, InvalidKey, WriteRefused
@@ -82,8 +83,18 @@ def test_ids_cannot_escape_root_dir(tmp_path, service_id, channel_id):
             path = os.path.realpath(os.path.join(where, name))
             assert path == root_real or path.startswith(root_real + os.sep)
     # Three folder levels, then the file: an id added no level and left none.
-    (only,) = files_under(root)
-    assert len(only.split(os.sep)) == 4
+    (only, *names) = sorted(files_under(root), key=lambda path: not path.endswith(".json"))
+    assert only.endswith(".json") and len(only.split(os.sep)) == 4
+    # Besides it, only the name file of each folder named by a hash (a part over 255
+    # bytes), inside that folder, holding the part whose hash names it.
+    folders = os.path.dirname(only).split(os.sep)
+    parts = container_domain(service_id, channel_id, "stats").split(".")
+    hashed = [depth for depth, part in enumerate(parts) if folders[depth] != part]
+    assert [len(parts[depth].encode()) > 255 for depth in hashed] == [True] * len(hashed)
+    expected = [os.path.join(*folders[: depth + 1], NAME_FILE) for depth in hashed]
+    assert sorted(names) == sorted(expected)
+    for depth, name in zip(hashed, expected, strict=True):
+        assert hashed_name((root / name).read_text("utf-8")) == folders[depth]
     reopened = MoobiusStorage(service_id, channel_id, [json_entry(root)])
     assert reopened.stats["k"] == {"who": [service_id, channel_id]}
     storage.close()

@@ -10,10 +10,14 @@ planted ``<key>.json`` counts as a key (as ``all_keys`` lists it; reading it
 is the error). A folder holding a key file makes its domain listed once.
 
 A domain part too long for a folder name is stored under its hash
-(:mod:`chanstore.backends.json_layout`), which cannot be read back: a folder
-of keys below such a folder is reported (``unlistable_domain``, logged at
-error and kept as an integrity problem) instead of listed. So are the hashed
-key files whose key cannot be read, which a scan cannot put under any key.
+(:mod:`chanstore.backends.json_layout`), which cannot be turned back into
+the part: the folder's name file says it, believed only if it hashes back to
+the folder's name. A folder of keys below a hashed folder whose name
+file is missing (releases before it wrote none), unreadable, a link, or not
+its part, is reported (``unlistable_domain``, logged at error and kept as an
+integrity problem, with how to move it all the same) instead of listed. So
+are the hashed key files whose key cannot be read, which a scan cannot put
+under any key.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from chanstore import logs
 from chanstore.backends.files import PlantedLink, Root, open_folder
 from chanstore.backends.integrity import problems, report_planted
 from chanstore.backends.json_layout import (
+    NAME_FILE,
     NAME_MAX,
     SUFFIX,
     UNSAFE_IN_FOLDER,
     domain_folders,
     is_hashed,
+    read_name,
 )
 from chanstore.errors import BackendError, IntegrityProblem, error_kind
 
@@ -74,6 +80,7 @@ def domains_under(root: Root, prefix: str) -> Iterator[str]:
 
     entries = walk(fd, where, may_hold_domains,
                    lambda path: report_planted(root.path, path, found_by))  # fmt: skip
+    names = _Names(root, start, found_by)
     try:
         for level, entry in entries:
             name = entry.name
@@ -85,10 +92,10 @@ def domains_under(root: Root, prefix: str) -> Iterator[str]:
             if level.mark or not name.endswith(SUFFIX):
                 continue
             level.mark = True  # the folder holds a key: listed (or reported) once
-            if any(is_hashed(part) for part in level.names):
-                _report_unlistable(root.path, level.where)
+            parts = names.parts(level)
+            if parts is None:
                 continue
-            domain = ".".join((*whole, *level.names))
+            domain = ".".join((*whole, *parts))
             if domain.startswith(prefix):
                 yield domain
     except OSError as exc:
@@ -168,6 +175,40 @@ def walk(
             level.close()
 
 
+class _Names:
+    """The domain parts of the folders a walk of ``root`` from ``start`` is in: the hashed
+    ones read back from their name files, each once while the walk is below it."""
+
+    def __init__(self, root: Root, start: list[str], found_by: str) -> None:
+        self.root = root
+        self.start = start
+        self.found_by = found_by
+        #: The hashed folders on the walk's way down: their part, or None and why not.
+        self.known: dict[tuple[str, ...], tuple[str | None, str]] = {}
+
+    def parts(self, level: Level) -> list[str] | None:
+        """The parts of ``level``'s names; None if a hashed one cannot be read back (then
+        reported, unless its folder is gone)."""
+        known = self.known
+        for names in [names for names in known if level.names[: len(names)] != names]:
+            del known[names]  # the walk left it
+        parts = []
+        for depth, name in enumerate(level.names):
+            if not is_hashed(name):
+                parts.append(name)
+                continue
+            names = level.names[: depth + 1]
+            if names not in known:
+                known[names] = _name_of(self.root, [*self.start, *names], self.found_by)
+            part, why = known[names]
+            if part is None:
+                if why:
+                    _report_unlistable(self.root.path, level.where, why)
+                return None
+            parts.append(part)
+        return parts
+
+
 # -- what a listing or a scan meets ------------------------------------------------------
 
 
@@ -190,15 +231,46 @@ def listing_failed(exc: OSError, doing: str) -> BackendError:
     return error
 
 
-def _report_unlistable(root: str, where: str) -> None:
-    """The folder ``where`` holds keys of a domain that a listing cannot name: logged at
-    error and kept as an integrity problem, once."""
-    message = (f"{where} holds keys, but its domain cannot be listed: it, or a folder above "
-               "it, is named by the hash of a domain part too long for a file name (more "
-               f"than {NAME_MAX} bytes), which cannot be read back; export and migrate leave "
-               "it out")  # fmt: skip
+def _name_of(root: Root, folders: list[str], found_by: str) -> tuple[str | None, str]:
+    """The part the hashed folder ``folders`` (below the root) is named for, as its name file
+    says, and ``""``; else None and why not (``""`` if the folder is gone, or a link, which
+    is reported here)."""
+    where = os.path.join(root.path, *folders)
+    head = (f"{where} is named by the hash of a domain part too long for a file name (more "
+            f"than {NAME_MAX} bytes), and its {NAME_FILE}, which names that part,")  # fmt: skip
+    try:
+        fd = root.folder(folders)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, ""  # removed, or no longer a folder, since it was listed
+    except PlantedLink as exc:
+        report_planted(root.path, exc.path, found_by)
+        return None, ""
+    except OSError as exc:
+        return None, f"{where} cannot be opened ({exc})"
+    try:
+        return read_name(fd, folders[-1], where), ""
+    except FileNotFoundError:
+        return None, (f"{head} is missing (earlier releases of chanstore wrote none; "
+                      "the next write to the domain adds it)")  # fmt: skip
+    except PlantedLink as exc:
+        report_planted(root.path, exc.path, found_by)
+        return None, f"{head} is a symbolic link, which is never followed"
+    except OSError as exc:
+        return None, f"{head} cannot be read ({exc})"
+    except ValueError as exc:
+        return None, f"{head} does not match the folder: {exc}; it is not trusted"
+    finally:
+        os.close(fd)
+
+
+def _report_unlistable(root: str, where: str, why: str) -> None:
+    """The folder ``where`` holds keys of a domain that a listing cannot name (``why``):
+    logged at error and kept as an integrity problem, once."""
+    message = (f"{where} holds keys, but its domain cannot be listed: {why}. Export and "
+               "migrate leave it out unless its channel is named: --channel <id> builds "
+               "the domain from the id, with no listing")  # fmt: skip
     if problems.add(root, IntegrityProblem(kind="unlistable_domain", message=message)):
-        log.error("json_unlistable_domain", root=root, path=where)
+        log.error("json_unlistable_domain", root=root, path=where, why=why)
 
 
 def report_keyless(root: str, path: str, exc: BaseException) -> None:

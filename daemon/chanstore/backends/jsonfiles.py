@@ -34,7 +34,8 @@ resolved once, when the first backend of the root is built.
 
 Keys become file names by :func:`chanstore.keys.encode_filename`. A name
 longer than the file system allows (255 bytes) is stored as ``%H<sha256>.json``
-holding the key beside the value.
+holding the key beside the value; a domain part that long as a folder
+``%H<sha256>``, whose ``%name.txt`` holds the part for a listing.
 
 Listing (for export, import and migrate) walks the folders below the root
 once its journal was replayed (see :mod:`chanstore.backends.json_listing`);
@@ -73,8 +74,10 @@ from chanstore.backends.json_layout import (
     SUFFIX,
     domain_folders,
     hashed_name,
+    hashed_parts,
     is_hashed,
     read_long_key,
+    write_names,
 )
 from chanstore.backends.json_listing import (
     domains_under,
@@ -125,6 +128,8 @@ class JSONDatabase(DatabaseInterface):
         #: The root, resolved once, and its descriptor: every file is reached from it.
         self._root = self._journal.folder
         self._parts = tuple(folders)
+        #: The parts named by their hash whose folders this backend has not named yet.
+        self._unnamed = hashed_parts(domain, folders)
         # The domain's folder, for messages. A str, not a Path: pathlib interns the
         # parts of every path it parses, and a channel's folder name in the
         # interpreter's table of interned strings outlived the channel (about
@@ -219,6 +224,7 @@ class JSONDatabase(DatabaseInterface):
         encoded = self._encode_items(items)
         if self.fsync and encoded:
             try:
+                self._name_folders(encoded)
                 errors = self._journal.write(self._journal_files(encoded))
             except NotJournaling:
                 pass  # another process journals this root: write the usual way
@@ -256,6 +262,7 @@ class JSONDatabase(DatabaseInterface):
         for index, (backend, items) in enumerate(parts):
             try:
                 encoded[index] = backend._encode_items(items)
+                backend._name_folders(encoded[index])
             except Exception as exc:  # noqa: BLE001 - that part's answer; the others go on
                 errors[index] = exc
         journal = parts[0][0]._journal
@@ -454,6 +461,12 @@ class JSONDatabase(DatabaseInterface):
         root = self._root
         return root.folder(self._parts, create=create, fsync=self.fsync, encoded=self._encoded)
 
+    def _name_folders(self, encoded: Encoded) -> None:
+        """Before this backend's first write: each hashed folder holds the part it names."""
+        if self._unnamed and encoded:
+            write_names(self._root, self._parts, self._unnamed, self.fsync)
+            self._unnamed = ()
+
     def _name_of(self, key: str) -> str:
         """The name of ``key``'s file in the domain's folder."""
         name = encode_filename(key) + SUFFIX
@@ -566,6 +579,7 @@ class JSONDatabase(DatabaseInterface):
         names = [self._relative(name) for name, _data in encoded.values()]
         with self._journal.bypassing(names):
             try:
+                self._name_folders(encoded)
                 folder = self._open_folder(create=True)
             except WRITE_ERRORS as exc:
                 raise self._failed(exc, list(encoded), []) from exc
