@@ -13,6 +13,8 @@ import contextlib
 import json
 import logging
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -537,3 +539,27 @@ def test_a_cached_dict_built_by_hand_over_the_backend(daemon: DaemonProcess, oth
         seen(lambda: box.memory.peek("k") == [3], "the write")
     finally:
         box.close()
+
+
+def test_the_readmes_library_example_runs_on_the_daemon(start_daemon: Any, tmp_path: Path) -> None:
+    """README "The library, in-process", run as it is written, its db_config pointed at a daemon."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The library, in-process", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    daemon = start_daemon([json_entry("health_bars"), json_entry("profiles")],
+                          args=["--service-id", "my_service"])  # fmt: skip
+    service = tmp_path / "service"
+    (service / "config").mkdir(parents=True)
+    (service / "config" / "db.json").write_text(json.dumps(
+        entries(daemon.url, "health_bars", "profiles")))  # fmt: skip
+    ran = subprocess.run([sys.executable, "-c", example], cwd=service, capture_output=True,
+                         text=True, timeout=60, check=False)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert not (service / "data").exists(), "the service stored nothing of its own"
+    with daemon.client() as client:
+        assert client.get("channel-1", "health_bars", "alice") == 100
+        assert client.get("channel-1", "profiles", "alice") == {
+            "name": "Alicia", "titles": {"first", "brave"}}  # fmt: skip
+        board = client.get_document("channel-1", "profiles", "board")
+    assert board == {"_moobius_type": "__main__.Board",
+                     "_moobius_val": {"cells": ["x", "", "o"], "turn": 3}}  # fmt: skip
