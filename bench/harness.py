@@ -9,13 +9,14 @@ tables each benchmark prints. The benchmarks import it as a sibling module
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "on_time_limit",
     "progress",
     "redis_pings",
+    "redis_server",
     "source_state",
     "stop",
     "text_table",
@@ -75,6 +77,27 @@ def redis_pings(port: int) -> bool:
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, timeout: float = 10.0) -> Iterator[int]:
+    """A redis-server of our own on a free port, without persistence, logging to
+    ``workdir``/redis.log; yields the port once it answers PING, stops it after."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    log = workdir / "redis.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"],
+            cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: redis_pings(port), process, "redis-server", log, timeout)
+            yield port
+        finally:
+            stop(process)
 
 
 def chanstore_command() -> str:
