@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,7 @@ from chanstore.errors import (
     PreconditionFailed,
     error_kind,
 )
-from chanstore.metrics import Metrics, default_metrics
+from chanstore.metrics import DeferredDurations, Metrics, default_metrics
 
 __all__ = [
     "OPERATIONS",
@@ -54,6 +53,7 @@ __all__ = [
 ]
 
 NOT_FOUND = "not_found"
+_FOLD_AT = DeferredDurations.FOLD_AT
 
 # Backend method name -> (operation label, how the method answers).
 OPERATIONS: dict[str, tuple[str, str]] = {
@@ -76,6 +76,7 @@ TOGETHER: dict[str, str] = {
     "apply_if_together": "apply_if",
     "apply_if_together_async": "apply_if",
 }
+_OPERATION_LABELS = tuple(label for label, _style in OPERATIONS.values())
 
 
 class Failure(str):
@@ -104,12 +105,14 @@ def failure_kind(answer: Any, *, default: str) -> str:
 class Probe:
     """Where one backend instance reports: metric children bound to its labels.
 
-    Binding the label values once, when a container is built, keeps the cost
-    of a measured call to about one histogram observation. The daemon builds
-    a backend (so a probe) for every channel in memory, so a probe holds no
-    more than it must: the bound children are shared by every probe of one
-    container (:func:`_timers`), and the logger is made only when an event
-    is logged.
+    Binding the label values once, when a container is built, keeps a
+    measured call to an append of its duration to a
+    :class:`~chanstore.metrics.DeferredDurations`, folded into the histogram
+    at scrape time. The daemon builds a backend (so a probe) for every channel
+    in memory, so a probe holds no more than it must: the durations are
+    shared by every probe of one container
+    (:meth:`~chanstore.metrics.Metrics.backend_timings`), and the logger is
+    made only when an event is logged.
     """
 
     __slots__ = ("_errors", "backend", "container", "domain", "durations")
@@ -119,7 +122,7 @@ class Probe:
         self.container = container
         self.domain = domain
         self._errors = metrics.backend_errors
-        self.durations = _timers(metrics, backend, container)
+        self.durations = metrics.backend_timings(backend, container, _OPERATION_LABELS)
 
     @property
     def log(self) -> Any:
@@ -133,31 +136,6 @@ class Probe:
             "backend_operation_failed", operation=operation, error=str(exc), error_kind=kind,
             **fields,
         )  # fmt: skip
-
-
-#: Per Metrics, the duration children of each (backend, container), by operation label.
-_TIMERS: weakref.WeakKeyDictionary[Metrics, dict[tuple[str, str], dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _timers(metrics: Metrics, backend: str, container: str) -> dict[str, Any]:
-    """The duration children of every operation of ``backend`` as ``container``, bound once.
-
-    Shared (read only) by all the probes of one container: one dict per
-    container instead of one per channel. Labels are bounded (no channel id
-    is one), and so is this cache.
-    """
-    by_labels = _TIMERS.get(metrics)
-    if by_labels is None:
-        by_labels = _TIMERS.setdefault(metrics, {})
-    timers = by_labels.get((backend, container))
-    if timers is None:
-        timers = by_labels.setdefault((backend, container), {
-            label: metrics.backend_duration.labels(backend, container, label)
-            for label, _style in OPERATIONS.values()
-        })  # fmt: skip
-    return timers
 
 
 def engine_label(backend_class: type) -> str:
@@ -188,10 +166,12 @@ def probe_of(backend: Any) -> Probe:
 def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
     """Wrap the backend ``method`` called ``name`` (a key of :data:`OPERATIONS`).
 
-    The wrapper is on the path of every backend call, so it costs one
-    pre-bound histogram observation and a few attribute reads: the common
-    success answers return without calling the finisher, and nesting is
-    settled by looking at the class, not by keeping per-call state.
+    The wrapper is on the path of every backend call, so it costs two clock
+    reads, one ``deque.append`` of the duration (folded into the histogram at
+    scrape time: :class:`~chanstore.metrics.DeferredDurations`) and a few
+    attribute reads: the common success answers return without calling the
+    finisher, and nesting is settled by looking at the class, not by keeping
+    per-call state.
     """
     if getattr(method, "__chanstore_instrumented__", False):
         return method
@@ -200,6 +180,8 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
     materialize = style == "keys"
     answers_tuples = style in ("read", "write")
     plain_success = style in ("keys", "bulk_write")
+    clock = time.perf_counter
+    debug_enabled = logs.debug_enabled
 
     @functools.wraps(method)
     def measured(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -209,7 +191,7 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
             # parent really did.
             return method(self, *args, **kwargs)
         probe = getattr(self, "_chanstore_probe", None) or probe_of(self)
-        started = time.perf_counter()
+        started = clock()
         try:
             result = method(self, *args, **kwargs)
             if materialize:
@@ -217,9 +199,13 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
                 result = list(result)
         except Exception as exc:  # noqa: BLE001 - the finisher turns it into the answer
             result = _Raised(exc)
-        elapsed = time.perf_counter() - started
-        probe.durations[operation].observe(elapsed)
-        if logs.debug_enabled():
+        elapsed = clock() - started
+        # DeferredDurations.observe, inlined: no lock, folded into the histogram at scrape time.
+        durations = probe.durations[operation]
+        durations.append(elapsed)
+        if len(durations) >= _FOLD_AT:
+            durations.fold()
+        if debug_enabled():
             probe.log.debug(
                 "backend_operation", operation=operation, key=_subject(args), duration=elapsed
             )

@@ -6,9 +6,10 @@ tests and embedders make their own with ``Metrics(CollectorRegistry())`` and
 hand it to :class:`~chanstore.storage.MoobiusStorage` or
 :class:`~chanstore.cache.CachedDict`.
 
-The hottest counts (cache hits and misses, the daemon's cached GETs) are
-kept in plain Python numbers and *folded* into their metrics when the
-registry is collected: see :class:`CacheCounts` and :class:`DeferredRequests`.
+The hottest counts (cache hits and misses, backend operation durations, the
+daemon's cached GETs) are kept in plain Python objects and *folded* into
+their metrics when the registry is collected: see :class:`CacheCounts`,
+:class:`DeferredDurations` and :class:`DeferredRequests`.
 
 Labels are bounded by construction: ``container`` is a db_config name,
 ``backend`` an engine name, ``operation`` one of the backend methods, ``error``
@@ -19,6 +20,8 @@ never labels.
 from __future__ import annotations
 
 import bisect
+import collections
+import functools
 import threading
 import time
 from typing import Any
@@ -31,6 +34,7 @@ __all__ = [
     "BACKEND_BUCKETS",
     "HTTP_BUCKETS",
     "CacheCounts",
+    "DeferredDurations",
     "DeferredRequests",
     "Metrics",
     "ProcessCollector",
@@ -62,13 +66,18 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         on = {"registry": self.registry}
+        # Registered through a collector that folds every container's pending
+        # durations into it first (DeferredDurations), in the place it always had.
         self.backend_duration = Histogram(
             "chanstore_backend_operation_duration_seconds",
             "Time a backend operation took, failures included.",
             ["backend", "container", "operation"],
             buckets=BACKEND_BUCKETS,
-            **on,
+            registry=None,
         )
+        self._backend_timings: dict[tuple[str, str], dict[str, DeferredDurations]] = {}
+        self._backend_timings_lock = threading.Lock()
+        self.registry.register(_FoldedFirst(self.backend_duration, self._fold_backend_timings))
         self.backend_errors = Counter(
             "chanstore_backend_operation_errors_total",
             "Backend operations that failed, by kind of failure.",
@@ -205,6 +214,28 @@ class Metrics:
         self._deferred.append(deferred)
         return deferred
 
+    def backend_timings(
+        self, backend: str, container: str, operations: tuple[str, ...]
+    ) -> dict[str, DeferredDurations]:
+        """The pending durations of each of ``operations`` of ``backend`` as ``container``.
+
+        Made once per (backend, container) and shared (read only) by every
+        instance of that container: one dict per container, not per channel.
+        """
+        timings = self._backend_timings.get((backend, container))
+        if timings is None:
+            with self._backend_timings_lock:
+                timings = self._backend_timings.get((backend, container))
+                if timings is None:
+                    timings = {
+                        operation: DeferredDurations(
+                            self.backend_duration.labels(backend, container, operation)
+                        )
+                        for operation in operations
+                    }
+                    self._backend_timings[(backend, container)] = timings
+        return timings
+
     def cache_counts(self, container: str) -> CacheCounts:
         """The cache hit and miss counts of ``container``, shared by all its CachedDicts."""
         counts = self._cache_counts.get(container)
@@ -227,6 +258,10 @@ class Metrics:
             self.integrity_problems: ("container", "kind"),
             self.cache_invalidations: ("container",),
         }
+        with self._backend_timings_lock:
+            # What is pending for the container goes with its series.
+            for labels in [labels for labels in self._backend_timings if labels[1] == name]:
+                del self._backend_timings[labels]
         for metric, names in labelled.items():
             for values in _label_sets(metric, names, container=name):
                 metric.remove(*values)
@@ -238,12 +273,21 @@ class Metrics:
     def fold(self) -> None:
         """Bring every plain count into the registry: call before exposing it.
 
-        Cache counts are also folded whenever the registry is collected; the
-        :class:`DeferredRequests` only here (they belong to one thread).
+        Cache counts and backend durations are also folded whenever the
+        registry is collected; the :class:`DeferredRequests` only here (they
+        belong to one thread).
         """
         for deferred in self._deferred:
             deferred.fold()
         self._fold_cache_counts()
+        self._fold_backend_timings()
+
+    def _fold_backend_timings(self) -> None:
+        with self._backend_timings_lock:
+            pending = [timings for by_operation in self._backend_timings.values()
+                       for timings in by_operation.values()]  # fmt: skip
+        for timings in pending:
+            timings.fold()
 
     def _fold_cache_counts(self) -> None:
         with self._cache_counts_lock:
@@ -281,6 +325,57 @@ class CacheCounts:
         if misses != self._folded_misses:
             self._miss.inc(misses - self._folded_misses)
             self._folded_misses = misses
+
+
+class DeferredDurations(collections.deque):  # type: ignore[type-arg]
+    """Durations of one histogram child, appended without a lock, folded at scrape time.
+
+    The instrumentation wrapper is on the path of every backend call, and one
+    ``observe()`` of prometheus_client (two locks and a walk of the buckets)
+    cost more than the rest of it together. The wrapper appends each duration
+    here instead (``deque.append`` is atomic: threads lose nothing) and calls
+    :meth:`fold` once :data:`FOLD_AT` are pending, so that a process nobody
+    scrapes holds a bounded backlog; every collection of the registry folds
+    first, so a scrape sees every call, and the exposition is what
+    ``observe()`` would have made of the same durations.
+
+    Folding pops what it counts (under a lock of its own, so that two folds
+    never race for the same items) and adds it to the child's buckets and sum:
+    prometheus_client's internals, as :class:`DeferredRequests` uses them.
+    """
+
+    __slots__ = ("_bounds", "_child", "_lock")
+
+    #: Durations pending at most before the appending thread folds them itself.
+    FOLD_AT = 1024
+
+    def __init__(self, child: Any) -> None:
+        super().__init__()
+        self._child = child
+        self._bounds = tuple(child._upper_bounds)  # the last one is +Inf
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """One operation that took ``seconds`` (what the wrapper does inline)."""
+        self.append(seconds)
+        if len(self) >= self.FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the pending durations to the histogram child."""
+        with self._lock:
+            count = len(self)  # only folds pop, so these are here to pop
+            if not count:
+                return
+            popleft = self.popleft
+            durations = [popleft() for _ in range(count)]
+            # The first bound at or above each duration: the bucket observe() would pick.
+            found = collections.Counter(map(functools.partial(bisect.bisect_left, self._bounds),
+                                            durations))  # fmt: skip
+            child = self._child
+            child._sum.inc(sum(durations))
+            for index, added in found.items():
+                child._buckets[index].inc(added)
 
 
 class _FoldedFirst(Collector):
