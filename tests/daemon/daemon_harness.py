@@ -71,6 +71,9 @@ STOP_TIMEOUT = 20.0
 MODULE_MAX_BODY = 4096
 #: What, in a daemon's log, means something crashed.
 CRASH_MARKERS = ("request_crashed", "Traceback", "config_reload_crashed")
+#: ``CHANSTORE_TEST_WORKERS=2`` runs every daemon of the end-to-end tests as
+#: ``chanstore serve --workers 2`` (unless a test names its own ``--workers``).
+TEST_WORKERS = os.environ.get("CHANSTORE_TEST_WORKERS", "")
 
 
 def json_entry(name: str, root_dir: str = "data", **fields: Any) -> dict[str, Any]:
@@ -146,6 +149,8 @@ class DaemonProcess:
         if not self.settings_in_environment:
             for flag, value in self.settings().items():
                 command += [f"--{flag}", value]
+        if TEST_WORKERS and "--workers" not in self.args:
+            command += ["--workers", TEST_WORKERS]
         return command + self.args
 
     def environment(self) -> dict[str, str]:

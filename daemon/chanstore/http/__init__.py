@@ -24,9 +24,11 @@ def build_api(store: Store, feed: Feed, token: BearerToken, metrics: Metrics, *,
               readiness: Callable[[], Awaitable[dict[str, str]]],
               reload: Callable[[str], Awaitable[Verdict]],
               containers: Callable[[], list[dict[str, Any]]],
-              service_id: str | None = None) -> Api:  # fmt: skip
+              service_id: str | None = None, count_in: Metrics | None = None) -> Api:  # fmt: skip
     """The API over ``store`` and ``feed``, with the operations routes calling the given
-    functions; ``GET /v1/containers`` also names ``service_id``."""
+    functions; ``GET /v1/containers`` also names ``service_id``. Requests are counted
+    in ``count_in`` (default ``metrics``): another worker's requests, relayed, are
+    counted where they arrived."""
     data = DataHandlers(store, feed, metrics)
     ops = OpsHandlers(metrics, readiness=readiness, reload=reload, containers=containers,
                       service_id=service_id)  # fmt: skip
@@ -43,4 +45,4 @@ def build_api(store: Store, feed: Feed, token: BearerToken, metrics: Metrics, *,
             "/v1/containers": {"GET": ops.containers},
         },
     )
-    return Api(routes, token, metrics)
+    return Api(routes, token, count_in if count_in is not None else metrics)

@@ -124,6 +124,10 @@ class Api:
         #: and a locked observe() on every request cost more than a cached read).
         self._measures: dict[tuple[str, str, int], DeferredRequests] = {}
         self._request_numbers = itertools.count(1)
+        #: Who answers a request in place of this process's own handler, when it names
+        #: what another process serves (set by the server for a group of workers):
+        #: ``divert(route, request)`` returns that handler, or None to answer here.
+        self.divert: Callable[[str, Request], Handler | None] | None = None
 
     # -- the middleware -------------------------------------------------------
 
@@ -136,7 +140,10 @@ class Api:
             if segments[0] in _GUARDED:
                 self._authorize(request)  # not even a 404 without the token
             route, methods = self.routes.match(segments)
-            answer = _handler_of(methods, request.method, route)(request)
+            handler = _handler_of(methods, request.method, route)
+            if self.divert is not None:
+                handler = self.divert(route, request) or handler
+            answer = handler(request)
         except Exception as exc:  # noqa: BLE001 - worded by _error_response
             answer = self._error_response(exc, request, route)
         kind = answer.__class__

@@ -23,23 +23,27 @@ from typing import Any
 
 import prometheus_client
 import uvloop
+from prometheus_client import CollectorRegistry
 
 import chanstore
 from chanstore import codec, logs
 from chanstore.config import DbConfig, load_db_config
 from chanstore.engine import Engine
 from chanstore.errors import ConfigError
-from chanstore.http import BearerToken, build_api
+from chanstore.http import Api, BearerToken, build_api
 from chanstore.http.connections import Connections
 from chanstore.http.listener import Listener
 from chanstore.http.protocol import HttpProtocol
 from chanstore.metrics import Metrics, default_metrics, install_process_collector
 from chanstore.server import systemd
+from chanstore.server.group import Group, WorkerRole, served_here
 from chanstore.server.memory import ReleaseSchedule, release_free_memory
 from chanstore.server.reload import Applied, Reloader
 from chanstore.server.settings import DaemonSettings
+from chanstore.server.sockets import bind
+from chanstore.server.workers import join_supervisor, supervise
 
-__all__ = ["Daemon", "serve"]
+__all__ = ["Daemon", "bind", "serve"]
 
 log = logs.get_logger()
 
@@ -48,15 +52,17 @@ READINESS_TTL = 1.0
 #: Seconds between the readiness checks that keep chanstore_ready and
 #: chanstore_backend_up fresh when nobody calls /readyz.
 READINESS_INTERVAL = 5.0
-#: Connections the kernel queues before they are accepted.
-LISTEN_BACKLOG = 2048
 
 
 class Daemon:
     """One running chanstore."""
 
-    def __init__(self, settings: DaemonSettings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: DaemonSettings, metrics: Metrics | None = None,
+                 role: WorkerRole | None = None) -> None:  # fmt: skip
         self.settings = settings
+        #: Which worker of a group this is (``--workers N``), or None: a daemon on its own.
+        self.role = role
+        self.group: Group | None = None
         self.metrics = metrics if metrics is not None else default_metrics()
         # Checked before anything starts, so that a bad file is a clear error at once.
         self.token = BearerToken(settings.read_token())
@@ -70,7 +76,7 @@ class Daemon:
 
     def status_line(self, event: str = "serving") -> str:
         """What ``systemctl status`` shows on the STATUS= line."""
-        names = ", ".join(self.engine.containers.names()) or "no containers"
+        names = ", ".join(spec.name for spec in self._config) or "no containers"
         return (
             f"{event} at {time.strftime('%H:%M:%S')}; listening on {self.settings.listen}; "
             f"{len(self.engine.channels)} channels in memory; containers: {names}"
@@ -90,12 +96,15 @@ class Daemon:
     def containers(self) -> list[dict[str, Any]]:
         """The running db_config's containers, for ``GET /v1/containers``."""
         return [{"name": spec.name, "implementation": spec.implementation, "load": spec.load}
-                for spec in self.engine.config]  # fmt: skip
+                for spec in self._config]  # fmt: skip
 
     async def apply(self, config: DbConfig) -> Applied:
         """Serve a reloaded ``config``, and the token file as it reads now."""
         token = self.settings.read_token()  # ConfigError rejects the reload before any change
-        changes = self.engine.apply_config(config)
+        changes = self.engine.apply_config(served_here(self.role, config))
+        self._config = config
+        if self.group is not None:
+            self.group.serve(config)
         self.token.set(token)
         warnings = list(config.warnings)
         for name, failure in (await self.engine.check_containers(changes.new_backends)).items():
@@ -123,13 +132,16 @@ class Daemon:
         """Serve on ``sock`` until asked to stop."""
         settings = self.settings
         loop = asyncio.get_running_loop()
-        self.engine = Engine(settings.engine(), self._config, self.metrics)
+        self.engine = Engine(settings.engine(), served_here(self.role, self._config), self.metrics)
         reloader = Reloader(settings.db_config, self.apply, self.metrics,
                             poll_interval=settings.config_poll_interval,
                             status=self.status_line)  # fmt: skip
-        api = build_api(self.engine.store, self.engine.feed, self.token, self.metrics,
-                        readiness=self.readiness, reload=reloader.reload,
-                        containers=self.containers, service_id=settings.service_id)  # fmt: skip
+        if self.role is None:
+            api = build_api(self.engine.store, self.engine.feed, self.token, self.metrics,
+                            readiness=self.readiness, reload=reloader.reload,
+                            containers=self.containers, service_id=settings.service_id)  # fmt: skip
+        else:
+            api = await self._join_group(reloader)
         connections = self._connections = Connections(settings.limits(), self.metrics)
         listener = Listener(sock, lambda: HttpProtocol(api, connections))
         listener.start()
@@ -162,9 +174,33 @@ class Daemon:
             for task in chores:
                 task.cancel()
             listener.close()  # no new connections
-            await connections.shutdown(settings.shutdown_timeout)
+            await asyncio.gather(
+                connections.shutdown(settings.shutdown_timeout),
+                *([self.group.close(settings.shutdown_timeout)] if self.group else []),
+            )
             await self.engine.close()
             log.info("stopped")
+
+    async def _join_group(self, reloader: Reloader) -> Api:
+        """Serve this worker's own API on the group's private socket (without the token:
+        the socket's 0700 folder is the door; uncounted: the worker that relayed a request
+        counted it); the API it returns answers for the group (see
+        :mod:`chanstore.server.group`)."""
+        assert self.role is not None
+        settings = self.settings
+        group = self.group = Group(self.role, self.metrics, timeout=settings.backend_timeout,
+                                   readiness=self.readiness, reload=reloader.reload)  # fmt: skip
+        group.serve(self._config)
+        own = build_api(self.engine.store, self.engine.feed, BearerToken(None), self.metrics,
+                        readiness=self.readiness, reload=reloader.reload,
+                        containers=self.containers, service_id=settings.service_id,
+                        count_in=Metrics(CollectorRegistry()))  # fmt: skip
+        await group.start(own, settings.limits())
+        api = build_api(self.engine.store, self.engine.feed, self.token, self.metrics,
+                        readiness=group.readiness, reload=group.reload,
+                        containers=self.containers, service_id=settings.service_id)  # fmt: skip
+        api.divert = group.divert
+        return api
 
     async def _sweep_idle_channels(self) -> None:
         interval = min(max(self.settings.idle_timeout / 4, 0.05), 30.0)
@@ -196,21 +232,6 @@ async def _ping_watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def bind(settings: DaemonSettings) -> socket.socket:
-    """The listening socket; ConfigError names the address when it cannot be had."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((settings.host, settings.port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {settings.listen}: {exc.strerror}") from exc
-    sock.set_inheritable(True)
-    return sock
-
-
 def raise_file_limit(connections: int) -> None:
     """Raise the soft limit on open files toward the hard one, so that
     ``--max-connections`` (and not EMFILE) is what bounds connections."""
@@ -235,9 +256,14 @@ def serve(settings: DaemonSettings) -> int:
     # classes: a mark of a type it does not know is expected, not a forgotten
     # register_type worth a warning.
     codec.warn_unregistered(False)
+    role = WorkerRole.from_environment()
+    if role is None and settings.workers > 1:
+        return supervise(settings)
+    if role is not None:
+        join_supervisor(role)
     try:
-        daemon = Daemon(settings)
-        sock = bind(settings)
+        daemon = Daemon(settings, role=role)
+        sock = bind(settings) if role is None else socket.socket(fileno=role.listen_fd)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("cannot_start", problem=problem)

@@ -52,6 +52,7 @@ class DaemonSettings:
     heartbeat_interval: float = 15.0
     cache_max_age: float = 60.0
     drain_seconds: float = 0.0
+    workers: int = 1
 
     @property
     def listen(self) -> str:
@@ -136,6 +137,11 @@ _OPTIONS: dict[str, tuple[type, str]] = {
         "on SIGTERM, seconds to keep serving while /readyz answers 503 draining, so that a "
         "load balancer stops sending first (default 0)",
     ),
+    "workers": (
+        int,
+        "worker processes behind the one port (default 1: one process); json containers "
+        "are served by worker 0, redis ones by every worker",
+    ),
 }
 
 
@@ -160,6 +166,7 @@ _NUMBERS: tuple[tuple[str, type, float], ...] = (
     ("heartbeat-interval", float, 0.1),
     ("cache-max-age", float, 0.1),
     ("drain-seconds", float, 0),
+    ("workers", int, 1),
 )
 
 
