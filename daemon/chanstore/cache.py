@@ -342,6 +342,9 @@ class CachedDict(MutableMapping[str, Any]):
         if key in memory._values:
             memory._counts.hits += 1
             return True
+        if memory._complete and memory.keeps_writes:  # read in this order, as peek reads
+            memory._counts.hits += 1
+            return False
         return self._contains_slowly(key)
 
     def _contains_slowly(self, key: Any) -> bool:
