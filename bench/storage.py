@@ -20,6 +20,20 @@ What is measured:
    one ``observe()`` on a pre-bound Prometheus histogram child (the cost the
    wrapper is meant to stay close to); and that ``observe()`` alone, in a
    tight loop.
+4. The in-process hot path against the original SDK (moobius 1.8.0, installed in
+   a venv of the benchmark's own, made once with ``python3 -m venv`` and ``pip
+   install moobius==1.8.0`` and kept under ``~/.cache/chanstore-bench``, or
+   ``$CHANSTORE_BENCH_CACHE``): a cache hit (``d[key]``), ``d.get(key)``,
+   ``key in d`` for held and for absent keys of a loaded container, and
+   ``items()`` per item, each on chanstore's CachedDict here and on the
+   original's in a subprocess of that venv, running the same loops
+   (``bench/original_sdk.py``) timed the same way, in interleaved rounds; a
+   plain dict is timed on both sides too, so that the two processes can be
+   told apart from the two caches.
+5. Memory: a channel in memory (a MoobiusStorage with one json container and
+   one small key, here and in the original SDK; and what one more channel
+   costs the daemon's engine, in-process), and a cached key against a plain
+   dict of the same values (``tracemalloc``, after a collection).
 3. Loading a 100,000-key container from Redis (``CachedDict.load`` and
    ``RedisDatabase.load_all``: one HGETALL) against fetching the same keys one
    HGET at a time, and one GET at a time from one Redis key per value (the
@@ -46,6 +60,7 @@ Run: ``python bench/storage.py`` (two to three minutes on 2 cores) or
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import itertools
@@ -62,6 +77,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import tracemalloc
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -71,15 +87,20 @@ from typing import Any, Protocol
 import redis
 from prometheus_client import CollectorRegistry, Histogram
 
-from chanstore import CachedDict, JSONDatabase, Metrics, NullDatabase
+import original_sdk  # bench/original_sdk.py: the loops both sides of part 4 run
+from chanstore import CachedDict, JSONDatabase, Metrics, MoobiusStorage, NullDatabase
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.redisdb import RedisDatabase
+from chanstore.codec import Document
+from chanstore.config import load_db_config
+from chanstore.engine import Engine, EngineSettings
 from chanstore.instrumentation import attach
 from chanstore.metrics import BACKEND_BUCKETS
 
 VALUE: dict[str, Any] = {"hp": 100, "mana": 35, "name": "player", "flags": [1, 2, 3]}
 GOAL_OVERHEAD_US = 2.0
 GOAL_LOAD_SPEEDUP = 10.0
+GOAL_HOT_RATIO = 2.0  # chanstore / the original SDK, for a hit and for `in`
 
 
 @dataclass(frozen=True)
@@ -96,15 +117,20 @@ class Settings:
     big_rounds: int
     big_sample: int  # keys fetched one at a time per round (scaled to big_keys)
     time_limit: float  # seconds; the run is aborted (and Redis stopped) past it
+    hot_rounds: int  # part 4
+    memory_channels: int  # part 5: channels made to measure one
+    memory_keys: int  # part 5: keys loaded to measure one
 
 
 FULL = Settings(
     rounds=7, round_seconds=0.08, pool_keys=500, container_keys=1000, miss_keys=2000,
-    overhead_rounds=51, big_keys=100_000, big_rounds=5, big_sample=20_000, time_limit=280.0,
+    overhead_rounds=51, big_keys=100_000, big_rounds=5, big_sample=20_000, time_limit=340.0,
+    hot_rounds=15, memory_channels=2000, memory_keys=10_000,
 )  # fmt: skip
 QUICK = Settings(
     rounds=3, round_seconds=0.03, pool_keys=200, container_keys=1000, miss_keys=500,
-    overhead_rounds=21, big_keys=100_000, big_rounds=3, big_sample=3_000, time_limit=100.0,
+    overhead_rounds=21, big_keys=100_000, big_rounds=3, big_sample=3_000, time_limit=160.0,
+    hot_rounds=7, memory_channels=1000, memory_keys=5000,
 )  # fmt: skip
 
 
@@ -123,6 +149,8 @@ class Case:
     prepare: Callable[[int], list[str]]
     max_ops: int = 200_000
     min_ops: int = 1
+    # Times a round of n operations elsewhere (the original SDK's subprocess) instead.
+    timer: Callable[[int], Timing] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,14 +204,11 @@ def gc_paused() -> Iterator[None]:
 
 def time_round(case: Case, n: int) -> Timing:
     """Time one round of ``n`` operations."""
+    if case.timer is not None:
+        return case.timer(n)
     items = case.prepare(n)
-    with gc_paused():
-        cpu_started = time.thread_time()
-        started = time.perf_counter()
-        case.run(items)
-        elapsed = time.perf_counter() - started
-        cpu = time.thread_time() - cpu_started
-    return Timing(elapsed / len(items), cpu / len(items))
+    wall, cpu = original_sdk.timed(lambda: case.run(items), len(items))
+    return Timing(wall, cpu)
 
 
 def calibrate(case: Case, seconds: float) -> int:
@@ -813,6 +838,234 @@ def time_load(method: Callable[[list[str]], Mapping[str, Any]], keys: list[str])
     return elapsed
 
 
+# -- part 4: the hot path against the original SDK --------------------------------------------
+
+
+HOT_LOOPS = ("hit", "get", "in", "in (absent)", "items")
+HOT_LABELS = {
+    "hit": "d[key] (hit)",
+    "get": "d.get(key) (hit)",
+    "in": "key in d (held)",
+    "in (absent)": "key in d (absent, loaded)",
+    "items": "d.items(), per item",
+}
+
+
+def sdk_cache_folder() -> Path:
+    default = Path.home() / ".cache" / "chanstore-bench"
+    return Path(os.environ.get("CHANSTORE_BENCH_CACHE", default))
+
+
+def original_sdk_python() -> Path:
+    """The python of a venv holding the original SDK, made once and kept."""
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    venv = sdk_cache_folder() / f"{original_sdk.ORIGINAL.replace('==', '-')}-{version}"
+    python = venv / "bin" / "python"
+    done = venv / ".installed"
+    if not done.exists():
+        progress(f"part 4: making a venv with {original_sdk.ORIGINAL} in {venv} (once)")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", original_sdk.ORIGINAL],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        done.write_text(original_sdk.ORIGINAL + "\n")
+    return python
+
+
+class OriginalSdk:
+    """The original SDK's side: a subprocess of its venv that times rounds on request."""
+
+    def __init__(self, python: Path, pool: int) -> None:
+        script = Path(original_sdk.__file__)
+        self.process = subprocess.Popen(
+            [str(python), str(script), "--serve", str(pool)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.python_version = self._answer()["ready"]
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the original SDK's process ended ({self.process.wait()})")
+        return json.loads(line)
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def timer(self, loop: str, target: str) -> Callable[[int], Timing]:
+        def time_there(n: int) -> Timing:
+            answer = self.ask(loop=loop, target=target, n=n)
+            return Timing(answer["wall"], answer["cpu"])
+
+        return time_there
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        stop(self.process)
+
+
+@dataclass
+class HotPath:
+    """One loop of part 4: chanstore, the original SDK, and a dict in each process."""
+
+    loop: str
+    chanstore: list[Timing]
+    original: list[Timing]
+    dict_here: list[Timing]
+    dict_there: list[Timing]
+
+    @property
+    def ratio(self) -> float:
+        """Median over rounds of chanstore / the original, same round."""
+        pairs = zip(self.chanstore, self.original, strict=True)
+        return statistics.median(c.wall / o.wall for c, o in pairs)
+
+    @staticmethod
+    def us(timings: list[Timing]) -> float:
+        return median_us(t.wall for t in timings)
+
+
+def hot_cases(cached: CachedDict, plain: dict[str, Any], pool: list[str], loop: str) -> list[Case]:
+    run = original_sdk.LOOPS[loop]
+
+    def prepare(n: int) -> list[str]:
+        return original_sdk.round_keys(loop, pool, n)
+
+    return [
+        Case(f"chanstore {loop}", lambda keys: run(cached, keys), prepare, max_ops=2_000_000),
+        Case(f"dict {loop}", lambda keys: run(plain, keys), prepare, max_ops=2_000_000),
+    ]
+
+
+def measure_hot_path(
+    store: Store, sdk: OriginalSdk, pool: list[str], settings: Settings
+) -> list[HotPath]:
+    """Part 4: every loop on both sides, in rotated order each round."""
+    store.fill("hot", pool)
+    cached = store.cached("hot")
+    cached.load()
+    plain = dict.fromkeys(pool, VALUE)
+    results = []
+    for loop in HOT_LOOPS:
+        progress(f"part 4: {loop}")
+        here = hot_cases(cached, plain, pool, loop)
+        there = [
+            Case(f"original {loop}", here[0].run, here[0].prepare, max_ops=2_000_000,
+                 timer=sdk.timer(loop, "cached")),
+            Case(f"dict there {loop}", here[1].run, here[1].prepare, max_ops=2_000_000,
+                 timer=sdk.timer(loop, "dict")),
+        ]  # fmt: skip
+        ours, dict_here, original, dict_there = interleaved(
+            [here[0], here[1], there[0], there[1]], settings.hot_rounds, settings.round_seconds
+        )
+        results.append(HotPath(loop, ours, original, dict_here, dict_there))
+    return results
+
+
+# -- part 5: memory ----------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    """Bytes (tracemalloc) per channel and per cached key."""
+
+    channel: float  # a MoobiusStorage with one json container and one small key
+    original_channel: float | None  # the same in the original SDK
+    daemon_channel: float | None  # one more channel in the daemon's engine, one key written
+    cached_key: float  # a loaded key of a CachedDict
+    dict_key: float  # the same value in a plain dict
+    keys: int
+
+
+def traced_growth(build: Callable[[], object]) -> tuple[float, object]:
+    """Bytes that what ``build()`` returns holds, after a collection."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    built = build()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return grown, built
+
+
+def channel_bytes(root: Path, metrics: Metrics, count: int) -> float:
+    config = [{"implementation": "json", "name": "box", "load": True,
+               "settings": {"root_dir": str(root), "fsync": False}}]  # fmt: skip
+
+    def channels(prefix: str, how_many: int) -> list[MoobiusStorage]:
+        made = []
+        for index in range(how_many):
+            storage = MoobiusStorage("svc", f"{prefix}-{index:06d}", config, metrics=metrics)
+            storage.box["k"] = 1
+            made.append(storage)
+        return made
+
+    channels("warm", 10)
+    grown, _made = traced_growth(lambda: channels("channel", count))
+    return grown / count
+
+
+def daemon_channel_bytes(root: Path, count: int) -> float:
+    """What one more channel (one key written to one json container) costs the engine."""
+    config = load_db_config([{"implementation": "json", "name": "box", "load": True,
+                              "settings": {"root_dir": str(root), "fsync": False}}])  # fmt: skip
+
+    async def measure() -> float:
+        engine = Engine(EngineSettings(), config, Metrics(CollectorRegistry()))
+        try:
+            for index in range(10):  # warm: first-use objects are not per channel
+                await engine.store.write(f"warm-{index}", "box", "k", Document({"v": 1}))
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for index in range(count):
+                await engine.store.write(f"channel-{index:06d}", "box", "k", Document({"v": 1}))
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            return grown / count
+        finally:
+            await engine.close()
+
+    return asyncio.run(measure())
+
+
+def key_bytes(store: Store, count: int) -> tuple[float, float]:
+    """Bytes per key of a loaded CachedDict, and of a plain dict of equal values."""
+    keys = keys_named("mem", count)
+    store.fill("memory", keys)
+    cached = store.cached("memory")
+    data = json.dumps(VALUE)
+
+    def load() -> CachedDict:
+        cached.load()
+        return cached
+
+    held, _ = traced_growth(load)
+    plain, _ = traced_growth(lambda: {key: json.loads(data) for key in keys})
+    return held / count, plain / count
+
+
+def measure_memory(root: Path, store: Store, sdk: OriginalSdk | None, settings: Settings) -> Memory:
+    """Part 5."""
+    progress("part 5: memory")
+    count = settings.memory_channels
+    channel = channel_bytes(root / "channels", Metrics(CollectorRegistry()), count)
+    original = sdk.ask(memory=count)["bytes"] if sdk is not None else None
+    try:
+        daemon = daemon_channel_bytes(root / "engine", count)
+    except Exception as exc:  # noqa: BLE001 - the engine is others' work in progress
+        progress(f"part 5: the daemon's channels not measured: {exc!r}")
+        daemon = None
+    cached_key, dict_key = key_bytes(store, settings.memory_keys)
+    return Memory(channel, original, daemon, cached_key, dict_key, settings.memory_keys)
+
+
 # -- redis-server, started and stopped here ---------------------------------------------------
 
 
@@ -961,6 +1214,31 @@ def big_table(big: BigLoad) -> Table:
     return Table(headers, rows, {1, 3})
 
 
+def hot_table(hot: list[HotPath]) -> Table:
+    headers = ("operation", "chanstore µs/op", f"{original_sdk.ORIGINAL} µs/op", "ratio",
+               "dict µs/op (here)", "dict µs/op (there)")  # fmt: skip
+    rows = [
+        [HOT_LABELS[r.loop], us(r.us(r.chanstore)), us(r.us(r.original)), f"{r.ratio:.2f}x",
+         us(r.us(r.dict_here)), us(r.us(r.dict_there))]
+        for r in hot
+    ]  # fmt: skip
+    return Table(headers, rows, {1, 2, 3, 4, 5})
+
+
+def memory_table(memory: Memory) -> Table:
+    def size(value: float | None) -> str:
+        return "not measured" if value is None else f"{value:,.0f}"
+
+    rows = [
+        ["a channel: MoobiusStorage, one json container, one small key", size(memory.channel)],
+        [f"the same in {original_sdk.ORIGINAL}", size(memory.original_channel)],
+        ["a channel in the daemon's engine (one key written)", size(memory.daemon_channel)],
+        [f"a cached key (CachedDict.load() of {memory.keys:,})", size(memory.cached_key)],
+        ["the same value in a plain dict", size(memory.dict_key)],
+    ]
+    return Table(("what", "bytes"), rows, {1})
+
+
 def environment(client: redis.Redis) -> str:
     server = client.info("server")
     hiredis = "on" if redis.utils.HIREDIS_AVAILABLE else "off"
@@ -982,7 +1260,44 @@ class Results:
     observations: list[float]  # CPU seconds per tight-loop observe(), one per round
     big: BigLoad
     env: str
+    hot: list[HotPath]
+    memory: Memory
     elapsed: float = 0.0
+
+    def hot_summary(self) -> str:
+        if not self.hot:
+            return "The original SDK was not measured (its venv could not be made)."
+        ratio = {r.loop: r.ratio for r in self.hot}
+        hot = max(r.cpu_us for r in self.overhead if r.backend == "null")
+        verdict = ("met" if max(ratio["hit"], ratio["in"]) <= GOAL_HOT_RATIO
+                   and self.worst_overhead_us < GOAL_OVERHEAD_US else "NOT met")  # fmt: skip
+        goals = f"Goals (hit and `in` at most {GOAL_HOT_RATIO:g}x, wrapper under "
+        goals += f"{GOAL_OVERHEAD_US:g} µs)"
+        return (
+            f"Against {original_sdk.ORIGINAL}'s CachedDict in the same run: a cache hit costs "
+            f"{ratio['hit']:.2f}x the original's, `in` {ratio['in']:.2f}x, `get` "
+            f"{ratio['get']:.2f}x, `in` of an absent key of a loaded container "
+            f"{ratio['in (absent)']:.2f}x, and items() {ratio['items']:.2f}x per item; the "
+            f"instrumentation wrapper costs {us(hot)} µs over the null backend and at most "
+            f"{us(self.worst_overhead_us)} µs (CPU), "
+            f"{self.worst_overhead_us / self.observe_us:.2f}x one observe() of "
+            f"prometheus_client ({us(self.observe_us)} µs). {goals}: {verdict}."
+        )
+
+    def memory_summary(self) -> str:
+        memory = self.memory
+        original = memory.original_channel
+        versus = "" if original is None else f" ({memory.channel / original:.2f}x the original's)"
+        daemon = memory.daemon_channel
+        engine = (
+            "" if daemon is None else f"; the daemon's engine holds {daemon / 1024:.1f} KB more"
+        )
+        return (
+            f"A channel in memory costs {memory.channel / 1024:.2f} KB{versus}{engine} per "
+            f"channel; a cached key costs {memory.cached_key / memory.dict_key:.2f}x a plain "
+            f"dict of the same values ({memory.cached_key:,.0f} against "
+            f"{memory.dict_key:,.0f} bytes)."
+        )
 
     @property
     def observe_us(self) -> float:
@@ -1030,6 +1345,16 @@ def print_report(results: Results) -> None:
     print(big_table(big).text())
     print(f"goal >= {GOAL_LOAD_SPEEDUP:g}x faster than one at a time: "
           f"{'met' if load_ok else 'NOT met'}")  # fmt: skip
+    print(
+        f"\n4. The in-process hot path against {original_sdk.ORIGINAL} "
+        f"(median of {settings.hot_rounds} rounds; ratio = chanstore / original, same round)"
+    )
+    if results.hot:
+        print(hot_table(results.hot).text())
+    print(textwrap.fill(results.hot_summary(), 100))
+    print("\n5. Memory (tracemalloc, after a collection)")
+    print(memory_table(results.memory).text())
+    print(textwrap.fill(results.memory_summary(), 100))
     print(f"\nwhole run: {results.elapsed:.0f} s")
     print("\n--- markdown for the README ---\n")
     print(markdown_report(results))
@@ -1060,6 +1385,19 @@ def markdown_report(results: Results) -> str:
         f"Loading {big.keys:,} keys from Redis with one HGETALL is {speedup_hget:.0f}x faster "
         f"than one HGET per key and {speedup_get:.0f}x faster than one GET per key "
         f"(goal: at least {GOAL_LOAD_SPEEDUP:g}x).",
+        "",
+        f"The in-process hot path against {original_sdk.ORIGINAL}, installed in the "
+        "benchmark's own venv and run in a subprocess of it, the same loops "
+        "(`bench/original_sdk.py`) timed the same way in interleaved rounds; ratio = "
+        "chanstore / the original, median of the same rounds' ratios. A plain dict on each "
+        "side shows how far the two processes differ.",
+        "",
+        *([hot_table(results.hot).markdown(), ""] if results.hot else []),
+        results.hot_summary(),
+        "",
+        memory_table(results.memory).markdown(),
+        "",
+        results.memory_summary(),
     ])  # fmt: skip
 
 
@@ -1079,6 +1417,15 @@ def on_time_limit(signum: int, frame: object) -> None:
 
 def on_terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops redis-server
+
+
+def start_original_sdk(settings: Settings) -> OriginalSdk | None:
+    """The original SDK's side of part 4, or None (said why) if its venv cannot be made."""
+    try:
+        return OriginalSdk(original_sdk_python(), settings.pool_keys)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        progress(f"part 4: the original SDK is not measured: {exc}")
+        return None
 
 
 def run(settings: Settings, workdir: Path) -> None:
@@ -1114,7 +1461,15 @@ def run(settings: Settings, workdir: Path) -> None:
             big = measure_big_load(port, client, metrics, settings)
         finally:
             client.close()
-    results = Results(settings, operations, overhead, observations, big, env)
+    sdk = start_original_sdk(settings)
+    try:
+        pool = keys_named("key", settings.pool_keys)
+        hot = measure_hot_path(stores[1], sdk, pool, settings) if sdk is not None else []
+        memory = measure_memory(workdir / "memory", stores[1], sdk, settings)
+    finally:
+        if sdk is not None:
+            sdk.close()
+    results = Results(settings, operations, overhead, observations, big, env, hot, memory)
     results.elapsed = time.perf_counter() - started
     print_report(results)
 
