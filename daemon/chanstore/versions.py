@@ -55,7 +55,7 @@ def etag_of(value: Any) -> str:
     """The ETag of ``value`` once stored; :data:`UNREADABLE` for a damaged one."""
     if isinstance(value, CorruptValue):
         return UNREADABLE
-    return etag_of_stored(codec.encode(value))
+    return etag_of_stored(codec.encode_bytes(value))
 
 
 def etags_of(values: Mapping[str, Any]) -> dict[str, str]:

@@ -166,7 +166,9 @@ class Write:
         try:
             self.expect = {check_key(key): expected for key, expected in change.expect.items()}
             self.sent_expect = {key: _sent(expected) for key, expected in self.expect.items()}
-            sets = [(check_key(key), codec.encode(value)) for key, value in change.sets.items()]
+            sets = [
+                (check_key(key), codec.encode_bytes(value)) for key, value in change.sets.items()
+            ]
             deletes = [check_key(key) for key in change.deletes]
         except Exception as exc:  # noqa: BLE001 - this part's answer; nothing of it is sent
             self.answer = exc
@@ -253,7 +255,7 @@ def _sent(expected: Expectation) -> str:
 def _canonical_etag(stored: bytes) -> str:
     """The ETag every reader gives the document stored as ``stored``: that of its compact form."""
     try:
-        return etag_of_stored(codec.encode(codec.decode(stored, revive=False)))
+        return etag_of_stored(codec.encode_bytes(codec.decode(stored, revive=False)))
     except (ValueError, TypeError):
         return UNREADABLE
 

@@ -211,17 +211,16 @@ class Slot:
 
 def encode_answer(value: Any) -> tuple[bytes, str]:
     """A value as the JSON document the backend holds (type marks and all), and its ETag."""
-    body = codec.encode(value).encode()
+    body = codec.encode_bytes(value)
     return body, etag_of_stored(body)
 
 
 def encode_for_writing(value: Any) -> tuple[bytes, str]:
     """:func:`encode_answer` of a value about to be written: a Document keeps its stored
     form until the write settles, so that the backend does not make it again."""
-    text = codec.encode(value)
+    body = codec.encode_bytes(value)
     if value.__class__ is codec.Document:
-        value.stored = text
-    body = text.encode()
+        value.stored = body  # the same bytes reach the backend and the cache
     return body, etag_of_stored(body)
 
 

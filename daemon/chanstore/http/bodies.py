@@ -5,15 +5,18 @@ A value's body is stored as the JSON document it is (see
 a type-marked document keeps its type for in-process readers. Bodies that no
 backend could store faithfully are refused with a 400 saying why: invalid
 UTF-8 or JSON, NaN and infinities, numbers that overflow, nesting deeper
-than :data:`MAX_JSON_DEPTH`.
+than :data:`MAX_JSON_DEPTH`. A body is parsed once, by the codec's C parser
+(orjson; the stdlib where orjson would differ, and to word what is wrong).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
+import orjson
+
+from chanstore import codec
 from chanstore.codec import Document
 from chanstore.http.errors import HttpError
 
@@ -24,33 +27,15 @@ __all__ = ["MAX_JSON_DEPTH", "json_body", "parse_json", "parse_value"]
 MAX_JSON_DEPTH = 64
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    # 1e999 is valid JSON grammar but overflows to infinity, which no backend can store.
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
-# One decoder for every request: json.loads with options builds a new one per call.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
-
-
 def parse_json(body: bytes, what: str = "the body") -> Any:
     """``body`` as JSON; 400 saying why when it is not."""
     try:
-        text = body.decode("utf-8")
+        value = codec.parse(body)
     except UnicodeDecodeError as exc:
         raise HttpError(400, f"{what} is not UTF-8: byte {exc.start} is invalid") from None
-    if not text.strip():
-        raise HttpError(400, f"{what} is empty; expected a JSON value")
-    try:
-        value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
+        if not body.decode("utf-8").strip():
+            raise HttpError(400, f"{what} is empty; expected a JSON value") from None
         raise HttpError(400, f"{what} is not valid JSON: line {exc.lineno} column "
                              f"{exc.colno}: {exc.msg}") from None  # fmt: skip
     except ValueError as exc:
@@ -59,15 +44,29 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
         raise HttpError(400, f"{what} is nested too deeply") from None
     # Every level of nesting opens with a bracket, so a text with few brackets
     # (the usual case) cannot be too deep and need not be walked.
-    brackets = text.count("[") + text.count("{")
-    if brackets > MAX_JSON_DEPTH and _depth_exceeds(value, MAX_JSON_DEPTH):
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > MAX_JSON_DEPTH and _may_be_too_deep(value) \
+            and _depth_exceeds(value, MAX_JSON_DEPTH):  # fmt: skip
         raise HttpError(400, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
     return value
 
 
 def parse_value(body: bytes, what: str = "the body") -> Document:
     """A value to store: the JSON document ``body`` holds, kept as it is."""
-    return Document(parse_json(body, what))
+    return Document(parse_json(body, what), parsed=True)
+
+
+#: In the indented form a container nested deeper than the limit starts a line
+#: indented by two spaces per level above it, and nothing else does (strings
+#: hold no raw newline): its absence is proof, in C, without a walk in Python.
+_TOO_DEEP_LINE = b"\n" + b"  " * MAX_JSON_DEPTH
+
+
+def _may_be_too_deep(value: Any) -> bool:
+    try:
+        return _TOO_DEEP_LINE in orjson.dumps(value, option=orjson.OPT_INDENT_2)
+    except TypeError:  # what orjson does not write (integers beyond 64 bits): walked
+        return True
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
@@ -84,4 +83,7 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
 
 def json_body(value: Any) -> bytes:
     """``value`` as a compact UTF-8 JSON body."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: as the stdlib words them
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -144,7 +144,7 @@ class DataHandlers:
             raise HttpError(400, 'expected {"values": {key: value, ...}}')
         _key_list({"keys": list(values)}, "keys")
         expect = _bulk_expectations(body.get("expect"))
-        documents = {key: Document(value) for key, value in values.items()}
+        documents = {key: Document(value, parsed=True) for key, value in values.items()}
         etags = await self.store.put_many(channel, container, documents, request.request_id,
                                           expect=expect)  # fmt: skip
         return Response(200, json_body({"stored": list(values), "etags": etags}))
