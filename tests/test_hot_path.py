@@ -9,6 +9,7 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from structlog.testing import capture_logs
 
 from chanstore import CachedDict
 from chanstore.backends.null import NullDatabase
@@ -256,3 +257,26 @@ def test_a_container_removed_and_added_again_is_measured_afresh(metrics):
     second.get_value("k")
     second.get_value("k")
     assert metrics.registry.get_sample_value(f"{DURATION}_count", labels) == 2
+
+
+def test_the_backends_of_one_container_share_a_probe_and_log_their_own_domain(metrics):
+    """One probe per container (a channel in memory costs no probe of its own), while a
+    failure still names the domain of the backend that failed."""
+
+    class Failing(DictDatabase):
+        def set_value(self, key, value):
+            raise OSError(28, "No space left on device")
+
+    first, second = Failing("service_s.channel_1.box"), Failing("service_s.channel_2.box")
+    assert attach(first, container="box", metrics=metrics) is attach(
+        second, container="box", metrics=metrics
+    )
+    with capture_logs() as events:
+        assert first.set_value("k", 1)[0] is False
+        assert second.set_value("k", 1)[0] is False
+    failed = [event for event in events if event["event"] == "backend_operation_failed"]
+    assert [event["domain"] for event in failed] == [first.domain, second.domain]
+    labels = {"backend": "dictdb", "container": "box", "operation": "set", "error": "disk_full"}
+    assert (
+        metrics.registry.get_sample_value("chanstore_backend_operation_errors_total", labels) == 2
+    )

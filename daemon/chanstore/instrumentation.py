@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,39 +105,82 @@ def failure_kind(answer: Any, *, default: str) -> str:
 
 
 class Probe:
-    """Where one backend instance reports: metric children bound to its labels.
+    """Where the backends of one container report: metric children bound to its labels.
 
     Binding the label values once, when a container is built, keeps a
     measured call to an append of its duration to a
     :class:`~chanstore.metrics.DeferredDurations`, folded into the histogram
-    at scrape time. The daemon builds a backend (so a probe) for every channel
-    in memory, so a probe holds no more than it must: the durations are
-    shared by every probe of one container
-    (:meth:`~chanstore.metrics.Metrics.backend_timings`), and the logger is
-    made only when an event is logged.
+    at scrape time. The daemon builds a backend for every channel in memory,
+    so one probe serves every backend of a container (:func:`attach`), and
+    what differs per backend, its domain, is read from the backend when a
+    failure or a debug event is logged (:meth:`at`).
     """
 
-    __slots__ = ("_errors", "backend", "container", "domain", "durations")
+    __slots__ = ("_errors", "backend", "container", "durations")
 
-    def __init__(self, metrics: Metrics, backend: str, container: str, domain: str) -> None:
+    def __init__(self, metrics: Metrics, backend: str, container: str) -> None:
         self.backend = backend
         self.container = container
-        self.domain = domain
         self._errors = metrics.backend_errors
         self.durations = metrics.backend_timings(backend, container, _OPERATION_LABELS)
+
+    def at(self, backend: Any) -> _Located:
+        """This probe, reporting for the backend instance ``backend`` (its domain in logs)."""
+        return _Located(self, str(getattr(backend, "domain", "")))
+
+
+class _Located:
+    """A probe and the domain of one backend instance: made only to log or count a failure."""
+
+    __slots__ = ("domain", "probe")
+
+    def __init__(self, probe: Probe, domain: str) -> None:
+        self.probe = probe
+        self.domain = domain
+
+    @property
+    def backend(self) -> str:
+        return self.probe.backend
 
     @property
     def log(self) -> Any:
         """A logger naming this backend, container and domain in every event."""
-        return logs.get_logger(backend=self.backend, container=self.container, domain=self.domain)
+        probe = self.probe
+        return logs.get_logger(backend=probe.backend, container=probe.container, domain=self.domain)
 
     def failed(self, operation: str, exc: BaseException, kind: str, **fields: Any) -> None:
         """Count and log one failed operation."""
-        self._errors.labels(self.backend, self.container, operation, kind).inc()
+        probe = self.probe
+        probe._errors.labels(probe.backend, probe.container, operation, kind).inc()
         self.log.error(
             "backend_operation_failed", operation=operation, error=str(exc), error_kind=kind,
             **fields,
         )  # fmt: skip
+
+
+#: Per Metrics, the probe of each (backend, container): one per container, not per channel.
+_PROBES: weakref.WeakKeyDictionary[Metrics, dict[tuple[str, str], Probe]] = (
+    weakref.WeakKeyDictionary()
+)
+_PROBES_LOCK = threading.Lock()
+
+
+def _shared_probe(metrics: Metrics, backend: str, container: str) -> Probe:
+    """The probe of ``backend`` as ``container`` on ``metrics``, made once.
+
+    Made again when the metrics forgot the container (a reload removed it):
+    its durations are then new ones.
+    """
+    with _PROBES_LOCK:
+        probes = _PROBES.get(metrics)
+        if probes is None:
+            probes = _PROBES[metrics] = {}
+        probe = probes.get((backend, container))
+        if probe is None or probe.durations is not metrics.backend_timings(
+            backend, container, _OPERATION_LABELS
+        ):
+            probe = probes[(backend, container)] = Probe(metrics, backend, container)
+        return probe
 
 
 def engine_label(backend_class: type) -> str:
@@ -147,11 +192,10 @@ def attach(
     backend: Any, *, container: str, metrics: Metrics | None = None, backend_label: str = ""
 ) -> Probe:
     """Make ``backend`` report as ``container`` to ``metrics`` (default: the process's)."""
-    probe = Probe(
+    probe = _shared_probe(
         metrics if metrics is not None else default_metrics(),
         backend_label or engine_label(type(backend)),
         container,
-        str(getattr(backend, "domain", "")),
     )
     backend._chanstore_probe = probe
     return probe
@@ -206,7 +250,7 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
         if len(durations) >= _FOLD_AT:
             durations.fold()
         if debug_enabled():
-            probe.log.debug(
+            probe.at(self).log.debug(
                 "backend_operation", operation=operation, key=_subject(args), duration=elapsed
             )
         if answers_tuples:
@@ -214,7 +258,7 @@ def instrument(method: Callable[..., Any], name: str) -> Callable[..., Any]:
                 return result
         elif plain_success and result.__class__ is not _Raised:
             return result
-        return finish(probe, operation, result, args)
+        return finish(probe.at(self), operation, result, args)
 
     measured.__chanstore_instrumented__ = True  # type: ignore[attr-defined]
     return measured
@@ -309,12 +353,12 @@ def _record_parts(
         probe = probe_of(backend)
         probe.durations[operation].observe(elapsed)
         if debug:
-            probe.log.debug("backend_operation", operation=operation, key=_subject((items,)),
-                            duration=elapsed)  # fmt: skip
+            probe.at(backend).log.debug("backend_operation", operation=operation,
+                                        key=_subject((items,)), duration=elapsed)  # fmt: skip
         if error is None or not isinstance(error, Exception) or _an_answer(error):
             answers.append(error)
         else:
-            answers.append(_raised_as_backend_error(probe, operation, error))
+            answers.append(_raised_as_backend_error(probe.at(backend), operation, error))
     return answers
 
 
@@ -349,7 +393,7 @@ def _subject(args: tuple[Any, ...]) -> Any:
     return f"<{len(first)} keys>" if hasattr(first, "__len__") else "<keys>"
 
 
-def _finish_read(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+def _finish_read(probe: _Located, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(result, _Raised):
         exc = result.exc
         if isinstance(exc, KeyError):
@@ -364,7 +408,7 @@ def _finish_read(probe: Probe, operation: str, result: Any, args: tuple[Any, ...
     return result
 
 
-def _finish_write(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+def _finish_write(probe: _Located, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(result, _Raised):
         exc = result.exc
         if isinstance(exc, KeyError) and operation == "delete":
@@ -381,7 +425,7 @@ def _finish_write(probe: Probe, operation: str, result: Any, args: tuple[Any, ..
 
 
 def _tuple_failure(
-    probe: Probe, operation: str, exc: Exception, args: tuple[Any, ...]
+    probe: _Located, operation: str, exc: Exception, args: tuple[Any, ...]
 ) -> tuple[bool, Failure]:
     kind = error_kind(exc)
     key = args[0] if args else None
@@ -389,13 +433,13 @@ def _tuple_failure(
     return False, Failure(f"{probe.backend} {operation} of key {key!r} failed: {exc}", kind, exc)
 
 
-def _finish_keys(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+def _finish_keys(probe: _Located, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(result, _Raised):
         raise _raised_as_backend_error(probe, operation, result.exc)
     return result
 
 
-def _finish_bulk_read(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+def _finish_bulk_read(probe: _Located, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(result, _Raised):
         raise _raised_as_backend_error(probe, operation, result.exc)
     # One unreadable value must not fail a whole load: it comes back in place
@@ -406,7 +450,7 @@ def _finish_bulk_read(probe: Probe, operation: str, result: Any, args: tuple[Any
     return result
 
 
-def _finish_bulk_write(probe: Probe, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
+def _finish_bulk_write(probe: _Located, operation: str, result: Any, args: tuple[Any, ...]) -> Any:
     if isinstance(result, _Raised):
         if _an_answer(result.exc):
             raise result.exc
@@ -419,7 +463,7 @@ def _an_answer(exc: BaseException) -> bool:
     return isinstance(exc, PreconditionFailed)
 
 
-def _raised_as_backend_error(probe: Probe, operation: str, exc: Exception) -> Exception:
+def _raised_as_backend_error(probe: _Located, operation: str, exc: Exception) -> Exception:
     kind = error_kind(exc)
     probe.failed(operation, exc, kind)
     if isinstance(exc, ChanstoreError):
@@ -430,7 +474,7 @@ def _raised_as_backend_error(probe: Probe, operation: str, exc: Exception) -> Ex
     return error
 
 
-_FINISHERS: dict[str, Callable[[Probe, str, Any, tuple[Any, ...]], Any]] = {
+_FINISHERS: dict[str, Callable[[Any, str, Any, tuple[Any, ...]], Any]] = {
     "read": _finish_read,
     "write": _finish_write,
     "keys": _finish_keys,
