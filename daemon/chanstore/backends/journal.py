@@ -161,6 +161,7 @@ from chanstore.backends.files import (
     write_all,
 )
 from chanstore.backends.integrity import report_planted
+from chanstore.backends.journal_direct import DIRECT_BYTES, write_directly
 from chanstore.backends.journal_records import JOURNAL_NAME, decode_records, encode_record
 from chanstore.backends.journal_recovery import recover
 
@@ -324,25 +325,48 @@ class Journal:
         """
         if not files:
             return []
+        if any(len(data) >= DIRECT_BYTES for _path, data in files):
+            return self._write_split(files)
+        with self._lock:
+            return self._write(files)
+
+    def _write_split(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+        """Small files journaled, large ones written directly (see :mod:`.journal_direct`)."""
+        small = [index for index, (_path, data) in enumerate(files) if len(data) < DIRECT_BYTES]
+        large = [index for index, (_path, data) in enumerate(files) if len(data) >= DIRECT_BYTES]
+        errors: list[Exception | None] = [None] * len(files)
         with self._lock:
             if not self._own(create=True):
                 raise NotJournaling(self.root)
-            # Marked before the records exist: see bypassing().
-            self._journaled.update(path for path, _data in files)
-            try:
-                self._append(self._encode(files))
-            except FileNotFoundError:
-                self._start_over()  # the journal's name lost our file: a new one, then again
-                self._append(self._encode(files))
-            self._sequence += len(files)
-            self._records += len(files)
-            # Durable in the journal: now the files, in order.
-            errors = self._apply(files)
-            if any(error is not None for error in errors):
-                self._checkpoint_quietly("drop the records of files that could not be written")
-            elif self._offset > CHECKPOINT_BYTES or self._records > CHECKPOINT_RECORDS:
-                self._checkpoint_quietly("the journal is full")
-            return errors
+            if not self._journaled.isdisjoint(files[index][0] for index in large):
+                self._checkpoint()  # rule 4: no replay may undo what is written here
+            if small:
+                for index, error in zip(small, self._write([files[i] for i in small]), strict=True):
+                    errors[index] = error
+            written = write_directly(self.folder, [files[index] for index in large])
+            for index, error in zip(large, written, strict=True):
+                errors[index] = error
+        return errors
+
+    def _write(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+        if not self._own(create=True):
+            raise NotJournaling(self.root)
+        # Marked before the records exist: see bypassing().
+        self._journaled.update(path for path, _data in files)
+        try:
+            self._append(self._encode(files))
+        except FileNotFoundError:
+            self._start_over()  # the journal's name lost our file: a new one, then again
+            self._append(self._encode(files))
+        self._sequence += len(files)
+        self._records += len(files)
+        # Durable in the journal: now the files, in order.
+        errors = self._apply(files)
+        if any(error is not None for error in errors):
+            self._checkpoint_quietly("drop the records of files that could not be written")
+        elif self._offset > CHECKPOINT_BYTES or self._records > CHECKPOINT_RECORDS:
+            self._checkpoint_quietly("the journal is full")
+        return errors
 
     def _encode(self, files: Sequence[tuple[str, bytes]]) -> bytes:
         generation, first = self._generation, self._sequence

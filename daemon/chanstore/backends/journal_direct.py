@@ -1,0 +1,64 @@
+"""Large files of a journaled batch: written the usual durable way, not journaled.
+
+A file journaled is written twice (its record, flushed, then the file itself)
+and fills the journal, whose checkpoint (a flush of every file written since,
+then zeros over the journal, flushed) comes every :data:`CHECKPOINT_BYTES
+<chanstore.backends.journal.CHECKPOINT_BYTES>`: at 900 KB a value, every few
+writes. Past :data:`DIRECT_BYTES` the usual way is cheaper: a temporary file,
+flushed, renamed over the key's file, and the folder flushed
+(``bench/json_crossover.py`` measures where). It is as safe: the rename is
+atomic, and the write is acknowledged only once file and folder are durable.
+
+The journal's rules still hold (see :mod:`chanstore.backends.journal`): the
+journal calls :func:`write_directly` under its lock, after a checkpoint if it
+holds a record of one of these files (rule 4), so a replay can never bring
+back an older value over one written here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from chanstore.backends.files import PlantedLink, Root, release_replaced, replace_with
+
+__all__ = ["DIRECT_BYTES", "write_directly"]
+
+#: Files of at least this many bytes skip the journal. Measured on this project's
+#: 2-core VM (ext4), one-key batches: the journal wins at 16 KiB (direct costs
+#: 1.3x), the direct write from somewhere between 64 and 256 KiB by run (0.6-0.7x
+#: of the journal's cost at 512 and 900 KiB): the middle of that.
+DIRECT_BYTES = 128 << 10
+
+
+def write_directly(root: Root, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
+    """Write each ``(path relative to the root, contents)`` durably; each one's error.
+
+    Each file: a temporary file written and flushed, renamed over the file,
+    then its folder flushed (a folder made for it is flushed into its parent
+    as it is made), so that the new value survives a machine crash once this
+    returns without an error for it.
+    """
+    errors: list[Exception | None] = []
+    held: list[int] = []
+    try:
+        for path, data in files:
+            parent, name = os.path.split(path)
+            try:
+                folder = root.folder(parent.split(os.sep) if parent else [], create=True,
+                                     fsync=True)  # fmt: skip
+            except (OSError, PlantedLink) as exc:
+                errors.append(exc)
+                continue
+            try:
+                replace_with(folder, name, data, True, os.path.join(root.path, parent), held=held)
+                os.fsync(folder)
+            except (OSError, PlantedLink) as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+            finally:
+                os.close(folder)
+    finally:
+        release_replaced(held)
+    return errors

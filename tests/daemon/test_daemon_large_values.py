@@ -1,0 +1,105 @@
+"""Large values over HTTP: stored as sent, read back byte for byte, with the ETag of their bytes.
+
+A real ``chanstore serve`` with the json container ``stats`` (fsync on: files
+of 64 KiB and more skip the journal) and the Redis-backed ``mana``. Values of
+100 KB and 900 KB, with text that is not ASCII and numbers orjson alone would
+write otherwise, go in as PUT bodies; GET answers the stored compact form,
+whose SHA-1 is the ETag, and the json file is the original SDK's indented
+form of the same value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from daemon_fixtures import json_and_redis_containers
+from daemon_harness import DaemonProcess, RedisServer, key_path
+
+from chanstore.keys import encode_domain_part
+from chanstore.versions import etag_of
+
+SERVICE_ID = "e2e"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer) -> Iterator[Any]:
+    process = DaemonProcess(
+        tmp_path_factory.mktemp("large"), json_and_redis_containers(module_redis)
+    )
+    process.start()
+    yield process
+    problems = process.close()
+    if problems:
+        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
+
+
+def large_value(size: int) -> list[dict[str, Any]]:
+    """About ``size`` bytes of chat messages, with non-ASCII text, big and odd numbers."""
+    records = []
+    number = 0
+    while len(json.dumps(records)) < size:
+        records.append({"id": number, "user": f"user_{number % 97}", "text": "héllo 世界 🎉 " * 20,
+                        "ts": 1.7e9 + number / 7, "tiny": 1.5e-07 * number, "big": 2**70 + number,
+                        "tags": ["a", "b"][: number % 3], "seen": None})  # fmt: skip
+        number += 1
+    return records
+
+
+@pytest.mark.parametrize("size", [100_000, 900_000], ids=["100KB", "900KB"])
+@pytest.mark.parametrize("container", ["stats", "mana"])
+def test_a_large_value_reads_back_byte_identical_with_the_same_etag(
+    daemon: DaemonProcess, module_redis: RedisServer, channel: str, container: str, size: int
+) -> None:
+    value = large_value(size)
+    body = json.dumps(value, indent=1).encode()  # whitespace the stored form has not
+    assert len(body) <= 1024 * 1024
+    stored = json.dumps(value, separators=(",", ":")).encode("ascii")
+    put = daemon.http.put(key_path(channel, container, "log"), content=body)
+    assert put.status_code == 200, put.text
+    etag = put.json()["etag"]
+    assert etag == hashlib.sha1(stored).hexdigest() == etag_of(value)
+    assert put.headers["etag"] == f'"{etag}"'
+
+    got = daemon.get(channel, container, "log")
+    assert got.status_code == 200
+    assert got.content == stored
+    assert got.headers["etag"] == f'"{etag}"'
+
+    if container == "stats":
+        path = (daemon.data_dir / f"service_{SERVICE_ID}" / f"channel_{encode_domain_part(channel)}"
+                / "stats" / "log.json")  # fmt: skip
+        assert path.read_bytes() == json.dumps(value, indent=2).encode("ascii")
+    else:
+        hash_name = f"chanstore:service_{SERVICE_ID}.channel_{encode_domain_part(channel)}.mana"
+        with module_redis.client() as client:
+            assert client.hget(hash_name, "log") == stored
+
+    # Written again, conditionally on that ETag: accepted, same bytes, same ETag.
+    again = daemon.http.put(key_path(channel, container, "log"), content=stored,
+                            headers={"If-Match": f'"{etag}"'})  # fmt: skip
+    assert again.status_code == 200, again.text
+    assert again.json()["etag"] == etag
+
+
+@pytest.mark.parametrize("container", ["stats", "mana"])
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"{not json", "is not valid JSON"),
+        (b'{"x": NaN}', "NaN is not JSON"),
+        (b"[1, Infinity]", "Infinity is not JSON"),
+        (b"1e999", "out of range"),
+    ],
+)
+def test_a_bad_body_is_the_same_clear_400(
+    daemon: DaemonProcess, channel: str, container: str, body: bytes, words: str
+) -> None:
+    answer = daemon.http.put(key_path(channel, container, "bad"), content=body)
+    assert answer.status_code == 400
+    assert answer.json()["code"] == "bad_request"
+    assert words in answer.json()["error"]
+    assert daemon.get(channel, container, "bad").status_code == 404
