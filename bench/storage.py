@@ -1269,8 +1269,10 @@ class Results:
             return "The original SDK was not measured (its venv could not be made)."
         ratio = {r.loop: r.ratio for r in self.hot}
         hot = max(r.cpu_us for r in self.overhead if r.backend == "null")
-        verdict = ("met" if max(ratio["hit"], ratio["in"]) <= GOAL_HOT_RATIO
-                   and self.worst_overhead_us < GOAL_OVERHEAD_US else "NOT met")  # fmt: skip
+        met = {True: "met", False: "NOT met"}
+        verdict = (f"hit {met[ratio['hit'] <= GOAL_HOT_RATIO]}, `in` "
+                   f"{met[ratio['in'] <= GOAL_HOT_RATIO]}, wrapper "
+                   f"{met[self.worst_overhead_us < GOAL_OVERHEAD_US]}")  # fmt: skip
         goals = f"Goals (hit and `in` at most {GOAL_HOT_RATIO:g}x, wrapper under "
         goals += f"{GOAL_OVERHEAD_US:g} µs)"
         return (
@@ -1290,11 +1292,11 @@ class Results:
         versus = "" if original is None else f" ({memory.channel / original:.2f}x the original's)"
         daemon = memory.daemon_channel
         engine = (
-            "" if daemon is None else f"; the daemon's engine holds {daemon / 1024:.1f} KB more"
+            "" if daemon is None else f"; one more in the daemon's engine, {daemon / 1024:.1f} KB"
         )
         return (
-            f"A channel in memory costs {memory.channel / 1024:.2f} KB{versus}{engine} per "
-            f"channel; a cached key costs {memory.cached_key / memory.dict_key:.2f}x a plain "
+            f"A channel in memory costs {memory.channel / 1024:.2f} KB{versus}{engine}; "
+            f"a cached key costs {memory.cached_key / memory.dict_key:.2f}x a plain "
             f"dict of the same values ({memory.cached_key:,.0f} against "
             f"{memory.dict_key:,.0f} bytes)."
         )
