@@ -30,7 +30,7 @@ def problems_of(config) -> list[str]:
                 "entry 0 ('x')",
                 "field 'implementation'",
                 "unknown implementation 'mongo'",
-                "known: json, null, redis",
+                "known: chanstore, json, null, redis",
             ],
         ),
         (
