@@ -90,6 +90,7 @@ from harness import (
     text_table,
     wait_until,
 )
+from json_libraries import shapes
 
 CONNECTIONS = 32
 #: The connections of the ``get512`` measure (wrk keeps its WRK_THREADS threads).
@@ -109,7 +110,11 @@ BULK_KEYS = 10_000
 #: Seconds the lister runs before the GETs beside it start (it runs a second longer than them).
 LISTER_LEAD = 0.5
 #: Every measure, by the name --only takes, in the order the report shows them.
-MEASURES = ("get", "put-json", "put-redis", "get512", "lister")
+MEASURES = ("get", "put-json", "put-redis", "get512", "lister", "put-large")
+#: ``put-large``: value sizes, connections, keys per channel (each written over and over).
+LARGE_SIZES = (("100 KB", 100_000), ("900 KB", 900_000))
+LARGE_CONNECTIONS = 8
+LARGE_KEYS = 4
 #: The value every PUT stores (and every preloaded key holds).
 VALUE: dict[str, Any] = {"hp": 100, "mana": 35, "name": "player", "flags": [1, 2, 3]}
 
@@ -157,6 +162,9 @@ GOAL_PUT_JSON = Goal(1.1, aim=3.0)
 GOAL_PUT_REDIS = Goal(0.12, aim=0.3)
 GOAL_GET_MANY = LatencyGoal(50.0)  # redis-server: about 4.5 ms here
 GOAL_LISTER = Goal(0.8)
+# Issue 14: large PUTs against the raw loop of the same bytes (json), SET of the same size.
+GOAL_PUT_LARGE = {("json", 100_000): Goal(1.0), ("redis", 100_000): Goal(0.15),
+                  ("json", 900_000): Goal(0.6), ("redis", 900_000): Goal(0.1)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -485,15 +493,18 @@ def lister_running(script: Path, daemon: Daemon, seconds: int) -> Iterator[list[
 
 
 def redis_benchmark_command(port: int | str, requests: int | str, connections: int = CONNECTIONS,
-                            tests: Sequence[str] = ("get", "set")) -> list[str]:  # fmt: skip
+                            tests: Sequence[str] = ("get", "set"),
+                            size: int | None = None) -> list[str]:  # fmt: skip
+    sized = ["-d", str(size)] if size is not None else []
     return ["redis-benchmark", "-p", str(port), "-c", str(connections), "-n", str(requests),
-            "-t", ",".join(tests), "--csv"]  # fmt: skip
+            "-t", ",".join(tests), *sized, "--csv"]  # fmt: skip
 
 
 def run_redis_benchmark(port: int, requests: int, connections: int = CONNECTIONS,
-                        tests: Sequence[str] = ("get", "set")) -> dict[str, Sample]:  # fmt: skip
-    """redis-benchmark's figures (GET, SET), by test name."""
-    finished = subprocess.run(redis_benchmark_command(port, requests, connections, tests),
+                        tests: Sequence[str] = ("get", "set"),
+                        size: int | None = None) -> dict[str, Sample]:  # fmt: skip
+    """redis-benchmark's figures (GET, SET), by test name; ``size``: bytes of a SET's value."""
+    finished = subprocess.run(redis_benchmark_command(port, requests, connections, tests, size),
                               capture_output=True, text=True, check=True)  # fmt: skip
     rows = csv.DictReader(io.StringIO(finished.stdout))
     return {
@@ -507,10 +518,11 @@ def run_redis_benchmark(port: int, requests: int, connections: int = CONNECTIONS
 # -- the raw fsync loop ----------------------------------------------------------------
 
 
-def raw_fsync_loop(folder: Path, keys: int, seconds: float) -> Sample:
+def raw_fsync_loop(folder: Path, keys: int, seconds: float, data: bytes | None = None) -> Sample:
     """Write one file at a time, atomically: temp file, fsync, rename over the key's file."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(VALUE, indent=2).encode()
+    if data is None:
+        data = json.dumps(VALUE, indent=2).encode()
     durations: list[float] = []
     started = time.perf_counter()
     deadline = started + seconds
@@ -821,6 +833,56 @@ class Run:
                 f"page p50 {lister.p50_ms:.2f} ms, p99 {lister.p99_ms:.2f} ms")  # fmt: skip
         return Comparison("GET cached beside a lister", beside, alone, GOAL_LISTER, note)
 
+    def measure_put_large(self, daemon: Daemon, redis_port: int) -> list[Comparison]:
+        """PUTs of large values to json and redis, alternating with their baselines: the raw
+        fsync loop of the same file bytes, and redis-benchmark SET of the same size."""
+        found = []
+        for label, size in LARGE_SIZES:
+            found.extend(self.measure_put_of_size(daemon, redis_port, label, size))
+        return found
+
+    def measure_put_of_size(self, daemon: Daemon, redis_port: int, label: str,
+                            size: int) -> list[Comparison]:  # fmt: skip
+        value = json.loads(shapes(size)["text"])  # chat messages: text, ids, times
+        body = json.dumps(value, separators=(",", ":"))
+        data = json.dumps(value, indent=2).encode()  # the file the daemon writes
+        containers = {"json": JSON_CONTAINER, "redis": REDIS_CONTAINER}
+        loads = {kind: Load(f"put-{kind}-{size}", "PUT", where, f"large-{size}", LARGE_KEYS, body)
+                 for kind, where in containers.items()}  # fmt: skip
+        ours = {kind: Measure(f"PUT {label} {kind}") for kind in loads}
+        raw = Measure(f"write temp/fsync/rename loop, {len(data):,} bytes")
+        sets = Measure(f"redis-benchmark SET -d {len(body)} -c {LARGE_CONNECTIONS}")
+        requests = [2000]
+        for load in loads.values():
+            self.warm_up(load, daemon, LARGE_CONNECTIONS)
+
+        def daemon_round(index: int) -> None:
+            for kind, load in loads.items():
+                ours[kind].samples.append(self.wrk(load, daemon, index, LARGE_CONNECTIONS))
+
+        def baseline_round(index: int) -> None:
+            folder = self.workdir / "data" / "raw-large"
+            seconds = self.settings.seconds
+            raw.samples.append(raw_fsync_loop(folder, LARGE_KEYS, seconds, data))
+            sample = run_redis_benchmark(redis_port, requests[0], LARGE_CONNECTIONS, ("set",),
+                                         len(body))["SET"]  # fmt: skip
+            requests[0] = max(500, int(sample.rps * seconds))
+            sets.samples.append(sample)
+            progress(f"baselines {label} round {index + 1}: raw {describe(raw.samples[-1])}; "
+                     f"SET {describe(sample)}")  # fmt: skip
+
+        alternate(self.settings.rounds, daemon_round, baseline_round)
+        return [
+            Comparison(f"PUT {label} json fsync=on", ours["json"], raw,
+                       GOAL_PUT_LARGE["json", size],
+                       f"body {len(body):,} bytes, file {len(data):,} bytes; wrk "
+                       f"-c{LARGE_CONNECTIONS}; the raw loop does not fsync the folder, the "
+                       "daemon does"),
+            Comparison(f"PUT {label} redis", ours["redis"], sets, GOAL_PUT_LARGE["redis", size],
+                       f"wrk -c{LARGE_CONNECTIONS} against redis-benchmark -c "
+                       f"{LARGE_CONNECTIONS} -d {len(body)}"),
+        ]  # fmt: skip
+
     def execute(self) -> tuple[list[Comparison], str]:
         with redis_server(self.workdir) as redis_port, \
                 daemon_process(self.workdir, redis_port, self.serve_args) as daemon:  # fmt: skip
@@ -836,8 +898,9 @@ class Run:
                 found["get512"] = self.measure_many_connections(daemon, redis_port)
             if "lister" in self.only:
                 found["lister"] = self.measure_lister(daemon)
+            large = self.measure_put_large(daemon, redis_port) if "put-large" in self.only else []
             env = environment(redis_port, self.workdir)
-        return [found[name] for name in MEASURES if name in found], env
+        return [found[name] for name in MEASURES if name in found] + large, env
 
 
 # -- reporting ---------------------------------------------------------------------------

@@ -20,7 +20,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from chanstore.backends.files import PlantedLink, Root, release_replaced, replace_with
+from chanstore.backends.files import (
+    SYNC_WRITERS,
+    PlantedLink,
+    Root,
+    release_replaced,
+    replace_with,
+)
 
 __all__ = ["DIRECT_BYTES", "write_directly"]
 
@@ -37,28 +43,32 @@ def write_directly(root: Root, files: Sequence[tuple[str, bytes]]) -> list[Excep
     Each file: a temporary file written and flushed, renamed over the file,
     then its folder flushed (a folder made for it is flushed into its parent
     as it is made), so that the new value survives a machine crash once this
-    returns without an error for it.
+    returns without an error for it. Several files are written at once, on
+    :data:`~chanstore.backends.files.SYNC_WRITERS`: concurrent flushes share
+    the file system's commits.
     """
-    errors: list[Exception | None] = []
     held: list[int] = []
     try:
-        for path, data in files:
-            parent, name = os.path.split(path)
-            try:
-                folder = root.folder(parent.split(os.sep) if parent else [], create=True,
-                                     fsync=True)  # fmt: skip
-            except (OSError, PlantedLink) as exc:
-                errors.append(exc)
-                continue
-            try:
-                replace_with(folder, name, data, True, os.path.join(root.path, parent), held=held)
-                os.fsync(folder)
-            except (OSError, PlantedLink) as exc:
-                errors.append(exc)
-            else:
-                errors.append(None)
-            finally:
-                os.close(folder)
+        others = [SYNC_WRITERS.submit(_write_one, root, path, data, held)
+                  for path, data in files[1:]]  # fmt: skip
+        errors = [_write_one(root, *files[0], held)] if files else []
+        errors.extend(other.result() for other in others)
     finally:
         release_replaced(held)
     return errors
+
+
+def _write_one(root: Root, path: str, data: bytes, held: list[int]) -> Exception | None:
+    parent, name = os.path.split(path)
+    try:
+        folder = root.folder(parent.split(os.sep) if parent else [], create=True, fsync=True)
+    except (OSError, PlantedLink) as exc:
+        return exc
+    try:
+        replace_with(folder, name, data, True, os.path.join(root.path, parent), held=held)
+        os.fsync(folder)
+    except (OSError, PlantedLink) as exc:
+        return exc
+    finally:
+        os.close(folder)
+    return None
