@@ -66,7 +66,20 @@ def _add_request_id(logger: Any, method_name: str, event_dict: Any) -> Any:
     request_id = _request_id.get()
     if request_id is not None:
         event_dict.setdefault("request_id", request_id)
+    if _process_fields:
+        for name, value in _process_fields.items():
+            event_dict.setdefault(name, value)
     return event_dict
+
+
+# Fields every event of this process names, whatever thread or context logs it
+# (a worker's index, in a group of workers).
+_process_fields: dict[str, Any] = {}
+
+
+def bind_process(**fields: Any) -> None:
+    """Name ``fields`` in every event this process logs from now on."""
+    _process_fields.update(fields)
 
 
 def configure(

@@ -22,9 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 from daemon_fixtures import json_and_redis_containers
-from daemon_harness import DaemonProcess, key_path, metric, wait_until
+from daemon_harness import DaemonProcess, NotifyListener, key_path, metric, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+import chanstore
 from chanstore.server.metrics_merge import MERGE, MIN
 
 WORKERS = ["--workers", "2"]
@@ -141,7 +142,6 @@ def test_conditional_writes_and_errors_are_relayed_unchanged(group, clients) -> 
     assert bad.status_code == 400
     asked_id = one.get(path, headers={"x-request-id": "relayed-123"})
     assert asked_id.headers["x-request-id"] == "relayed-123"
-    assert group.events("http_request") == [] or True
 
 
 def test_change_feed_through_the_other_worker_arrives_event_by_event(group, clients) -> None:
@@ -171,14 +171,14 @@ def test_change_feed_through_the_other_worker_arrives_event_by_event(group, clie
                    f"event {n} relayed")  # fmt: skip
         time.sleep(0.2)
     assert done.wait(10)
-    data = [json.loads(text[6:]) for _, text in lines if text.startswith("data: {\"container")]
+    data = [json.loads(text[6:]) for _, text in lines if text.startswith('data: {"container')]
     assert [(d["key"], d["value"]) for d in data] == [("k0", 0), ("k1", 1), ("k2", 2)]
     # A cursor from the relayed stream resumes on the owner, and the other way round.
     cursor = [text[4:] for _, text in lines if text.startswith("id: ")][1]
     with zero.stream("GET", "/v1/channels/c3/-/events", headers={"last-event-id": cursor}) as s:
         got = []
         for line in s.iter_lines():
-            if line.startswith("data: {\"container"):
+            if line.startswith('data: {"container'):
                 got.append(json.loads(line[6:])["key"])
             if len(got) == 2:
                 break
@@ -280,7 +280,7 @@ def test_readyz_is_ready_only_when_every_worker_is(group, clients) -> None:
 
 
 def test_owner_that_does_not_answer_is_a_clean_503(group, clients) -> None:
-    zero, one = clients
+    _, one = clients
     assert one.put(key_path("o", "stats", "k"), json=1).status_code == 200
     pids = worker_pids(group)
     os.kill(pids[0], signal.SIGSTOP)
@@ -329,8 +329,6 @@ def test_a_worker_killed_is_started_again_and_serves(group) -> None:
 
 
 def test_systemd_hears_one_service(start_daemon, module_redis, tmp_path) -> None:
-    from daemon_harness import NotifyListener
-
     listener = NotifyListener(tmp_path / "notify.sock")
     try:
         daemon = start_daemon(json_and_redis_containers(module_redis), args=WORKERS,
@@ -374,8 +372,8 @@ def _group_folders(daemon: DaemonProcess) -> list[str]:
     """The group's private folder, found from a worker's open sockets."""
     pids = worker_pids(daemon)
     text = Path(f"/proc/{pids[0]}/net/unix").read_text()
-    return sorted({line.split()[-1].rsplit("/", 1)[0] for line in text.splitlines()
-                   if "chanstore-workers-" in line and line.split()[-1].endswith(".sock")})  # fmt: skip
+    paths = [line.split()[-1] for line in text.splitlines() if "chanstore-workers-" in line]
+    return sorted({path.rsplit("/", 1)[0] for path in paths if path.endswith(".sock")})
 
 
 def _zombie(pid: int) -> bool:
@@ -386,6 +384,4 @@ def _zombie(pid: int) -> bool:
 
 
 def _version() -> str:
-    import chanstore
-
     return chanstore.__version__

@@ -195,7 +195,8 @@ class Group:
             os.unlink(path)  # left by this worker's previous life
         # Other workers relay at most their pools' connections and their feeds' streams.
         most = max(limits.max_connections, 1024) * max(self.role.count - 1, 1)
-        private = dataclasses.replace(limits, max_connections=most, keep_alive_timeout=60.0)
+        private = dataclasses.replace(limits, max_connections=most, keep_alive_timeout=60.0,
+                                      max_header_bytes=limits.max_header_bytes + 1024)  # fmt: skip
         self._connections = connections = Connections(private, Metrics(CollectorRegistry()))
         connections.start()
         loop = asyncio.get_running_loop()

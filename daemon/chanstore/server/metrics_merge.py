@@ -13,6 +13,8 @@ label). How each metric merges is decided here, per metric, in :data:`MERGE`:
 * state gauges (ready, a backend or invalidation link up, the last reload
   applied) take the least value: the group is ready only when every worker
   is, and a reload counts as applied only once every worker applied it;
+* reloads are counted by the worker that counted most: every worker reloads
+  on every trigger, so one reload of the group is one of each worker;
 * the start time is the earliest start, ``build_info`` and ``python_info`` the
   same 1 everywhere.
 
@@ -46,7 +48,6 @@ MERGE: dict[str, str] = {
     "chanstore_cache_requests": SUM,
     "chanstore_http_requests": SUM,
     "chanstore_http_request_duration_seconds": SUM,
-    "chanstore_config_reloads": SUM,
     "chanstore_integrity_problems": SUM,
     "chanstore_http_connections_closed": SUM,
     "chanstore_cache_invalidations": SUM,
@@ -65,6 +66,8 @@ MERGE: dict[str, str] = {
     "chanstore_invalidation_link_up": MIN,
     "chanstore_config_last_reload_successful": MIN,
     "chanstore_config_last_reload_success_timestamp_seconds": MIN,
+    # Every worker reloads on every trigger: one reload of the group is one of each.
+    "chanstore_config_reloads": MAX,
     "chanstore_build_info": MAX,
     # The processes.
     "process_cpu_seconds": SUM,

@@ -43,7 +43,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import structlog
 import uvloop
 
 from chanstore import logs
@@ -106,6 +105,7 @@ class Supervisor:
         self._done = asyncio.Event()
         self._notify: socket.socket | None = None
         self._watchdog = systemd.watchdog_interval()
+        self._reload_status: str | None = None
 
     # -- life ---------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class Supervisor:
         self.stopping = True
         if first:
             systemd.notify("STOPPING=1", "STATUS=stopping: the workers finish what is in flight")
-            log.info("stopping", workers=len(self.workers))
+            log.info("supervisor_stopping", workers=len(self.workers))
             wait = self.settings.drain_seconds + self.settings.shutdown_timeout + STOP_MARGIN
             asyncio.get_running_loop().call_later(wait, self._kill_stragglers)
         self._pass_on(signal.SIGTERM)
@@ -215,7 +215,7 @@ class Supervisor:
                     worker.process.kill()
 
     def _finish(self) -> None:
-        log.info("stopped", status=self.status)
+        log.info("supervisor_stopped", status=self.status)
         self._done.set()
 
     # -- what workers tell systemd ------------------------------------------------------
@@ -244,6 +244,8 @@ class Supervisor:
                                          if line))  # fmt: skip
 
     def _heard(self, worker: _Worker, fields: dict[str, str]) -> None:
+        """A worker's notification, passed on as one service's: READY=1 once all are
+        ready (and again once all finished a reload), status lines as they come."""
         worker.pinged = time.monotonic()
         status = fields.get("STATUS")
         if status and len(self.workers) > 1:
@@ -254,19 +256,27 @@ class Supervisor:
             if first and self.announced:
                 usec = fields.get("MONOTONIC_USEC") or str(systemd.monotonic_usec())
                 systemd.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+            return
         if fields.get("READY") == "1":
             worker.ready = True
             was_reloading, worker.reloading = worker.reloading, False
-            if not self.announced and all(w.ready for w in self.workers):
-                self.announced = True
-                systemd.notify("READY=1", f"STATUS={len(self.workers)} workers serving; "
-                                          f"{fields.get('STATUS', '')}")  # fmt: skip
-                log.info("workers_ready", workers=len(self.workers))
+            if not self.announced:
+                if all(w.ready for w in self.workers):
+                    self.announced = True
+                    systemd.notify("READY=1", f"STATUS={len(self.workers)} workers serving; "
+                                              f"{fields.get('STATUS', '')}")  # fmt: skip
+                    log.info("workers_ready", workers=len(self.workers))
                 return
-            if was_reloading and self.announced and not any(w.reloading for w in self.workers):
-                systemd.notify("READY=1", *([f"STATUS={status}"] if status else []))
+            if was_reloading:
+                # A rejected reload's words win over another worker's "reloaded".
+                if status and (self._reload_status is None or "rejected" in status):
+                    self._reload_status = status
+                if not any(w.reloading for w in self.workers):
+                    said, self._reload_status = self._reload_status, None
+                    systemd.notify("READY=1", *([f"STATUS={said}"] if said else []))
                 return
-        if status and self.announced and not self.stopping:
+        if status and self.announced and not self.stopping \
+                and not any(w.reloading for w in self.workers):  # fmt: skip
             systemd.notify(f"STATUS={status}")
 
     async def _watch_pings(self) -> None:
@@ -277,8 +287,9 @@ class Supervisor:
             systemd.notify("WATCHDOG=1")
             now = time.monotonic()
             for worker in self.workers:
-                if worker.process is not None and now - worker.pinged > timeout \
-                        and not self.stopping:  # fmt: skip
+                # From its READY=1 on: starting is bounded by TimeoutStartSec.
+                if worker.process is not None and worker.ready and not self.stopping \
+                        and now - worker.pinged > timeout:  # fmt: skip
                     log.error(
                         "worker_hung", worker=worker.index, seconds=round(now - worker.pinged)
                     )
@@ -349,4 +360,4 @@ def join_supervisor(role: WorkerRole) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != role.supervisor_pid:
         os._exit(1)  # the supervisor died before the line above
-    structlog.contextvars.bind_contextvars(worker=role.index)
+    logs.bind_process(worker=role.index)
