@@ -31,6 +31,13 @@ names ``--only`` takes:
    (paired by round; the two conditions alternate in order); the lister's
    own pages per second are reported beside it.
 
+6. ``put-large``, PUTs of 100 KB and 900 KB values (chat messages from
+   ``bench/json_libraries.py``) with 8 connections: to the json container
+   against the raw loop above writing the same file bytes, and to the redis
+   container against ``redis-benchmark -d SIZE`` SET; not run by default.
+   For "no loss" at 100 B, run ``--only put-json,put-redis`` twice, once with
+   ``PYTHONPATH`` naming a worktree of the previous release's ``daemon/``.
+
 How: the benchmark starts everything itself on free loopback ports and stops
 it at the end: a redis-server of its own (no persistence) and the daemon as a
 real process (``chanstore serve``) in a temporary working directory, with a
@@ -1034,7 +1041,8 @@ def measure_names(text: str) -> tuple[str, ...]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of about two minutes")
-    parser.add_argument("--only", type=measure_names, default=MEASURES, metavar="NAME[,NAME]",
+    usual = tuple(name for name in MEASURES if name != "put-large")  # minutes of its own
+    parser.add_argument("--only", type=measure_names, default=usual, metavar="NAME[,NAME]",
                         help=f"run just these measures, of {', '.join(MEASURES)} "
                              "(default: all)")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=None,
