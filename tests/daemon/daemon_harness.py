@@ -74,6 +74,11 @@ CRASH_MARKERS = ("request_crashed", "Traceback", "config_reload_crashed")
 #: ``CHANSTORE_TEST_WORKERS=2`` runs every daemon of the end-to-end tests as
 #: ``chanstore serve --workers 2`` (unless a test names its own ``--workers``).
 TEST_WORKERS = os.environ.get("CHANSTORE_TEST_WORKERS", "")
+#: Events each worker of a group logs for the same happening (each one starts, stops
+#: and reloads): asked for by name, worker 0's stand for the daemon's.
+PER_WORKER_EVENTS = frozenset({"serving", "stopping", "stopped", "config_reloaded",
+                               "config_reload_rejected", "config_restored",
+                               "config_warning"})  # fmt: skip
 
 
 def json_entry(name: str, root_dir: str = "data", **fields: Any) -> dict[str, Any]:
@@ -329,6 +334,8 @@ class DaemonProcess:
             except ValueError:
                 continue
             if isinstance(record, dict) and (event is None or record.get("event") == event):
+                if event in PER_WORKER_EVENTS and record.get("worker", 0) != 0:
+                    continue  # another worker's word for the same thing
                 found.append(record)
         return found
 
