@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from daemon_fixtures import json_and_redis_containers
-from daemon_harness import DaemonProcess, NotifyListener, key_path, metric, wait_until
+from daemon_harness import DaemonProcess, NotifyListener, key_path, metric, run_cli, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 import chanstore
@@ -308,6 +308,9 @@ def test_sigterm_stops_every_worker(group) -> None:
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
     stopped = {e.get("worker") for e in group.events() if e["event"] == "stopped"}
     assert {0, 1} <= stopped
+    # Three processes wrote one log: each line whole, one JSON event.
+    lines = group.log_lines()
+    assert len(group.events()) == len(lines) > 0
 
 
 def test_a_worker_killed_is_started_again_and_serves(group) -> None:
@@ -394,3 +397,16 @@ def _zombie(pid: int) -> bool:
 
 def _version() -> str:
     return chanstore.__version__
+
+
+def test_a_second_group_on_the_same_port_is_refused(group, tmp_path) -> None:
+    """SO_REUSEPORT would let it take a share of the port's connections silently."""
+    (tmp_path / "db.json").write_text(group.config_path.read_text())
+    second = run_cli("serve", *WORKERS, "--db-config", str(tmp_path / "db.json"),
+                     "--listen", group.listen, "--log-format", "json", cwd=tmp_path,
+                     timeout=30)  # fmt: skip
+    assert second.returncode == 2
+    assert "another process listens there too" in second.stderr + second.stdout
+    for _ in range(20):  # and the first keeps every connection
+        with httpx.Client(base_url=group.url, timeout=5) as client:
+            assert client.get("/healthz").json()["pid"] == group.process.pid

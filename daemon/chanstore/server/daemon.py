@@ -41,7 +41,7 @@ from chanstore.server.memory import ReleaseSchedule, release_free_memory
 from chanstore.server.reload import Applied, Reloader
 from chanstore.server.settings import DaemonSettings
 from chanstore.server.sockets import bind
-from chanstore.server.workers import join_supervisor, supervise
+from chanstore.server.workers import join_supervisor, supervise, whole_lines
 
 __all__ = ["Daemon", "bind", "serve"]
 
@@ -247,6 +247,9 @@ def raise_file_limit(connections: int) -> None:
 
 def serve(settings: DaemonSettings) -> int:
     """Run the daemon until SIGTERM or SIGINT; the process's exit status."""
+    role = WorkerRole.from_environment()
+    if role is not None or settings.workers > 1:
+        whole_lines()  # several processes, one stderr
     logs.configure(settings.log_format, settings.log_level)  # type: ignore[arg-type]
     # One series per metric: the *_created twins double the scrape and no query here uses them.
     prometheus_client.disable_created_metrics()
@@ -256,7 +259,6 @@ def serve(settings: DaemonSettings) -> int:
     # classes: a mark of a type it does not know is expected, not a forgotten
     # register_type worth a warning.
     codec.warn_unregistered(False)
-    role = WorkerRole.from_environment()
     if role is None and settings.workers > 1:
         return supervise(settings)
     if role is not None:

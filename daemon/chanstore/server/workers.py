@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import os
 import shutil
 import signal
@@ -51,9 +52,9 @@ from chanstore.errors import ConfigError
 from chanstore.server import systemd
 from chanstore.server.group import ROLE_VARIABLE, WorkerRole
 from chanstore.server.settings import DaemonSettings
-from chanstore.server.sockets import bind
+from chanstore.server.sockets import bind, bind_group
 
-__all__ = ["GIVE_UP_DEATHS", "GIVE_UP_WINDOW", "join_supervisor", "supervise"]
+__all__ = ["GIVE_UP_DEATHS", "GIVE_UP_WINDOW", "join_supervisor", "supervise", "whole_lines"]
 
 log = logs.get_logger()
 
@@ -157,7 +158,8 @@ class Supervisor:
         code = worker.process.wait()
         worker.process = None
         if self.stopping:
-            if code != 0:
+            # One still starting when the stop came ends by the signal: it served nothing.
+            if code != 0 and (worker.ready or code not in (-signal.SIGTERM, -signal.SIGINT)):
                 log.warning("worker_stopped", worker=worker.index, status=_status(code))
                 self.status = self.status or 1
             if all(w.process is None for w in self.workers):
@@ -327,16 +329,10 @@ def supervise(settings: DaemonSettings) -> int:
     try:
         settings.read_token()
         load_db_config(settings.db_config)
-        reuse_port = os.environ.get(ACCEPT_VARIABLE, "reuseport") != "shared"
-        count = settings.workers if reuse_port else 1
-        sockets: list[socket.socket] = []
-        try:
-            for _ in range(count):
-                sockets.append(bind(settings, reuse_port=reuse_port))
-        except ConfigError:
-            for sock in sockets:
-                sock.close()
-            raise
+        if os.environ.get(ACCEPT_VARIABLE, "reuseport") == "shared":
+            sockets = [bind(settings)]
+        else:
+            sockets = bind_group(settings, settings.workers)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("cannot_start", problem=problem)
@@ -350,6 +346,20 @@ def supervise(settings: DaemonSettings) -> int:
         for sock in sockets:
             sock.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def whole_lines() -> None:
+    """Make stderr write each log line with one system call.
+
+    The supervisor and its workers share one stderr (journald's stream, a log
+    file): Python writes an event and its newline with two calls, and two
+    processes' events then interleave into lines that are no JSON. Call it
+    before the logs are configured.
+    """
+    sys.stderr.flush()
+    binary = io.BufferedWriter(io.FileIO(sys.stderr.fileno(), "w", closefd=False), 1 << 16)
+    sys.stderr = io.TextIOWrapper(binary, encoding="utf-8", errors="backslashreplace",
+                                  line_buffering=True)  # fmt: skip
 
 
 def join_supervisor(role: WorkerRole) -> None:
