@@ -158,8 +158,9 @@ class Supervisor:
         code = worker.process.wait()
         worker.process = None
         if self.stopping:
-            # One still starting when the stop came ends by the signal: it served nothing.
-            if code != 0 and (worker.ready or code not in (-signal.SIGTERM, -signal.SIGINT)):
+            # Ended by the signal passed on: before its handlers were installed (it was
+            # starting) or after its loop closed (a second signal): nothing in flight.
+            if code not in (0, -signal.SIGTERM, -signal.SIGINT):
                 log.warning("worker_stopped", worker=worker.index, status=_status(code))
                 self.status = self.status or 1
             if all(w.process is None for w in self.workers):
