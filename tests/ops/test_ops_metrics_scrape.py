@@ -189,6 +189,9 @@ def test_the_coherence_series_of_two_daemons_over_one_redis(
     try:
         client.execute_command("ACL", "SETUSER", "default", "resetchannels")
         wait_until(lambda: link_is(0.0), 10, "the reader's link down")
+        # /readyz answers from checks at most READINESS_TTL (1 s) old: within it, it says so.
+        wait_until(lambda: reader.http.get("/readyz").status_code == 503, 5,
+                   "the reader's /readyz to say its link is down")  # fmt: skip
         ready = reader.http.get("/readyz")
         assert ready.status_code == 503, ready.text
         assert ready.json()["problems"] == {"shared": "invalidation_link_down"}, ready.text
