@@ -149,12 +149,12 @@ def _same(held: Any, value: Any) -> bool:
     """Whether ``held`` (what the target answered, or _ABSENT) stores as ``value`` does."""
     if held is _ABSENT or isinstance(held, CorruptValue):
         return False
-    return codec.encode(held) == _stored(value)
+    return codec.encode_bytes(held) == _stored(value)
 
 
-def _stored(value: Any) -> str:
+def _stored(value: Any) -> bytes:
     """``value``'s stored form, kept on a Document so that its write does not make it again."""
-    stored = codec.encode(value)
+    stored = codec.encode_bytes(value)
     if value.__class__ is codec.Document:
         value.stored = stored
     return stored

@@ -39,11 +39,9 @@ class Record:
 
 def encode_record(channel: str, container: str, key: str, value: codec.Document) -> str:
     """The line (with its newline) that stores ``value`` under ``key``."""
+    # The stored form is compact ASCII JSON already: spliced in, not parsed and dumped again.
     stored = codec.encode(value)
     head = json.dumps({"channel": channel, "container": container, "key": key})
-    # The stored form is compact JSON already: spliced in, not parsed and dumped again.
-    if not stored.isascii():
-        stored = json.dumps(json.loads(stored), separators=(",", ":"))
     return f'{head[:-1]}, "value": {stored}}}\n'
 
 
