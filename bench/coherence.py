@@ -88,7 +88,7 @@ from harness import (
     markdown_table,
     on_time_limit,
     progress,
-    redis_pings,
+    redis_server,
     source_state,
     stop,
     text_table,
@@ -210,24 +210,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 # -- processes -----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[int]:
-    """A redis-server of our own on a free port, without persistence; yields the port."""
-    port = free_port()
-    log = workdir / "redis.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            wait_until(lambda: redis_pings(port), process, "redis-server", log, 10)
-            yield port
-        finally:
-            stop(process)
 
 
 def http(port: int, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
