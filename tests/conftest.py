@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from chanstore.backends.base import DatabaseInterface
 from chanstore.metrics import Metrics
+from redis_topologies import ClusterSetup, require_redis
 from support import DictDatabase, RedisServer, free_port, wait_until
 
 __all__ = ["RedisServer", "free_port", "wait_until"]  # importable from here, as they were
@@ -38,6 +39,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    """A real 3-primary, 3-replica Redis Cluster a test module shares (killing nothing)."""
+    require_redis()
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from chanstore.keys import encode_domain_part
 from chanstore.storage import container_domain
 from chanstore.transfer.operations import migrate
 from chanstore.transfer.places import channel_prefix, places
-from redis_topologies import ClusterSetup, require_redis
 
 # -- json ------------------------------------------------------------------------------
 
@@ -488,17 +487,6 @@ def test_a_domain_of_ten_thousand_keys_is_read_one_hscan_a_batch(redis_server, r
 
 
 # -- a real Redis Cluster --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    require_redis()
-    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
 
 
 @pytest.mark.slow

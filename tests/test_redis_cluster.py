@@ -33,17 +33,6 @@ from support import wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    require_redis()
-    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
-
-
 @pytest.fixture
 def own_cluster(tmp_path):
     """A cluster of its own, for a test that kills a primary."""

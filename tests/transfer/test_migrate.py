@@ -11,7 +11,6 @@ import redis as redis_py
 from test_export_import import CHANNELS, every_value
 from transfer_fixtures import SERVICE, fill, read_back, report, storage
 
-from redis_topologies import ClusterSetup, require_redis
 from support import VALUES, assert_same, wait_until
 
 
@@ -146,34 +145,28 @@ def test_containers_in_only_one_config_are_left_and_none_in_common_is_an_error(c
     assert "name no container in common" in ran.stderr
 
 
-def test_redis_to_a_cluster(configs, cli, redis_server, tmp_path):
-    require_redis()
-    cluster = ClusterSetup(tmp_path / "cluster")
-    try:
-        cluster.start()
-        old = configs.redis()
-        new = configs.redis(mode="cluster", nodes=cluster.settings()["nodes"],
-                            socket_timeout=2.0)  # fmt: skip
-        channels = {f"c{n}": {"stats": {"v": VALUES["set"], "n": n}} for n in range(60)}
-        total = fill(old, channels)
-        ran = cli("migrate", "--from", str(old), "--to", str(new), "--verify")
-        assert ran.status == 0, ran.stderr + ran.stdout
-        assert report(ran.stdout)["stats"][:3] == ["60", str(total), str(total)]
-        shards = set()
-        for port in cluster.primary_ports():
-            node = redis_py.Redis(port=port)
-            if any(True for _ in node.scan_iter(match=b"chanstore:{service_svc.*", count=100)):
-                shards.add(port)
-            node.close()
-        assert len(shards) == 3, "the channels landed on every primary"
-        assert read_back(new, "c7", "stats") == {"v": {1, 2, 3}, "n": 7}
-        # The other way too: a cluster is listed on every primary.
-        back = configs.redis(prefix="back:")
-        ran = cli("migrate", "--from", str(new), "--to", str(back))
-        assert ran.status == 0, ran.stderr + ran.stdout
-        assert report(ran.stdout)["stats"][:3] == ["60", str(total), str(total)]
-    finally:
-        cluster.stop()
+def test_redis_to_a_cluster(configs, cli, redis_server, cluster):
+    old = configs.redis()
+    new = configs.redis(mode="cluster", nodes=cluster.settings()["nodes"],
+                        socket_timeout=2.0)  # fmt: skip
+    channels = {f"c{n}": {"stats": {"v": VALUES["set"], "n": n}} for n in range(60)}
+    total = fill(old, channels)
+    ran = cli("migrate", "--from", str(old), "--to", str(new), "--verify")
+    assert ran.status == 0, ran.stderr + ran.stdout
+    assert report(ran.stdout)["stats"][:3] == ["60", str(total), str(total)]
+    shards = set()
+    for port in cluster.primary_ports():
+        node = redis_py.Redis(port=port)
+        if any(True for _ in node.scan_iter(match=b"chanstore:{service_svc.*", count=100)):
+            shards.add(port)
+        node.close()
+    assert len(shards) == 3, "the channels landed on every primary"
+    assert read_back(new, "c7", "stats") == {"v": {1, 2, 3}, "n": 7}
+    # The other way too: a cluster is listed on every primary.
+    back = configs.redis(prefix="back:")
+    ran = cli("migrate", "--from", str(new), "--to", str(back))
+    assert ran.status == 0, ran.stderr + ran.stdout
+    assert report(ran.stdout)["stats"][:3] == ["60", str(total), str(total)]
 
 
 def domains(client) -> list[bytes]:
