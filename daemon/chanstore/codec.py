@@ -117,16 +117,24 @@ class Document:
     reads back with its type (a set stays a set).
     """
 
-    __slots__ = ("doc", "parsed", "stored")
+    __slots__ = ("doc", "etag", "parsed", "stored")
 
     def __init__(self, doc: Any, *, parsed: bool = False) -> None:
         self.doc = doc
         #: Its compact stored form when the writer made it already, so that
         #: :func:`encode` does not make it again (the daemon makes it once per write).
         self.stored: bytes | str | None = None
+        #: The ETag of :attr:`stored`, when the writer computed it (see
+        #: :func:`chanstore.versions.stored_with_etag`); set and cleared with it.
+        self.etag: str | None = None
         #: True when ``doc`` came from a parser that refuses NaN and infinities
         #: (:func:`parse`): its floats need no check when it is written.
         self.parsed = parsed
+
+    def keep_stored(self, stored: bytes | None, etag: str | None = None) -> None:
+        """Keep ``stored`` (and its ETag) as this document's stored form, or forget it (None)."""
+        self.stored = stored
+        self.etag = etag if stored is not None else None
 
     def __eq__(self, other: object) -> bool:
         # As JSON: 1 and true (or 1 and 1.0) are different documents, key order is not.

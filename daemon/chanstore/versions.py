@@ -33,6 +33,7 @@ __all__ = [
     "etag_of_stored",
     "etags_of",
     "holds",
+    "stored_with_etag",
 ]
 
 #: The expectation "the key exists, whatever its version" (``If-Match: *``).
@@ -49,6 +50,17 @@ def etag_of_stored(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()
+
+
+def stored_with_etag(value: Any) -> tuple[bytes, str]:
+    """``value``'s stored bytes and their ETag. A :class:`~chanstore.codec.Document` being
+    written through the daemon carries both (:meth:`~chanstore.codec.Document.keep_stored`):
+    the daemon answers the ETag and the backend stores the bytes, and hashing a large value
+    twice would be waste."""
+    stored = codec.encode_bytes(value)
+    if value.__class__ is codec.Document and value.etag is not None and value.stored is stored:
+        return stored, value.etag
+    return stored, etag_of_stored(stored)
 
 
 def etag_of(value: Any) -> str:

@@ -38,7 +38,14 @@ from chanstore.backends.redis_invalidations import channel_of
 from chanstore.backends.redis_wait import ReplicaWait
 from chanstore.errors import BackendError, PreconditionFailed
 from chanstore.keys import check_key
-from chanstore.versions import ANY, UNREADABLE, Change, Expectation, etag_of_stored
+from chanstore.versions import (
+    ANY,
+    UNREADABLE,
+    Change,
+    Expectation,
+    etag_of_stored,
+    stored_with_etag,
+)
 
 __all__ = ["WRITE_SCRIPT", "Write", "WriteTarget", "send_writes", "send_writes_async"]
 
@@ -48,8 +55,11 @@ __all__ = ["WRITE_SCRIPT", "Write", "WriteTarget", "send_writes", "send_writes_a
 #: ``MAXLEN ~``; how many expectations, sets and deletes follow; the channel
 #: of invalidations and this process's origin (see below); then each
 #: expectation as a field and what it must hold (an ETag; ``*``: it exists;
-#: an empty string: it is absent), each set as a field and its stored bytes,
-#: and each delete as a field.
+#: an empty string: it is absent), each set as a field, its stored bytes and
+#: their ETag, and each delete as a field. The writer hashes what it stores
+#: (it answers that ETag anyway): ``redis.sha1hex`` of a large value would
+#: hold up the server, which runs one script at a time, for longer than the
+#: write itself.
 #:
 #: When an expectation fails, nothing changes and the answer is ``0``
 #: followed by each failed field and its current bytes (nil when absent), so
@@ -95,11 +105,11 @@ if #failed > 1 then
 end
 local changed = {origin, hash}
 for _ = 1, n_sets do
-  local field, value = ARGV[at], ARGV[at + 1]
-  at = at + 2
+  local field, value, etag = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  at = at + 3
   redis.call('HSET', hash, field, value)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-             'op', 'set', 'key', field, 'value', value, 'etag', redis.sha1hex(value))
+             'op', 'set', 'key', field, 'value', value, 'etag', etag)
   changed[#changed + 1] = field
 end
 local existed = {1}
@@ -166,9 +176,7 @@ class Write:
         try:
             self.expect = {check_key(key): expected for key, expected in change.expect.items()}
             self.sent_expect = {key: _sent(expected) for key, expected in self.expect.items()}
-            sets = [
-                (check_key(key), codec.encode_bytes(value)) for key, value in change.sets.items()
-            ]
+            sets = [(check_key(key), *stored_with_etag(v)) for key, v in change.sets.items()]
             deletes = [check_key(key) for key in change.deletes]
         except Exception as exc:  # noqa: BLE001 - this part's answer; nothing of it is sent
             self.answer = exc
@@ -177,8 +185,8 @@ class Write:
             self.answer = []  # nothing to check or change: no round trip
             return
         arguments: list[Any] = [len(sets), len(deletes)]
-        for pair in sets:
-            arguments.extend(pair)
+        for triple in sets:
+            arguments.extend(triple)
         arguments.extend(deletes)
         self.arguments = arguments
 

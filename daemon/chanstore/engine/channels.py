@@ -36,7 +36,7 @@ from chanstore.errors import BackendUnavailable, ChanstoreError, PreconditionFai
 from chanstore.history import ChangeEvent
 from chanstore.metrics import Metrics
 from chanstore.storage import MoobiusStorage
-from chanstore.versions import etag_of, etag_of_stored
+from chanstore.versions import etag_of, etag_of_stored, stored_with_etag
 
 __all__ = ["Channel", "ChannelTable", "Slot"]
 
@@ -115,7 +115,7 @@ class Slot:
                 self._publish(self.history.append("delete", key, None, None))
         else:
             if write.value.__class__ is codec.Document:
-                write.value.stored = None  # memory keeps the document, not its text twice
+                write.value.keep_stored(None)  # memory keeps the document, not its text twice
             memory.stored(key, write.value)
             if memory.keeps_writes:  # a null container lists nothing
                 self._list(key)
@@ -217,11 +217,11 @@ def encode_answer(value: Any) -> tuple[bytes, str]:
 
 def encode_for_writing(value: Any) -> tuple[bytes, str]:
     """:func:`encode_answer` of a value about to be written: a Document keeps its stored
-    form until the write settles, so that the backend does not make it again."""
-    body = codec.encode_bytes(value)
+    form and ETag until the write settles, so that the backend does not make them again."""
+    body, etag = stored_with_etag(value)
     if value.__class__ is codec.Document:
-        value.stored = body  # the same bytes reach the backend and the cache
-    return body, etag_of_stored(body)
+        value.keep_stored(body, etag)  # the same bytes reach the backend and the cache
+    return body, etag
 
 
 class Channel:

@@ -156,5 +156,5 @@ def _stored(value: Any) -> bytes:
     """``value``'s stored form, kept on a Document so that its write does not make it again."""
     stored = codec.encode_bytes(value)
     if value.__class__ is codec.Document:
-        value.stored = stored
+        value.keep_stored(stored)
     return stored
