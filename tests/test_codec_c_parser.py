@@ -172,3 +172,39 @@ def test_any_json_value_is_written_and_read_as_by_the_stdlib(doc):
     assert codec.encode(codec.Document(doc, parsed=True), indent=2) == json.dumps(doc, indent=2)
     assert codec.decode(compact, revive=False) == codec.Document(doc)
     assert codec.parse(compact.encode("utf-8", "surrogatepass")) == json.loads(compact)
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSON, st.sampled_from(["compact", "indented", "spaced", "utf-8"]))
+def test_a_parsed_document_holds_its_stored_form_whatever_form_it_came_in(doc, form):
+    """parse_document makes the stored form once; a body that is it already is kept."""
+    compact = json.dumps(doc, separators=(",", ":"))
+    body = {
+        "compact": compact,
+        "indented": json.dumps(doc, indent=2),
+        "spaced": json.dumps(doc),
+        "utf-8": json.dumps(doc, ensure_ascii=False),
+    }[form].encode("utf-8", "surrogatepass")
+    try:
+        expected = codec.parse(body)
+    except ValueError as exc:  # lone surrogates in UTF-8: refused alike
+        with pytest.raises(type(exc)) as raised:
+            codec.parse_document(body)
+        assert str(raised.value) == str(exc)
+        return
+    document = codec.parse_document(body)
+    assert repr(document.doc) == repr(expected)
+    assert codec.encode_bytes(document) == compact.encode("ascii")
+    if body == compact.encode("ascii"):
+        assert document.stored is body  # kept as it came, not made again
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[18446744073709551616,-9223372036854775809]", b"12345678901234567890123",
+     b'{"big":123456789012345678901234567}'],
+)  # fmt: skip
+def test_a_compact_body_with_integers_beyond_64_bits_keeps_them_exact(body):
+    document = codec.parse_document(body)
+    assert repr(document.doc) == repr(json.loads(body))
+    assert codec.encode_bytes(document) == body

@@ -412,6 +412,36 @@ def parse(data: bytes) -> Any:
     return _STRICT_DECODER.decode(data.decode("utf-8"))
 
 
+def parse_document(data: bytes) -> Document:
+    """``data`` parsed as :func:`parse` does, as a :class:`Document` that holds its stored form.
+
+    The stored form is made here, once. When it is ``data`` itself (compact,
+    ASCII, every number and escape as the stdlib writes them: what chanstore's
+    clients send), the document keeps ``data`` and the scan for integers that
+    orjson reads inexactly is skipped: such an integer would have been written
+    back otherwise.
+    """
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _holding_stored(parse(data), data)  # the stdlib reads it, or says what is wrong
+    stored = _fast_dumps(doc, None, True)
+    if stored != data and _may_hold_long_integer(data):
+        return _holding_stored(parse(data), data)
+    document = Document(doc, parsed=True)
+    # None where only the stdlib writes it: made when it is written.
+    document.stored = data if stored == data else stored
+    return document
+
+
+def _holding_stored(doc: Any, data: bytes) -> Document:
+    """``doc`` (read by the stdlib) as a Document holding its stored form, ``data`` if it is."""
+    document = Document(doc, parsed=True)
+    stored = encode_bytes(document)
+    document.stored = data if stored == data else stored
+    return document
+
+
 _SLOW = object()
 _MARK = TYPE_KEY.encode()
 #: Digits to 0, what continues a number to '.', the rest to ' ': 19 zeros after a
@@ -437,13 +467,17 @@ def _as_bytes(text: str | bytes) -> bytes | None:
 def _fast_loads(data: bytes) -> Any:
     """``data`` parsed by orjson, or ``_SLOW`` where the stdlib must parse it (it decides
     what an error is, and reads what orjson refuses or would read inexactly)."""
-    mapped = data.translate(_NUMBERS)
-    if b" " + _LONG_INTEGER in mapped or mapped.startswith(_LONG_INTEGER):
+    if _may_hold_long_integer(data):
         return _SLOW
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return _SLOW
+
+
+def _may_hold_long_integer(data: bytes) -> bool:
+    mapped = data.translate(_NUMBERS)
+    return b" " + _LONG_INTEGER in mapped or mapped.startswith(_LONG_INTEGER)
 
 
 def _revive_all(node: Any) -> Any:

@@ -12,7 +12,8 @@ than :data:`MAX_JSON_DEPTH`. A body is parsed once, by the codec's C parser
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -22,6 +23,8 @@ from chanstore.http.errors import HttpError
 
 __all__ = ["MAX_JSON_DEPTH", "json_body", "parse_json", "parse_value"]
 
+T = TypeVar("T")
+
 #: Nesting deeper than this is refused: no chat state needs it, and it would
 #: only exhaust recursion further down.
 MAX_JSON_DEPTH = 64
@@ -29,8 +32,22 @@ MAX_JSON_DEPTH = 64
 
 def parse_json(body: bytes, what: str = "the body") -> Any:
     """``body`` as JSON; 400 saying why when it is not."""
+    value = _parsed(codec.parse, body, what)
+    _check_depth(value, body, what)
+    return value
+
+
+def parse_value(body: bytes, what: str = "the body") -> Document:
+    """A value to store: the JSON document ``body`` holds, kept as it is, with its stored
+    form made once (``body`` itself when it is that form already)."""
+    document = _parsed(codec.parse_document, body, what)
+    _check_depth(document.doc, body, what)
+    return document
+
+
+def _parsed(parse: Callable[[bytes], T], body: bytes, what: str) -> T:
     try:
-        value = codec.parse(body)
+        return parse(body)
     except UnicodeDecodeError as exc:
         raise HttpError(400, f"{what} is not UTF-8: byte {exc.start} is invalid") from None
     except json.JSONDecodeError as exc:
@@ -42,18 +59,20 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
         raise HttpError(400, f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise HttpError(400, f"{what} is nested too deeply") from None
+
+
+#: Bodies up to this size are first counted for brackets; a larger one is checked at once,
+#: which costs less than counting it (and chat state that large holds many brackets).
+_COUNTED = 64 * 1024
+
+
+def _check_depth(value: Any, body: bytes, what: str) -> None:
     # Every level of nesting opens with a bracket, so a text with few brackets
     # (the usual case) cannot be too deep and need not be walked.
-    brackets = body.count(b"[") + body.count(b"{")
-    if brackets > MAX_JSON_DEPTH and _may_be_too_deep(value) \
-            and _depth_exceeds(value, MAX_JSON_DEPTH):  # fmt: skip
+    if len(body) <= _COUNTED and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    if _may_be_too_deep(value) and _depth_exceeds(value, MAX_JSON_DEPTH):
         raise HttpError(400, f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
-    return value
-
-
-def parse_value(body: bytes, what: str = "the body") -> Document:
-    """A value to store: the JSON document ``body`` holds, kept as it is."""
-    return Document(parse_json(body, what), parsed=True)
 
 
 #: In the indented form a container nested deeper than the limit starts a line
