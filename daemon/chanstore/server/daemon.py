@@ -36,6 +36,7 @@ from chanstore.http.listener import Listener
 from chanstore.http.protocol import HttpProtocol
 from chanstore.metrics import Metrics, default_metrics, install_process_collector
 from chanstore.server import systemd
+from chanstore.server.collector import tune_collector
 from chanstore.server.group import Group, WorkerRole, served_here
 from chanstore.server.memory import ReleaseSchedule, release_free_memory
 from chanstore.server.reload import Applied, Reloader
@@ -259,6 +260,7 @@ def serve(settings: DaemonSettings) -> int:
     # classes: a mark of a type it does not know is expected, not a forgotten
     # register_type worth a warning.
     codec.warn_unregistered(False)
+    tune_collector()
     if role is None and settings.workers > 1:
         return supervise(settings)
     if role is not None:
