@@ -339,6 +339,23 @@ class DaemonProcess:
                 found.append(record)
         return found
 
+    def lifecycle(self, *names: str, since: int = 0) -> list[str]:
+        """The daemon's events among ``names``, in the order logged: of the events every
+        worker logs (starting, stopping, reloading), worker 0's stand for the daemon's."""
+        return [
+            record["event"]
+            for record in self.events(since=since)
+            if record.get("event") in names
+            and (record["event"] not in PER_WORKER_EVENTS or record.get("worker", 0) == 0)
+        ]
+
+    @property
+    def workers(self) -> int:
+        """How many serving processes this daemon runs (``--workers``; 1 when not given)."""
+        if "--workers" in self.args:
+            return int(self.args[self.args.index("--workers") + 1])
+        return int(TEST_WORKERS or 1)
+
     def crashes(self, since: int = 0) -> list[str]:
         return [
             line for line in self.log_lines(since) if any(mark in line for mark in CRASH_MARKERS)

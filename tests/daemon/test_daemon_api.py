@@ -196,9 +196,7 @@ def test_data_survives_a_restart(start_daemon, channel: str) -> None:
     lines = daemon.log_lines()
     assert len(daemon.events()) == len(lines) > 0
     assert all({"event", "level", "timestamp"} <= set(event) for event in daemon.events())
-    assert [e["event"] for e in daemon.events() if e["event"] in ("serving", "stopped")] == [
-        "serving", "stopped", "serving",
-    ]  # fmt: skip
+    assert daemon.lifecycle("serving", "stopped") == ["serving", "stopped", "serving"]
     # A clean stop and start log nothing an operator would take for trouble.
     assert [e for e in daemon.events() if e["level"] in ("warning", "error", "critical")] == []
 

@@ -750,7 +750,14 @@ def test_sigterm_ends_every_stream_and_only_redis_cursors_outlive_the_daemon(
     closed = [
         record for record in daemon.events("watcher_closed") if record.get("channel") == channel
     ]
-    assert [record["reason"] for record in closed] == ["shutdown"] * 3
+    reasons = [record["reason"] for record in closed]
+    if daemon.workers == 1:
+        assert reasons == ["shutdown"] * 3
+    else:
+        # A stream relayed by the worker that accepted it was ended by that worker's stop
+        # (its client got the same "shutdown" end, above); the owner may see its relaying
+        # peer leave before it stops itself, and log that as its client leaving.
+        assert len(reasons) == 3 and set(reasons) <= {"shutdown", "client"}, reasons
 
     daemon.start(same_port=True)
     for query, headers in [

@@ -59,10 +59,7 @@ def test_stop_with_writes_in_flight_keeps_every_acknowledged_write(
             thread.join(timeout=30)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
-    assert [e["event"] for e in daemon.events() if e["event"] in ("stopping", "stopped")] == [
-        "stopping",
-        "stopped",
-    ]
+    assert daemon.lifecycle("stopping", "stopped") == ["stopping", "stopped"]
 
     daemon.start()
     with daemon.client() as client:
