@@ -107,6 +107,10 @@ class UnknownMark(dict):  # type: ignore[type-arg]
     """
 
 
+#: What a :class:`Document` kept as its stored bytes alone holds in place of the document.
+_UNPARSED: Any = object()
+
+
 class Document:
     """A JSON document to store verbatim: it is already the stored, type-marked form.
 
@@ -117,10 +121,10 @@ class Document:
     reads back with its type (a set stays a set).
     """
 
-    __slots__ = ("doc", "etag", "parsed", "stored")
+    __slots__ = ("_doc", "etag", "parsed", "stored")
 
     def __init__(self, doc: Any, *, parsed: bool = False) -> None:
-        self.doc = doc
+        self._doc = doc
         #: Its compact stored form when the writer made it already, so that
         #: :func:`encode` does not make it again (the daemon makes it once per write).
         self.stored: bytes | str | None = None
@@ -131,10 +135,29 @@ class Document:
         #: (:func:`parse`): its floats need no check when it is written.
         self.parsed = parsed
 
+    @property
+    def doc(self) -> Any:
+        """The document; parsed again from :attr:`stored` if it was kept as that alone
+        (:meth:`keep_only_stored`)."""
+        doc = self._doc
+        if doc is _UNPARSED:
+            doc = self._doc = parse(_as_bytes(self.stored))  # type: ignore[arg-type]
+        return doc
+
     def keep_stored(self, stored: bytes | None, etag: str | None = None) -> None:
-        """Keep ``stored`` (and its ETag) as this document's stored form, or forget it (None)."""
+        """Keep ``stored`` (and its ETag) as this document's stored form, or forget it (None;
+        not when the stored form is all this document holds)."""
+        if stored is None and self._doc is _UNPARSED:
+            return
         self.stored = stored
         self.etag = etag if stored is not None else None
+
+    def keep_only_stored(self) -> None:
+        """Hold this document as its stored bytes alone, parsed again only if it is asked
+        for as a document: a large value's parsed form takes 2.5 times its bytes, and
+        the daemon, which answers the bytes, rarely needs it."""
+        if self.stored is not None:
+            self._doc = _UNPARSED
 
     def __eq__(self, other: object) -> bool:
         # As JSON: 1 and true (or 1 and 1.0) are different documents, key order is not.
@@ -428,16 +451,15 @@ def parse_document(data: bytes) -> Document:
     stored = _fast_dumps(doc, None, True)
     if stored != data and _may_hold_long_integer(data):
         return _holding_stored(parse(data), data)
-    document = Document(doc, parsed=True)
-    # None where only the stdlib writes it: made when it is written.
-    document.stored = data if stored == data else stored
-    return document
+    return _holding_stored(doc, data, stored)
 
 
-def _holding_stored(doc: Any, data: bytes) -> Document:
-    """``doc`` (read by the stdlib) as a Document holding its stored form, ``data`` if it is."""
+def _holding_stored(doc: Any, data: bytes, stored: bytes | None = None) -> Document:
+    """``doc``, parsed from ``data``, as a Document holding its stored form (``data`` itself
+    when that is it); ``stored``: that form, when orjson could write it."""
     document = Document(doc, parsed=True)
-    stored = encode_bytes(document)
+    if stored is None:
+        stored = encode_bytes(document)  # what only the stdlib writes
     document.stored = data if stored == data else stored
     return document
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from chanstore import codec
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.cache import UnreadableValue
-from chanstore.codec import Document
+from chanstore.codec import Document, parse_document
 from chanstore.engine import ABSENT, Engine, UnknownContainer
+from chanstore.engine.channels import KEPT_AS_BYTES
 from chanstore.errors import CorruptValue
 from chanstore.metrics import Metrics
 from support import files_under, unwritable
@@ -267,3 +272,43 @@ def test_a_null_container_stores_nothing_and_answers_null_for_every_key(
 
     run(main)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_large_written_value_is_held_as_its_stored_bytes_alone(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """A value of KEPT_AS_BYTES or more is held in memory as its stored bytes (the body a
+    GET answers), not as the parsed document, which would take 2.5 times as much; asked
+    for as a document, it is parsed again, the same."""
+    value = [{"id": number, "text": "hello " * 8, "tags": ["a", "b"]} for number in range(4000)]
+    body = json.dumps(value, separators=(",", ":")).encode()
+    assert len(body) >= KEPT_AS_BYTES
+
+    async def main() -> None:
+        engine = make_engine()
+        store = engine.store
+        await store.write("c1", "stats", "warm", Document(1))  # the channel, loaded
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            assert await store.write("c1", "stats", "log", parse_document(body)) is True
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        # The body's bytes are the test's own (kept as sent): what is held is little more.
+        assert held < len(body) // 4, f"{held:,} bytes held for a {len(body):,}-byte value"
+        assert store.cached_body("c1", "stats", "log")[0] is body
+        await engine.close()
+        again = make_engine()  # read from the file the json backend wrote directly
+        assert (await again.store.read_body("c1", "stats", "log"))[0] == body
+        await again.close()
+
+    run(main)
+    document = parse_document(body)
+    document.keep_only_stored()
+    document.keep_stored(None)  # its bytes are all it holds: kept
+    assert document.stored is body
+    assert codec.encode_bytes(document) is body
+    assert document.doc == value

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from chanstore import codec, logs
+from chanstore.backends.journal_direct import DIRECT_BYTES
 from chanstore.cache import ABSENT, UNKNOWN, CachedDict, UnreadableValue
 from chanstore.engine.batches import UNKNOWN_ETAG
 from chanstore.engine.containers import ContainerRuntime, Containers
@@ -47,6 +48,10 @@ COMPACT_ABOVE = 1024
 #: The answer for a None value: answered, not kept per key (a null container reads
 #: every key as None, and must not grow memory with every key it is asked for).
 NULL_ANSWER = (b"null", etag_of_stored(b"null"))
+#: A written value whose stored form is at least this large is kept in memory as those
+#: bytes alone: what the daemon answers. The json backend writes a file this large
+#: directly, not through its journal, so no later checkpoint has to parse it again.
+KEPT_AS_BYTES = DIRECT_BYTES
 
 
 class Slot:
@@ -115,7 +120,7 @@ class Slot:
                 self._publish(self.history.append("delete", key, None, None))
         else:
             if write.value.__class__ is codec.Document:
-                write.value.keep_stored(None)  # memory keeps the document, not its text twice
+                _keep_once(write.value)
             memory.stored(key, write.value)
             if memory.keeps_writes:  # a null container lists nothing
                 self._list(key)
@@ -207,6 +212,16 @@ class Slot:
             index = bisect.bisect_left(keys, key)
             if index < len(keys) and keys[index] == key:
                 del keys[index]
+
+
+def _keep_once(document: codec.Document) -> None:
+    """What memory keeps of a written document: the document, or a large one's stored bytes
+    (the smaller of the two: a parsed document takes 2.5 times its bytes), not both."""
+    stored = document.stored
+    if stored is not None and len(stored) >= KEPT_AS_BYTES:
+        document.keep_only_stored()
+    else:
+        document.keep_stored(None)
 
 
 def encode_answer(value: Any) -> tuple[bytes, str]:
