@@ -1,11 +1,11 @@
 """Large values over HTTP: stored as sent, read back byte for byte, with the ETag of their bytes.
 
 A real ``chanstore serve`` with the json container ``stats`` (fsync on: files
-of 64 KiB and more skip the journal) and the Redis-backed ``mana``. Values of
+of 128 KiB and more skip the journal) and the Redis-backed ``mana``. Values of
 100 KB and 900 KB, with text that is not ASCII and numbers orjson alone would
 write otherwise, go in as PUT bodies; GET answers the stored compact form,
 whose SHA-1 is the ETag, and the json file is the original SDK's indented
-form of the same value.
+form of the same value. Bodies come indented and compact (the stored form, kept as sent).
 """
 
 from __future__ import annotations
