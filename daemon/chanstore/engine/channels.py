@@ -225,9 +225,9 @@ def _keep_once(document: codec.Document) -> None:
 
 
 def encode_answer(value: Any) -> tuple[bytes, str]:
-    """A value as the JSON document the backend holds (type marks and all), and its ETag."""
-    body = codec.encode_bytes(value)
-    return body, etag_of_stored(body)
+    """A value as the JSON document the backend holds (type marks and all), and its ETag:
+    a large value held as its stored bytes has its ETag too, which is not computed again."""
+    return stored_with_etag(value)
 
 
 def encode_for_writing(value: Any) -> tuple[bytes, str]:
