@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from daemon_harness import IN_CI, JSON_CONTAINERS, DaemonProcess, RedisServer, json_entry
 
-__all__ = ["StartDaemon", "channel", "daemon", "redis", "start_daemon"]
+__all__ = ["StartDaemon", "channel", "daemon", "for_the_module", "redis", "start_daemon"]
 
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -96,6 +96,16 @@ def json_and_redis_containers(redis: RedisServer, *more: dict[str, Any]) -> list
     return [json_entry("stats"), mana, *more]
 
 
+def for_the_module(daemon: DaemonProcess) -> Iterator[DaemonProcess]:
+    """The body of a module-scoped daemon fixture (``yield from`` it): ``daemon`` started,
+    then stopped once the module's tests ran, failing them if it crashed or hung."""
+    daemon.start()
+    yield daemon
+    problems = daemon.close()
+    if problems:
+        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
+
+
 def module_daemon_fixture(folder_name: str, max_body: int) -> Any:
     """A module-scoped ``module_daemon`` fixture: json containers ``stats`` and
     ``profiles``, ``--max-body-bytes max_body``, in a folder named ``folder_name``."""
@@ -103,11 +113,8 @@ def module_daemon_fixture(folder_name: str, max_body: int) -> Any:
     @pytest.fixture(scope="module")
     def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
         folder = tmp_path_factory.mktemp(folder_name)
-        daemon = DaemonProcess(folder, JSON_CONTAINERS, args=["--max-body-bytes", str(max_body)])
-        daemon.start()
-        yield daemon
-        problems = daemon.close()
-        if problems:
-            pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
+        yield from for_the_module(
+            DaemonProcess(folder, JSON_CONTAINERS, args=["--max-body-bytes", str(max_body)])
+        )
 
     return module_daemon

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_fixtures import for_the_module
 from daemon_harness import DaemonProcess, free_port, json_entry, run_cli, wait_until
 
 from chanstore import MoobiusStorage, codec, get_engine
@@ -49,13 +50,9 @@ class Profile:
 @pytest.fixture(scope="module")
 def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """A daemon of json containers health_bars, mana_bars and stats, for this module."""
-    daemon = DaemonProcess(tmp_path_factory.mktemp("as-backend"),
-                           [json_entry(name) for name in CONTAINERS])  # fmt: skip
-    daemon.start()
-    yield daemon
-    problems = daemon.close()
-    if problems:
-        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
+    yield from for_the_module(
+        DaemonProcess(tmp_path_factory.mktemp("as-backend"), [json_entry(n) for n in CONTAINERS])
+    )
 
 
 @pytest.fixture(autouse=True)

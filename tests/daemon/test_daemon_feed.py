@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from daemon_fixtures import json_and_redis_containers
+from daemon_fixtures import for_the_module, json_and_redis_containers
 from daemon_harness import (
     JSON_CONTAINERS,
     DaemonProcess,
@@ -265,16 +265,13 @@ def module_both(
     tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer
 ) -> Iterator[DaemonProcess]:
     """json ``stats`` and Redis ``mana``; keep-alive comments every half second."""
-    daemon = DaemonProcess(
-        tmp_path_factory.mktemp("feed"),
-        json_and_redis_containers(module_redis),
-        args=["--heartbeat-interval", "0.5"],
+    yield from for_the_module(
+        DaemonProcess(
+            tmp_path_factory.mktemp("feed"),
+            json_and_redis_containers(module_redis),
+            args=["--heartbeat-interval", "0.5"],
+        )
     )
-    daemon.start()
-    yield daemon
-    problems = daemon.close()
-    if problems:
-        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
 
 
 @pytest.fixture

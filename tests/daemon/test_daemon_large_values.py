@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from daemon_fixtures import json_and_redis_containers
+from daemon_fixtures import for_the_module, json_and_redis_containers
 from daemon_harness import DaemonProcess, RedisServer, key_path
 
 from chanstore.keys import encode_domain_part
@@ -26,15 +26,12 @@ SERVICE_ID = "e2e"
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer) -> Iterator[Any]:
-    process = DaemonProcess(
-        tmp_path_factory.mktemp("large"), json_and_redis_containers(module_redis)
+def daemon(
+    tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer
+) -> Iterator[DaemonProcess]:
+    yield from for_the_module(
+        DaemonProcess(tmp_path_factory.mktemp("large"), json_and_redis_containers(module_redis))
     )
-    process.start()
-    yield process
-    problems = process.close()
-    if problems:
-        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
 
 
 def large_value(size: int) -> list[dict[str, Any]]:

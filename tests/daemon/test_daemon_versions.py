@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from daemon_fixtures import json_and_redis_containers
+from daemon_fixtures import for_the_module, json_and_redis_containers
 from daemon_harness import DaemonProcess, RedisServer, key_path
 
 from chanstore import codec
@@ -43,14 +43,9 @@ CONTAINERS = pytest.mark.parametrize("container", ["stats", "mana"])
 def module_both(
     tmp_path_factory: pytest.TempPathFactory, module_redis: RedisServer
 ) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess(
-        tmp_path_factory.mktemp("versions"), json_and_redis_containers(module_redis)
+    yield from for_the_module(
+        DaemonProcess(tmp_path_factory.mktemp("versions"), json_and_redis_containers(module_redis))
     )
-    daemon.start()
-    yield daemon
-    problems = daemon.close()
-    if problems:
-        pytest.fail("the module's daemon crashed or hung:\n" + "\n".join(problems))
 
 
 @pytest.fixture
