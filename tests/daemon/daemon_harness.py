@@ -179,6 +179,7 @@ class DaemonProcess:
                     stdin=subprocess.DEVNULL, env=env,
                 )  # fmt: skip
             if self._wait_healthy():
+                self._wait_for_every_worker(log_start)
                 self._reconnect()
                 return self
             new_log = self.log_text()[log_start:]
@@ -208,6 +209,19 @@ class DaemonProcess:
         self.process.kill()
         self.process.wait(timeout=10)
         return False
+
+    def _wait_for_every_worker(self, log_start: int) -> None:
+        """In a group, /healthz answers once any worker serves: wait for all of them, so
+        that a test's next step (an edit of db_config, say) finds every worker started."""
+        if self.workers == 1:
+            return
+        expected = set(range(self.workers))
+
+        def serving() -> set[int]:
+            records = self.events("serving", log_start, every_worker=True)
+            return {record.get("worker", 0) for record in records}
+
+        wait_until(lambda: serving() >= expected, START_TIMEOUT, f"{self.workers} workers serving")
 
     def _reconnect(self) -> None:
         if self._http is not None:
@@ -325,8 +339,10 @@ class DaemonProcess:
     def log_lines(self, since: int = 0) -> list[str]:
         return self.log_text()[since:].splitlines()
 
-    def events(self, event: str | None = None, since: int = 0) -> list[dict[str, Any]]:
-        """The JSON log events (those named ``event``, when given)."""
+    def events(self, event: str | None = None, since: int = 0, *,
+               every_worker: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """The JSON log events (those named ``event``, when given). Of the events every
+        worker logs, worker 0's stand for the daemon's, unless ``every_worker``."""
         found = []
         for line in self.log_lines(since):
             try:
@@ -334,7 +350,8 @@ class DaemonProcess:
             except ValueError:
                 continue
             if isinstance(record, dict) and (event is None or record.get("event") == event):
-                if event in PER_WORKER_EVENTS and record.get("worker", 0) != 0:
+                if event in PER_WORKER_EVENTS and record.get("worker", 0) != 0 \
+                        and not every_worker:  # fmt: skip
                     continue  # another worker's word for the same thing
                 found.append(record)
         return found
