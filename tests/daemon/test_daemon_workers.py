@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -26,6 +28,7 @@ from daemon_harness import DaemonProcess, NotifyListener, key_path, metric, run_
 from prometheus_client.parser import text_string_to_metric_families
 
 import chanstore
+from chanstore.server.group import FORWARD_CONNECTIONS
 from chanstore.server.metrics_merge import MERGE, MIN
 
 WORKERS = ["--workers", "2"]
@@ -142,6 +145,76 @@ def test_conditional_writes_and_errors_are_relayed_unchanged(group, clients) -> 
     assert bad.status_code == 400
     asked_id = one.get(path, headers={"x-request-id": "relayed-123"})
     assert asked_id.headers["x-request-id"] == "relayed-123"
+
+
+def raw_connection_to(daemon: DaemonProcess, worker: int, attempts: int = 200) -> socket.socket:
+    """A raw keep-alive socket whose connection the given worker accepted."""
+    for _ in range(attempts):
+        sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=20)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, body = read_answer(sock.makefile("rb"))
+        if status == 200 and json.loads(body)["worker"] == worker:
+            return sock
+        sock.close()
+    raise AssertionError(f"no connection reached worker {worker} in {attempts} tries")
+
+
+def read_answer(stream: BinaryIO) -> tuple[int, bytes]:
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"connection":
+            raise AssertionError(f"a keep-alive answer asked to close: {line!r}")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(status_line.split()[1]), stream.read(length)
+
+
+def test_pipelined_requests_from_many_connections_are_relayed_in_order(group) -> None:
+    # More connections than the relay's pool to worker 0 holds, each pipelining
+    # batches that mix writes, reads, a miss and a redis read: every answer must be
+    # its own request's, in order, and no connection is asked to close.
+    connections, batches = FORWARD_CONNECTIONS + 16, 6
+    assert group.put("pipe", "mana", "m", 5).status_code == 200
+    sockets = [raw_connection_to(group, 1) for _ in range(connections)]
+    failures: list[str] = []
+
+    def pipeline(number: int, sock: socket.socket) -> None:
+        stream = sock.makefile("rb")
+        path = key_path(f"pipe-{number % 8}", "stats", f"k{number}")
+        try:
+            for batch in range(batches):
+                body = json.dumps({"n": number, "batch": batch}, separators=(",", ":")).encode()
+                sock.sendall(
+                    b"PUT %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                    % (path.encode(), len(body), body)
+                    + b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode() * 5
+                    + b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % (path + "-absent").encode()
+                    + b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % key_path("pipe", "mana", "m").encode()
+                )  # fmt: skip
+                answers = [read_answer(stream) for _ in range(8)]
+                assert answers[0][0] == 200 and b'"ok":true' in answers[0][1], answers[0]
+                assert answers[1:6] == [(200, body)] * 5, (number, batch, answers[1:6])
+                assert answers[6][0] == 404 and b"not_found" in answers[6][1], answers[6]
+                assert answers[7] == (200, b"5"), answers[7]
+        except (AssertionError, OSError) as exc:
+            failures.append(f"connection {number}: {exc!r}"[:500])
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=pipeline, args=(n, s)) for n, s in enumerate(sockets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not [t for t in threads if t.is_alive()], "a pipelined connection never finished"
+    assert not failures, failures[:5]
+    with httpx.Client(base_url=group.url, timeout=15) as client:  # the owner agrees
+        for number in range(connections):
+            got = client.get(key_path(f"pipe-{number % 8}", "stats", f"k{number}"))
+            assert got.json() == {"n": number, "batch": batches - 1}
 
 
 def test_change_feed_through_the_other_worker_arrives_event_by_event(group, clients) -> None:
