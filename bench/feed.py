@@ -87,6 +87,7 @@ from typing import Any
 
 from harness import (
     chanstore_command,
+    cpu_seconds,
     free_port,
     markdown_table,
     on_time_limit,
@@ -239,14 +240,6 @@ def daemon_process(workdir: Path, redis_port: int) -> Iterator[Daemon]:
 
 
 # -- /proc -----------------------------------------------------------------------------
-
-CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
 def machine_busy() -> tuple[float, float]:

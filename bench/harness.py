@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "chanstore_command",
+    "cpu_seconds",
     "free_port",
     "markdown_table",
     "on_time_limit",
@@ -31,6 +33,7 @@ __all__ = [
     "source_state",
     "stop",
     "text_table",
+    "tree_cpu_seconds",
     "wait_until",
 ]
 
@@ -98,6 +101,35 @@ def redis_server(workdir: Path, timeout: float = 10.0) -> Iterator[int]:
             yield port
         finally:
             stop(process)
+
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and of every live process below it (a supervisor and
+    its workers). A process that ended in between is left out, so take the two
+    readings of a difference while the tree stays the same."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree, grown = {pid}, True
+    while grown:
+        below = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grown = bool(below)
+    total = 0.0
+    for member in tree:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(member)
+    return total
 
 
 def chanstore_command() -> str:

@@ -6,17 +6,25 @@ redis container ``mana``, a json container ``stats``): ``--workers 1``,
 ``--workers 2`` sharing one inherited socket (``CHANSTORE_WORKER_ACCEPT=shared``).
 Every round runs wrk against each of them in turn (the order rotates from
 round to round), for cached GETs of the redis container and of the json one
-(which the second worker relays to the first); the ratios are per round, 2
-workers over 1 in the same round, and the table shows their medians.
+(which the second worker relays to the first), each twice: one request per
+round trip, and pipelined (each connection sends 8 requests, then reads their
+8 answers; wrk's latency is then that of the batch). The ratios are per
+round, 2 workers over 1 in the same round, and the table shows their medians.
+
+wrk and the daemons share this machine's cores, so what wrk spends is taken
+from the workers: each run reads the CPU time the daemon (the supervisor and
+its workers) and wrk used, and the report shows the ceiling that leaves, the
+machine's cores over what one request costs at one worker, daemon and wrk
+together (``cores / (daemon cores + wrk cores)`` at one worker). Pipelining is
+there to lower wrk's share, so that what the workers scale to shows.
 
 How the connections spread over the workers is read from each worker's own
 metrics (its private socket, in a runtime folder this benchmark names): the
 share of the requests the busiest worker answered.
 
-wrk and the daemons share this machine's cores. ``--wrk-cpus 0`` pins wrk
-with ``taskset`` (its threads then share one core), ``--daemon-cpus`` pins
-the daemons; by default nothing is pinned, which is how the figures in the
-README were taken (see there for both).
+``--wrk-cpus 0`` pins wrk with ``taskset`` (its threads then share one core),
+``--daemon-cpus`` pins the daemons; by default nothing is pinned, which is how
+the figures in the README were taken (see there for both).
 
     python3 bench/workers.py [--rounds 5] [--seconds 8] [--quick]
 """
@@ -29,39 +37,57 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import chanstore_command, free_port, progress, redis_server, stop, text_table
+from harness import (
+    chanstore_command,
+    free_port,
+    progress,
+    redis_server,
+    stop,
+    text_table,
+    tree_cpu_seconds,
+)
 from harness import wait_until as wait_for_process
 
 KEYS = 2000
 CHANNELS = 8
 CONNECTIONS = 32
 WRK_THREADS = 2
+DEPTHS = (1, 8)  # requests each connection sends before it reads their answers
+CONTAINERS = {"mana": "redis", "stats": "json"}
 
+# Every batch holds DEPTH requests for consecutive keys; wrk counts the answers.
 WRK_SCRIPT = """
 local counter = 0
 function setup(thread)
   thread:set("offset", math.random(0, KEYS - 1))
 end
 function init(args)
-  requests = {}
-  for k = 0, KEYS - 1 do
-    local path = string.format("/v1/channels/bench-%d/%s/k-%d", k % CHANNELS, CONTAINER, k)
-    requests[k + 1] = wrk.format("GET", path)
+  batches = {}
+  for b = 0, KEYS / DEPTH - 1 do
+    local batch = {}
+    for i = 0, DEPTH - 1 do
+      local k = b * DEPTH + i
+      local path = string.format("/v1/channels/bench-%d/%s/k-%d", k % CHANNELS, CONTAINER, k)
+      batch[i + 1] = wrk.format("GET", path)
+    end
+    batches[b + 1] = table.concat(batch)
   end
   counter = offset or 0
 end
 function request()
   counter = counter + 1
-  return requests[(counter % KEYS) + 1]
+  return batches[(counter % #batches) + 1]
 end
 function done(summary, latency, requests)
   local e = summary.errors
@@ -81,9 +107,24 @@ class Setup:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     runtime: Path | None = None
-    rps: dict[str, list[float]] = field(default_factory=dict)
-    p99: dict[str, list[float]] = field(default_factory=dict)
+    runs: dict[tuple[str, int], list[Run]] = field(default_factory=dict)  # (container, depth)
     busiest: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One wrk run against one daemon: its rate and p99, and the cores each side used."""
+
+    rps: float
+    p99_ms: float
+    daemon_cores: float
+    wrk_cores: float
+
+
+def wrk_script(container: str, depth: int) -> str:
+    assert KEYS % depth == 0, "every batch holds DEPTH keys"
+    return (f'CONTAINER = "{container}"\nKEYS = {KEYS}\nCHANNELS = {CHANNELS}\n'
+            f"DEPTH = {depth}\n" + WRK_SCRIPT)  # fmt: skip
 
 
 def http(port: int, method: str, path: str, body: object = None) -> object:
@@ -141,19 +182,29 @@ def worker_requests(setup: Setup) -> list[float]:
     return counts
 
 
-def run_wrk(setup: Setup, script: Path, seconds: int, cpus: str | None) -> tuple[float, float]:
+def run_wrk(setup: Setup, script: Path, seconds: int, cpus: str | None) -> Run:
     command = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency",
                "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{setup.port}"]  # fmt: skip
     if cpus:
         command = ["taskset", "-c", cpus, *command]
+    assert setup.process is not None
+    daemon_before = tree_cpu_seconds(setup.process.pid)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     out = subprocess.run(command, capture_output=True, text=True, check=False).stdout
+    elapsed = time.monotonic() - started
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    daemon_cores = (tree_cpu_seconds(setup.process.pid) - daemon_before) / elapsed
+    wrk_cores = (children_after.ru_utime + children_after.ru_stime - children_before.ru_utime
+                 - children_before.ru_stime) / elapsed  # fmt: skip
     match = re.search(r"^WRK_RESULT (\{.*\})$", out, re.MULTILINE)
     if match is None:
         raise RuntimeError(f"wrk failed:\n{out}")
     result = json.loads(match.group(1))
     if result["errors"] or result["status"]:
         raise RuntimeError(f"{setup.name}: wrk saw failures: {result}")
-    return result["requests"] / (result["duration_us"] / 1e6), result["p99_us"] / 1000
+    rps = result["requests"] / (result["duration_us"] / 1e6)
+    return Run(rps, result["p99_us"] / 1000, daemon_cores, wrk_cores)
 
 
 def main() -> int:
@@ -185,10 +236,10 @@ def main() -> int:
                     http(first, "PUT", f"/v1/channels/bench-{k % CHANNELS}/{container}/k-{k}",
                          {"hp": k, "name": f"player {k}"})  # fmt: skip
             scripts = {}
-            for container in ("mana", "stats"):
-                scripts[container] = workdir / f"{container}.lua"
-                scripts[container].write_text(f'CONTAINER = "{container}"\nKEYS = {KEYS}\n'
-                                              f"CHANNELS = {CHANNELS}\n" + WRK_SCRIPT)  # fmt: skip
+            for container in CONTAINERS:
+                for depth in DEPTHS:
+                    scripts[container, depth] = workdir / f"{container}-{depth}.lua"
+                    scripts[container, depth].write_text(wrk_script(container, depth))
             progress("warming up (each daemon loads the channels)")
             for setup in setups:
                 for script in scripts.values():
@@ -196,41 +247,56 @@ def main() -> int:
             for number in range(rounds):
                 order = setups[number % 3 :] + setups[: number % 3]
                 for setup in order:
-                    for container, script in scripts.items():
+                    for (container, depth), script in scripts.items():
                         before = worker_requests(setup)
-                        rps, p99 = run_wrk(setup, script, seconds, args.wrk_cpus)
-                        setup.rps.setdefault(container, []).append(rps)
-                        setup.p99.setdefault(container, []).append(p99)
+                        run = run_wrk(setup, script, seconds, args.wrk_cpus)
+                        setup.runs.setdefault((container, depth), []).append(run)
                         after = worker_requests(setup)
-                        if container == "mana" and after:
+                        if (container, depth) == ("mana", 1) and after:
                             served = [b - a for a, b in zip(before, after, strict=True)]
                             setup.busiest.append(max(served) / sum(served))
-                        progress(f"round {number + 1}: {setup.name} {container} "
-                                 f"{rps:,.0f} req/s p99 {p99:.2f} ms")  # fmt: skip
+                        progress(f"round {number + 1}: {setup.name} {container} x{depth}: "
+                                 f"{run.rps:,.0f} req/s p99 {run.p99_ms:.2f} ms, cores: daemon "
+                                 f"{run.daemon_cores:.2f}, wrk {run.wrk_cores:.2f}")  # fmt: skip
     report(setups, rounds, seconds, args)
     return 0
 
 
+def measure_name(container: str, depth: int) -> str:
+    return f"{CONTAINERS[container]} GET cached" + (f", pipelined x{depth}" if depth > 1 else "")
+
+
 def report(setups: list[Setup], rounds: int, seconds: int, args: argparse.Namespace) -> None:
     one = setups[0]
+    cores = os.cpu_count() or 1
     rows = []
     for setup in setups:
-        for container, label in (("mana", "redis GET cached"), ("stats", "json GET cached")):
-            rps = setup.rps[container]
-            ratios = [r / base for r, base in zip(rps, one.rps[container], strict=True)]
+        for (container, depth), runs in setup.runs.items():
+            bases = one.runs[container, depth]
+            ratios = [run.rps / base.rps for run, base in zip(runs, bases, strict=True)]
             spread = (f"{statistics.median(setup.busiest) * 100:.0f}%"
-                      if setup.busiest and container == "mana" else "")  # fmt: skip
-            rows.append([setup.name, label, f"{statistics.median(rps):,.0f}",
-                         f"{statistics.median(setup.p99[container]):.2f}",
+                      if setup.busiest and (container, depth) == ("mana", 1) else "")  # fmt: skip
+            rows.append([setup.name, measure_name(container, depth),
+                         f"{statistics.median(run.rps for run in runs):,.0f}",
+                         f"{statistics.median(run.p99_ms for run in runs):.2f}",
+                         f"{statistics.median(run.daemon_cores for run in runs):.2f}",
+                         f"{statistics.median(run.wrk_cores for run in runs):.2f}",
                          f"{statistics.median(ratios):.2f}x",
                          " ".join(f"{r:.2f}" for r in ratios), spread])  # fmt: skip
     print(f"\nchanstore serve --workers: {rounds} rounds of {seconds} s, wrk -t{WRK_THREADS} "
-          f"-c{CONNECTIONS}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"-c{CONNECTIONS}, {cores} CPUs, Python {platform.python_version()}, "
           f"wrk pinned to {args.wrk_cpus or 'nothing'}, daemons to "
           f"{args.daemon_cpus or 'nothing'}")  # fmt: skip
-    print(text_table(["setup", "measure", "req/s (median)", "p99 ms", "vs 1 worker",
-                      "per-round ratios", "busiest worker's share"], rows,
-                     right={2, 3, 4}))  # fmt: skip
+    print(text_table(["setup", "measure", "req/s (median)", "p99 ms", "daemon cores",
+                      "wrk cores", "vs 1 worker", "per-round ratios",
+                      "busiest worker's share"], rows, right={2, 3, 4, 5, 6}))  # fmt: skip
+    print(
+        f"\nWhat wrk leaves for workers on {cores} cores, if a request cost what it costs at "
+        "one worker (cores / (daemon cores + wrk cores) at one worker, medians):"
+    )
+    for (container, depth), runs in one.runs.items():
+        spent = statistics.median(run.daemon_cores + run.wrk_cores for run in runs)
+        print(f"  {measure_name(container, depth)}: {cores / spent:.2f}x")
 
 
 if __name__ == "__main__":
