@@ -348,7 +348,7 @@ def _fast_dumps(shaped: Any, indent: int | None, checked: bool) -> bytes | None:
         return None
     if not checked and b"null" in out:
         return None  # perhaps a NaN or an infinity, which orjson writes as null
-    if (b"0.0000" in out and _repr_differs(out)) or (b"e-" in out and _SHORT_EXPONENT(out)):
+    if (b"0.0000" in out and _repr_differs(out)) or _may_hold_short_exponent(out):
         return None
     if not out.isascii():
         out = out.decode("utf-8").encode("ascii", _ESCAPE_ERRORS)
@@ -360,6 +360,14 @@ def _fast_dumps(shaped: Any, indent: int | None, checked: bool) -> bytes | None:
 #: orjson writes floats from 1e-5 to 1e-4 as 0.0000ddd and smaller ones with a
 #: one-digit exponent (1e-7); ``repr``, and so the stdlib, writes 1e-05 and 1e-07.
 _SHORT_EXPONENT = re.compile(rb"e-[1-9](?![0-9])").search
+
+
+def _may_hold_short_exponent(out: bytes) -> bool:
+    # A negative exponent needs a '-': a one-byte search (memchr) rules out most values
+    # in microseconds, where searching for b"e-" takes 0.7 ms for 900 KB of text.
+    return b"-" in out and b"e-" in out and _SHORT_EXPONENT(out) is not None
+
+
 _DIGITS = frozenset(b"0123456789")
 
 
