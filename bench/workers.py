@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -204,7 +205,13 @@ def run_wrk(setup: Setup, script: Path, seconds: int, cpus: str | None) -> Run:
     if result["errors"] or result["status"]:
         raise RuntimeError(f"{setup.name}: wrk saw failures: {result}")
     rps = result["requests"] / (result["duration_us"] / 1e6)
-    return Run(rps, result["p99_us"] / 1000, daemon_cores, wrk_cores)
+    p99_ms = result["p99_us"] / 1000
+    if result["requests"] and not result["p50_us"]:
+        # wrk times a batch when its last answer arrives: none timed means none completed
+        # on its connection, which the ratio alone would hide.
+        progress(f"{setup.name}: wrk timed no batch of its {result['requests']:,} answers")
+        p99_ms = math.nan
+    return Run(rps, p99_ms, daemon_cores, wrk_cores)
 
 
 def main() -> int:
@@ -262,6 +269,11 @@ def main() -> int:
     return 0
 
 
+def median_p99(runs: list[Run]) -> str:
+    timed = [run.p99_ms for run in runs if not math.isnan(run.p99_ms)]
+    return f"{statistics.median(timed):.2f}" if timed else "n/a"
+
+
 def measure_name(container: str, depth: int) -> str:
     return f"{CONTAINERS[container]} GET cached" + (f", pipelined x{depth}" if depth > 1 else "")
 
@@ -278,7 +290,7 @@ def report(setups: list[Setup], rounds: int, seconds: int, args: argparse.Namesp
                       if setup.busiest and (container, depth) == ("mana", 1) else "")  # fmt: skip
             rows.append([setup.name, measure_name(container, depth),
                          f"{statistics.median(run.rps for run in runs):,.0f}",
-                         f"{statistics.median(run.p99_ms for run in runs):.2f}",
+                         median_p99(runs),
                          f"{statistics.median(run.daemon_cores for run in runs):.2f}",
                          f"{statistics.median(run.wrk_cores for run in runs):.2f}",
                          f"{statistics.median(ratios):.2f}x",
