@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,10 +55,12 @@ __all__ = [
     "DaemonProcess",
     "NotifyListener",
     "RedisServer",
+    "Response",
     "free_port",
     "json_entry",
     "key_path",
     "metric",
+    "read_response",
     "run_cli",
     "segment",
     "wait_until",
@@ -398,6 +401,27 @@ class DaemonProcess:
             for name, data in self.files().items()
             if name.startswith("data/") and not Path(name).name.startswith(JOURNAL_NAME)
         }
+
+
+@dataclass
+class Response:
+    """One HTTP answer as read off a raw socket (header names in lower case)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def read_response(stream: BinaryIO) -> Response:
+    """The next answer on ``stream`` (a raw socket's ``makefile("rb")``)."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = stream.read(int(headers.get("content-length", "0")))
+    return Response(int(status_line.split()[1]), headers, body)
 
 
 def _clean_environment() -> dict[str, str]:

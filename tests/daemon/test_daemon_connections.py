@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO
 
 import pytest
-from daemon_harness import JSON_CONTAINERS, DaemonProcess, key_path
+from daemon_harness import JSON_CONTAINERS, DaemonProcess, Response, key_path, read_response
 
 from chanstore.versions import etag_of
 
 TIMEOUT = 10.0
 TOKEN = "tok-connections-7Hq2"
-
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
 
 
 @pytest.fixture
@@ -44,17 +36,6 @@ def request(method: str, path: str, body: bytes = b"", *headers: str,
     if body or method == "PUT":
         head.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def read_response(stream: BinaryIO) -> Response:
-    status_line = stream.readline()
-    assert status_line.startswith(b"HTTP/1.1 "), status_line
-    headers: dict[str, str] = {}
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = stream.read(int(headers.get("content-length", "0")))
-    return Response(int(status_line.split()[1]), headers, body)
 
 
 def exchange(sock: socket.socket, *requests: bytes) -> list[Response]:

@@ -24,7 +24,15 @@ from typing import BinaryIO
 import httpx
 import pytest
 from daemon_fixtures import json_and_redis_containers
-from daemon_harness import DaemonProcess, NotifyListener, key_path, metric, run_cli, wait_until
+from daemon_harness import (
+    DaemonProcess,
+    NotifyListener,
+    key_path,
+    metric,
+    read_response,
+    run_cli,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 import chanstore
@@ -152,24 +160,18 @@ def raw_connection_to(daemon: DaemonProcess, worker: int, attempts: int = 200) -
     for _ in range(attempts):
         sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=20)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, body = read_answer(sock.makefile("rb"))
-        if status == 200 and json.loads(body)["worker"] == worker:
+        answer = read_response(sock.makefile("rb"))
+        if answer.status == 200 and json.loads(answer.body)["worker"] == worker:
             return sock
         sock.close()
     raise AssertionError(f"no connection reached worker {worker} in {attempts} tries")
 
 
-def read_answer(stream: BinaryIO) -> tuple[int, bytes]:
-    status_line = stream.readline()
-    assert status_line.startswith(b"HTTP/1.1 "), status_line
-    length = 0
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"connection":
-            raise AssertionError(f"a keep-alive answer asked to close: {line!r}")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return int(status_line.split()[1]), stream.read(length)
+def read_kept_alive(stream: BinaryIO) -> tuple[int, bytes]:
+    """The next answer's status and body; it must not ask to close the connection."""
+    answer = read_response(stream)
+    assert "connection" not in answer.headers, f"a keep-alive answer asked to close: {answer}"
+    return answer.status, answer.body
 
 
 def test_pipelined_requests_from_many_connections_are_relayed_in_order(group) -> None:
@@ -194,7 +196,7 @@ def test_pipelined_requests_from_many_connections_are_relayed_in_order(group) ->
                     + b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % (path + "-absent").encode()
                     + b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % key_path("pipe", "mana", "m").encode()
                 )  # fmt: skip
-                answers = [read_answer(stream) for _ in range(8)]
+                answers = [read_kept_alive(stream) for _ in range(8)]
                 assert answers[0][0] == 200 and b'"ok":true' in answers[0][1], answers[0]
                 assert answers[1:6] == [(200, body)] * 5, (number, batch, answers[1:6])
                 assert answers[6][0] == 404 and b"not_found" in answers[6][1], answers[6]
