@@ -37,6 +37,7 @@ from typing import Any
 from chanstore import logs
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.null import NullDatabase
+from chanstore.cache_hits import HitPath
 from chanstore.cache_memory import (
     ABSENT,
     UNKNOWN,
@@ -70,7 +71,7 @@ CORRUPT_VALUE = "corrupt_value"
 _UNREADABLE_KINDS = frozenset({CorruptValue.kind, "planted_link"})
 
 
-class CachedDict(MutableMapping[str, Any]):
+class CachedDict(HitPath, MutableMapping[str, Any]):
     """A mapping whose values live in ``database`` and are cached in :attr:`memory`.
 
     ``strict_mode=True`` raises :class:`~chanstore.errors.WriteRefused` when
@@ -96,7 +97,8 @@ class CachedDict(MutableMapping[str, Any]):
 
     # The daemon holds one per channel and container in memory: slots keep each
     # one small (no per-instance __dict__), and a logger is made only to log.
-    __slots__ = ("_lock", "_metrics", "database", "memory", "name", "strict_mode")
+    # ``memory`` is the hit path's (chanstore.cache_hits.HitPath).
+    __slots__ = ("_lock", "_metrics", "database", "name", "strict_mode")
 
     def __init__(
         self,
@@ -295,32 +297,8 @@ class CachedDict(MutableMapping[str, Any]):
         self.database.close()
 
     # -- reading -------------------------------------------------------------
-
-    def __getitem__(self, key: str) -> Any:
-        # The library's hottest read, a held value: one dict lookup, one class test and
-        # one plain count (folded into chanstore_cache_requests_total at scrape time).
-        # Everything else (a key memory does not hold, a damaged value) goes the slow way.
-        memory = self.memory
-        try:
-            value = memory._values[key]
-        except KeyError:
-            return self._get_slowly(key)
-        if value.__class__ is UnreadableValue:
-            return self._get_slowly(key)
-        memory._counts.hits += 1
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """``self[key]``, or ``default`` for an absent key (a held value costs no extra call)."""
-        memory = self.memory
-        value = memory._values.get(key, UNKNOWN)
-        if value is UNKNOWN or value.__class__ is UnreadableValue:
-            try:
-                return self._get_slowly(key)
-            except KeyError:
-                return default
-        memory._counts.hits += 1
-        return value
+    # ``d[key]``, ``get`` and ``in`` of a key memory holds are HitPath's (in C where
+    # built); it comes here for the rest.
 
     def _get_slowly(self, key: str) -> Any:
         """``self[key]`` for a key memory does not hold a readable value of."""
@@ -334,18 +312,6 @@ class CachedDict(MutableMapping[str, Any]):
         if value.__class__ is UnreadableValue:
             raise value.fresh()
         return value
-
-    def __contains__(self, key: object) -> bool:
-        # A held key (a damaged value is held too, and is in the mapping) is answered
-        # by one dict lookup; the rest by peek, then the backend.
-        memory = self.memory
-        if key in memory._values:
-            memory._counts.hits += 1
-            return True
-        if memory._complete and memory.keeps_writes:  # read in this order, as peek reads
-            memory._counts.hits += 1
-            return False
-        return self._contains_slowly(key)
 
     def _contains_slowly(self, key: Any) -> bool:
         value = self.memory.peek(key)

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from chanstore.cache_hits import Memory
 from chanstore.errors import CorruptValue
 from chanstore.metrics import CacheCounts
 
@@ -81,7 +82,7 @@ class UnreadableValue(CorruptValue):
         return UnreadableValue, (self.container, self.key, self.kind)
 
 
-class CacheMemory:
+class CacheMemory(Memory):
     """What one CachedDict holds in memory: values, and whether they are the whole domain.
 
     :meth:`peek` never asks the backend and never waits for a lock, so an
@@ -96,8 +97,8 @@ class CacheMemory:
     ``chanstore_cache_requests_total`` when the metrics are collected.
     """
 
-    __slots__ = ("_complete", "_counts", "_entries", "_lock", "_noted", "_touched", "_values",
-                 "_void", "_writes")  # fmt: skip
+    # _values, _complete and _counts are the hit path's (chanstore.cache_hits.Memory).
+    __slots__ = ("_entries", "_lock", "_noted", "_touched", "_void", "_writes")
 
     #: Whether the values of writes are kept (:class:`NullMemory` keeps nothing).
     keeps_writes = True

@@ -30,6 +30,8 @@ import prometheus_client
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
+from chanstore.cache_hits import Counts
+
 __all__ = [
     "BACKEND_BUCKETS",
     "HTTP_BUCKETS",
@@ -295,23 +297,24 @@ class Metrics:
                 counts.fold()
 
 
-class CacheCounts:
+class CacheCounts(Counts):
     """One container's cache hits and misses, in plain numbers, folded in at scrape time.
 
     A cache hit takes well under a microsecond; ``Counter.inc()`` (a lock and
     a float) was a large share of it. CachedDicts add to :attr:`hits` and
     :attr:`misses` with no lock; the counter only ever sees the difference
     since the last fold, so folding never writes what the hot path writes.
-    Increments from threads that race may rarely be lost (``+= 1`` is not
-    atomic), which a rate over seconds does not show.
+    The hit path counts in C (:mod:`chanstore.cache_hits`), where no count
+    is lost; increments made in Python from threads that race may rarely be
+    lost (``+= 1`` is not atomic), which a rate over seconds does not show.
     """
 
-    __slots__ = ("_folded_hits", "_folded_misses", "_hit", "_miss", "hits", "misses")
+    __slots__ = ("_folded_hits", "_folded_misses", "_hit", "_miss")
 
     def __init__(self, hit: Any, miss: Any) -> None:
         self._hit = hit
         self._miss = miss
-        self.hits = 0
+        self.hits = 0  # a C field where chanstore.cache_hits is compiled
         self.misses = 0
         self._folded_hits = 0
         self._folded_misses = 0
