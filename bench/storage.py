@@ -88,7 +88,7 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram
 
 import original_sdk  # bench/original_sdk.py: the loops both sides of part 4 run
-from chanstore import CachedDict, JSONDatabase, Metrics, MoobiusStorage, NullDatabase
+from chanstore import CachedDict, JSONDatabase, Metrics, MoobiusStorage, NullDatabase, cache_hits
 from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.redisdb import RedisDatabase
 from chanstore.codec import Document
@@ -1245,7 +1245,8 @@ def environment(client: redis.Redis) -> str:
     return (
         f"Python {platform.python_version()}, redis-server {server['redis_version']}, "
         f"redis-py {redis.__version__} (hiredis {hiredis}), "
-        f"prometheus-client {package_version('prometheus-client')}, {os.cpu_count()} CPUs, "
+        f"prometheus-client {package_version('prometheus-client')}, "
+        f"hit path {'in C' if cache_hits.COMPILED else 'in Python'}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.machine()}"
     )
 
