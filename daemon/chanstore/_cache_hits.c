@@ -50,6 +50,8 @@ static PyTypeObject CountsType = {
 
 /* -- Memory ------------------------------------------------------------------- */
 
+static PyObject *str_keeps_writes;     /* "keeps_writes" */
+
 typedef struct {
     PyObject_HEAD
     PyObject *values;   /* dict: key -> value, as held */
@@ -66,8 +68,10 @@ memory_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     /* keeps_writes is a class attribute (False for the null backend's memory):
-     * read once here, so that the hit path tests a C field. */
-    PyObject *keeps = PyObject_GetAttrString((PyObject *)type, "keeps_writes");
+     * read once here, so that the hit path tests a C field. The name is interned
+     * once: the type's attribute cache keeps the name it was asked by, and a new
+     * string per memory would be kept there, scattered over the heap. */
+    PyObject *keeps = PyObject_GetAttr((PyObject *)type, str_keeps_writes);
     if (keeps == NULL) {
         Py_DECREF(self);
         return NULL;
@@ -360,7 +364,8 @@ PyInit__cache_hits(void)
 {
     str_get_slowly = PyUnicode_InternFromString("_get_slowly");
     str_contains_slowly = PyUnicode_InternFromString("_contains_slowly");
-    if (str_get_slowly == NULL || str_contains_slowly == NULL) {
+    str_keeps_writes = PyUnicode_InternFromString("keeps_writes");
+    if (str_get_slowly == NULL || str_contains_slowly == NULL || str_keeps_writes == NULL) {
         return NULL;
     }
     if (PyType_Ready(&CountsType) < 0 || PyType_Ready(&MemoryType) < 0
