@@ -304,9 +304,9 @@ class CacheCounts(Counts):
     a float) was a large share of it. CachedDicts add to :attr:`hits` and
     :attr:`misses` with no lock; the counter only ever sees the difference
     since the last fold, so folding never writes what the hot path writes.
-    The hit path counts in C (:mod:`chanstore.cache_hits`), where no count
-    is lost; increments made in Python from threads that race may rarely be
-    lost (``+= 1`` is not atomic), which a rate over seconds does not show.
+    Where :mod:`chanstore.cache_hits` is compiled, hits are counted in C and
+    none is lost; increments made in Python from threads that race may rarely
+    be lost (``+= 1`` is not atomic), which a rate over seconds does not show.
     """
 
     __slots__ = ("_folded_hits", "_folded_misses", "_hit", "_miss")
