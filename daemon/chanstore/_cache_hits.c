@@ -22,6 +22,15 @@
 #include <Python.h>
 #include <structmember.h>
 
+/* The dealloc of Memory and HitPath: untrack, drop the references `clear` drops, free. */
+static void
+dealloc_cleared(PyObject *self, inquiry clear)
+{
+    PyObject_GC_UnTrack(self);
+    clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
 /* -- Counts ------------------------------------------------------------------- */
 
 typedef struct {
@@ -105,9 +114,7 @@ memory_clear(MemoryObject *self)
 static void
 memory_dealloc(MemoryObject *self)
 {
-    PyObject_GC_UnTrack(self);
-    memory_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    dealloc_cleared((PyObject *)self, (inquiry)memory_clear);
 }
 
 static PyMemberDef memory_members[] = {
@@ -308,9 +315,7 @@ hit_clear(HitPathObject *self)
 static void
 hit_dealloc(HitPathObject *self)
 {
-    PyObject_GC_UnTrack(self);
-    hit_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    dealloc_cleared((PyObject *)self, (inquiry)hit_clear);
 }
 
 static PyMethodDef hit_methods[] = {
