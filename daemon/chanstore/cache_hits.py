@@ -45,13 +45,12 @@ class Counts:
 class Memory:
     """The state of a CacheMemory that the hit path reads.
 
-    ``keeps_writes`` is a class attribute: a memory that keeps nothing (the
-    null backend's) answers no absent key itself.
+    A subclass defines the class attribute ``keeps_writes``: a memory that
+    keeps nothing (the null backend's) answers no absent key itself. The C
+    type reads it once, when a memory is made.
     """
 
     __slots__ = ("_complete", "_counts", "_values")
-
-    keeps_writes = True
 
 
 class HitPath:
