@@ -162,6 +162,7 @@ from chanstore.backends.files import (
 )
 from chanstore.backends.integrity import report_planted
 from chanstore.backends.journal_direct import DIRECT_BYTES, write_directly
+from chanstore.backends.journal_groups import Commit, Waiting, settle_group
 from chanstore.backends.journal_records import JOURNAL_NAME, decode_records, encode_record
 from chanstore.backends.journal_recovery import recover
 
@@ -215,6 +216,8 @@ class Journal:
         #: Backends of this root that hold this journal (see :class:`_Journals`).
         self.users = 0
         self._lock = threading.Lock()
+        #: Batches waiting for the lock; its holder journals them together.
+        self._waiting = Waiting()
         # A read-only descriptor of the journal holding its flock, while we own it.
         self._fd: int | None = None
         self._owner = False
@@ -321,31 +324,52 @@ class Journal:
         :class:`PlantedLink` in its place) if writing or flushing it failed
         (nothing was written either). Otherwise every write is durable in
         the journal, and the answer says which files could not be written
-        (see the module's "Failures after the flush").
+        (see the module's "Failures after the flush"). Batches of other
+        threads waiting meanwhile are journaled with this one, with one flush
+        (see :mod:`.journal_groups`); the errors above are then theirs too.
         """
         if not files:
             return []
-        if any(len(data) >= DIRECT_BYTES for _path, data in files):
-            return self._write_split(files)
+        commit = Commit(files)
+        self._waiting.add(commit)
         with self._lock:
-            return self._write(files)
+            while not commit.done:  # a group taken ahead of ours may have stopped before it
+                self._commit(self._waiting.take())
+        return commit.answer()
+
+    def _commit(self, group: list[Commit]) -> None:
+        """Journal the batches of ``group`` as one, and settle each with its answer."""
+        files = [file for commit in group for file in commit.files]
+        try:
+            if any(len(data) >= DIRECT_BYTES for _path, data in files):
+                errors = self._write_split(files)
+            else:
+                errors = self._write(files)
+        except Exception as exc:  # noqa: BLE001 - the whole group's answer, raised by each caller
+            for commit in group:
+                commit.settle(exc)
+        except BaseException as exc:
+            for commit in group:
+                commit.settle(exc)
+            raise
+        else:
+            settle_group(group, errors)
 
     def _write_split(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """Small files journaled, large ones written directly (see :mod:`.journal_direct`)."""
         small = [index for index, (_path, data) in enumerate(files) if len(data) < DIRECT_BYTES]
         large = [index for index, (_path, data) in enumerate(files) if len(data) >= DIRECT_BYTES]
         errors: list[Exception | None] = [None] * len(files)
-        with self._lock:
-            if not self._own(create=True):
-                raise NotJournaling(self.root)
-            if not self._journaled.isdisjoint(files[index][0] for index in large):
-                self._checkpoint()  # rule 4: no replay may undo what is written here
-            if small:
-                for index, error in zip(small, self._write([files[i] for i in small]), strict=True):
-                    errors[index] = error
-            written = write_directly(self.folder, [files[index] for index in large])
-            for index, error in zip(large, written, strict=True):
+        if not self._own(create=True):
+            raise NotJournaling(self.root)
+        if not self._journaled.isdisjoint(files[index][0] for index in large):
+            self._checkpoint()  # rule 4: no replay may undo what is written here
+        if small:
+            for index, error in zip(small, self._write([files[i] for i in small]), strict=True):
                 errors[index] = error
+        written = write_directly(self.folder, [files[index] for index in large])
+        for index, error in zip(large, written, strict=True):
+            errors[index] = error
         return errors
 
     def _write(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
@@ -543,6 +567,7 @@ class Journal:
         durable way from then on.
         """
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._waiting = Waiting()  # and left its batch waiting
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

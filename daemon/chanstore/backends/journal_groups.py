@@ -1,0 +1,101 @@
+"""Group commit across callers: batches that wait for the journal share its next flush.
+
+Why
+---
+The journal flushes once per batch, and a batch is whatever one caller
+hands it: one write lane's queue. The daemon has several lanes per
+container (and a root may hold several containers), each on its own thread,
+and while one batch holds the journal's lock for its flush the others wait
+for that lock. Taken one at a time, they cost a flush each: four lanes
+writing one key each flushed four times, where one flush would do (measured
+here: four threads writing 100 KB values to one root stored fewer values per
+second than one thread).
+
+How
+---
+A caller puts its batch in :class:`Waiting` (a :class:`Commit`), then takes
+the journal's lock. Whoever holds the lock takes every commit waiting by
+then (:meth:`Waiting.take`) and journals them as one batch, with one flush;
+the others find theirs done when they get the lock, and return its answer.
+No thread is added and nothing waits on a timer: a commit waits only for
+the batch ahead of it, as before.
+
+Order is kept: commits are taken in the order they arrived, and a group
+stops before a commit that names a file already in it, which waits for the
+next group. So two writes of one file are journaled and applied in the
+order they were made, as the journal's invariants require, and a group
+never writes one file twice (the large files of a group are written in
+parallel).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+__all__ = ["Commit", "Waiting", "settle_group"]
+
+#: One file of a batch: its path relative to the root, and its contents.
+File = tuple[str, bytes]
+
+
+class Commit:
+    """One caller's batch, until the holder of the journal's lock has journaled it."""
+
+    __slots__ = ("done", "files", "outcome", "paths")
+
+    def __init__(self, files: Sequence[File]) -> None:
+        self.files = files
+        self.paths = {path for path, _data in files}
+        self.done = False
+        self.outcome: list[Exception | None] | BaseException = []
+
+    def settle(self, outcome: list[Exception | None] | BaseException) -> None:
+        """Each file's error, or the error of the whole batch."""
+        self.outcome = outcome
+        self.done = True
+
+    def answer(self) -> list[Exception | None]:
+        """Each file's error; raises the error of the whole batch."""
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+class Waiting:
+    """Commits waiting for the journal, in the order they arrived.
+
+    Any thread may :meth:`add`; only the holder of the journal's lock may
+    :meth:`take`. At most one commit per thread waits here, so it holds no
+    more than the threads that write to the root.
+    """
+
+    def __init__(self) -> None:
+        self._commits: deque[Commit] = deque()  # appends and pops are atomic
+
+    def __len__(self) -> int:
+        return len(self._commits)
+
+    def add(self, commit: Commit) -> None:
+        self._commits.append(commit)
+
+    def take(self) -> list[Commit]:
+        """The commits that can be journaled together, the first waiting one first: up to
+        (not including) the first that names a file one of them names."""
+        group: list[Commit] = []
+        paths: set[str] = set()
+        commits = self._commits
+        while commits and paths.isdisjoint(commits[0].paths):
+            commit = commits.popleft()
+            group.append(commit)
+            paths |= commit.paths
+        return group
+
+
+def settle_group(group: Sequence[Commit], errors: list[Exception | None]) -> None:
+    """Hand each commit of ``group`` its files' errors, cut from the group's ``errors``."""
+    start = 0
+    for commit in group:
+        end = start + len(commit.files)
+        commit.settle(errors[start:end])
+        start = end
