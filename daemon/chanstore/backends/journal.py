@@ -59,7 +59,9 @@ The protocol
    to a temporary file *without* fsync and renamed over the key's file, so
    key files always hold a whole value in the original SDK's layout and any
    reader sees the new value at once. A write is acknowledged only after
-   the journal's flush.
+   the journal's flush. Batches that wait for the lock meanwhile (other
+   lanes, other containers of the root) are journaled together by whoever
+   takes it next, with one flush (see :mod:`.journal_groups`).
 2. **Checkpoint** (:meth:`Journal.checkpoint`), when the journal holds more
    than :data:`CHECKPOINT_BYTES` or :data:`CHECKPOINT_RECORDS` (done inline
    by the batch that crosses the bound: amortized over thousands of
