@@ -17,7 +17,7 @@ import pytest
 
 from chanstore.backends import journal as journal_module
 from chanstore.backends.journal import JOURNAL_NAME, Journal, decode_records
-from chanstore.backends.journal_groups import Commit, Waiting, settle_group
+from chanstore.backends.journal_groups import Commit, Waiting, journal_group
 from chanstore.backends.jsonfiles import JSONDatabase
 from support import crash_journal, wait_until
 
@@ -42,16 +42,36 @@ def test_a_group_is_taken_in_arrival_order_up_to_a_file_named_twice():
 
 def test_each_commit_of_a_group_gets_its_own_files_errors_or_the_groups_error():
     failed = OSError("no room")
+    written: list[list[tuple[str, bytes]]] = []
+
+    def write(files: list[tuple[str, bytes]]) -> list[Exception | None]:
+        written.append(files)
+        return [None, failed, None]
+
     group = [Commit([("a", b"1"), ("b", b"1")]), Commit([("c", b"2")])]
-    settle_group(group, [None, failed, None])
+    journal_group(group, write)
+    assert written == [[("a", b"1"), ("b", b"1"), ("c", b"2")]]  # one write for the group
     assert group[0].answer() == [None, failed]
     assert group[1].answer() == [None]
-    whole = Commit([("a", b"1")])
-    assert not whole.done
-    whole.settle(failed)
-    assert whole.done
-    with pytest.raises(OSError, match="no room"):
-        whole.answer()
+
+    def fail(files: list[tuple[str, bytes]]) -> list[Exception | None]:
+        raise failed
+
+    whole = [Commit([("a", b"1")]), Commit([("b", b"1")])]
+    journal_group(whole, fail)
+    for commit in whole:
+        assert commit.done
+        with pytest.raises(OSError, match="no room"):
+            commit.answer()
+
+    def interrupted(files: list[tuple[str, bytes]]) -> list[Exception | None]:
+        raise KeyboardInterrupt
+
+    stopped = [Commit([("a", b"1")]), Commit([("b", b"1")])]
+    with pytest.raises(KeyboardInterrupt):  # raised in the thread that journals ...
+        journal_group(stopped, interrupted)
+    with pytest.raises(KeyboardInterrupt):  # ... and in every other caller of the group
+        stopped[1].answer()
 
 
 @pytest.fixture

@@ -59,9 +59,8 @@ The protocol
    to a temporary file *without* fsync and renamed over the key's file, so
    key files always hold a whole value in the original SDK's layout and any
    reader sees the new value at once. A write is acknowledged only after
-   the journal's flush. Batches that wait for the lock meanwhile (other
-   lanes, other containers of the root) are journaled together by whoever
-   takes it next, with one flush (see :mod:`.journal_groups`).
+   the journal's flush. Batches that wait for the lock meanwhile share
+   the next flush (see :mod:`.journal_groups`).
 2. **Checkpoint** (:meth:`Journal.checkpoint`), when the journal holds more
    than :data:`CHECKPOINT_BYTES` or :data:`CHECKPOINT_RECORDS` (done inline
    by the batch that crosses the bound: amortized over thousands of
@@ -164,7 +163,7 @@ from chanstore.backends.files import (
 )
 from chanstore.backends.integrity import report_planted
 from chanstore.backends.journal_direct import DIRECT_BYTES, write_directly
-from chanstore.backends.journal_groups import Commit, Waiting, settle_group
+from chanstore.backends.journal_groups import Commit, Waiting, journal_group
 from chanstore.backends.journal_records import JOURNAL_NAME, decode_records, encode_record
 from chanstore.backends.journal_recovery import recover
 
@@ -326,9 +325,8 @@ class Journal:
         :class:`PlantedLink` in its place) if writing or flushing it failed
         (nothing was written either). Otherwise every write is durable in
         the journal, and the answer says which files could not be written
-        (see the module's "Failures after the flush"). Batches of other
-        threads waiting meanwhile are journaled with this one, with one flush
-        (see :mod:`.journal_groups`); the errors above are then theirs too.
+        (see the module's "Failures after the flush"). Batches waiting
+        meanwhile share the flush, and its errors (:mod:`.journal_groups`).
         """
         if not files:
             return []
@@ -336,26 +334,13 @@ class Journal:
         self._waiting.add(commit)
         with self._lock:
             while not commit.done:  # a group taken ahead of ours may have stopped before it
-                self._commit(self._waiting.take())
+                journal_group(self._waiting.take(), self._write_group)
         return commit.answer()
 
-    def _commit(self, group: list[Commit]) -> None:
-        """Journal the batches of ``group`` as one, and settle each with its answer."""
-        files = [file for commit in group for file in commit.files]
-        try:
-            if any(len(data) >= DIRECT_BYTES for _path, data in files):
-                errors = self._write_split(files)
-            else:
-                errors = self._write(files)
-        except Exception as exc:  # noqa: BLE001 - the whole group's answer, raised by each caller
-            for commit in group:
-                commit.settle(exc)
-        except BaseException as exc:
-            for commit in group:
-                commit.settle(exc)
-            raise
-        else:
-            settle_group(group, errors)
+    def _write_group(self, files: list[tuple[str, bytes]]) -> list[Exception | None]:
+        if any(len(data) >= DIRECT_BYTES for _path, data in files):
+            return self._write_split(files)
+        return self._write(files)
 
     def _write_split(self, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
         """Small files journaled, large ones written directly (see :mod:`.journal_direct`)."""

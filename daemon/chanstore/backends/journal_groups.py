@@ -31,12 +31,14 @@ parallel).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["Commit", "Waiting", "settle_group"]
+__all__ = ["Commit", "Waiting", "journal_group"]
 
 #: One file of a batch: its path relative to the root, and its contents.
 File = tuple[str, bytes]
+#: What a batch's write answers: each file's error, or None.
+Errors = list[Exception | None]
 
 
 class Commit:
@@ -48,14 +50,14 @@ class Commit:
         self.files = files
         self.paths = {path for path, _data in files}
         self.done = False
-        self.outcome: list[Exception | None] | BaseException = []
+        self.outcome: Errors | BaseException = []
 
-    def settle(self, outcome: list[Exception | None] | BaseException) -> None:
+    def settle(self, outcome: Errors | BaseException) -> None:
         """Each file's error, or the error of the whole batch."""
         self.outcome = outcome
         self.done = True
 
-    def answer(self) -> list[Exception | None]:
+    def answer(self) -> Errors:
         """Each file's error; raises the error of the whole batch."""
         if isinstance(self.outcome, BaseException):
             raise self.outcome
@@ -92,8 +94,21 @@ class Waiting:
         return group
 
 
-def settle_group(group: Sequence[Commit], errors: list[Exception | None]) -> None:
-    """Hand each commit of ``group`` its files' errors, cut from the group's ``errors``."""
+def journal_group(group: Sequence[Commit], write: Callable[[list[File]], Errors]) -> None:
+    """Journal the batches of ``group`` as one, by ``write`` (the files, to each one's
+    error), and settle each commit with its own answer: its files' errors, or the error
+    that failed the whole group."""
+    files = [file for commit in group for file in commit.files]
+    try:
+        errors = write(files)
+    except Exception as exc:  # noqa: BLE001 - every caller of the group raises it
+        for commit in group:
+            commit.settle(exc)
+        return
+    except BaseException as exc:
+        for commit in group:
+            commit.settle(exc)
+        raise
     start = 0
     for commit in group:
         end = start + len(commit.files)
