@@ -3,13 +3,14 @@
 Why
 ---
 The journal flushes once per batch, and a batch is whatever one caller
-hands it: one write lane's queue. The daemon has several lanes per
-container (and a root may hold several containers), each on its own thread,
-and while one batch holds the journal's lock for its flush the others wait
-for that lock. Taken one at a time, they cost a flush each: four lanes
-writing one key each flushed four times, where one flush would do (measured
-here: four threads writing 100 KB values to one root stored fewer values per
-second than one thread).
+hands it: one write lane's queue. A root's batches come from several
+threads at once when its containers have several lanes (``--write-lanes``),
+when a root holds several containers, or from a library's own threads;
+while one batch holds the journal's lock for its flush the others wait for
+that lock. Taken one at a time, they cost a flush each: four lanes writing
+one key each flushed four times, where one flush would do (four threads
+writing 100 KB values to one root stored fewer values per second than one
+thread: ``bench/journal_groups.py``).
 
 How
 ---
