@@ -91,6 +91,12 @@ class DatabaseInterface(ABC):
     #: When False, conditions hold only if the caller orders every write to the
     #: domain itself, as the daemon's write lanes do for the json root it owns.
     checks_conditions: ClassVar[bool] = False
+    #: Whether every write must reach the backend, even one that a later write of
+    #: the same key replaces in the same write-lane batch (both are acknowledged
+    #: together, once the later one is stored). True where each change is
+    #: recorded or seen elsewhere: a change history, another daemon. False lets
+    #: a lane store only the last of a key's unconditional sets in a batch.
+    sees_every_write: ClassVar[bool] = True
     #: Whether stored values are revived into Python objects (sets, tuples,
     #: registered dataclasses) or read as :class:`~chanstore.codec.Document`\ s
     #: of their stored JSON. The daemon, which carries values in their stored

@@ -114,6 +114,9 @@ class JSONDatabase(DatabaseInterface):
 
     engine_name = "json"
     SETTINGS = {"root_dir": (str,), "fsync": (bool,)}
+    #: A replaced write need not reach the files: nothing records each change here
+    #: (the daemon keeps a json container's history in memory).
+    sees_every_write = False
     INTEGRITY_KINDS = ("corrupt_value", "journal_damaged", "planted_link", "unlistable_domain")
 
     def __init__(self, domain: str = "", root_dir: str = "", fsync: bool = True, **kwargs: Any):

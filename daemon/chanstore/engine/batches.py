@@ -18,6 +18,13 @@ here, just before the run is stored, and the writes that pass join the run's
 other writes: the lanes order every write of a domain, so nothing can change
 in between, and conditional writes share the run's one flush.
 
+A set that a later set of the same key replaces within the batch is not
+stored at all where the backend allows it (``sees_every_write`` false: json)
+and the batch holds no conditional write: it gets the later write's result,
+and both are acknowledged together, once the later one is stored. So a key
+written over and over (a health bar) costs one file and one run per batch,
+not a run, and a journal flush, per write.
+
 Each write's result is True (stored; for a delete: the key existed), False (a
 delete of an absent key), or the error it met.
 """
@@ -86,6 +93,39 @@ def stores_on_loop(batch: Sequence[Queued]) -> bool:
 
 def apply_batch(batch: Sequence[Queued], fan_out: Executor | None = None) -> list[Outcome]:
     """Apply ``batch`` in order, on this thread and ``fan_out``; each write's outcome."""
+    replaced = _replaced_within(batch)
+    if not replaced:
+        return _apply_in_runs(batch, fan_out)
+    kept = [index for index in range(len(batch)) if index not in replaced]
+    results: list[Outcome] = [False] * len(batch)
+    for index, outcome in zip(kept, _apply_in_runs([batch[i] for i in kept], fan_out),
+                              strict=True):  # fmt: skip
+        results[index] = outcome
+    for index in sorted(replaced, reverse=True):  # a later write's result is known first
+        results[index] = results[replaced[index]]
+    return results
+
+
+def _replaced_within(batch: Sequence[Queued]) -> dict[int, int]:
+    """Sets that the next write of their key in ``batch``, a set too, replaces: each one's
+    index, to that write's. Nothing where the backend sees every write, or where a
+    conditional write could read what a replaced set stored."""
+    if any(write.condition is not None for write in batch):
+        return {}
+    replaced: dict[int, int] = {}
+    later: dict[tuple[int, str], int] = {}
+    for index in range(len(batch) - 1, -1, -1):
+        write = batch[index]
+        token = (id(write.backend), write.key)
+        after = later.get(token)
+        if (after is not None and not write.delete and not batch[after].delete
+                and not type(write.backend).sees_every_write):  # fmt: skip
+            replaced[index] = after
+        later[token] = index
+    return replaced
+
+
+def _apply_in_runs(batch: Sequence[Queued], fan_out: Executor | None) -> list[Outcome]:
     results: list[Outcome] = [False] * len(batch)
     # The batch's writes so far, by key: the one stored, or None where it failed.
     stored: dict[tuple[int, str], Queued | None] = {}
