@@ -107,16 +107,13 @@ Encoded = Mapping[str, tuple[str, bytes]]
 class JSONDatabase(DatabaseInterface):
     """Values as JSON files under ``root_dir``.
 
-    Settings: ``root_dir`` (default: the working directory, as in the
-    original) and ``fsync`` (default true; false trades durability across a
-    power loss for speed, and keeps atomicity).
+    Settings: ``root_dir`` (default: the working directory, as in the original) and ``fsync``
+    (default true; false trades durability across a power loss for speed, keeps atomicity).
     """
 
     engine_name = "json"
     SETTINGS = {"root_dir": (str,), "fsync": (bool,)}
-    #: A replaced write need not reach the files: nothing records each change here
-    #: (the daemon keeps a json container's history in memory).
-    sees_every_write = False
+    sees_every_write = False  # nothing records each change here: the daemon keeps the history
     INTEGRITY_KINDS = ("corrupt_value", "journal_damaged", "planted_link", "unlistable_domain")
 
     def __init__(self, domain: str = "", root_dir: str = "", fsync: bool = True, **kwargs: Any):
