@@ -18,11 +18,13 @@ medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 from chanstore.backends.journal_groups import Waiting
 from chanstore.backends.jsonfiles import JSONDatabase
@@ -33,12 +35,23 @@ SIZES = (("100 B", 100), ("4 KB", 4_000), ("100 KB", 100_000))
 WRITERS = 4
 
 
+@contextlib.contextmanager
+def groups_of(most: int | None) -> Iterator[None]:
+    """Journal groups of at most ``most`` batches (None: as many as wait) meanwhile."""
+    every = Waiting.most
+    Waiting.most = every if most is None else most
+    try:
+        yield
+    finally:
+        Waiting.most = every
+
+
 def values_per_second(body: bytes, writers: int, grouped: bool, seconds: float) -> float:
     """Values stored per second by ``writers`` threads, each in its own domain of one root."""
-    Waiting.most = 1 << 30 if grouped else 1
     value = parse_document(body)
     stored = [0] * writers
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:
+    with groups_of(None if grouped else 1), \
+            tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as root:  # fmt: skip
         backends = [JSONDatabase(domain=f"bench.c{n}.box", root_dir=root) for n in range(writers)]
         backends[0].set_many({"warm": value})
         deadline = time.perf_counter() + seconds
@@ -57,7 +70,6 @@ def values_per_second(body: bytes, writers: int, grouped: bool, seconds: float) 
         elapsed = time.perf_counter() - started
         for backend in backends:
             backend.close()
-    Waiting.most = 1 << 30
     return sum(stored) / elapsed
 
 

@@ -106,14 +106,12 @@ def journal_group(group: Sequence[Commit], write: Callable[[list[File]], Errors]
     files = [file for commit in group for file in commit.files]
     try:
         errors = write(files)
-    except Exception as exc:  # noqa: BLE001 - every caller of the group raises it
+    except BaseException as exc:  # every caller of the group raises it
         for commit in group:
             commit.settle(exc)
+        if not isinstance(exc, Exception):
+            raise  # an interrupt stops this thread too
         return
-    except BaseException as exc:
-        for commit in group:
-            commit.settle(exc)
-        raise
     start = 0
     for commit in group:
         end = start + len(commit.files)
