@@ -1,4 +1,5 @@
-"""The C part of chanstore: the cache's hit path (see daemon/chanstore/cache_hits.py).
+"""The C parts of chanstore: the cache's hit path (daemon/chanstore/cache_hits.py) and the
+proof that a body is a value's stored form (daemon/chanstore/stored_form.py).
 
 Everything else is declared in pyproject.toml. The extension is optional: where
 it cannot be built (no C compiler), the install goes on and chanstore runs the
@@ -13,6 +14,11 @@ setup(
             "chanstore._cache_hits",
             sources=["daemon/chanstore/_cache_hits.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "chanstore._stored_form",
+            sources=["daemon/chanstore/_stored_form.c"],
+            optional=True,
+        ),
     ]
 )

@@ -1,0 +1,896 @@
+/* The stored form of a JSON document, proven and indented without building it.
+ *
+ * chanstore stores a value as the compact text the standard library's
+ * json.dumps writes (ASCII, \uXXXX escapes, repr floats). A large body that
+ * is already that text (what chanstore's clients send) can be stored as it
+ * came, if that can be proven: parsing it into Python objects only to write
+ * the same bytes again costs more than anything else a large PUT does.
+ *
+ *   proves(data, max_depth) -> bool
+ *       True when data is exactly json.dumps(json.loads(data),
+ *       separators=(",", ":")) and nests no deeper than max_depth
+ *       containers. False is not an error: it says "not proven", and the
+ *       caller parses as before (every invalid body is False). So the check
+ *       may refuse what it does not want to reason about: lone surrogates,
+ *       integers of more than 18 digits.
+ *
+ *   indented(data) -> bytes
+ *       The stored form data re-written as json.dumps(..., indent=2) writes
+ *       it (the json backend's file form). data must be a stored form; any
+ *       other bytes are re-spaced without a crash, but not meaningfully.
+ *
+ * See chanstore/stored_form.py, which wraps both.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* Objects of up to this many keys are checked for a repeated key pair by
+ * pair; larger ones are sorted. */
+#define FEW_KEYS 16
+/* Integers of more digits are left to the parser (the stdlib reads them
+ * beyond 64 bits, and refuses more than 4,300 digits). */
+#define MOST_INT_DIGITS 18
+
+typedef struct {
+    const char *start;
+    Py_ssize_t length;
+} Span;
+
+typedef struct {
+    const unsigned char *at;
+    const unsigned char *end;
+    int depth;
+    int max_depth;
+    Span *keys; /* the keys of every object being checked, innermost last */
+    Py_ssize_t key_count;
+    Py_ssize_t key_capacity;
+    int out_of_memory;
+} Check;
+
+static int value(Check *check);
+
+/* The first byte from `at` that a string cannot hold as it is (a quote, a
+ * backslash, a control byte, DEL or a non-ASCII byte), or `end`. */
+static const unsigned char *
+string_stop(const unsigned char *at, const unsigned char *end)
+{
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"');
+    const __m128i backslash = _mm_set1_epi8('\\');
+    const __m128i space = _mm_set1_epi8(' ');
+    const __m128i del = _mm_set1_epi8(0x7f);
+    while (end - at >= 16) {
+        __m128i chunk = _mm_loadu_si128((const __m128i *)at);
+        /* As signed bytes, controls and non-ASCII bytes are both below ' '. */
+        __m128i stop = _mm_or_si128(
+            _mm_or_si128(_mm_cmpeq_epi8(chunk, quote), _mm_cmpeq_epi8(chunk, backslash)),
+            _mm_or_si128(_mm_cmplt_epi8(chunk, space), _mm_cmpeq_epi8(chunk, del)));
+        int mask = _mm_movemask_epi8(stop);
+        if (mask != 0) {
+            return at + __builtin_ctz((unsigned int)mask);
+        }
+        at += 16;
+    }
+#endif
+    while (at < end) {
+        unsigned char byte = *at;
+        if (byte == '"' || byte == '\\' || byte < 0x20 || byte >= 0x7f) {
+            return at;
+        }
+        at++;
+    }
+    return end;
+}
+
+static int
+hex_digit(unsigned char byte)
+{
+    if (byte >= '0' && byte <= '9') {
+        return byte - '0';
+    }
+    if (byte >= 'a' && byte <= 'f') {
+        return byte - 'a' + 10;
+    }
+    return -1; /* upper case hex is not what the stdlib writes */
+}
+
+/* The code unit of a lower-case \uXXXX at `at` (which points at the 'u'), or -1. */
+static long
+code_unit(const unsigned char *at, const unsigned char *end)
+{
+    long unit = 0;
+    if (end - at < 5 || at[0] != 'u') {
+        return -1;
+    }
+    for (int i = 1; i <= 4; i++) {
+        int digit = hex_digit(at[i]);
+        if (digit < 0) {
+            return -1;
+        }
+        unit = unit * 16 + digit;
+    }
+    return unit;
+}
+
+/* An escape the stdlib writes with \u: the other controls, DEL, non-ASCII. */
+static int
+written_as_unit(long unit)
+{
+    switch (unit) {
+    case '\b': case '\t': case '\n': case '\f': case '\r':
+        return 0;
+    }
+    return unit < 0x20 || unit >= 0x7f;
+}
+
+/* A string from its opening quote, every escape as the stdlib writes it. */
+static int
+string(Check *check)
+{
+    const unsigned char *at = check->at + 1;
+    const unsigned char *end = check->end;
+    for (;;) {
+        at = string_stop(at, end);
+        if (at == end) {
+            return 0;
+        }
+        if (*at == '"') {
+            check->at = at + 1;
+            return 1;
+        }
+        if (*at != '\\' || end - at < 2) {
+            return 0; /* a raw control, DEL or non-ASCII byte */
+        }
+        switch (at[1]) {
+        case '"': case '\\': case 'b': case 'f': case 'n': case 'r': case 't':
+            at += 2;
+            continue;
+        case 'u':
+            break;
+        default:
+            return 0; /* \/ included: the stdlib writes '/' */
+        }
+        long unit = code_unit(at + 1, end);
+        if (unit < 0 || !written_as_unit(unit)) {
+            return 0;
+        }
+        if (unit >= 0xd800 && unit <= 0xdfff) {
+            /* Only a high surrogate followed by a low one, which the stdlib
+             * writes back as the same pair; a lone one is left to the parser. */
+            long low = (end - at >= 12 && at[6] == '\\') ? code_unit(at + 7, end) : -1;
+            if (unit > 0xdbff || low < 0xdc00 || low > 0xdfff) {
+                return 0;
+            }
+            at += 6;
+        }
+        at += 6;
+    }
+}
+
+static int
+is_digit(const unsigned char *at, const unsigned char *end)
+{
+    return at < end && *at >= '0' && *at <= '9';
+}
+
+/* -- floats ---------------------------------------------------------------
+ *
+ * A float is stored as repr() writes it: the fewest significant digits that
+ * read back as the same double (the closest such digits where several do),
+ * in repr's layout. Writing each float back with CPython's dtoa costs about
+ * 0.75 us for the 17 digits of a timestamp, more than the rest of the check
+ * of a chat message; so the check reasons about the digits instead:
+ *
+ * - the token must be laid out as repr lays out its own digits;
+ * - up to 15 significant digits (a normal double), those digits are the only
+ *   ones of that length that read back as the double, so they are repr's;
+ * - with 16 or 17, no decimal of one digit fewer may read back as the same
+ *   double (it suffices to try the two around the token), and the token must
+ *   be the closest of its length: exact integer arithmetic in 128 bits.
+ *
+ * What does not fit those bounds is written back by CPython, as before. */
+
+typedef struct {
+    int negative;
+    uint64_t digits; /* significant, without leading or trailing zeros */
+    int count;       /* how many */
+    int exponent;    /* the power of ten of the last one */
+} Decimal;
+
+/* The decimal a JSON number token holds; 0 if it has more than 19 digits. */
+static int
+decimal_of(const unsigned char *at, const unsigned char *end, Decimal *decimal)
+{
+    int seen = 0, fraction = 0, after_point = 0, exponent = 0, exponent_sign = 1;
+    *decimal = (Decimal){.negative = at < end && *at == '-'};
+    at += decimal->negative;
+    for (; at < end && *at != 'e' && *at != 'E'; at++) {
+        if (*at == '.') {
+            after_point = 1;
+            continue;
+        }
+        fraction += after_point;
+        if (seen == 0 && *at == '0') {
+            continue; /* a leading zero */
+        }
+        if (++seen > 19) {
+            return 0;
+        }
+        decimal->digits = decimal->digits * 10 + (uint64_t)(*at - '0');
+    }
+    if (at < end) {
+        at++;
+        if (*at == '+' || *at == '-') {
+            exponent_sign = *at++ == '-' ? -1 : 1;
+        }
+        for (; at < end; at++) {
+            if (exponent > 100000) {
+                return 0;
+            }
+            exponent = exponent * 10 + (*at - '0');
+        }
+    }
+    decimal->exponent = exponent_sign * exponent - fraction;
+    while (decimal->digits != 0 && decimal->digits % 10 == 0) {
+        decimal->digits /= 10;
+        decimal->exponent++;
+    }
+    for (uint64_t rest = decimal->digits; rest != 0; rest /= 10) {
+        decimal->count++;
+    }
+    return 1;
+}
+
+/* The text repr() writes for a float of these digits, in `text` (room for 40 bytes);
+ * its length. */
+static int
+repr_layout(const Decimal *decimal, char *text)
+{
+    char digits[20];
+    int count = decimal->count, length = 0;
+    if (count == 0) {
+        const char *zero = decimal->negative ? "-0.0" : "0.0";
+        memcpy(text, zero, strlen(zero));
+        return (int)strlen(zero);
+    }
+    uint64_t rest = decimal->digits;
+    for (int i = count - 1; i >= 0; i--, rest /= 10) {
+        digits[i] = (char)('0' + rest % 10);
+    }
+    int point = count + decimal->exponent; /* digits before the decimal point */
+    if (decimal->negative) {
+        text[length++] = '-';
+    }
+    if (point <= -4 || point > 16) { /* d.ddde-05, de+16 */
+        int exponent = point - 1, magnitude = abs(point - 1);
+        text[length++] = digits[0];
+        if (count > 1) {
+            text[length++] = '.';
+            memcpy(text + length, digits + 1, (size_t)(count - 1));
+            length += count - 1;
+        }
+        text[length++] = 'e';
+        text[length++] = exponent < 0 ? '-' : '+';
+        if (magnitude >= 100) {
+            text[length++] = (char)('0' + magnitude / 100);
+        }
+        text[length++] = (char)('0' + magnitude / 10 % 10);
+        text[length++] = (char)('0' + magnitude % 10);
+        return length;
+    }
+    if (point <= 0) { /* from -3: 0.000ddd */
+        memcpy(text + length, "0.000", (size_t)(2 - point));
+        length += 2 - point;
+    }
+    else if (point < count) { /* dd.ddd */
+        memcpy(text + length, digits, (size_t)point);
+        length += point;
+        text[length++] = '.';
+        memcpy(text + length, digits + point, (size_t)(count - point));
+        return length + count - point;
+    }
+    else { /* ddd00.0 */
+        memcpy(text + length, digits, (size_t)count);
+        memset(text + length + count, '0', (size_t)(point - count));
+        memcpy(text + length + point, ".0", 2);
+        return length + point + 2;
+    }
+    memcpy(text + length, digits, (size_t)count);
+    return length + count;
+}
+
+typedef unsigned __int128 Wide;
+
+static int
+times(Wide *value, Wide factor)
+{
+    return !__builtin_mul_overflow(*value, factor, value);
+}
+
+static int
+shifted(Wide *value, int bits)
+{
+    if (bits >= 127 || (bits > 0 && (*value >> (127 - bits)) != 0)) {
+        return 0;
+    }
+    *value <<= bits;
+    return 1;
+}
+
+/* 5^0 to 5^55, the powers of five that 128 bits hold (filled at import). */
+#define MOST_FIVES 55
+static Wide fives[MOST_FIVES + 1];
+
+/* The order of x * 10^q and y * 2^e (-1, 0 or 1), or 2 where 128 bits do not hold it. */
+static int
+order(uint64_t x, int q, uint64_t y, int e)
+{
+    Wide left = x, right = y;
+    int power = q >= 0 ? q : -q; /* 10^q is 5^q 2^q */
+    if (power > MOST_FIVES || !times(q >= 0 ? &left : &right, fives[power])) {
+        return 2;
+    }
+    int ok = q >= e ? shifted(&left, q - e) : shifted(&right, e - q);
+    if (!ok) {
+        return 2;
+    }
+    return (left > right) - (left < right);
+}
+
+/* Whether x * 10^q reads back as the double m * 4 * 2^e: -1 where 128 bits do not say. */
+static int
+reads_back(uint64_t x, int q, uint64_t m, int e)
+{
+    uint64_t low = m == ((uint64_t)1 << 52) ? 4 * m - 1 : 4 * m - 2; /* a power of two */
+    int above = order(x, q, low, e), below = order(x, q, 4 * m + 2, e);
+    if (above == 2 || below == 2) {
+        return -1;
+    }
+    int even = m % 2 == 0; /* a tie reads as the double with the even mantissa */
+    return (above > 0 || (above == 0 && even)) && (below < 0 || (below == 0 && even));
+}
+
+/* Whether the neighbour `other` of the token's digits (one unit of its last digit away)
+ * rules the token out: it reads back as the same double and is closer to it, or as
+ * close and even (repr rounds a half to the even digit). `side` orders the midpoint
+ * between the two against the double: 1, 0, -1, with 1 where the token is closer. */
+static int
+neighbour_wins(const Decimal *decimal, uint64_t other, int side, uint64_t m, int e)
+{
+    if (side > 0) {
+        return 0;
+    }
+    int reads = reads_back(other, decimal->exponent, m, e);
+    if (reads <= 0) {
+        return reads; /* 0, or -1 where 128 bits do not say */
+    }
+    return side < 0 || decimal->digits % 2 != 0;
+}
+
+/* A positive double as m 4 2^e, m of 53 bits: the ends of the interval of decimals that
+ * read back as it are then (4m -+ 2) 2^e, integers times one power of two. */
+static void
+binary_of(double number, uint64_t *m, int *e)
+{
+    int binary_exponent;
+    double fraction = frexp(number, &binary_exponent);
+    *m = (uint64_t)ldexp(fraction, 53);
+    *e = binary_exponent - 53 - 2;
+}
+
+/* The double the token reads back as, found without strtod: the quotient in doubles is
+ * within two units of it, and reads_back() is exact. 0 where that does not find it. */
+static int
+read_back(const Decimal *decimal, uint64_t *m, int *e)
+{
+    static const double tens[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                  1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                  1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    int q = decimal->exponent;
+    if (q < -22 || q > 22) {
+        return 0;
+    }
+    double guess = (double)decimal->digits;
+    guess = q >= 0 ? guess * tens[q] : guess / tens[-q];
+    double below = nextafter(guess, 0), above = nextafter(guess, INFINITY);
+    double candidates[5] = {guess, below, above, nextafter(below, 0), nextafter(above, INFINITY)};
+    for (int i = 0; i < 5; i++) {
+        binary_of(candidates[i], m, e);
+        if (isfinite(candidates[i]) && reads_back(decimal->digits, q, *m, *e) == 1) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Whether 16 or 17 digits are repr's for the double m 4 2^e they read back as: 1, 0, or -1
+ * where 128 bits do not say. repr writes the fewest digits that read back as the double,
+ * and of those the closest. */
+static int
+shortest_and_closest(const Decimal *decimal, uint64_t m, int e)
+{
+    uint64_t digits = decimal->digits, fewer = digits / 10;
+    int q = decimal->exponent;
+    /* The midpoints with the neighbours against the double, positive on the token's side:
+     * (2D - 1) 10^q < 2 number, and (2D + 1) 10^q > 2 number. */
+    int below = order(2 * digits - 1, q, 8 * m, e), above = order(2 * digits + 1, q, 8 * m, e);
+    if (below == 2 || above == 2) {
+        return -1;
+    }
+    int verdicts[4] = {
+        reads_back(fewer, q + 1, m, e),
+        reads_back(fewer + 1, q + 1, m, e),
+        neighbour_wins(decimal, digits - 1, -below, m, e),
+        neighbour_wins(decimal, digits + 1, above, m, e),
+    };
+    int ruled_out = 0;
+    for (int i = 0; i < 4; i++) {
+        if (verdicts[i] < 0) {
+            return -1;
+        }
+        ruled_out |= verdicts[i];
+    }
+    return !ruled_out;
+}
+
+/* The float token, written back by CPython's own repr. */
+static int
+written_back_as_repr(const char *text, Py_ssize_t length)
+{
+    char *stop = NULL;
+    double number = PyOS_string_to_double(text, &stop, NULL);
+    if (number == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (stop != text + length || !isfinite(number)) {
+        return 0;
+    }
+    char *written = PyOS_double_to_string(number, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (written == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int same = strcmp(written, text) == 0;
+    PyMem_Free(written);
+    return same;
+}
+
+static int
+float_as_repr(const unsigned char *start, Py_ssize_t length)
+{
+    char text[64], layout[64];
+    Decimal decimal;
+    if (length >= (Py_ssize_t)sizeof(text) || !decimal_of(start, start + length, &decimal)) {
+        return 0; /* repr never writes a float that long */
+    }
+    int laid = repr_layout(&decimal, layout);
+    if (laid != length || memcmp(layout, start, (size_t)length) != 0 || decimal.count > 17) {
+        return 0;
+    }
+    memcpy(text, start, (size_t)length);
+    text[length] = '\0';
+    int point = decimal.count + decimal.exponent;
+    if (decimal.count == 0) {
+        return 1; /* 0.0 or -0.0 */
+    }
+    if (point < -290 || point > 290) {
+        return written_back_as_repr(text, length); /* near the ends: subnormals, overflow */
+    }
+    if (decimal.count <= 15) {
+        return 1;
+    }
+    uint64_t m;
+    int e;
+    int verdict = read_back(&decimal, &m, &e) ? shortest_and_closest(&decimal, m, e) : -1;
+    return verdict >= 0 ? verdict : written_back_as_repr(text, length);
+}
+
+/* A number, as int() or repr() writes it: no "-0", no "1E5", no "1.50". */
+static int
+number(Check *check)
+{
+    const unsigned char *start = check->at;
+    const unsigned char *at = start;
+    const unsigned char *end = check->end;
+    if (at < end && *at == '-') {
+        at++;
+    }
+    const unsigned char *digits = at;
+    if (!is_digit(at, end)) {
+        return 0;
+    }
+    if (*at == '0') {
+        at++;
+    }
+    else {
+        while (is_digit(at, end)) {
+            at++;
+        }
+    }
+    int is_float = 0;
+    if (at < end && *at == '.') {
+        is_float = 1;
+        at++;
+        if (!is_digit(at, end)) {
+            return 0;
+        }
+        while (is_digit(at, end)) {
+            at++;
+        }
+    }
+    if (at < end && (*at == 'e' || *at == 'E')) {
+        is_float = 1;
+        at++;
+        if (at < end && (*at == '+' || *at == '-')) {
+            at++;
+        }
+        if (!is_digit(at, end)) {
+            return 0;
+        }
+        while (is_digit(at, end)) {
+            at++;
+        }
+    }
+    check->at = at;
+    if (is_float) {
+        return float_as_repr(start, at - start);
+    }
+    if (at - digits > MOST_INT_DIGITS) {
+        return 0;
+    }
+    return !(at - start == 2 && start[0] == '-' && start[1] == '0');
+}
+
+static int
+literal(Check *check, const char *word, Py_ssize_t length)
+{
+    if (check->end - check->at < length || memcmp(check->at, word, (size_t)length) != 0) {
+        return 0;
+    }
+    check->at += length;
+    return 1;
+}
+
+static int
+compare_spans(const void *a, const void *b)
+{
+    const Span *left = a, *right = b;
+    Py_ssize_t shorter = left->length < right->length ? left->length : right->length;
+    int order = memcmp(left->start, right->start, (size_t)shorter);
+    if (order != 0) {
+        return order;
+    }
+    return (left->length > right->length) - (left->length < right->length);
+}
+
+static int
+spans_equal(const Span *a, const Span *b)
+{
+    return a->length == b->length && memcmp(a->start, b->start, (size_t)a->length) == 0;
+}
+
+/* Whether the keys from `first` on are all different. Escapes are written one
+ * way only, so equal strings are equal bytes. */
+static int
+keys_unique(Check *check, Py_ssize_t first)
+{
+    Span *keys = check->keys + first;
+    Py_ssize_t count = check->key_count - first;
+    if (count <= FEW_KEYS) {
+        for (Py_ssize_t i = 1; i < count; i++) {
+            for (Py_ssize_t j = 0; j < i; j++) {
+                if (spans_equal(&keys[i], &keys[j])) {
+                    return 0;
+                }
+            }
+        }
+        return 1;
+    }
+    qsort(keys, (size_t)count, sizeof(Span), compare_spans);
+    for (Py_ssize_t i = 1; i < count; i++) {
+        if (spans_equal(&keys[i], &keys[i - 1])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int
+remember_key(Check *check, const unsigned char *start, Py_ssize_t length)
+{
+    if (check->key_count == check->key_capacity) {
+        Py_ssize_t capacity = check->key_capacity ? check->key_capacity * 2 : 64;
+        Span *keys = PyMem_Realloc(check->keys, (size_t)capacity * sizeof(Span));
+        if (keys == NULL) {
+            check->out_of_memory = 1;
+            return 0;
+        }
+        check->keys = keys;
+        check->key_capacity = capacity;
+    }
+    check->keys[check->key_count].start = (const char *)start;
+    check->keys[check->key_count].length = length;
+    check->key_count++;
+    return 1;
+}
+
+static int
+object(Check *check)
+{
+    check->at++; /* '{' */
+    if (check->at < check->end && *check->at == '}') {
+        check->at++;
+        return 1;
+    }
+    Py_ssize_t first = check->key_count;
+    for (;;) {
+        if (check->at >= check->end || *check->at != '"') {
+            return 0;
+        }
+        const unsigned char *key = check->at;
+        if (!string(check) || !remember_key(check, key, check->at - key)) {
+            return 0;
+        }
+        if (check->at >= check->end || *check->at != ':') {
+            return 0;
+        }
+        check->at++;
+        if (!value(check)) {
+            return 0;
+        }
+        if (check->at >= check->end) {
+            return 0;
+        }
+        if (*check->at == '}') {
+            check->at++;
+            break;
+        }
+        if (*check->at != ',') {
+            return 0;
+        }
+        check->at++;
+    }
+    int unique = keys_unique(check, first);
+    check->key_count = first;
+    return unique;
+}
+
+static int
+array(Check *check)
+{
+    check->at++; /* '[' */
+    if (check->at < check->end && *check->at == ']') {
+        check->at++;
+        return 1;
+    }
+    for (;;) {
+        if (!value(check) || check->at >= check->end) {
+            return 0;
+        }
+        if (*check->at == ']') {
+            check->at++;
+            return 1;
+        }
+        if (*check->at != ',') {
+            return 0;
+        }
+        check->at++;
+    }
+}
+
+static int
+value(Check *check)
+{
+    if (check->at >= check->end) {
+        return 0;
+    }
+    switch (*check->at) {
+    case '"':
+        return string(check);
+    case '{':
+    case '[': {
+        if (++check->depth > check->max_depth) {
+            return 0;
+        }
+        int ok = *check->at == '{' ? object(check) : array(check);
+        check->depth--;
+        return ok;
+    }
+    case 't':
+        return literal(check, "true", 4);
+    case 'f':
+        return literal(check, "false", 5);
+    case 'n':
+        return literal(check, "null", 4);
+    default:
+        return number(check);
+    }
+}
+
+static PyObject *
+proves(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "proves() takes data and max_depth");
+        return NULL;
+    }
+    long max_depth = PyLong_AsLong(args[1]);
+    if (max_depth == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (max_depth < 0 || max_depth > 1000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be from 0 to 1000");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Check check = {
+        .at = data.buf,
+        .end = (const unsigned char *)data.buf + data.len,
+        .max_depth = (int)max_depth,
+    };
+    int ok = value(&check) && check.at == check.end;
+    PyMem_Free(check.keys);
+    PyBuffer_Release(&data);
+    if (check.out_of_memory) {
+        return PyErr_NoMemory();
+    }
+    return PyBool_FromLong(ok);
+}
+
+/* -- indented ------------------------------------------------------------ */
+
+typedef struct {
+    char *bytes;
+    Py_ssize_t length;
+    Py_ssize_t capacity;
+} Output;
+
+static int
+reserve(Output *out, Py_ssize_t more)
+{
+    if (out->length + more <= out->capacity) {
+        return 1;
+    }
+    Py_ssize_t capacity = out->capacity * 2;
+    if (capacity < out->length + more) {
+        capacity = out->length + more;
+    }
+    char *bytes = PyMem_Realloc(out->bytes, (size_t)capacity);
+    if (bytes == NULL) {
+        return 0;
+    }
+    out->bytes = bytes;
+    out->capacity = capacity;
+    return 1;
+}
+
+static int
+new_line(Output *out, Py_ssize_t depth)
+{
+    if (!reserve(out, 1 + 2 * depth)) {
+        return 0;
+    }
+    out->bytes[out->length++] = '\n';
+    memset(out->bytes + out->length, ' ', (size_t)(2 * depth));
+    out->length += 2 * depth;
+    return 1;
+}
+
+static int
+put(Output *out, const void *bytes, Py_ssize_t length)
+{
+    if (!reserve(out, length)) {
+        return 0;
+    }
+    memcpy(out->bytes + out->length, bytes, (size_t)length);
+    out->length += length;
+    return 1;
+}
+
+/* The end of the string whose opening quote is at `at` (past its closing quote). */
+static const unsigned char *
+string_end(const unsigned char *at, const unsigned char *end)
+{
+    at++;
+    while (at < end) {
+        at = string_stop(at, end);
+        if (at == end || *at == '"') {
+            return at == end ? end : at + 1;
+        }
+        at += (*at == '\\' && end - at >= 2) ? 2 : 1;
+    }
+    return end;
+}
+
+static PyObject *
+indented(PyObject *module, PyObject *arg)
+{
+    Py_buffer data;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const unsigned char *at = data.buf;
+    const unsigned char *end = at + data.len;
+    Output out = {.capacity = data.len + data.len / 4 + 64};
+    out.bytes = PyMem_Malloc((size_t)out.capacity);
+    Py_ssize_t depth = 0;
+    int ok = out.bytes != NULL;
+    while (ok && at < end) {
+        unsigned char byte = *at;
+        switch (byte) {
+        case '"': {
+            const unsigned char *stop = string_end(at, end);
+            ok = put(&out, at, stop - at);
+            at = stop;
+            continue;
+        }
+        case '{':
+        case '[':
+            if (at + 1 < end && at[1] == (byte == '{' ? '}' : ']')) {
+                ok = put(&out, at, 2); /* empty: {} or [] */
+                at += 2;
+                continue;
+            }
+            ok = put(&out, at, 1) && new_line(&out, ++depth);
+            break;
+        case '}':
+        case ']':
+            depth = depth > 0 ? depth - 1 : 0;
+            ok = new_line(&out, depth) && put(&out, at, 1);
+            break;
+        case ',':
+            ok = put(&out, ",", 1) && new_line(&out, depth);
+            break;
+        case ':':
+            ok = put(&out, ": ", 2);
+            break;
+        default:
+            ok = put(&out, at, 1);
+        }
+        at++;
+    }
+    PyBuffer_Release(&data);
+    PyObject *result = ok ? PyBytes_FromStringAndSize(out.bytes, out.length) : PyErr_NoMemory();
+    PyMem_Free(out.bytes);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"proves", (PyCFunction)(void (*)(void))proves, METH_FASTCALL,
+     "proves(data, max_depth) -> bool: whether data is the stored form of a JSON document."},
+    {"indented", indented, METH_O,
+     "indented(data) -> bytes: a stored form re-written with an indent of 2."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "chanstore._stored_form",
+    .m_doc = "The stored form of a JSON document, proven and indented in C.",
+    .m_size = 0,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__stored_form(void)
+{
+    fives[0] = 1;
+    for (int power = 1; power <= MOST_FIVES; power++) {
+        fives[power] = fives[power - 1] * 5;
+    }
+    return PyModuleDef_Init(&module);
+}

@@ -1,0 +1,51 @@
+"""A value's stored form, proven and indented without parsing it into Python objects.
+
+chanstore stores a value as the compact text the standard library's
+``json.dumps`` writes (see :mod:`chanstore.codec`). A large PUT body usually
+*is* that text already: parsing it into Python objects only to prove so, and
+freeing them again, was most of what a large PUT cost. The extension
+``chanstore._stored_form`` (``_stored_form.c``, built at install time) reads
+the bytes once instead:
+
+- :func:`proves` says whether a body is exactly the stored form of the JSON
+  document it holds, nested no deeper than a limit. It never says so wrongly;
+  it may decline what it does not reason about (lone surrogates, integers of
+  more than 18 digits, any invalid JSON), and the caller then parses as before.
+- :func:`indented` writes a stored form with an indent of 2, byte for byte as
+  ``json.dumps(..., indent=2)`` does: the json backend's file form.
+
+Where the extension was not built, or when the environment sets
+``CHANSTORE_PURE_PYTHON=1``, :func:`proves` proves nothing (every body is
+parsed, as before the extension) and :func:`indented` parses and writes with
+the standard library. :data:`COMPILED` says which is in use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["COMPILED", "indented", "proves"]
+
+
+def proves(data: bytes, max_depth: int) -> bool:
+    """Whether ``data`` is the stored form of a JSON document no deeper than ``max_depth``
+    containers; False when that is not proven (here: always, without the extension)."""
+    return False
+
+
+def indented(data: bytes) -> bytes:
+    """The stored form ``data`` as ``json.dumps(..., indent=2)`` writes its document."""
+    return json.dumps(json.loads(data), indent=2).encode("ascii")
+
+
+COMPILED = False
+"""Whether the C extension's forms are in use."""
+
+if os.environ.get("CHANSTORE_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from chanstore._stored_form import indented, proves  # type: ignore[no-redef]
+    except ImportError:  # not built here: the forms above serve
+        pass
+    else:
+        COMPILED = True

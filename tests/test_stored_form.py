@@ -1,0 +1,205 @@
+"""The stored form proven and indented in C (chanstore.stored_form), against the stdlib.
+
+The stored form is what ``json.dumps(value, separators=(",", ":"))`` writes, so
+the standard library is the oracle: whatever :func:`proves` accepts must be
+exactly that text of what it parses to, and what the stdlib writes must be
+accepted wherever the check does not decline on purpose (lone surrogates,
+integers of more than 18 digits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chanstore import stored_form
+
+pytestmark = pytest.mark.skipif(
+    not stored_form.COMPILED, reason="the extension is not in use: proves() proves nothing"
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPTH = 64
+
+
+def stored(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def is_stored_form(data: bytes) -> bool:
+    """The oracle: ``data`` is the stdlib's compact text of what it parses to, finite."""
+    try:
+        value = json.loads(data, parse_constant=lambda name: math.nan)
+        return stored(value) == data and _finite(value)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, list):
+        return all(map(_finite, value))
+    return True
+
+
+# Strings of every kind the stdlib escapes: controls, quotes, DEL, non-ASCII,
+# characters beyond the BMP (written as surrogate pairs); no lone surrogates.
+text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12) | st.sampled_from(
+    ["", '"', "\\", "/", "\x7f", "\b\f\n\r\t", "\x00\x1f", "é", "😀", "\u2028", "_moobius_type"]
+)
+numbers = (
+    st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0.0, -0.0, 1e16, 1e-5, 0.0001, 5e-324, 1.7e9 + 0.123456789])
+)
+scalars = st.none() | st.booleans() | numbers | text
+documents = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(text, children, max_size=6),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(documents)
+def test_what_the_stdlib_writes_is_proven_and_indented_as_the_stdlib_indents_it(value):
+    data = stored(value)
+    assert stored_form.proves(data, DEPTH), data
+    assert stored_form.indented(data) == json.dumps(value, indent=2).encode("ascii")
+
+
+# Ways a body can differ from the stored form of its document while staying JSON.
+MUTATIONS = [
+    (b",", b", "), (b":", b": "), (b"[", b"[ "), (b"}", b" }"), (b"/", b"\\/"),
+    (b"\\u00e9", b"\\u00E9"), (b"\\u00e9", b"\xc3\xa9"), (b"\\n", b"\\u000a"),
+    (b"0", b"00"), (b".5", b".50"), (b"e-05", b"e-5"), (b"e+16", b"E+16"),
+    (b"1", b"-0"), (b"true", b"True"), (b'"', b"'"), (b"\\ud83d", b"\\ud83D"),
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(documents, st.sampled_from(MUTATIONS), st.integers(min_value=0, max_value=1000))
+def test_nothing_is_proven_that_is_not_the_stored_form(value, mutation, where):
+    data = stored(value)
+    old, new = mutation
+    at = data.find(old, where % (len(data) + 1))
+    body = data[:at] + new + data[at + len(old) :] if at >= 0 else data + new
+    if stored_form.proves(body, DEPTH):
+        assert is_stored_form(body), body
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b" 1", "leading space"),
+        (b"[1] ", "trailing space"),
+        (b'{"a":1,"a":2}', "a repeated key: the document keeps the last"),
+        (
+            b"{" + b",".join(b'"k%d":1' % i for i in range(40)) + b',"k7":2}',
+            "a repeated key among many",
+        ),
+        (b'"\\ud800"', "a lone surrogate (declined on purpose)"),
+        (b'"\\ud800\\u0041"', "a high surrogate without its low one"),
+        (b"1234567890123456789", "19 digits (declined on purpose)"),
+        (b"-0", "the stdlib writes 0"),
+        (b"1e400", "an infinity"),
+        (b"NaN", "not JSON"),
+        (b'"\\x"', "not an escape"),
+        (b'"abc', "an unclosed string"),
+        (b"[1,]", "a trailing comma"),
+        (b"", "nothing"),
+    ],
+)
+def test_bodies_that_are_not_proven(body, why):
+    assert not stored_form.proves(body, DEPTH), why
+
+
+def test_nesting_is_proven_up_to_the_limit_and_no_further():
+    assert stored_form.proves(b"[" * DEPTH + b"]" * DEPTH, DEPTH)
+    assert not stored_form.proves(b"[" * (DEPTH + 1) + b"]" * (DEPTH + 1), DEPTH)
+    deep = b'{"a":' * DEPTH + b"1" + b"}" * DEPTH
+    assert stored_form.proves(deep, DEPTH)
+    assert stored_form.indented(deep) == json.dumps(json.loads(deep), indent=2).encode()
+
+
+def float_tokens(x: float) -> list[str]:
+    """repr of x, other layouts of it, and its last digit moved, added and dropped."""
+    r = repr(x)
+    tokens = [r, f"{x:.17g}", f"{x:.16g}", f"{x:.15g}", f"{x:.17e}"]
+    mantissa, sep, exponent = r.partition("e")
+    if "." in mantissa and mantissa[-1] not in "0.":
+        tokens += [mantissa[:-1] + digit + sep + exponent for digit in "0123456789"]
+        tokens.append(mantissa + "1" + sep + exponent)
+    return [token for token in tokens if any(c in token for c in ".eEn")]
+
+
+def edge_floats() -> list[float]:
+    """Powers of two and of ten over the whole range, and their neighbours: where the
+    interval of decimals that read back as a double is lopsided or holds a tie."""
+    values = []
+    for power in [2.0**j for j in range(-1074, 1024)] + [float(f"1e{k}") for k in range(-323, 309)]:
+        values += [power, math.nextafter(power, 0), math.nextafter(power, math.inf)]
+    return [x for value in values for x in (value, -value) if math.isfinite(x)]
+
+
+def random_floats(count: int) -> list[float]:
+    rnd = random.Random(20261202)
+    values = []
+    while len(values) < count:
+        values += [
+            struct.unpack("d", struct.pack("Q", rnd.getrandbits(64)))[0],
+            rnd.uniform(-1e10, 1e10),
+            1.7e9 + rnd.random() * 1e6,  # a timestamp: 17 digits
+            rnd.getrandbits(rnd.randint(1, 60)) / 2 ** rnd.randint(0, 60),  # ties
+        ]
+    return [x for x in values if math.isfinite(x)]
+
+
+@pytest.mark.parametrize(
+    "floats", [edge_floats, lambda: random_floats(40_000)], ids=["edges", "random"]
+)
+def test_a_float_is_proven_exactly_when_it_is_written_as_repr_writes_it(floats):
+    wrong = []
+    for x in floats():
+        for token in float_tokens(x):
+            truth = is_stored_form(token.encode())
+            if stored_form.proves(token.encode(), DEPTH) != truth:
+                wrong.append((token, truth))
+    assert not wrong, f"{len(wrong)} tokens judged wrongly, e.g. {wrong[:5]}"
+
+
+def test_the_extension_is_built_where_a_compiler_is():
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if not any(Path(folder, compiler).exists() for folder in os.get_exec_path()):
+        pytest.skip(f"no C compiler ({compiler}) here")
+    assert stored_form.COMPILED, (
+        "chanstore._stored_form was not built although a C compiler is here: "
+        "`pip install -e .` should build it (are the Python headers installed?)"
+    )
+
+
+def test_without_the_extension_nothing_is_proven_and_indenting_still_works():
+    code = (
+        "import json; from chanstore import stored_form as s; "
+        "print(s.COMPILED, s.proves(b'[1]', 64), s.indented(b'{\"a\":[1,{}]}').decode())"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "CHANSTORE_PURE_PYTHON": "1"},
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert run.stdout.split(maxsplit=2)[:2] == ["False", "False"]
+    assert run.stdout.split(maxsplit=2)[2].strip() == json.dumps({"a": [1, {}]}, indent=2)
