@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import dacite
 import orjson
 
-from chanstore import logs
+from chanstore import logs, stored_form
 from chanstore.errors import UnstorableValue
 
 __all__ = [
@@ -61,6 +61,8 @@ __all__ = [
     "encode_bytes",
     "mark_name",
     "parse",
+    "parse_document",
+    "proven_document",
     "register_type",
     "registered_types",
     "to_json_shape",
@@ -315,9 +317,13 @@ def encode(value: Any, *, indent: int | None = None) -> str:
 
 def encode_bytes(value: Any, *, indent: int | None = None) -> bytes:
     """:func:`encode` as the ASCII bytes that are stored (and hashed for the ETag)."""
-    if indent is None and value.__class__ is Document and value.stored is not None:
+    if value.__class__ is Document and value.stored is not None:
         stored = value.stored
-        return stored if stored.__class__ is bytes else stored.encode("ascii")  # type: ignore[union-attr]
+        stored = stored if stored.__class__ is bytes else stored.encode("ascii")  # type: ignore[union-attr]
+        if indent is None:
+            return stored  # type: ignore[return-value]
+        if indent == 2 and stored_form.COMPILED:  # the file form, re-spaced in C
+            return stored_form.indented(stored)  # type: ignore[arg-type]
     shaped = to_json_shape(value)
     # The floats of a shaped value were checked; a Document's were only if it was parsed.
     checked = value.__class__ is not Document or value.parsed
@@ -460,6 +466,18 @@ def parse_document(data: bytes) -> Document:
     if stored != data and _may_hold_long_integer(data):
         return _holding_stored(parse(data), data)
     return _holding_stored(doc, data, stored)
+
+
+def proven_document(data: bytes, max_depth: int) -> Document | None:
+    """``data`` as a Document held as its stored bytes alone, when it is proven to be the
+    stored form of a document nested no deeper than ``max_depth``
+    (:func:`chanstore.stored_form.proves`, without parsing it); None when that is not
+    proven, and :func:`parse_document` then says what it is."""
+    if not stored_form.proves(data, max_depth):
+        return None
+    document = Document(_UNPARSED, parsed=True)
+    document.stored = data
+    return document
 
 
 def _holding_stored(doc: Any, data: bytes, stored: bytes | None = None) -> Document:

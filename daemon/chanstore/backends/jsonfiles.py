@@ -537,7 +537,7 @@ class JSONDatabase(DatabaseInterface):
                 return json.dumps(shaped, indent=2, allow_nan=False).encode("ascii")
             except (TypeError, ValueError) as exc:  # a Document's contents, unchecked till now
                 raise UnstorableValue(f"the value cannot be stored as JSON: {exc}") from exc
-        return codec.encode(value, indent=2).encode("ascii")
+        return codec.encode_bytes(value, indent=2)
 
     def _encode_items(self, items: Mapping[str, Any]) -> dict[str, tuple[str, bytes]]:
         """Each key's file name and contents. Raises if any key or value cannot be stored:

@@ -5,8 +5,10 @@ A value's body is stored as the JSON document it is (see
 a type-marked document keeps its type for in-process readers. Bodies that no
 backend could store faithfully are refused with a 400 saying why: invalid
 UTF-8 or JSON, NaN and infinities, numbers that overflow, nesting deeper
-than :data:`MAX_JSON_DEPTH`. A body is parsed once, by the codec's C parser
-(orjson; the stdlib where orjson would differ, and to word what is wrong).
+than :data:`MAX_JSON_DEPTH`. A value's body that is already its stored form is
+proven so in C and kept as it came (:mod:`chanstore.stored_form`); any other
+body is parsed once, by the codec's C parser (orjson; the stdlib where orjson
+would differ, and to word what is wrong).
 """
 
 from __future__ import annotations
@@ -39,9 +41,14 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
 
 def parse_value(body: bytes, what: str = "the body") -> Document:
     """A value to store: the JSON document ``body`` holds, kept as it is, with its stored
-    form made once (``body`` itself when it is that form already)."""
-    document = _parsed(codec.parse_document, body, what)
-    _check_depth(document.doc, body, what)
+    form made once (``body`` itself when it is that form already).
+
+    A body proven to be that form (what chanstore's clients send) is not parsed at all:
+    it is kept as its bytes, which is what GET answers and the backend stores."""
+    document = codec.proven_document(body, MAX_JSON_DEPTH)
+    if document is None:
+        document = _parsed(codec.parse_document, body, what)
+        _check_depth(document.doc, body, what)
     return document
 
 
