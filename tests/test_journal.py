@@ -31,6 +31,7 @@ from chanstore.backends.journal import (
     decode_records,
     encode_record,
 )
+from chanstore.backends.journal_direct import DIRECT_BYTES
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.errors import BulkWriteError, UnstorableValue
 from chanstore.instrumentation import attach
@@ -195,17 +196,17 @@ def test_checkpoint_makes_the_journal_empty(tmp_path, monkeypatch):
 def test_a_journal_grows_past_its_first_allocation_and_shrinks_back(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "KEEP_ALLOCATION", 256 << 10)
     backend = JSONDatabase(domain="d", root_dir=str(tmp_path))
-    big = "x" * 100_000
-    for n in range(5):
+    big = "x" * (DIRECT_BYTES // 2)  # journaled, not written directly
+    for n in range(10):
         backend.set_many({f"k{n}": big, "small": n})
-    assert (tmp_path / JOURNAL_NAME).stat().st_size > journal_module.FIRST_ALLOCATION
-    assert len(journal_records(tmp_path)) == 10
+    assert (tmp_path / JOURNAL_NAME).stat().st_size > 256 << 10
+    assert len(journal_records(tmp_path)) == 20
     backend._journal.checkpoint()
     assert (tmp_path / JOURNAL_NAME).stat().st_size == 0
     backend.set_many({"small": "again"})
     crash_journal(backend)
     assert read(tmp_path, "d", "small") == (True, "again")
-    assert read(tmp_path, "d", "k4") == (True, big)
+    assert read(tmp_path, "d", "k9") == (True, big)
 
 
 # -- ordering against writes that bypass the journal ----------------------------------------

@@ -23,14 +23,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chanstore import stored_form
+from chanstore import codec, stored_form
+from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value
+from chanstore.http.errors import HttpError
 
 pytestmark = pytest.mark.skipif(
     not stored_form.COMPILED, reason="the extension is not in use: proves() proves nothing"
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPTH = 64
 
 
 def stored(value: object) -> bytes:
@@ -78,7 +79,7 @@ documents = st.recursive(
 @given(documents)
 def test_what_the_stdlib_writes_is_proven_and_indented_as_the_stdlib_indents_it(value):
     data = stored(value)
-    assert stored_form.proves(data, DEPTH), data
+    assert stored_form.proves(data, MAX_JSON_DEPTH), data
     assert stored_form.indented(data) == json.dumps(value, indent=2).encode("ascii")
 
 
@@ -98,7 +99,7 @@ def test_nothing_is_proven_that_is_not_the_stored_form(value, mutation, where):
     old, new = mutation
     at = data.find(old, where % (len(data) + 1))
     body = data[:at] + new + data[at + len(old) :] if at >= 0 else data + new
-    if stored_form.proves(body, DEPTH):
+    if stored_form.proves(body, MAX_JSON_DEPTH):
         assert is_stored_form(body), body
 
 
@@ -125,14 +126,14 @@ def test_nothing_is_proven_that_is_not_the_stored_form(value, mutation, where):
     ],
 )
 def test_bodies_that_are_not_proven(body, why):
-    assert not stored_form.proves(body, DEPTH), why
+    assert not stored_form.proves(body, MAX_JSON_DEPTH), why
 
 
 def test_nesting_is_proven_up_to_the_limit_and_no_further():
-    assert stored_form.proves(b"[" * DEPTH + b"]" * DEPTH, DEPTH)
-    assert not stored_form.proves(b"[" * (DEPTH + 1) + b"]" * (DEPTH + 1), DEPTH)
-    deep = b'{"a":' * DEPTH + b"1" + b"}" * DEPTH
-    assert stored_form.proves(deep, DEPTH)
+    assert stored_form.proves(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH, MAX_JSON_DEPTH)
+    assert not stored_form.proves(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), MAX_JSON_DEPTH)
+    deep = b'{"a":' * MAX_JSON_DEPTH + b"1" + b"}" * MAX_JSON_DEPTH
+    assert stored_form.proves(deep, MAX_JSON_DEPTH)
     assert stored_form.indented(deep) == json.dumps(json.loads(deep), indent=2).encode()
 
 
@@ -177,7 +178,7 @@ def test_a_float_is_proven_exactly_when_it_is_written_as_repr_writes_it(floats):
     for x in floats():
         for token in float_tokens(x):
             truth = is_stored_form(token.encode())
-            if stored_form.proves(token.encode(), DEPTH) != truth:
+            if stored_form.proves(token.encode(), MAX_JSON_DEPTH) != truth:
                 wrong.append((token, truth))
     assert not wrong, f"{len(wrong)} tokens judged wrongly, e.g. {wrong[:5]}"
 
@@ -203,3 +204,34 @@ def test_without_the_extension_nothing_is_proven_and_indenting_still_works():
     )  # fmt: skip
     assert run.stdout.split(maxsplit=2)[:2] == ["False", "False"]
     assert run.stdout.split(maxsplit=2)[2].strip() == json.dumps({"a": [1, {}]}, indent=2)
+
+
+# -- where a PUT body meets the proof ---------------------------------------------------
+
+
+def test_a_proven_body_is_a_document_held_as_the_bytes_it_came_as():
+    body = stored([{"user": "ann", "text": "héllo 🎉", "ts": 1700000000.1234567, "n": 3}])
+    document = parse_value(body)
+    assert document.stored is body
+    assert codec.encode_bytes(document) is body
+    assert codec.encode_bytes(document, indent=2) == json.dumps(json.loads(body), indent=2).encode()
+    assert document.doc == json.loads(body)  # parsed when asked for, and only then
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a": 1}', b'{"a":1,"a":2}', b'{"big":123456789012345678901234567890}', b'"\\ud800"'],
+    ids=["spaced", "repeated-key", "big-integer", "lone-surrogate"],
+)
+def test_a_body_not_proven_is_parsed_and_stored_as_the_stdlib_writes_it(body):
+    assert codec.proven_document(body, MAX_JSON_DEPTH) is None
+    document = parse_value(body)
+    value = json.loads(body)
+    assert codec.encode_bytes(document) == stored(value)
+    assert document.doc == value
+
+
+def test_a_body_too_deep_to_prove_is_refused_with_the_depth_in_the_answer():
+    body = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
+    with pytest.raises(HttpError, match=f"nested more than {MAX_JSON_DEPTH} levels deep"):
+        parse_value(body)

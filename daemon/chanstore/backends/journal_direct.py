@@ -31,10 +31,12 @@ from chanstore.backends.files import (
 __all__ = ["DIRECT_BYTES", "write_directly"]
 
 #: Files of at least this many bytes skip the journal. Measured on this project's
-#: 2-core VM (ext4), one-key batches: the journal wins at 16 KiB (direct costs
-#: 1.3x), the direct write from somewhere between 64 and 256 KiB by run (0.6-0.7x
-#: of the journal's cost at 512 and 900 KiB): the middle of that.
-DIRECT_BYTES = 128 << 10
+#: 2-core VM (ext4). One-key batches (``bench/json_crossover.py``): the journal wins
+#: at 16 KiB (direct costs 1.3x), the direct write from somewhere between 64 and
+#: 256 KiB by run. Through the daemon, 8 writers of chat messages, once bodies were
+#: no longer parsed: the journal still served 1.09x and 1.06x the PUTs at 34 and 68 KB
+#: files, direct writes 1.3x at 87 KB and 1.2x at 114 KB.
+DIRECT_BYTES = 64 << 10
 
 
 def write_directly(root: Root, files: Sequence[tuple[str, bytes]]) -> list[Exception | None]:
