@@ -130,8 +130,9 @@ def test_bodies_that_are_not_proven(body, why):
 
 
 def test_nesting_is_proven_up_to_the_limit_and_no_further():
-    assert stored_form.proves(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH, MAX_JSON_DEPTH)
-    assert not stored_form.proves(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), MAX_JSON_DEPTH)
+    limit = MAX_JSON_DEPTH
+    assert stored_form.proves(b"[" * limit + b"]" * limit, limit)
+    assert not stored_form.proves(b"[" * (limit + 1) + b"]" * (limit + 1), limit)
     deep = b'{"a":' * MAX_JSON_DEPTH + b"1" + b"}" * MAX_JSON_DEPTH
     assert stored_form.proves(deep, MAX_JSON_DEPTH)
     assert stored_form.indented(deep) == json.dumps(json.loads(deep), indent=2).encode()
