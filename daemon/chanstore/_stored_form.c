@@ -625,41 +625,34 @@ remember_key(Check *check, const unsigned char *start, Py_ssize_t length)
     return 1;
 }
 
+/* Whether the next byte is `byte`; if so, past it. */
+static int
+take(Check *check, unsigned char byte)
+{
+    if (check->at < check->end && *check->at == byte) {
+        check->at++;
+        return 1;
+    }
+    return 0;
+}
+
 static int
 object(Check *check)
 {
     check->at++; /* '{' */
-    if (check->at < check->end && *check->at == '}') {
-        check->at++;
+    if (take(check, '}')) {
         return 1;
     }
     Py_ssize_t first = check->key_count;
-    for (;;) {
-        if (check->at >= check->end || *check->at != '"') {
-            return 0;
-        }
+    do {
         const unsigned char *key = check->at;
-        if (!string(check) || !remember_key(check, key, check->at - key)) {
+        if (check->at >= check->end || *check->at != '"' || !string(check) ||
+            !remember_key(check, key, check->at - key) || !take(check, ':') || !value(check)) {
             return 0;
         }
-        if (check->at >= check->end || *check->at != ':') {
-            return 0;
-        }
-        check->at++;
-        if (!value(check)) {
-            return 0;
-        }
-        if (check->at >= check->end) {
-            return 0;
-        }
-        if (*check->at == '}') {
-            check->at++;
-            break;
-        }
-        if (*check->at != ',') {
-            return 0;
-        }
-        check->at++;
+    } while (take(check, ','));
+    if (!take(check, '}')) {
+        return 0;
     }
     int unique = keys_unique(check, first);
     check->key_count = first;
@@ -670,23 +663,15 @@ static int
 array(Check *check)
 {
     check->at++; /* '[' */
-    if (check->at < check->end && *check->at == ']') {
-        check->at++;
+    if (take(check, ']')) {
         return 1;
     }
-    for (;;) {
-        if (!value(check) || check->at >= check->end) {
+    do {
+        if (!value(check)) {
             return 0;
         }
-        if (*check->at == ']') {
-            check->at++;
-            return 1;
-        }
-        if (*check->at != ',') {
-            return 0;
-        }
-        check->at++;
-    }
+    } while (take(check, ','));
+    return take(check, ']');
 }
 
 static int
