@@ -26,8 +26,9 @@ is in use.
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from chanstore.compiled import extension
 
 __all__ = ["COMPILED", "Counts", "HitPath", "Memory"]
 
@@ -104,13 +105,10 @@ class HitPath:
 
 _MISSING: Any = object()
 
-COMPILED = False
+_compiled = extension("_cache_hits")
+
+COMPILED = _compiled is not None
 """Whether the hit path in use is the C extension's."""
 
-if os.environ.get("CHANSTORE_PURE_PYTHON", "") in ("", "0"):
-    try:
-        from chanstore._cache_hits import Counts, HitPath, Memory  # type: ignore[no-redef]
-    except ImportError:  # not built here: the classes above serve
-        pass
-    else:
-        COMPILED = True
+if _compiled is not None:  # else the classes above serve
+    Counts, HitPath, Memory = _compiled.Counts, _compiled.HitPath, _compiled.Memory  # type: ignore[misc]

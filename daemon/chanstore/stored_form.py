@@ -23,7 +23,8 @@ the standard library. :data:`COMPILED` says which is in use.
 from __future__ import annotations
 
 import json
-import os
+
+from chanstore.compiled import extension
 
 __all__ = ["COMPILED", "indented", "proves"]
 
@@ -39,13 +40,10 @@ def indented(data: bytes) -> bytes:
     return json.dumps(json.loads(data), indent=2).encode("ascii")
 
 
-COMPILED = False
+_compiled = extension("_stored_form")
+
+COMPILED = _compiled is not None
 """Whether the C extension's forms are in use."""
 
-if os.environ.get("CHANSTORE_PURE_PYTHON", "") in ("", "0"):
-    try:
-        from chanstore._stored_form import indented, proves  # type: ignore[no-redef]
-    except ImportError:  # not built here: the forms above serve
-        pass
-    else:
-        COMPILED = True
+if _compiled is not None:  # else the forms above serve
+    proves, indented = _compiled.proves, _compiled.indented
