@@ -445,8 +445,11 @@ shortest_and_closest(const Decimal *decimal, uint64_t m, int e)
 
 /* The float token, written back by CPython's own repr. */
 static int
-written_back_as_repr(const char *text, Py_ssize_t length)
+written_back_as_repr(const unsigned char *start, Py_ssize_t length)
 {
+    char text[64]; /* float_as_repr() refuses longer tokens */
+    memcpy(text, start, (size_t)length);
+    text[length] = '\0';
     char *stop = NULL;
     double number = PyOS_string_to_double(text, &stop, NULL);
     if (number == -1.0 && PyErr_Occurred()) {
@@ -469,23 +472,21 @@ written_back_as_repr(const char *text, Py_ssize_t length)
 static int
 float_as_repr(const unsigned char *start, Py_ssize_t length)
 {
-    char text[64], layout[64];
+    char layout[64];
     Decimal decimal;
-    if (length >= (Py_ssize_t)sizeof(text) || !decimal_of(start, start + length, &decimal)) {
-        return 0; /* repr never writes a float that long */
+    if (length >= (Py_ssize_t)sizeof(layout) || !decimal_of(start, start + length, &decimal)) {
+        return 0; /* repr never writes a float that long, nor more than 17 digits */
     }
     int laid = repr_layout(&decimal, layout);
     if (laid != length || memcmp(layout, start, (size_t)length) != 0 || decimal.count > 17) {
         return 0;
     }
-    memcpy(text, start, (size_t)length);
-    text[length] = '\0';
     int point = decimal.count + decimal.exponent;
     if (decimal.count == 0) {
         return 1; /* 0.0 or -0.0 */
     }
     if (point < -290 || point > 290) {
-        return written_back_as_repr(text, length); /* near the ends: subnormals, overflow */
+        return written_back_as_repr(start, length); /* near the ends: subnormals, overflow */
     }
     if (decimal.count <= 15) {
         return 1;
@@ -493,7 +494,7 @@ float_as_repr(const unsigned char *start, Py_ssize_t length)
     uint64_t m;
     int e;
     int verdict = read_back(&decimal, &m, &e) ? shortest_and_closest(&decimal, m, e) : -1;
-    return verdict >= 0 ? verdict : written_back_as_repr(text, length);
+    return verdict >= 0 ? verdict : written_back_as_repr(start, length);
 }
 
 /* A number, as int() or repr() writes it: no "-0", no "1E5", no "1.50". */
