@@ -9,6 +9,8 @@ integers of more than 18 digits).
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import math
 import os
@@ -24,8 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chanstore import codec, stored_form
-from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value
+from chanstore.http.bodies import BESIDE_LOOP_BYTES, MAX_JSON_DEPTH, parse_value, parse_value_beside
 from chanstore.http.errors import HttpError
+from chanstore.versions import stored_with_etag
 
 # Not on the whole module: the tests of the build itself must run where it is missing.
 needs_extension = pytest.mark.skipif(
@@ -245,3 +248,26 @@ def test_a_body_too_deep_to_prove_is_refused_with_the_depth_in_the_answer():
     body = b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)
     with pytest.raises(HttpError, match=f"nested more than {MAX_JSON_DEPTH} levels deep"):
         parse_value(body)
+
+
+def test_a_large_body_is_made_ready_beside_the_loop_with_its_etag():
+    value = [
+        {"n": number, "text": "héllo " * 8, "ts": 1.7e9 + number / 7} for number in range(6_000)
+    ]
+    body = stored(value)
+    assert len(body) >= BESIDE_LOOP_BYTES
+    document = asyncio.run(parse_value_beside(body))
+    assert document.stored is body
+    assert document.etag == hashlib.sha1(body).hexdigest()
+    assert stored_with_etag(document) == (body, document.etag)  # not hashed again
+    assert document.doc == value
+
+
+def test_a_large_bad_body_made_ready_beside_the_loop_is_the_same_clear_400():
+    body = stored(list(range(200_000)))[:-1]  # a list that never closes
+    assert len(body) >= BESIDE_LOOP_BYTES
+    with pytest.raises(HttpError, match="is not valid JSON") as beside:
+        asyncio.run(parse_value_beside(body))
+    with pytest.raises(HttpError) as on_the_loop:
+        parse_value(body)
+    assert beside.value.message == on_the_loop.value.message

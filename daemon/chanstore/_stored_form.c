@@ -19,6 +19,10 @@
  *       it (the json backend's file form). data must be a stored form; any
  *       other bytes are re-spaced without a crash, but not meaningfully.
  *
+ * Both let other threads run while they read a large text (as hashlib does),
+ * so that the daemon's event loop goes on while a worker thread proves a
+ * body or re-spaces a file: the text is bytes, which cannot change meanwhile.
+ *
  * See chanstore/stored_form.py, which wraps both.
  */
 
@@ -40,6 +44,9 @@
 /* Integers of more digits are left to the parser (the stdlib reads them
  * beyond 64 bits, and refuses more than 4,300 digits). */
 #define MOST_INT_DIGITS 18
+/* Texts of at least this many bytes are read without the GIL (hashlib's
+ * threshold is 2 KiB; below a few KiB the release costs more than it frees). */
+#define WITHOUT_GIL_BYTES 4096
 
 typedef struct {
     const char *start;
@@ -450,22 +457,25 @@ written_back_as_repr(const unsigned char *start, Py_ssize_t length)
     char text[64]; /* float_as_repr() refuses longer tokens */
     memcpy(text, start, (size_t)length);
     text[length] = '\0';
+    /* A large text is proven without the GIL: CPython's dtoa needs it back. */
+    PyGILState_STATE held = PyGILState_Ensure();
+    int same = 0;
     char *stop = NULL;
     double number = PyOS_string_to_double(text, &stop, NULL);
     if (number == -1.0 && PyErr_Occurred()) {
         PyErr_Clear();
-        return 0;
     }
-    if (stop != text + length || !isfinite(number)) {
-        return 0;
+    else if (stop == text + length && isfinite(number)) {
+        char *written = PyOS_double_to_string(number, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (written == NULL) {
+            PyErr_Clear();
+        }
+        else {
+            same = strcmp(written, text) == 0;
+            PyMem_Free(written);
+        }
     }
-    char *written = PyOS_double_to_string(number, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (written == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    int same = strcmp(written, text) == 0;
-    PyMem_Free(written);
+    PyGILState_Release(held);
     return same;
 }
 
@@ -612,7 +622,7 @@ remember_key(Check *check, const unsigned char *start, Py_ssize_t length)
 {
     if (check->key_count == check->key_capacity) {
         Py_ssize_t capacity = check->key_capacity ? check->key_capacity * 2 : 64;
-        Span *keys = PyMem_Realloc(check->keys, (size_t)capacity * sizeof(Span));
+        Span *keys = PyMem_RawRealloc(check->keys, (size_t)capacity * sizeof(Span));
         if (keys == NULL) {
             check->out_of_memory = 1;
             return 0;
@@ -728,8 +738,16 @@ proves(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         .end = (const unsigned char *)data.buf + data.len,
         .max_depth = (int)max_depth,
     };
-    int ok = value(&check) && check.at == check.end;
-    PyMem_Free(check.keys);
+    int ok;
+    if (data.len >= WITHOUT_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        ok = value(&check) && check.at == check.end;
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        ok = value(&check) && check.at == check.end;
+    }
+    PyMem_RawFree(check.keys);
     PyBuffer_Release(&data);
     if (check.out_of_memory) {
         return PyErr_NoMemory();
@@ -755,7 +773,7 @@ reserve(Output *out, Py_ssize_t more)
     if (capacity < out->length + more) {
         capacity = out->length + more;
     }
-    char *bytes = PyMem_Realloc(out->bytes, (size_t)capacity);
+    char *bytes = PyMem_RawRealloc(out->bytes, (size_t)capacity);
     if (bytes == NULL) {
         return 0;
     }
@@ -802,6 +820,49 @@ string_end(const unsigned char *at, const unsigned char *end)
     return end;
 }
 
+/* Re-space the stored form from `at` to `end` into `out`; 0 when out of memory. */
+static int
+indent(Output *out, const unsigned char *at, const unsigned char *end)
+{
+    Py_ssize_t depth = 0;
+    int ok = 1;
+    while (ok && at < end) {
+        unsigned char byte = *at;
+        switch (byte) {
+        case '"': {
+            const unsigned char *stop = string_end(at, end);
+            ok = put(out, at, stop - at);
+            at = stop;
+            continue;
+        }
+        case '{':
+        case '[':
+            if (at + 1 < end && at[1] == (byte == '{' ? '}' : ']')) {
+                ok = put(out, at, 2); /* empty: {} or [] */
+                at += 2;
+                continue;
+            }
+            ok = put(out, at, 1) && new_line(out, ++depth);
+            break;
+        case '}':
+        case ']':
+            depth = depth > 0 ? depth - 1 : 0;
+            ok = new_line(out, depth) && put(out, at, 1);
+            break;
+        case ',':
+            ok = put(out, ",", 1) && new_line(out, depth);
+            break;
+        case ':':
+            ok = put(out, ": ", 2);
+            break;
+        default:
+            ok = put(out, at, 1);
+        }
+        at++;
+    }
+    return ok;
+}
+
 static PyObject *
 indented(PyObject *module, PyObject *arg)
 {
@@ -812,46 +873,19 @@ indented(PyObject *module, PyObject *arg)
     const unsigned char *at = data.buf;
     const unsigned char *end = at + data.len;
     Output out = {.capacity = data.len + data.len / 4 + 64};
-    out.bytes = PyMem_Malloc((size_t)out.capacity);
-    Py_ssize_t depth = 0;
+    out.bytes = PyMem_RawMalloc((size_t)out.capacity);
     int ok = out.bytes != NULL;
-    while (ok && at < end) {
-        unsigned char byte = *at;
-        switch (byte) {
-        case '"': {
-            const unsigned char *stop = string_end(at, end);
-            ok = put(&out, at, stop - at);
-            at = stop;
-            continue;
-        }
-        case '{':
-        case '[':
-            if (at + 1 < end && at[1] == (byte == '{' ? '}' : ']')) {
-                ok = put(&out, at, 2); /* empty: {} or [] */
-                at += 2;
-                continue;
-            }
-            ok = put(&out, at, 1) && new_line(&out, ++depth);
-            break;
-        case '}':
-        case ']':
-            depth = depth > 0 ? depth - 1 : 0;
-            ok = new_line(&out, depth) && put(&out, at, 1);
-            break;
-        case ',':
-            ok = put(&out, ",", 1) && new_line(&out, depth);
-            break;
-        case ':':
-            ok = put(&out, ": ", 2);
-            break;
-        default:
-            ok = put(&out, at, 1);
-        }
-        at++;
+    if (data.len >= WITHOUT_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        ok = ok && indent(&out, at, end);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        ok = ok && indent(&out, at, end);
     }
     PyBuffer_Release(&data);
     PyObject *result = ok ? PyBytes_FromStringAndSize(out.bytes, out.length) : PyErr_NoMemory();
-    PyMem_Free(out.bytes);
+    PyMem_RawFree(out.bytes);
     return result;
 }
 

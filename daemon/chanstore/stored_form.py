@@ -14,6 +14,11 @@ the bytes once instead:
 - :func:`indented` writes a stored form with an indent of 2, byte for byte as
   ``json.dumps(..., indent=2)`` does: the json backend's file form.
 
+Both let other threads run while they read a text of 4 KiB or more, as
+:mod:`hashlib` does: a worker thread proves a large body (see
+:func:`chanstore.http.bodies.parse_value_beside`) or re-spaces a file while
+the event loop goes on.
+
 Where the extension was not built, or when the environment sets
 ``CHANSTORE_PURE_PYTHON=1``, :func:`proves` proves nothing (every body is
 parsed, as before the extension) and :func:`indented` parses and writes with

@@ -19,7 +19,13 @@ from chanstore.engine import ABSENT, NO_EXPECTATION, Feed, Store
 from chanstore.engine.store import NoExpectation
 from chanstore.errors import ChanstoreError, CorruptValue
 from chanstore.http.api import Later
-from chanstore.http.bodies import json_body, parse_json, parse_value
+from chanstore.http.bodies import (
+    BESIDE_LOOP_BYTES,
+    json_body,
+    parse_json,
+    parse_value,
+    parse_value_beside,
+)
 from chanstore.http.errors import HttpError
 from chanstore.http.events import EventStream
 from chanstore.http.messages import Request, Response
@@ -64,14 +70,24 @@ class DataHandlers:
             raise _not_found(key, container)
         return _value_answer(request, found)
 
-    def put_key(self, request: Request) -> Later:
+    def put_key(self, request: Request) -> Later | Awaitable[Response]:
         channel, container, key = request.segments[2:5]
         self._check_address(channel, container, key)
         expect = write_expectation(request)
+        if len(request.body) >= BESIDE_LOOP_BYTES:
+            return self._put_large(request, channel, container, key, expect)
         value = parse_value(request.body)
         pending = self.store.write(channel, container, key, value, expect=expect,
                                    request_id=request.request_id)  # fmt: skip
         return Later(pending.future, _stored_answer(pending.etag))
+
+    async def _put_large(self, request: Request, channel: str, container: str, key: str,
+                         expect: Expectation | NoExpectation) -> Response:  # fmt: skip
+        """:meth:`put_key` of a large body, made ready beside the event loop."""
+        value = await parse_value_beside(request.body)
+        pending = self.store.write(channel, container, key, value, expect=expect,
+                                   request_id=request.request_id)  # fmt: skip
+        return _stored_answer(pending.etag)(await pending.future)
 
     def delete_key(self, request: Request) -> Later:
         channel, container, key = request.segments[2:5]
