@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from chanstore import CachedDict, MoobiusStorage, codec
+from chanstore.backends.redis_writes import TRANSACTION_BYTES
 from chanstore.backends.redisdb import WRITE_SCRIPT, RedisDatabase
 from chanstore.errors import BackendUnavailable, CorruptValue, PreconditionFailed, WriteRefused
 from chanstore.versions import ANY, UNREADABLE, Change, etag_of, etag_of_stored
@@ -733,3 +734,98 @@ def test_a_value_written_by_an_earlier_release_loads_and_changes_conditionally(d
     db.apply_if(Change(sets={"hp": 90}, expect={"hp": etag_of(100)}))
     assert db.get_value("hp") == (True, 90)
     assert redis_server.client().xlen(STREAM) == 1
+
+
+# -- large unconditional sets: a transaction instead of the script ---------------------
+
+
+def history(server):
+    """Every history entry's fields, oldest first."""
+    client = server.client()
+    try:
+        return [fields for _id, fields in client.xrange(STREAM)]
+    finally:
+        client.close()
+
+
+def invalidations_heard(server, write):
+    """The invalidations published while ``write()`` runs."""
+    client = server.client()
+    listener = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        listener.subscribe("chanstore:-invalidations")
+        assert listener.get_message(timeout=1.0) is None  # subscribed: the confirmation
+        write()
+        heard = []
+        while (message := listener.get_message(timeout=0.2)) is not None:
+            heard.append(message["data"])
+        return heard
+    finally:
+        listener.close()
+        client.close()
+
+
+def test_large_unconditional_sets_are_made_as_the_script_makes_small_ones(db, redis_server):
+    """Values of TRANSACTION_BYTES and more are handed to HSET and XADD in MULTI/EXEC, not
+    through Lua (which hashes every byte it is given): the same hash, history entries and
+    invalidation as the script leaves."""
+    large = {"text": "x" * TRANSACTION_BYTES}
+    db.check_available()
+    reset_commands(redis_server)
+    heard = invalidations_heard(redis_server, lambda: db.set_many({"a": large, "b": 2}))
+    made = {"multi": 1, "hset": 1, "xadd": 2, "publish": 1, "exec": 1, "subscribe": 1}
+    assert commands(redis_server) == made  # and the listener's SUBSCRIBE
+    reset_commands(redis_server)
+    heard += invalidations_heard(redis_server, lambda: db.set_many({"c": 3, "d": 4}))
+    assert commands(redis_server)["evalsha"] == 1  # small: the script
+    assert db.get_many(["a", "b", "c", "d"]) == {"a": large, "b": 2, "c": 3, "d": 4}
+    stored_a = codec.encode_bytes(large)
+    assert history(redis_server) == [
+        {
+            b"op": b"set",
+            b"key": key.encode(),
+            b"value": stored,
+            b"etag": etag_of_stored(stored).encode(),
+        }
+        for key, stored in [("a", stored_a), ("b", b"2"), ("c", b"3"), ("d", b"4")]
+    ]
+    assert [message.split(b"\0")[1:] for message in heard] == [
+        [HASH.encode(), b"a", b"b"],
+        [HASH.encode(), b"c", b"d"],
+    ]
+    assert heard[0].split(b"\0")[0] == heard[1].split(b"\0")[0]  # this process's origin
+
+
+def test_a_large_conditional_set_still_goes_through_the_script(db, redis_server):
+    large = "x" * TRANSACTION_BYTES
+    db.set_value("k", 1)
+    reset_commands(redis_server)
+    assert db.apply_if(Change(sets={"k": large}, expect={"k": etag_of(1)})) == []
+    assert "multi" not in commands(redis_server)
+    assert commands(redis_server)["evalsha"] == 1
+    assert db.get_value("k") == (True, large)
+
+
+def test_a_large_set_on_a_hash_a_foreign_writer_replaced_fails_and_leaves_no_history(
+    db, redis_server
+):
+    """Redis runs a transaction's XADD even when its HSET failed; the history entry it made
+    is deleted before the error is answered, so no watcher hears of a change not made."""
+    client = redis_server.client()
+    client.set(HASH, "a string, not a hash")
+    stored, error = db.set_value("k", "x" * TRANSACTION_BYTES)
+    assert stored is False
+    assert "WRONGTYPE" in str(error)
+    assert client.get(HASH) == b"a string, not a hash"
+    assert client.xlen(STREAM) == 0
+    client.close()
+
+
+def test_a_large_set_through_asyncio_is_a_transaction_too(db, redis_server):
+    large = ["y" * TRANSACTION_BYTES]
+    db.check_available()
+    reset_commands(redis_server)
+    assert asyncio.run(RedisDatabase.set_many_together_async([(db, {"k": large})])) == [None]
+    assert commands(redis_server)["exec"] == 1
+    assert db.get_value("k") == (True, large)
+    assert [entry[b"key"] for entry in history(redis_server)] == [b"k"]

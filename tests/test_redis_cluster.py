@@ -15,6 +15,7 @@ import redis
 from redis.crc import key_slot
 
 from chanstore.backends.redis_marker import MARKER_SUFFIX
+from chanstore.backends.redis_writes import TRANSACTION_BYTES
 from chanstore.backends.redisdb import RedisDatabase
 from chanstore.errors import BackendUnavailable, PreconditionFailed
 from chanstore.history import ORIGIN
@@ -228,6 +229,31 @@ def test_min_replicas_waits_on_the_primary_that_holds_the_slot(cluster, flavour)
         replica_client.execute_command("READONLY")
         assert replica_client.hget(lonely.hash_name, "k") == b"2"
         replica_client.close()
+    finally:
+        close_all(backends)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_large_values_go_as_transactions_on_each_primary(cluster, flavour):
+    """Unconditional sets of large values are MULTI/EXEC on the primary of their slot, with
+    a history entry each, and the WAIT of min_replicas after them."""
+    backends = backends_over_every_primary(cluster, f"large{flavour}", min_replicas=1)
+    large = {"text": "z" * TRANSACTION_BYTES}
+    before = {p: commandstats(cluster, p).get("exec", 0) for p in cluster.primary_ports()}
+    parts = [(backend, {"k": large, "n": n}) for n, backend in enumerate(backends)]
+    try:
+        if flavour == "sync":
+            errors = RedisDatabase.set_many_together(parts)
+        else:
+            errors = asyncio.run(RedisDatabase.set_many_together_async(parts))
+        assert errors == [None] * len(backends)
+        after = {p: commandstats(cluster, p).get("exec", 0) for p in cluster.primary_ports()}
+        assert all(after[p] > before[p] for p in after)  # every primary holds some domain
+        for n, backend in enumerate(backends):
+            assert backend.load_all() == {"k": large, "n": n}
+            client = cluster.node_on(cluster.primary_of_slot(key_slot(backend.hash_name))).client()
+            assert client.xlen(backend.stream_name) == 2
+            client.close()
     finally:
         close_all(backends)
 

@@ -215,7 +215,7 @@ class _ClusterBatch:
         for write, asking in zip(group.writes, group.asking, strict=True):
             if asking:
                 commands.append(("ASKING",))
-            commands.append(write.command(self.by_text))
+            commands.extend(write.commands(self.by_text))
         if self.wait is not None:
             commands.append(self.wait.command())
         return commands
@@ -227,7 +227,9 @@ class _ClusterBatch:
         for write, asking in zip(group.writes, group.asking, strict=True):
             if asking:
                 replies.pop(0)  # ASKING's OK
-            reply = replies.pop(0)
+            own = replies[: write.sent]
+            del replies[: write.sent]
+            reply = write.decisive(own)
             if isinstance(reply, MovedError):
                 self.stale = True  # the slot moved: read the table, send again
                 self._next.append(write)
@@ -240,7 +242,7 @@ class _ClusterBatch:
             elif isinstance(reply, ClusterDownError | TryAgainError):
                 self.stale = True
                 write.answer = _worded(reply, reaching, group.name)
-            elif write.take(reply):
+            elif write.take(own):
                 answered.append(write)
             else:
                 self._next.append(write)  # a document a foreign writer formatted: once more

@@ -125,8 +125,8 @@ def channel_of(key_prefix: str) -> bytes:
 
 def payload(origin: str, hash_name: bytes, keys: list[str]) -> bytes:
     """The invalidation :data:`WRITE_SCRIPT <chanstore.backends.redis_writes.WRITE_SCRIPT>`
-    publishes for ``keys`` of the hash ``hash_name``, as Python would write it (for tests
-    and tools: the script builds it itself)."""
+    publishes for ``keys`` of the hash ``hash_name``, as Python would write it: what a
+    write sent as a transaction publishes (the script builds it itself)."""
     return SEPARATOR.join([origin.encode(), hash_name, *(key.encode() for key in keys)])
 
 
