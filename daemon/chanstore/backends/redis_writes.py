@@ -167,9 +167,9 @@ class Write:
     """One domain's :class:`~chanstore.versions.Change` on its way through :data:`WRITE_SCRIPT`.
 
     Built from the change (keys checked, values encoded: a part that cannot
-    be sent has its error as its answer at once), it gives the script call
-    to send and takes the script's reply, until it has its answer: the
-    deleted keys that existed, or an error.
+    be sent has its error as its answer at once), it gives the commands to
+    send (the script call) and takes their replies, round after round, until
+    it has its answer: the deleted keys that existed, or an error.
 
     Only unconditional sets of :data:`TRANSACTION_BYTES` or more go as a
     transaction instead. Redis runs a transaction's commands even after one of
@@ -372,7 +372,7 @@ class _Round:
         self.rounds = 0
 
     def commands(self, wait: ReplicaWait | None = None) -> list[tuple[Any, ...]]:
-        """This round's script calls, and with ``wait`` its ``WAIT`` after them."""
+        """This round's commands, write after write, and with ``wait`` its ``WAIT`` after them."""
         commands = [command for write in self.pending for command in write.commands(self.by_text)]
         if wait is not None:
             commands.append(wait.command())
