@@ -225,10 +225,8 @@ class _ClusterBatch:
         replies = list(replies)
         answered: list[Write] = []
         for write, asking in zip(group.writes, group.asking, strict=True):
-            if asking:
-                replies.pop(0)  # ASKING's OK
-            own = replies[: write.sent]
-            del replies[: write.sent]
+            del replies[: int(asking)]  # ASKING's OK
+            own, replies = replies[: write.sent], replies[write.sent :]
             reply = write.decisive(own)
             if isinstance(reply, MovedError):
                 self.stale = True  # the slot moved: read the table, send again
