@@ -21,7 +21,9 @@
  *
  * Both let other threads run while they read a large text (as hashlib does),
  * so that the daemon's event loop goes on while a worker thread proves a
- * body or re-spaces a file: the text is bytes, which cannot change meanwhile.
+ * body or re-spaces a file. chanstore hands them bytes, which cannot change
+ * meanwhile; a bytearray changed meanwhile could get a wrong answer, never a
+ * read past its end (its length cannot change while it is read).
  *
  * See chanstore/stored_form.py, which wraps both.
  */
