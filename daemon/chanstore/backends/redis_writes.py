@@ -291,10 +291,12 @@ class Write:
             return True
         stored, *added = executed[:-1]  # HSET's, then each XADD's; PUBLISH's last
         if isinstance(stored, BaseException):
-            self.phantoms = [entry for entry in added if not isinstance(entry, BaseException)]
             self.unmade = stored
-            self.answer = None if self.phantoms else stored
-            return not self.phantoms
+            self.phantoms = [entry for entry in added if not isinstance(entry, BaseException)]
+            if self.phantoms:
+                return False  # the next round deletes them, then answers the failure
+            self.answer = stored
+            return True
         # As with the script: the values are stored even if their history was not.
         self.answer = next((entry for entry in added if isinstance(entry, BaseException)), [])
         return True

@@ -89,9 +89,8 @@ async def parse_value_beside(body: bytes, what: str = "the body") -> Document:
 
 def _ready_to_store(body: bytes, what: str) -> Document:
     document = parse_value(body, what)
-    stored = document.stored
-    if stored is not None and document.etag is None:
-        document.etag = etag_of_stored(stored)
+    if document.stored is not None:
+        document.etag = etag_of_stored(document.stored)
     return document
 
 
