@@ -116,6 +116,8 @@ def test_nothing_is_proven_that_is_not_the_stored_form(value, mutation, where):
         (b" 1", "leading space"),
         (b"[1] ", "trailing space"),
         (b'{"a":1,"a":2}', "a repeated key: the document keeps the last"),
+        (b'{"user":1,"uber":2,"user":3}', "a repeated key beside one of its first and last"),
+        (b'{"":1,"":2}', "the empty key repeated"),
         (
             b"{" + b",".join(b'"k%d":1' % i for i in range(40)) + b',"k7":2}',
             "a repeated key among many",
@@ -134,6 +136,17 @@ def test_nothing_is_proven_that_is_not_the_stored_form(value, mutation, where):
 )
 def test_bodies_that_are_not_proven(body, why):
     assert not stored_form.proves(body, MAX_JSON_DEPTH), why
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "body",
+    [b'{"user":1,"uber":2}', b'{"ab":1,"a":2,"b":3,"ba":4}', b'{"":1,"x":2}'],
+    ids=["same-ends", "same-letters", "empty-key"],
+)
+def test_keys_alike_at_their_ends_are_different_keys(body):
+    assert is_stored_form(body)
+    assert stored_form.proves(body, MAX_JSON_DEPTH)
 
 
 @needs_extension

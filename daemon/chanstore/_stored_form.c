@@ -209,19 +209,27 @@ is_digit(const unsigned char *at, const unsigned char *end)
  *
  * What does not fit those bounds is written back by CPython, as before. */
 
+/* Significant digits a float token may have and still be reasoned about (2^64 > 10^19). */
+#define MOST_DIGITS 19
+
 typedef struct {
     int negative;
     uint64_t digits; /* significant, without leading or trailing zeros */
     int count;       /* how many */
     int exponent;    /* the power of ten of the last one */
+    /* Those digits as the token writes them, then '0's: laying them out again takes no
+     * division, and any 20 bytes from one of the digits can be copied at once. */
+    char text[MOST_DIGITS + 20];
 } Decimal;
 
-/* The decimal a JSON number token holds; 0 if it has more than 19 digits. */
+/* The decimal a JSON number token holds; 0 if it has more than MOST_DIGITS digits. */
 static int
 decimal_of(const unsigned char *at, const unsigned char *end, Decimal *decimal)
 {
     int seen = 0, fraction = 0, after_point = 0, exponent = 0, exponent_sign = 1;
-    *decimal = (Decimal){.negative = at < end && *at == '-'};
+    decimal->negative = at < end && *at == '-';
+    decimal->digits = 0;
+    memset(decimal->text, '0', sizeof decimal->text);
     at += decimal->negative;
     for (; at < end && *at != 'e' && *at != 'E'; at++) {
         if (*at == '.') {
@@ -232,9 +240,10 @@ decimal_of(const unsigned char *at, const unsigned char *end, Decimal *decimal)
         if (seen == 0 && *at == '0') {
             continue; /* a leading zero */
         }
-        if (++seen > 19) {
+        if (seen == MOST_DIGITS) {
             return 0;
         }
+        decimal->text[seen++] = (char)*at;
         decimal->digits = decimal->digits * 10 + (uint64_t)(*at - '0');
     }
     if (at < end) {
@@ -250,31 +259,35 @@ decimal_of(const unsigned char *at, const unsigned char *end, Decimal *decimal)
         }
     }
     decimal->exponent = exponent_sign * exponent - fraction;
-    while (decimal->digits != 0 && decimal->digits % 10 == 0) {
-        decimal->digits /= 10;
+    for (; seen > 0 && decimal->text[seen - 1] == '0'; seen--) {
+        decimal->digits /= 10; /* a trailing zero */
         decimal->exponent++;
     }
-    for (uint64_t rest = decimal->digits; rest != 0; rest /= 10) {
-        decimal->count++;
-    }
+    decimal->count = seen;
     return 1;
 }
 
-/* The text repr() writes for a float of these digits, in `text` (room for 40 bytes);
+/* Copy 20 bytes of a Decimal's text from `from` to `to`: the digits wanted and what
+ * follows them, which the caller writes over or leaves past the layout's end. (A copy of
+ * a size fixed now is two moves; of a length known only at run time, a slow loop.) */
+static void
+put_digits(char *to, const char *from)
+{
+    memcpy(to, from, 20);
+}
+
+/* The text repr() writes for a float of these digits, in `text` (room for 64 bytes);
  * its length. */
 static int
 repr_layout(const Decimal *decimal, char *text)
 {
-    char digits[20];
+    const char *digits = decimal->text;
     int count = decimal->count, length = 0;
     if (count == 0) {
         const char *zero = decimal->negative ? "-0.0" : "0.0";
-        memcpy(text, zero, strlen(zero));
-        return (int)strlen(zero);
-    }
-    uint64_t rest = decimal->digits;
-    for (int i = count - 1; i >= 0; i--, rest /= 10) {
-        digits[i] = (char)('0' + rest % 10);
+        size_t length = strlen(zero);
+        memcpy(text, zero, length);
+        return (int)length;
     }
     int point = count + decimal->exponent; /* digits before the decimal point */
     if (decimal->negative) {
@@ -285,7 +298,7 @@ repr_layout(const Decimal *decimal, char *text)
         text[length++] = digits[0];
         if (count > 1) {
             text[length++] = '.';
-            memcpy(text + length, digits + 1, (size_t)(count - 1));
+            put_digits(text + length, digits + 1);
             length += count - 1;
         }
         text[length++] = 'e';
@@ -298,23 +311,22 @@ repr_layout(const Decimal *decimal, char *text)
         return length;
     }
     if (point <= 0) { /* from -3: 0.000ddd */
-        memcpy(text + length, "0.000", (size_t)(2 - point));
+        memcpy(text + length, "0.000", 5);
         length += 2 - point;
     }
     else if (point < count) { /* dd.ddd */
-        memcpy(text + length, digits, (size_t)point);
+        put_digits(text + length, digits);
         length += point;
         text[length++] = '.';
-        memcpy(text + length, digits + point, (size_t)(count - point));
+        put_digits(text + length, digits + point);
         return length + count - point;
     }
     else { /* ddd00.0 */
-        memcpy(text + length, digits, (size_t)count);
-        memset(text + length + count, '0', (size_t)(point - count));
+        put_digits(text + length, digits); /* and '0's up to the point */
         memcpy(text + length + point, ".0", 2);
         return length + point + 2;
     }
-    memcpy(text + length, digits, (size_t)count);
+    put_digits(text + length, digits);
     return length + count;
 }
 
@@ -323,6 +335,10 @@ typedef unsigned __int128 Wide;
 static int
 times(Wide *value, Wide factor)
 {
+    if ((*value >> 64) == 0 && (factor >> 64) == 0) {
+        *value *= factor; /* two 64-bit factors: one multiplication, which cannot overflow */
+        return 1;
+    }
     return !__builtin_mul_overflow(*value, factor, value);
 }
 
@@ -356,17 +372,31 @@ order(uint64_t x, int q, uint64_t y, int e)
     return (left > right) - (left < right);
 }
 
+/* Whether x * 10^q reaches the lower end of the decimals that read back as the double
+ * m * 4 * 2^e (a tie reads as the double with the even mantissa): 1, 0, or -1 where 128
+ * bits do not say. */
+static int
+reaches_low_end(uint64_t x, int q, uint64_t m, int e)
+{
+    uint64_t low = m == ((uint64_t)1 << 52) ? 4 * m - 1 : 4 * m - 2; /* a power of two */
+    int above = order(x, q, low, e);
+    return above == 2 ? -1 : above > 0 || (above == 0 && m % 2 == 0);
+}
+
+/* Whether x * 10^q stays within the upper end of those decimals: 1, 0 or -1, as above. */
+static int
+within_high_end(uint64_t x, int q, uint64_t m, int e)
+{
+    int below = order(x, q, 4 * m + 2, e);
+    return below == 2 ? -1 : below < 0 || (below == 0 && m % 2 == 0);
+}
+
 /* Whether x * 10^q reads back as the double m * 4 * 2^e: -1 where 128 bits do not say. */
 static int
 reads_back(uint64_t x, int q, uint64_t m, int e)
 {
-    uint64_t low = m == ((uint64_t)1 << 52) ? 4 * m - 1 : 4 * m - 2; /* a power of two */
-    int above = order(x, q, low, e), below = order(x, q, 4 * m + 2, e);
-    if (above == 2 || below == 2) {
-        return -1;
-    }
-    int even = m % 2 == 0; /* a tie reads as the double with the even mantissa */
-    return (above > 0 || (above == 0 && even)) && (below < 0 || (below == 0 && even));
+    int low = reaches_low_end(x, q, m, e), high = within_high_end(x, q, m, e);
+    return low < 0 || high < 0 ? -1 : low && high;
 }
 
 /* Whether the neighbour `other` of the token's digits (one unit of its last digit away)
@@ -386,15 +416,19 @@ neighbour_wins(const Decimal *decimal, uint64_t other, int side, uint64_t m, int
     return side < 0 || decimal->digits % 2 != 0;
 }
 
-/* A positive double as m 4 2^e, m of 53 bits: the ends of the interval of decimals that
- * read back as it are then (4m -+ 2) 2^e, integers times one power of two. */
-static void
-binary_of(double number, uint64_t *m, int *e)
+/* The double of these bits as m 4 2^e, m of 53 bits: the ends of the interval of decimals
+ * that read back as it are then (4m -+ 2) 2^e, integers times one power of two. 0 where
+ * the bits are not those of a positive, normal, finite double. */
+static int
+binary_of(uint64_t bits, uint64_t *m, int *e)
 {
-    int binary_exponent;
-    double fraction = frexp(number, &binary_exponent);
-    *m = (uint64_t)ldexp(fraction, 53);
-    *e = binary_exponent - 53 - 2;
+    int biased = (int)(bits >> 52); /* the exponent's bits, and above them the sign's */
+    if (biased < 1 || biased > 2046) {
+        return 0;
+    }
+    *m = (bits & (((uint64_t)1 << 52) - 1)) | ((uint64_t)1 << 52);
+    *e = biased - 1075 - 2;
+    return 1;
 }
 
 /* The double the token reads back as, found without strtod: the quotient in doubles is
@@ -409,13 +443,15 @@ read_back(const Decimal *decimal, uint64_t *m, int *e)
     if (q < -22 || q > 22) {
         return 0;
     }
+    /* The guess, then its neighbours: the bits of positive doubles count up with them. */
+    static const int steps[] = {0, -1, 1, -2, 2};
     double guess = (double)decimal->digits;
     guess = q >= 0 ? guess * tens[q] : guess / tens[-q];
-    double below = nextafter(guess, 0), above = nextafter(guess, INFINITY);
-    double candidates[5] = {guess, below, above, nextafter(below, 0), nextafter(above, INFINITY)};
-    for (int i = 0; i < 5; i++) {
-        binary_of(candidates[i], m, e);
-        if (isfinite(candidates[i]) && reads_back(decimal->digits, q, *m, *e) == 1) {
+    uint64_t bits;
+    memcpy(&bits, &guess, sizeof bits);
+    for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+        if (binary_of(bits + (uint64_t)(int64_t)steps[i], m, e) &&
+            reads_back(decimal->digits, q, *m, *e) == 1) {
             return 1;
         }
     }
@@ -436,9 +472,12 @@ shortest_and_closest(const Decimal *decimal, uint64_t m, int e)
     if (below == 2 || above == 2) {
         return -1;
     }
+    /* Of one digit fewer, the decimal below the token reads back when it reaches the
+     * interval's lower end, and the one above when it stays within the upper end: the
+     * token, between them, reads back. */
     int verdicts[4] = {
-        reads_back(fewer, q + 1, m, e),
-        reads_back(fewer + 1, q + 1, m, e),
+        reaches_low_end(fewer, q + 1, m, e),
+        within_high_end(fewer + 1, q + 1, m, e),
         neighbour_wins(decimal, digits - 1, -below, m, e),
         neighbour_wins(decimal, digits + 1, above, m, e),
     };
@@ -587,10 +626,15 @@ compare_spans(const void *a, const void *b)
     return (left->length > right->length) - (left->length < right->length);
 }
 
+/* Two quoted keys, equal. Keys of one length mostly differ in their first or last
+ * letter, which is cheaper to see than to call memcmp for. */
 static int
 spans_equal(const Span *a, const Span *b)
 {
-    return a->length == b->length && memcmp(a->start, b->start, (size_t)a->length) == 0;
+    Py_ssize_t last = a->length - 2; /* before the closing quote; the length is at least 2 */
+    return a->length == b->length && a->start[1] == b->start[1] &&
+           a->start[last] == b->start[last] &&
+           memcmp(a->start, b->start, (size_t)a->length) == 0;
 }
 
 /* Whether the keys from `first` on are all different. Escapes are written one
