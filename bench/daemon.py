@@ -37,6 +37,13 @@ names ``--only`` takes:
    the same loop flushing the folder after each rename, as the daemon does,
    so that the rename survives a crash), and to the redis
    container against ``redis-benchmark -d SIZE`` SET; not run by default.
+   Before the redis rounds of each size, untimed PUTs fill every channel's
+   history stream with ``--event-history`` (1,000) values of that size, as
+   on a server that has run a while: while a stream grows, Redis takes
+   fresh memory for every write (page faults for each copy of the value),
+   which costs it 2 to 8 times the CPU of a write to a full stream (whose
+   trimming frees what the next write reuses), and ``SET`` of one key never
+   grows. That takes Redis about 3.5 GB at 900 KB (4 channels).
    For "no loss" at 100 B, run ``--only put-json,put-redis`` twice, once with
    ``PYTHONPATH`` naming a worktree of the previous release's ``daemon/``.
 
@@ -124,6 +131,12 @@ MEASURES = ("get", "put-json", "put-redis", "get512", "lister", "put-large")
 LARGE_SIZES = (("100 KB", 100_000), ("900 KB", 900_000))
 LARGE_CONNECTIONS = 8
 LARGE_KEYS = 4
+#: The daemon's ``--event-history`` (its default): the changes each channel's redis
+#: container keeps in its Redis stream, values included.
+EVENT_HISTORY = 1000
+#: Seconds of one untimed run that fills those streams, and of all of them at most.
+FILL_SECONDS = 3
+FILL_LIMIT = 120.0
 #: The value every PUT stores (and every preloaded key holds).
 VALUE: dict[str, Any] = {"hp": 100, "mana": 35, "name": "player", "flags": [1, 2, 3]}
 
@@ -697,6 +710,20 @@ class Run:
         sample = run_wrk(load, daemon, self.workdir, WARM_UP_SECONDS, connections)
         progress(f"daemon {load.name} warm-up: {describe(sample)}")
 
+    def fill_histories(self, load: Load, daemon: Daemon) -> None:
+        """Untimed PUTs until each channel's history stream holds EVENT_HISTORY of
+        ``load``'s values (or FILL_LIMIT seconds have passed, which is said)."""
+        channels = min(load.keys, CHANNELS)  # key k lives in channel k % CHANNELS
+        wanted = EVENT_HISTORY * channels * 1.1  # wrk's threads do not share out evenly
+        written = 0.0
+        started = time.monotonic()
+        while written < wanted and time.monotonic() - started < FILL_LIMIT:
+            sample = run_wrk(load, daemon, self.workdir, FILL_SECONDS, LARGE_CONNECTIONS)
+            written += sample.rps * FILL_SECONDS
+        filled = "filled" if written >= wanted else f"NOT filled within {FILL_LIMIT:.0f} s"
+        progress(f"daemon {load.name}: history streams {filled} "
+                 f"({written:,.0f} PUTs in {time.monotonic() - started:.0f} s)")  # fmt: skip
+
     def redis_benchmark(self, port: int, label: str, connections: int = CONNECTIONS,
                         tests: Sequence[str] = ("get", "set")) -> dict[str, Sample]:  # fmt: skip
         samples = run_redis_benchmark(port, self.redis_requests[connections], connections, tests)
@@ -855,6 +882,7 @@ class Run:
         requests = [2000]
         for load in loads.values():
             self.warm_up(load, daemon, LARGE_CONNECTIONS)
+        self.fill_histories(loads["redis"], daemon)
 
         def daemon_round(index: int) -> None:
             for kind, load in loads.items():
