@@ -14,16 +14,28 @@ game state (numbers) from ``bench/json_libraries.py``, made compact. Figures
 are medians of 5 rounds; each round times many calls of each function in turn.
 
     python3 bench/stored_form.py
+
+``--previous DIR`` compares the proof alone with another build of the
+extension, in the same rounds: DIR holds its ``_stored_form*.so`` (a
+worktree's ``daemon/chanstore`` after ``python3 setup.py build_ext
+--inplace`` there), loaded beside this build's in one process.
+
+    python3 bench/stored_form.py --previous /tmp/previous/daemon/chanstore
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
+import importlib.util
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 from chanstore import codec, stored_form
 from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value
@@ -73,23 +85,64 @@ def measure(body: bytes) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def previous_build(folder: Path) -> ModuleType:
+    """The ``_stored_form`` extension built in ``folder``, loaded beside this one."""
+    built = sorted(folder.glob("_stored_form*.so"))
+    if not built:
+        sys.exit(f"no _stored_form*.so in {folder}: run `python3 setup.py build_ext --inplace`")
+    spec = importlib.util.spec_from_file_location("_stored_form", built[0])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_proofs(previous: ModuleType) -> None:
+    """The proof of each body by this build and by ``previous``, in turns."""
+    print("| size | shape | bytes | proof, this build µs | proof, previous build µs | ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for body, label, shape in bodies():
+        builds = {"this": stored_form.proves, "previous": previous.proves}
+        assert all(proves(body, MAX_JSON_DEPTH) for proves in builds.values()), (label, shape)
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        for _ in range(ROUNDS):
+            for name, proves in builds.items():
+                call = functools.partial(proves, body, MAX_JSON_DEPTH)
+                times[name].append(per_call(call, len(body)))
+        this, before = (statistics.median(times[name]) for name in builds)
+        print(f"| {label} | {shape} | {len(body):,} | {this:.1f} | {before:.1f} | "
+              f"{before / this:.2f}x |")  # fmt: skip
+
+
+def bodies() -> Iterator[tuple[bytes, str, str]]:
+    """Each compact body, with its size's label and its shape."""
+    for size, label in ((100, "100 B"), (100_000, "100 KB"), (900_000, "900 KB")):
+        for shape, loose in shapes(size).items():
+            yield json.dumps(json.loads(loose), separators=(",", ":")).encode(), label, shape
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--previous", type=Path, metavar="DIR",
+                        help="compare the proof with the build of _stored_form in DIR")  # fmt: skip
+    args = parser.parse_args()
     if not stored_form.COMPILED:
         sys.exit("chanstore._stored_form is not built: `pip install -e .` builds it")
+    if args.previous is not None:
+        compare_proofs(previous_build(args.previous))
+        return
     print(
         "| size | shape | bytes | parse_value, proven µs | parsed as before µs | ratio "
         "| indented µs | orjson indent µs | ratio |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for size, label in ((100, "100 B"), (100_000, "100 KB"), (900_000, "900 KB")):
-        for shape, loose in shapes(size).items():
-            body = json.dumps(json.loads(loose), separators=(",", ":")).encode()
-            assert stored_form.proves(body, MAX_JSON_DEPTH), (label, shape)
-            med = measure(body)
-            print(f"| {label} | {shape} | {len(body):,} | {med['proven']:.1f} | "
-                  f"{med['parsed']:.1f} | {med['proven'] / med['parsed']:.2f}x | "
-                  f"{med['indented']:.1f} | {med['orjson_indent']:.1f} | "
-                  f"{med['indented'] / med['orjson_indent']:.2f}x |")  # fmt: skip
+    for body, label, shape in bodies():
+        assert stored_form.proves(body, MAX_JSON_DEPTH), (label, shape)
+        med = measure(body)
+        print(f"| {label} | {shape} | {len(body):,} | {med['proven']:.1f} | "
+              f"{med['parsed']:.1f} | {med['proven'] / med['parsed']:.2f}x | "
+              f"{med['indented']:.1f} | {med['orjson_indent']:.1f} | "
+              f"{med['indented'] / med['orjson_indent']:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":
