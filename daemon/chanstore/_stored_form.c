@@ -285,9 +285,9 @@ repr_layout(const Decimal *decimal, char *text)
     int count = decimal->count, length = 0;
     if (count == 0) {
         const char *zero = decimal->negative ? "-0.0" : "0.0";
-        size_t length = strlen(zero);
-        memcpy(text, zero, length);
-        return (int)length;
+        size_t size = strlen(zero);
+        memcpy(text, zero, size);
+        return (int)size;
     }
     int point = count + decimal->exponent; /* digits before the decimal point */
     if (decimal->negative) {
