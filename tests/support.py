@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -132,6 +133,61 @@ class RedisServer:
         client = self.client()
         client.flushall()
         client.close()
+
+
+class ReplyLosingProxy:
+    """A TCP proxy in front of a server on this machine. Requests always pass; replies
+    on the connections open when :meth:`lose_replies` is called are dropped from then on,
+    as when a network loses an answer after the server acted on the request. Connections
+    opened later pass both ways."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def lose_replies(self) -> None:
+        with self._lock:
+            for _client, _upstream, losing in self._open:
+                losing.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for client, upstream, _losing in self._open:
+                client.close()
+                upstream.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _address = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            upstream.settimeout(None)
+            losing = threading.Event()
+            with self._lock:
+                self._open.append((client, upstream, losing))
+            threading.Thread(target=_pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=_pipe, args=(upstream, client, losing), daemon=True).start()
+
+
+def _pipe(source: socket.socket, target: socket.socket, losing: threading.Event | None) -> None:
+    """Copy source to target until either end closes, dropping what comes while losing."""
+    try:
+        while data := source.recv(65536):
+            if losing is None or not losing.is_set():
+                target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -14,7 +14,7 @@ from chanstore.backends.redis_writes import TRANSACTION_BYTES
 from chanstore.backends.redisdb import WRITE_SCRIPT, RedisDatabase
 from chanstore.errors import BackendUnavailable, CorruptValue, PreconditionFailed, WriteRefused
 from chanstore.versions import ANY, UNREADABLE, Change, etag_of, etag_of_stored
-from support import Point, RedisServer, free_port
+from support import Point, RedisServer, ReplyLosingProxy, free_port
 
 # Commands a client sends to set up a connection, and those these tests send to look.
 HOUSEKEEPING = {"info", "config", "hello", "client", "auth", "select", "ping", "flushall"}
@@ -830,3 +830,66 @@ def test_a_large_set_through_asyncio_is_a_transaction_too(db, redis_server):
     assert commands(redis_server)["exec"] == 1
     assert db.get_value("k") == (True, large)
     assert [entry[b"key"] for entry in history(redis_server)] == [b"k"]
+
+
+# -- a reply that is lost ------------------------------------------------------
+
+
+@pytest.fixture
+def lossy(redis_settings, redis_server):
+    """A backend that reaches Redis through a proxy that can lose its replies."""
+    proxy = ReplyLosingProxy(redis_server.port)
+    settings = {**redis_settings, "port": proxy.port, "socket_timeout": 0.3}
+    backend = RedisDatabase(domain="svc.chan.lossy", **settings)
+    yield backend, proxy
+    backend.close()
+    proxy.close()
+
+
+def apply_with_replies_lost(backend, proxy, flavour, change):
+    """Store 1 under "k" (a connection made, the script loaded), lose the replies on that
+    connection, then make ``change`` through it: its answer, or its error."""
+    if flavour == "sync":
+        backend.set_value("k", 1)
+        proxy.lose_replies()
+        try:
+            return backend.apply_if(change)
+        except Exception as exc:  # noqa: BLE001 - the answer under test
+            return exc
+    loop = asyncio.new_event_loop()
+    try:
+        stored = RedisDatabase.set_many_together_async([(backend, {"k": 1})])
+        assert loop.run_until_complete(stored) == [None]
+        proxy.lose_replies()
+        applied = RedisDatabase.apply_if_together_async([(backend, change)])
+        [answer] = loop.run_until_complete(applied)
+        return answer
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "if-match"])
+def test_a_write_whose_reply_is_lost_fails_and_is_never_sent_again(
+    lossy, redis_server, flavour, size, conditional
+):
+    """Redis makes the write and its reply is lost: the write fails as a timeout (the
+    daemon's 503), and it is not sent again behind the caller's back. Sent again, it
+    would be made twice (two changes in the history for one write), and a conditional
+    one would answer 412 to its own value."""
+    backend, proxy = lossy
+    value = ["v" * (TRANSACTION_BYTES if size == "large" else 10)]
+    expect = {"k": etag_of(1)} if conditional else {}
+    answer = apply_with_replies_lost(backend, proxy, flavour, Change(sets={"k": value},
+                                                                     expect=expect))  # fmt: skip
+    assert isinstance(answer, BackendUnavailable), answer
+    assert answer.kind == "timeout"
+    client = redis_server.client()
+    try:
+        changes = client.xrange("chanstore:-events:svc.chan.lossy")
+        stored = client.hget("chanstore:svc.chan.lossy", "k")
+    finally:
+        client.close()
+    assert json.loads(stored) == value  # Redis made it...
+    assert len(changes) == 2, f"made {len(changes) - 1} times"  # ...once
