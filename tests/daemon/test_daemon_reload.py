@@ -90,6 +90,16 @@ def _wait_serving(daemon: DaemonProcess, container: str, serving: bool = True) -
                f"container {container!r} to be {'served' if serving else 'gone'}")  # fmt: skip
 
 
+def _the_reload(daemon: DaemonProcess, count: int = 1) -> dict[str, Any]:
+    """The ``count``-th ``config_reloaded`` event, the newest. The daemon logs it just after
+    the swap that requests already see, so it is waited for, and no more are allowed."""
+    wait_until(lambda: len(daemon.events("config_reloaded")) >= count, APPLIED_WITHIN,
+               f"config_reloaded logged {count} time(s)")  # fmt: skip
+    reloads = daemon.events("config_reloaded")
+    assert len(reloads) == count, reloads
+    return reloads[-1]
+
+
 def test_in_place_write_adds_and_removes_containers_and_keeps_the_rest(
     start_daemon, channel: str
 ) -> None:
@@ -110,9 +120,9 @@ def test_in_place_write_adds_and_removes_containers_and_keeps_the_rest(
     assert daemon.get(channel, "stats", "HP").json() == 1
     assert _load_alls(daemon, "stats") == loads_before
     assert daemon.containers() == ["stats", "inventory"]
+    reloaded = _the_reload(daemon)
     assert _reloads(daemon, "success") >= 1
     assert daemon.metric("chanstore_config_last_reload_successful") == 1
-    (reloaded,) = daemon.events("config_reloaded")[-1:]
     assert reloaded["added"] == ["inventory"]
     assert reloaded["removed"] == ["profiles"]
     # A reload never deletes stored data: bring profiles back and its value is there.
@@ -163,7 +173,7 @@ def test_a_configmap_swap_is_applied_by_the_folder_watch(start_daemon, tmp_path:
     mounted.publish([STATS, INVENTORY])
 
     _wait_serving(daemon, "inventory")
-    (reloaded,) = daemon.events("config_reloaded")
+    reloaded = _the_reload(daemon)
     assert reloaded["sources"] == ["file"]
 
 
@@ -174,7 +184,7 @@ def test_checksum_poll_catches_what_file_events_miss(start_daemon, tmp_path: Pat
     mounted.publish([STATS, INVENTORY])
 
     _wait_serving(daemon, "inventory")
-    (reloaded,) = daemon.events("config_reloaded")
+    reloaded = _the_reload(daemon)
     assert reloaded["sources"] == ["poll"]
 
 
@@ -281,7 +291,7 @@ def test_a_changed_backend_switches_and_stored_data_stays(start_daemon, channel:
     wait_until(lambda: daemon.get(channel, "stats", "HP").status_code == 404, APPLIED_WITHIN,
                "stats to switch to the empty data2")  # fmt: skip
     assert daemon.put(channel, "stats", "HP", 2).status_code == 200
-    (reloaded,) = daemon.events("config_reloaded")
+    reloaded = _the_reload(daemon)
     assert reloaded["changed"] == ["stats"]
 
     daemon.write_config([STATS])
@@ -309,17 +319,13 @@ def test_sighup_reloads(start_daemon, tmp_path: Path) -> None:
     daemon = start_daemon(None, config_path=mounted.path, args=NO_POLL)
 
     daemon.send_signal(signal.SIGHUP)
-    wait_until(lambda: _reloads(daemon, "success") >= 1, APPLIED_WITHIN, "a reload on SIGHUP")
-    assert daemon.events("config_reloaded")[0]["sources"] == ["signal"]
+    assert _the_reload(daemon)["sources"] == ["signal"]
 
     # A change no file event shows is applied on the next SIGHUP.
     mounted.publish([STATS, INVENTORY])
     daemon.send_signal(signal.SIGHUP)
     _wait_serving(daemon, "inventory")
-    # The verdict is logged once the change is applied: the container may serve first.
-    wait_until(lambda: len(daemon.events("config_reloaded")) >= 2, APPLIED_WITHIN,
-               "the second reload's event")  # fmt: skip
-    assert daemon.events("config_reloaded")[-1]["added"] == ["inventory"]
+    assert _the_reload(daemon, 2)["added"] == ["inventory"]
 
     mounted.publish("[not json")
     daemon.send_signal(signal.SIGHUP)
