@@ -893,3 +893,42 @@ def test_a_write_whose_reply_is_lost_fails_and_is_never_sent_again(
         client.close()
     assert json.loads(stored) == value  # Redis made it...
     assert len(changes) == 2, f"made {len(changes) - 1} times"  # ...once
+
+
+# -- a connection that Redis closed --------------------------------------------
+
+
+def close_connections(server):
+    """Have Redis close every client connection but the asker's: what a restart, a
+    ``CLIENT KILL`` or Redis's idle ``timeout`` leaves in a connection pool."""
+    client = server.client()
+    try:
+        assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_write_after_redis_closed_the_pooled_connection_is_made_once(db, redis_server, flavour):
+    """The pool's connection was closed by Redis while it sat idle: the next write goes
+    on a new connection, and is made once. Writes are never sent again, so one sent on
+    the closed connection would fail on a Redis that is up; redis-py 8.1's asyncio pool
+    hands such a connection out (redis/redis-py#4252)."""
+    loop = asyncio.new_event_loop()
+
+    def store(value):
+        change = Change(sets={"k": value})
+        if flavour == "sync":
+            return db.apply_if(change)
+        [answer] = loop.run_until_complete(RedisDatabase.apply_if_together_async([(db, change)]))
+        return answer
+
+    try:
+        assert store(1) == []
+        close_connections(redis_server)
+        loop.run_until_complete(asyncio.sleep(0.2))  # the event loop reads the close
+        assert store(2) == []
+    finally:
+        loop.close()
+    assert db.get_value("k") == (True, 2)
+    assert [entry[b"key"] for entry in history(redis_server)] == [b"k", b"k"]

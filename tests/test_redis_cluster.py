@@ -118,6 +118,40 @@ def test_a_batch_across_primaries(cluster, flavour):
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_write_after_the_primaries_closed_the_pooled_connections_is_made_once(cluster, flavour):
+    """Every primary closed the connections the writes went on (a restart, a
+    ``CLIENT KILL``, an idle ``timeout``): the next batch goes on new ones and each
+    write is made once (writes are never sent again, see test_redis_backend.py)."""
+    backends = backends_over_every_primary(cluster, f"closed-{flavour}")
+    loop = asyncio.new_event_loop()
+
+    def store(n):
+        parts = [(backend, {"v": n}) for backend in backends]
+        if flavour == "sync":
+            return RedisDatabase.set_many_together(parts)
+        return loop.run_until_complete(RedisDatabase.set_many_together_async(parts))
+
+    try:
+        assert store(1) == [None] * len(backends)
+        for port in cluster.primary_ports():
+            client = cluster.node_on(port).client()
+            try:
+                assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+            finally:
+                client.close()
+        loop.run_until_complete(asyncio.sleep(0.2))  # the event loop reads the closes
+        assert store(2) == [None] * len(backends)
+        for backend in backends:
+            assert backend.load_all() == {"v": 2}
+            client = cluster.node_on(cluster.primary_of_slot(key_slot(backend.hash_name))).client()
+            assert client.xlen(backend.stream_name) == 2  # two writes, each made once
+            client.close()
+    finally:
+        loop.close()
+        close_all(backends)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_conditional_writes_across_primaries(cluster, flavour):
     backends = backends_over_every_primary(cluster, f"cond{flavour}")
     try:

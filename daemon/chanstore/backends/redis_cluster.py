@@ -18,11 +18,11 @@ sends the failed commands again one by one, later, on other connections, so
 a ``WAIT`` sent with the batch would not count them; and a script whose
 connection broke after it was sent may already have run. So the writes are
 grouped here by the primary that holds their slot (the cluster client's slot
-table), and each group goes as one plain pipeline on a connection of that
-primary, ending in ``WAIT`` when ``min_replicas`` asks for it: the ``WAIT``
-counts exactly the replicas that hold that group's writes. The groups of one
-batch go out together (sync: one after the other; asyncio: concurrently).
-What comes back:
+table), and each group goes in one packet on a connection of that primary
+(:func:`~chanstore.backends.redis_writes.round_trip`), ending in ``WAIT``
+when ``min_replicas`` asks for it: the ``WAIT`` counts exactly the replicas
+that hold that group's writes. The groups of one batch go out together
+(sync: one after the other; asyncio: concurrently). What comes back:
 
 * ``MOVED``: the slot has another primary (a failover, a resharding); the
   script did not run. The slot table is read again and the write goes to the
@@ -74,7 +74,7 @@ from redis.exceptions import (
 from chanstore import logs
 from chanstore.backends.redis_history import Deliver, RedisFollower, parse_position
 from chanstore.backends.redis_wait import ReplicaWait
-from chanstore.backends.redis_writes import Write
+from chanstore.backends.redis_writes import Write, round_trip, round_trip_async
 from chanstore.errors import BackendError, BackendUnavailable
 
 __all__ = [
@@ -321,10 +321,7 @@ def send_writes_cluster(
             commands = batch.commands(group)
             try:
                 with reaching(group.name):
-                    pipe = client.get_redis_connection(node).pipeline(transaction=False)
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    replies = pipe.execute(raise_on_error=False)
+                    replies = round_trip(client.get_redis_connection(node), commands)
             except Exception as exc:  # noqa: BLE001 - that node's round trip failed
                 batch.node_failed(group, exc)
                 continue
@@ -370,10 +367,7 @@ async def send_writes_cluster_async(
             commands = batch.commands(group)
             try:
                 with reaching(group.name):
-                    pipe = node_client(group.host, group.port).pipeline(transaction=False)
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    replies = await pipe.execute(raise_on_error=False)
+                    replies = await round_trip_async(node_client(group.host, group.port), commands)
             except Exception as exc:  # noqa: BLE001 - that node's round trip failed
                 batch.node_failed(group, exc)
                 return

@@ -10,17 +10,18 @@ the same with redis-py's asyncio client on the running event loop; with
 ``min_replicas``, the packet ends with ``WAIT``
 (:mod:`chanstore.backends.redis_wait`). A round whose connection fails or
 whose replies do not come in time is never sent again behind the caller's
-back: Redis may have made it, and made again it would leave two changes in
-the history, or answer a conditional write 412 to its own value. Its
-writes fail (the daemon's 503), as in a cluster. A write made only of
-unconditional sets of large values goes as a ``MULTI``/``EXEC`` transaction
-of the same commands instead (see :data:`TRANSACTION_BYTES`). Both take the
-replies and send again only what Redis answered it did not make: a round
-after a ``NOSCRIPT`` goes by the script's text, which loads it, and a write
-whose expected document a foreign writer formatted otherwise goes once more
-(see :class:`Write`), in at most three rounds. In a
-cluster the same :class:`Write` objects go to their slots' primaries
-instead (:mod:`chanstore.backends.redis_cluster`).
+back (:func:`round_trip`, the one way a write reaches a Redis server): Redis
+may have made it, and made again it would leave two changes in the history,
+or answer a conditional write 412 to its own value. Its writes fail (the
+daemon's 503), as in a cluster. A write made only of unconditional sets of
+large values goes as a ``MULTI``/``EXEC`` transaction of the same commands
+instead (see :data:`TRANSACTION_BYTES`). Both take the replies and send
+again only what Redis answered it did not make: a round after a ``NOSCRIPT``
+goes by the script's text, which loads it, and a write whose expected
+document a foreign writer formatted otherwise goes once more (see
+:class:`Write`), in at most three rounds. In a cluster the same
+:class:`Write` objects go to their slots' primaries instead
+(:mod:`chanstore.backends.redis_cluster`).
 
 Apart from the backend because this is the exchange of a write with Redis,
 whoever asks for it: it holds no connection pools and decodes no reads. The
@@ -59,6 +60,8 @@ __all__ = [
     "WRITE_SCRIPT",
     "Write",
     "WriteTarget",
+    "round_trip",
+    "round_trip_async",
     "send_writes",
     "send_writes_async",
 ]
@@ -430,7 +433,7 @@ def send_writes(
     """Send ``writes`` (of ``client``'s connection pool): one script call each, one round trip.
 
     Every command of a round goes in one packet on one pooled connection
-    (:func:`_round_trip`). redis-py's own script support is not used for it:
+    (:func:`round_trip`). redis-py's own script support is not used for it:
     a pipeline holding a ``Script`` asks ``SCRIPT EXISTS`` first, a round
     trip more for every batch. Each round trip runs inside ``reaching()``;
     when it fails, every write still waiting has the error as its answer,
@@ -447,7 +450,7 @@ def send_writes(
         commands = batch.commands(wait)
         try:
             with reaching():
-                replies = _round_trip(client, commands)
+                replies = round_trip(client, commands)
         except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
             batch.failed(exc)
             return
@@ -475,21 +478,23 @@ async def send_writes_async(
         commands = batch.commands(wait)
         try:
             with reaching():
-                replies = await _round_trip_async(client, commands)
+                replies = await round_trip_async(client, commands)
         except Exception as exc:  # noqa: BLE001 - the round trip failed for every part
             batch.failed(exc)
             return
         batch.take(replies, wait, where)
 
 
-def _round_trip(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+def round_trip(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Every reply to ``commands``, sent in one packet on one of ``client``'s pooled
     connections; a reply that is an error is that command's answer.
 
     Not the client's pipeline: that sends the round again once its connection
     fails or its replies are late (the client's retry, which reads may use). A
     connection that fails here is closed, so that no later round reads this
-    one's replies, and the error is the round's.
+    one's replies, and the error is the round's. A connection that the server
+    closed while it sat in the pool is not sent on: redis-py's pool reads the
+    socket before handing it out, finds it closed, and connects again.
     """
     pool = client.connection_pool
     connection = pool.get_connection()
@@ -510,14 +515,15 @@ def _reply(connection: Any) -> Any:
         return exc
 
 
-async def _round_trip_async(
+async def round_trip_async(
     client: redis.asyncio.Redis, commands: Sequence[tuple[Any, ...]]
 ) -> list[Any]:
-    """:func:`_round_trip` with the asyncio client. It also costs less than the client's
+    """:func:`round_trip` with the asyncio client. It also costs less than the client's
     pipeline: about a quarter less CPU for a 5-command round."""
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
+        await _connect_again_if_closed(connection)
         await connection.send_packed_command(connection.pack_commands(commands))
         return [await _reply_async(connection) for _command in commands]
     except BaseException:
@@ -525,6 +531,22 @@ async def _round_trip_async(
         raise
     finally:
         await pool.release(connection)
+
+
+async def _connect_again_if_closed(connection: Any) -> None:
+    """Make ``connection`` a new one if the server closed it (a restart, ``CLIENT KILL``,
+    its idle ``timeout``) or it holds bytes no round asked for.
+
+    Nothing has been sent on it, so connecting again cannot make a write
+    twice. redis-py 8.1's asyncio pool checks this too but hands such a
+    connection out anyway when maintenance notifications are on, as they
+    are by default over RESP3 (redis/redis-py#4252): the round would fail
+    with "Connection closed by server" on a Redis that is up. The check
+    reads no socket: it looks at what the event loop has already received.
+    """
+    if await connection.can_read():
+        await connection.disconnect()
+        await connection.connect()
 
 
 async def _reply_async(connection: Any) -> Any:
