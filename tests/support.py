@@ -190,6 +190,15 @@ def _pipe(source: socket.socket, target: socket.socket, losing: threading.Event 
                 end.shutdown(socket.SHUT_RDWR)
 
 
+def close_connections(client: redis.Redis) -> None:
+    """Have the server ``client`` talks to close every other client connection, as a
+    restart, a ``CLIENT KILL`` or its idle ``timeout`` would; then close ``client``."""
+    try:
+        assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        client.close()
+
+
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())

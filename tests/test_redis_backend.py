@@ -14,7 +14,7 @@ from chanstore.backends.redis_writes import TRANSACTION_BYTES
 from chanstore.backends.redisdb import WRITE_SCRIPT, RedisDatabase
 from chanstore.errors import BackendUnavailable, CorruptValue, PreconditionFailed, WriteRefused
 from chanstore.versions import ANY, UNREADABLE, Change, etag_of, etag_of_stored
-from support import Point, RedisServer, ReplyLosingProxy, free_port
+from support import Point, RedisServer, ReplyLosingProxy, close_connections, free_port
 
 # Commands a client sends to set up a connection, and those these tests send to look.
 HOUSEKEEPING = {"info", "config", "hello", "client", "auth", "select", "ping", "flushall"}
@@ -898,16 +898,6 @@ def test_a_write_whose_reply_is_lost_fails_and_is_never_sent_again(
 # -- a connection that Redis closed --------------------------------------------
 
 
-def close_connections(server):
-    """Have Redis close every client connection but the asker's: what a restart, a
-    ``CLIENT KILL`` or Redis's idle ``timeout`` leaves in a connection pool."""
-    client = server.client()
-    try:
-        assert client.client_kill_filter(_type="normal", skipme=True) >= 1
-    finally:
-        client.close()
-
-
 @pytest.mark.parametrize("flavour", ["sync", "asyncio"])
 def test_a_write_after_redis_closed_the_pooled_connection_is_made_once(db, redis_server, flavour):
     """The pool's connection was closed by Redis while it sat idle: the next write goes
@@ -925,7 +915,7 @@ def test_a_write_after_redis_closed_the_pooled_connection_is_made_once(db, redis
 
     try:
         assert store(1) == []
-        close_connections(redis_server)
+        close_connections(redis_server.client())
         loop.run_until_complete(asyncio.sleep(0.2))  # the event loop reads the close
         assert store(2) == []
     finally:

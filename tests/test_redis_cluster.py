@@ -29,7 +29,7 @@ from redis_topologies import (
     until_async,
     write_loop,
 )
-from support import wait_until
+from support import close_connections, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -134,11 +134,7 @@ def test_a_write_after_the_primaries_closed_the_pooled_connections_is_made_once(
     try:
         assert store(1) == [None] * len(backends)
         for port in cluster.primary_ports():
-            client = cluster.node_on(port).client()
-            try:
-                assert client.client_kill_filter(_type="normal", skipme=True) >= 1
-            finally:
-                client.close()
+            close_connections(cluster.node_on(port).client())
         loop.run_until_complete(asyncio.sleep(0.2))  # the event loop reads the closes
         assert store(2) == [None] * len(backends)
         for backend in backends:
