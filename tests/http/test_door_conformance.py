@@ -600,6 +600,30 @@ def test_many_pipelined_requests_are_answered_in_order(daemon: DaemonProcess, ch
             assert response.json() == json.loads(body), response.describe()
 
 
+def test_large_bodies_pipelined_between_small_requests_are_answered_in_order(
+    daemon: DaemonProcess, channel: str
+) -> None:
+    """A client sends, in one write, large PUTs (about 100 KB each, by Content-Length and
+    chunked) each followed by a GET of its key, then a request the parser rejects: each
+    GET answers the value just put, byte for byte, and the error comes last."""
+    values = [json.dumps(f"{n}" * 100_000).encode() for n in range(3)]
+    requests = [
+        request("PUT", value_path(channel, "big0"), values[0]),
+        request("GET", value_path(channel, "big0")),
+        chunked_put(value_path(channel, "big1"), values[1][:70_000], values[1][70_000:]),
+        request("GET", value_path(channel, "big1")),
+        request("PUT", value_path(channel, "big2"), values[2]),
+        request("GET", value_path(channel, "big2")),
+    ]
+    with Wire(daemon.port) as wire:
+        wire.send(b"".join(requests) + b"HELLO\r\n\r\n")
+        answers = [wire.read_response() for _ in requests]
+        assert [a.status for a in answers] == [200] * len(requests)
+        assert [answers[i].body for i in (1, 3, 5)] == values
+        assert_error(wire.read_response(), 400, "bad_request")
+        assert wire.closed_within(TIMEOUT)
+
+
 # -- Expect: 100-continue ----------------------------------------------------------------
 
 

@@ -91,6 +91,9 @@ class HttpProtocol(asyncio.Protocol):
         self.request_id: bytes | None = None
         self.body: list[bytes] = []
         self.body_size = 0
+        #: What the Content-Length still promises of the body being read (0 when chunked):
+        #: parsed in one piece, since it is read in full before the request is complete.
+        self.body_left = 0
         self.request: Request | None = None
         self.awaiting_continue = False
         # Requests read, waiting for their turn; each with the error that answers it, if
@@ -154,13 +157,14 @@ class HttpProtocol(asyncio.Protocol):
         self.writes_size = 0
         try:
             offset, size = 0, len(data)
+            view = memoryview(data) if size > FEED_SLICE else None
             while offset < size and not (self.input_closed or self.closed):
                 if self.write_paused or len(self.queue) >= self.limits.max_pipelined:
                     self.unread = data[offset:]
                     self._pause_reading()
                     break
-                end = offset + FEED_SLICE
-                piece = data if offset == 0 and end >= size else data[offset:end]
+                end = offset + max(FEED_SLICE, self.body_left)
+                piece = data if view is None or (offset == 0 and end >= size) else view[offset:end]
                 offset = end
                 in_head = self.phase == _HEAD
                 self._begun_in_read = False
@@ -282,6 +286,7 @@ class HttpProtocol(asyncio.Protocol):
         ):
             self._refuse_current(refusal)
             raise _Stop
+        self.body_left = self._content_length()
         if self.checked and (b"expect", b"100-continue") in self.checked:
             if self.in_flight is None and not self.queue:
                 self._write(_CONTINUE)
@@ -290,6 +295,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
+        self.body_left -= len(body)
         if self.body_size > self.limits.max_body_bytes:
             limit = self.limits.max_body_bytes
             self._refuse_current(HttpError(413, f"the body is over the limit of {limit} bytes"))
@@ -465,6 +471,14 @@ class HttpProtocol(asyncio.Protocol):
         if checked.get(b"expect") == b"100-continue":
             return self.api.precheck(request)
         return None
+
+    def _content_length(self) -> int:
+        """The body's length as its head gives it (0 when it does not: chunked, or none);
+        never more than the limit, which :meth:`_refusal` has checked."""
+        for name, value in self.checked:
+            if name == b"content-length" and value.isdigit():
+                return int(value)
+        return 0
 
     def _repeated(self, name: bytes) -> bool:
         return sum(1 for header, _ in self.checked if header == name) > 1
