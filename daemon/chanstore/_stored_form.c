@@ -219,8 +219,20 @@ typedef struct {
     int exponent;    /* the power of ten of the last one */
     /* Those digits as the token writes them, then '0's: laying them out again takes no
      * division, and any 20 bytes from one of the digits can be copied at once. */
-    char text[MOST_DIGITS + 20];
+    char text[40]; /* MOST_DIGITS + 20, rounded up to whole 8-byte words */
 } Decimal;
+
+/* Fill a Decimal's text with '0's, a word at a time. GCC compiles a memset (or memcpy)
+ * of this size to `rep stosb` (`rep movsb`), whose start-up cost was a tenth of the
+ * check's own time in a body of chat messages, a timestamp each. */
+static void
+zero_text(Decimal *decimal)
+{
+    const uint64_t zeros = 0x3030303030303030u;
+    for (size_t word = 0; word < sizeof decimal->text / 8; word++) {
+        memcpy(decimal->text + 8 * word, &zeros, 8);
+    }
+}
 
 /* The decimal a JSON number token holds; 0 if it has more than MOST_DIGITS digits. */
 static int
@@ -229,7 +241,7 @@ decimal_of(const unsigned char *at, const unsigned char *end, Decimal *decimal)
     int seen = 0, fraction = 0, after_point = 0, exponent = 0, exponent_sign = 1;
     decimal->negative = at < end && *at == '-';
     decimal->digits = 0;
-    memset(decimal->text, '0', sizeof decimal->text);
+    zero_text(decimal);
     at += decimal->negative;
     for (; at < end && *at != 'e' && *at != 'E'; at++) {
         if (*at == '.') {
