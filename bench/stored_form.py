@@ -15,7 +15,7 @@ are medians of 5 rounds; each round times many calls of each function in turn.
 
     python3 bench/stored_form.py
 
-``--previous DIR`` compares the proof alone with another build of the
+``--previous DIR`` compares the proof and the indent with another build of the
 extension, in the same rounds: DIR holds its ``_stored_form*.so`` (a
 worktree's ``daemon/chanstore`` after ``python3 setup.py build_ext
 --inplace`` there), loaded beside this build's in one process.
@@ -97,21 +97,29 @@ def previous_build(folder: Path) -> ModuleType:
     return module
 
 
-def compare_proofs(previous: ModuleType) -> None:
-    """The proof of each body by this build and by ``previous``, in turns."""
-    print("| size | shape | bytes | proof, this build µs | proof, previous build µs | ratio |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+def compare_builds(previous: ModuleType) -> None:
+    """The proof and the indent of each body by this build and by ``previous``, in turns."""
+    print("| size | shape | bytes | what | this build µs | previous build µs | ratio |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
     for body, label, shape in bodies():
-        builds = {"this": stored_form.proves, "previous": previous.proves}
-        assert all(proves(body, MAX_JSON_DEPTH) for proves in builds.values()), (label, shape)
-        times: dict[str, list[float]] = {name: [] for name in builds}
-        for _ in range(ROUNDS):
-            for name, proves in builds.items():
-                call = functools.partial(proves, body, MAX_JSON_DEPTH)
-                times[name].append(per_call(call, len(body)))
-        this, before = (statistics.median(times[name]) for name in builds)
-        print(f"| {label} | {shape} | {len(body):,} | {this:.1f} | {before:.1f} | "
-              f"{before / this:.2f}x |")  # fmt: skip
+        assert stored_form.proves(body, MAX_JSON_DEPTH) and previous.proves(body, MAX_JSON_DEPTH)
+        assert stored_form.indented(body) == previous.indented(body), (label, shape)
+        for what in ("proof", "indent"):
+            modules = {"this": stored_form, "previous": previous}
+            builds = {name: _call(module, what, body) for name, module in modules.items()}
+            times: dict[str, list[float]] = {name: [] for name in builds}
+            for _ in range(ROUNDS):
+                for name, call in builds.items():
+                    times[name].append(per_call(call, len(body)))
+            this, before = (statistics.median(times[name]) for name in builds)
+            print(f"| {label} | {shape} | {len(body):,} | {what} | {this:.1f} | {before:.1f} | "
+                  f"{before / this:.2f}x |")  # fmt: skip
+
+
+def _call(module: ModuleType, what: str, body: bytes) -> Callable[[], object]:
+    if what == "proof":
+        return functools.partial(module.proves, body, MAX_JSON_DEPTH)
+    return functools.partial(module.indented, body)
 
 
 def bodies() -> Iterator[tuple[bytes, str, str]]:
@@ -124,12 +132,13 @@ def bodies() -> Iterator[tuple[bytes, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--previous", type=Path, metavar="DIR",
-                        help="compare the proof with the build of _stored_form in DIR")  # fmt: skip
+                        help="compare the proof and the indent with the build of _stored_form "
+                             "in DIR")  # fmt: skip
     args = parser.parse_args()
     if not stored_form.COMPILED:
         sys.exit("chanstore._stored_form is not built: `pip install -e .` builds it")
     if args.previous is not None:
-        compare_proofs(previous_build(args.previous))
+        compare_builds(previous_build(args.previous))
         return
     print(
         "| size | shape | bytes | parse_value, proven µs | parsed as before µs | ratio "

@@ -159,6 +159,32 @@ def test_nesting_is_proven_up_to_the_limit_and_no_further():
     assert stored_form.indented(deep) == json.dumps(json.loads(deep), indent=2).encode()
 
 
+def _messages(count: int) -> list[dict[str, object]]:
+    return [{"id": n, "text": f"message {n} " * 4, "ts": 1733212345.123456 + n}
+            for n in range(count)]  # fmt: skip
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    ("value", "growth"),
+    [
+        (_messages(20_000), "within the first guess"),
+        ([[n, [n, {"a": [n]}]] for n in range(30_000)], "past it"),
+        ([[n] for n in range(4)], "within the first guess"),
+        ([[[[[[n]]]]] for n in range(4)], "past it"),
+    ],
+    ids=["large-messages", "large-nested", "small-flat", "small-nested"],
+)
+def test_indented_is_the_stdlib_indent_however_much_the_document_grows(value, growth):
+    """The indent writes into the answer sized at 1.25 times the stored form, and goes on
+    in a buffer of its own when a document grows more: both ways, large (without the GIL)
+    and small, byte for byte what the stdlib writes."""
+    data = json.dumps(value, separators=(",", ":")).encode()
+    expected = json.dumps(value, indent=2).encode()
+    assert (len(expected) > 1.25 * len(data) + 64) == (growth == "past it")
+    assert stored_form.indented(data) == expected
+
+
 def float_tokens(x: float) -> list[str]:
     """repr of x, other layouts of it, and its last digit moved, added and dropped."""
     r = repr(x)
