@@ -321,14 +321,17 @@ def serve_command(port: int | str, extra: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def daemon_process(workdir: Path, redis_port: int, extra: Sequence[str]) -> Iterator[Daemon]:
-    """``chanstore serve`` on a free port, stopped (SIGTERM) at the end."""
+def daemon_process(workdir: Path, redis_port: int, extra: Sequence[str],
+                   environment: Sequence[tuple[str, str]] = ()) -> Iterator[Daemon]:  # fmt: skip
+    """``chanstore serve`` on a free port, with ``environment`` added to this process's,
+    stopped (SIGTERM) at the end."""
     write_db_config(workdir, redis_port)
     port = free_port()
     command = [chanstore_command(), *serve_command(port, extra)]
     log = workdir / "daemon.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **dict(environment)})  # fmt: skip
         try:
             wait_until(lambda: healthy(port), process, "chanstore serve", log, 20)
             yield Daemon(port, process, command)
@@ -681,11 +684,13 @@ class Run:
     """One benchmark run: the processes, the loads and the figures gathered."""
 
     def __init__(self, settings: Settings, workdir: Path, profile: Path | None,
-                 serve_args: Sequence[str], only: Sequence[str] = MEASURES) -> None:  # fmt: skip
+                 serve_args: Sequence[str], only: Sequence[str] = MEASURES,
+                 serve_env: Sequence[tuple[str, str]] = ()) -> None:  # fmt: skip
         self.settings = settings
         self.workdir = workdir
         self.profile = profile
         self.serve_args = serve_args
+        self.serve_env = serve_env
         self.only = only
         self.get_load = Load("get", "GET", JSON_CONTAINER, "get", settings.get_keys)
         self.put_json = Load("put-json", "PUT", JSON_CONTAINER, "put", settings.put_keys,
@@ -920,7 +925,8 @@ class Run:
 
     def execute(self) -> tuple[list[Comparison], str]:
         with redis_server(self.workdir) as redis_port, \
-                daemon_process(self.workdir, redis_port, self.serve_args) as daemon:  # fmt: skip
+                daemon_process(self.workdir, redis_port, self.serve_args,
+                               self.serve_env) as daemon:  # fmt: skip
             progress(f"daemon pid {daemon.process.pid} on port {daemon.port}, "
                      f"redis-server on port {redis_port}")  # fmt: skip
             preload(daemon, self.settings.get_keys)
@@ -1020,10 +1026,12 @@ def load_commands(settings: Settings, only: Sequence[str]) -> tuple[list[str], l
 
 
 def report(settings: Settings, results: list[Comparison], env: str, serve_args: Sequence[str],
-           elapsed: float, only: Sequence[str] = MEASURES) -> None:  # fmt: skip
+           elapsed: float, only: Sequence[str] = MEASURES,
+           serve_env: Sequence[tuple[str, str]] = ()) -> None:  # fmt: skip
     command = shlex.join(["python", "bench/daemon.py", *sys.argv[1:]])
     wrk, redis = load_commands(settings, only)
-    serve = shlex.join(["chanstore", *serve_command("PORT", serve_args)])
+    serve = shlex.join([*(f"{name}={value}" for name, value in serve_env), "chanstore",
+                        *serve_command("PORT", serve_args)])  # fmt: skip
     notes = [f"{r.name}: {r.note}" for r in results if r.note]
     print()
     print(f"chanstore daemon benchmarks ({env})")
@@ -1066,6 +1074,14 @@ def measure_names(text: str) -> tuple[str, ...]:
     return tuple(name for name in MEASURES if name in names)
 
 
+def environment_entry(text: str) -> tuple[str, str]:
+    """``--serve-env``'s value: NAME=VALUE."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of about two minutes")
@@ -1081,6 +1097,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for chanstore serve, e.g. "
                              "--serve-arg=--write-lanes=1 (repeatable)")  # fmt: skip
+    parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                        type=environment_entry,
+                        help="an environment variable for chanstore serve, e.g. the "
+                             "systemd unit's GLIBC_TUNABLES (repeatable)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -1097,12 +1117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="chanstore-bench-daemon-", dir=args.dir))
     try:
-        run = Run(settings, workdir, args.profile, args.serve_arg, args.only)
+        run = Run(settings, workdir, args.profile, args.serve_arg, args.only, args.serve_env)
         results, env = run.execute()
     finally:
         signal.alarm(0)
         shutil.rmtree(workdir, ignore_errors=True)
-    report(settings, results, env, args.serve_arg, time.perf_counter() - started, args.only)
+    report(settings, results, env, args.serve_arg, time.perf_counter() - started, args.only,
+           args.serve_env)  # fmt: skip
     return 0
 
 

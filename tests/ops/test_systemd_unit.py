@@ -108,6 +108,33 @@ def test_unit_runs_the_daemon_the_way_the_design_says() -> None:
     assert "AF_UNIX" in settings["RestrictAddressFamilies"][0].split()
 
 
+def test_the_units_malloc_tunables_are_taken_by_glibc() -> None:
+    """The unit's GLIBC_TUNABLES, as glibc's own loader reads them (``ld.so
+    --list-tunables``): a misspelt name or a value out of range is ignored without a
+    word, which would quietly bring back a page fault per page of every large value."""
+    entries = unit_settings(UNIT.read_text())["Environment"]
+    tunables = dict(entry.partition("=")[::2] for entry in entries)["GLIBC_TUNABLES"]
+    wanted = dict(entry.split("=") for entry in tunables.split(":"))
+    assert set(wanted) == {"glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold"}
+    listed = subprocess.run([_glibc_loader(), "--list-tunables"], capture_output=True,
+                            text=True, check=True, timeout=30,
+                            env={**os.environ, "GLIBC_TUNABLES": tunables})  # fmt: skip
+    taken = dict(re.findall(r"^(glibc\.malloc\.\w+): (0x[0-9a-f]+)", listed.stdout, re.M))
+    assert {name: int(taken[name], 16) for name in wanted} == {
+        name: int(value) for name, value in wanted.items()
+    }
+
+
+def _glibc_loader() -> str:
+    """The dynamic loader this machine's programs run under (it lists glibc's tunables)."""
+    loaders = sorted(Path("/lib64").glob("ld-linux-*.so.*")) + sorted(
+        Path("/lib").glob("ld-linux-*.so.*")
+    )
+    if not loaders:
+        pytest.fail("no glibc dynamic loader in /lib64 or /lib: the unit's tunables need glibc")
+    return str(loaders[0])
+
+
 def test_example_environment_file_names_only_real_settings() -> None:
     known = {env_name(flag) for flag in _OPTIONS}
     named = re.findall(r"^#?(CHANSTORE_[A-Z_]+)=", ENV_FILE.read_text(), re.MULTILINE)
