@@ -101,11 +101,11 @@ def compare_builds(previous: ModuleType) -> None:
     """The proof and the indent of each body by this build and by ``previous``, in turns."""
     print("| size | shape | bytes | what | this build µs | previous build µs | ratio |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
+    modules = {"this": stored_form, "previous": previous}
     for body, label, shape in bodies():
         assert stored_form.proves(body, MAX_JSON_DEPTH) and previous.proves(body, MAX_JSON_DEPTH)
         assert stored_form.indented(body) == previous.indented(body), (label, shape)
         for what in ("proof", "indent"):
-            modules = {"this": stored_form, "previous": previous}
             builds = {name: _call(module, what, body) for name, module in modules.items()}
             times: dict[str, list[float]] = {name: [] for name in builds}
             for _ in range(ROUNDS):

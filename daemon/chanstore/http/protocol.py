@@ -464,17 +464,15 @@ class HttpProtocol(asyncio.Protocol):
             return HttpError(400, "an HTTP/1.1 request must have a Host header")
         if len(checked) < len(self.checked) and self._repeated(b"authorization"):
             return HttpError(400, "more than one Authorization header")
-        length = checked.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+        if (length := self._content_length()) > self.limits.max_body_bytes:
             limit = self.limits.max_body_bytes
-            return HttpError(413, f"the body is {int(length)} bytes; the limit is {limit}")
+            return HttpError(413, f"the body is {length} bytes; the limit is {limit}")
         if checked.get(b"expect") == b"100-continue":
             return self.api.precheck(request)
         return None
 
     def _content_length(self) -> int:
-        """The body's length as its head gives it (0 when it does not: chunked, or none);
-        never more than the limit, which :meth:`_refusal` has checked."""
+        """The body's length as its head gives it (0 when it does not: chunked, or none)."""
         for name, value in self.checked:
             if name == b"content-length" and value.isdigit():
                 return int(value)
