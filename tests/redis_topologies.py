@@ -35,11 +35,18 @@ import redis
 
 from support import free_port, wait_until
 
-__all__ = ["ClusterSetup", "Measure", "SentinelSetup", "require_redis"]
+__all__ = ["STEADY_DOWN_AFTER_MS", "ClusterSetup", "Measure", "SentinelSetup", "require_redis"]
 
 MASTER_NAME = "chanstore-primary"
 #: How long a primary may be silent before Sentinel / the Cluster calls it down.
 DOWN_AFTER_MS = 1000
+#: The same for a setup whose tests kill nothing: on a loaded machine a primary
+#: can stall for a second, and a failover then is noise those tests need not ride out.
+STEADY_DOWN_AFTER_MS = 10_000
+#: How long a setup may take to settle. Here it takes 5 s; a failover the
+#: sentinels start on their own (a primary stalled past down-after) takes 20 s
+#: more, most of it the old primary waiting to be made a replica.
+SETTLE_TIMEOUT = 60
 
 
 def require_redis() -> None:
@@ -168,14 +175,17 @@ class _Server:
 
 
 class SentinelSetup:
-    """A primary, ``replicas`` replicas and three sentinels (quorum 2), all on loopback."""
+    """A primary, ``replicas`` replicas and three sentinels (quorum 2), all on loopback.
 
-    def __init__(self, folder: Path, replicas: int = 1) -> None:
+    The sentinels call a primary down after ``down_after_ms`` of silence.
+    """
+
+    def __init__(self, folder: Path, replicas: int = 1, down_after_ms: int = DOWN_AFTER_MS) -> None:
         self.folder = folder
         self.primary = _Server(folder)
         self.replicas = [_Server(folder) for _ in range(replicas)]
         config = (f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.primary.port} 2\n"
-                  f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
+                  f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
                   f"sentinel failover-timeout {MASTER_NAME} 10000\n"
                   f"sentinel parallel-syncs {MASTER_NAME} 1\n")  # fmt: skip
         self.sentinels = [_Server(folder, sentinel_config=config) for _ in range(3)]
@@ -190,7 +200,7 @@ class SentinelSetup:
                 "sentinels": [s.address for s in self.sentinels],
                 "socket_timeout": 1.0, "socket_connect_timeout": 0.5, **more}  # fmt: skip
 
-    def start(self, timeout: float = 30) -> SentinelSetup:
+    def start(self, timeout: float = SETTLE_TIMEOUT) -> SentinelSetup:
         self.primary.start()
         for replica in self.replicas:
             replica.start()
@@ -214,40 +224,67 @@ class SentinelSetup:
     def server_on(self, port: int) -> _Server:
         return next(server for server in self.servers if server.port == port)
 
-    def wait_settled(self, timeout: float = 30) -> int:
+    def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> int:
         """Until every sentinel names one running primary, knows the two other sentinels
         and every running replica, and every running replica is in sync with it.
-        Returns the primary's port."""
+        Returns the primary's port; on timeout, says what was still awaited and
+        shows the tail of every server's log."""
+        awaited = ["nothing yet"]
 
         def settled() -> int | None:
-            port = self.primary_port()
-            if port is None or not self.server_on(port).running:
-                return None
-            replicas = [s for s in self.servers if s.running and s.port != port]
-            for sentinel in self.sentinels:
-                master = _ask(sentinel.port, "SENTINEL", "MASTER", MASTER_NAME)
-                info = _fields(master)
-                if info.get(b"num-other-sentinels") != b"2" or b"s_down" in info.get(
-                        b"flags", b""):  # fmt: skip
-                    return None
-                known = _ask(sentinel.port, "SENTINEL", "REPLICAS", MASTER_NAME) or []
-                up = set()
-                for entry in known:
-                    fields = _fields(entry)
-                    if b"s_down" not in fields[b"flags"] and b"disconnected" not in fields[
-                            b"flags"]:  # fmt: skip
-                        up.add(int(fields[b"port"]))
-                if not {r.port for r in replicas} <= up:
-                    return None
-            for replica in replicas:
-                info = _client(replica.port).info("replication")
-                if (info.get("master_port") != port or info.get("master_link_status") != "up"
-                        or info.get("master_sync_in_progress")):  # fmt: skip
-                    return None
+            port, awaited[0] = self._settled()
             return port
 
-        return wait_until(settled, timeout, "the sentinels to agree on a primary in sync",
-                          interval=0.05)  # fmt: skip
+        try:
+            return wait_until(settled, timeout, "the sentinels to agree on a primary in sync",
+                              interval=0.05)  # fmt: skip
+        except TimeoutError as error:
+            tails = self._log_tails()
+            raise TimeoutError(f"{error}; still awaited: {awaited[0]}\n{tails}") from None
+
+    def _settled(self) -> tuple[int | None, str]:
+        """The settled primary's port, or None and what is not settled yet."""
+        port = self.primary_port()
+        if port is None:
+            return None, "every sentinel to name the same primary"
+        if not self.server_on(port).running:
+            return None, f"the named primary ({port}) to be running"
+        replicas = [s for s in self.servers if s.running and s.port != port]
+        for sentinel in self.sentinels:
+            info = _fields(_ask(sentinel.port, "SENTINEL", "MASTER", MASTER_NAME))
+            flags = info.get(b"flags", b"")
+            if info.get(b"num-other-sentinels") != b"2" or b"s_down" in flags:
+                return None, (f"sentinel {sentinel.port} to know 2 others and see the primary "
+                              f"up (it knows {info.get(b'num-other-sentinels')}, "
+                              f"flags {flags!r})")  # fmt: skip
+            known = _ask(sentinel.port, "SENTINEL", "REPLICAS", MASTER_NAME) or []
+            up = set()
+            for entry in known:
+                fields = _fields(entry)
+                if b"s_down" not in fields[b"flags"] and b"disconnected" not in fields[b"flags"]:
+                    up.add(int(fields[b"port"]))
+            wanted = {r.port for r in replicas}
+            if not wanted <= up:
+                return None, (f"sentinel {sentinel.port} to see replicas {sorted(wanted)} up "
+                              f"(it sees {sorted(up)})")  # fmt: skip
+        for replica in replicas:
+            info = _ask(replica.port, "INFO", "replication")
+            seen = (info.get("master_port"), info.get("master_link_status"),
+                    info.get("master_sync_in_progress")) if info else None  # fmt: skip
+            if seen != (port, "up", 0):
+                return None, (f"replica {replica.port} in sync with {port} "
+                              f"(master_port, link, sync in progress: {seen})")  # fmt: skip
+        return port, "nothing"
+
+    def _log_tails(self, size: int = 1500) -> str:
+        """The last ``size`` characters of every server's log, headed by its role and port."""
+        parts = []
+        for role, servers in (("server", self.servers), ("sentinel", self.sentinels)):
+            for server in servers:
+                log = server.folder / "log"
+                tail = log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
+                parts.append(f"--- {role} {server.port} ---\n{tail}")
+        return "\n".join(parts)
 
     def kill_primary(self) -> _Server:
         """SIGKILL the current primary; returns it (stopped)."""

@@ -17,6 +17,7 @@ from chanstore.errors import BackendUnavailable, PreconditionFailed
 from chanstore.versions import Change
 from redis_topologies import (
     MASTER_NAME,
+    STEADY_DOWN_AFTER_MS,
     Heard,
     SentinelSetup,
     other_link,
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sentinel(tmp_path_factory):
     require_redis()
-    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel"))
+    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel"), down_after_ms=STEADY_DOWN_AFTER_MS)
     try:
         setup.start()
         yield setup
