@@ -43,9 +43,9 @@ DOWN_AFTER_MS = 1000
 #: The same for a setup whose tests kill nothing: on a loaded machine a primary
 #: can stall for a second, and a failover then is noise those tests need not ride out.
 STEADY_DOWN_AFTER_MS = 10_000
-#: How long a setup may take to settle. Here it takes 5 s; a failover the
-#: sentinels start on their own (a primary stalled past down-after) takes 20 s
-#: more, most of it the old primary waiting to be made a replica.
+#: How long a setup may take to settle. A sentinel setup takes 5 s here; a
+#: failover the sentinels start on their own (a primary stalled past down-after)
+#: takes 20 s more, most of it the old primary waiting to be made a replica.
 SETTLE_TIMEOUT = 60
 
 
@@ -106,6 +106,29 @@ def _free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _wait_settled(
+    check: Callable[[], tuple[Any, str]],
+    timeout: float,
+    what: str,
+    servers: dict[str, list[_Server]],
+) -> Any:
+    """Poll ``check`` (a result or None, and what is still awaited) until it gives a
+    result; on timeout, the error says what was still awaited and shows the tail of
+    every server's log, headed by its role and port."""
+    awaited = ["nothing yet"]
+
+    def settled() -> Any:
+        result, awaited[0] = check()
+        return result
+
+    try:
+        return wait_until(settled, timeout, what, interval=0.05)
+    except TimeoutError as error:
+        tails = "\n".join(f"--- {role} {server.port} ---\n{server.log_tail()}"
+                          for role, group in servers.items() for server in group)  # fmt: skip
+        raise TimeoutError(f"{error}; still awaited: {awaited[0]}\n{tails}") from None
 
 
 class _Server:
@@ -169,6 +192,10 @@ class _Server:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def log_tail(self, size: int = 1500) -> str:
+        log = self.folder / "log"
+        return log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
+
     def client(self, **options: Any) -> redis.Redis:
         """A plain client of this server, for looking behind a backend's back."""
         return _client(self.port, protocol=3, **options)
@@ -227,20 +254,9 @@ class SentinelSetup:
     def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> int:
         """Until every sentinel names one running primary, knows the two other sentinels
         and every running replica, and every running replica is in sync with it.
-        Returns the primary's port; on timeout, says what was still awaited and
-        shows the tail of every server's log."""
-        awaited = ["nothing yet"]
-
-        def settled() -> int | None:
-            port, awaited[0] = self._settled()
-            return port
-
-        try:
-            return wait_until(settled, timeout, "the sentinels to agree on a primary in sync",
-                              interval=0.05)  # fmt: skip
-        except TimeoutError as error:
-            tails = self._log_tails()
-            raise TimeoutError(f"{error}; still awaited: {awaited[0]}\n{tails}") from None
+        Returns the primary's port."""
+        return _wait_settled(self._settled, timeout, "the sentinels to agree on a primary in sync",
+                             {"server": self.servers, "sentinel": self.sentinels})  # fmt: skip
 
     def _settled(self) -> tuple[int | None, str]:
         """The settled primary's port, or None and what is not settled yet."""
@@ -275,16 +291,6 @@ class SentinelSetup:
                 return None, (f"replica {replica.port} in sync with {port} "
                               f"(master_port, link, sync in progress: {seen})")  # fmt: skip
         return port, "nothing"
-
-    def _log_tails(self, size: int = 1500) -> str:
-        """The last ``size`` characters of every server's log, headed by its role and port."""
-        parts = []
-        for role, servers in (("server", self.servers), ("sentinel", self.sentinels)):
-            for server in servers:
-                log = server.folder / "log"
-                tail = log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
-                parts.append(f"--- {role} {server.port} ---\n{tail}")
-        return "\n".join(parts)
 
     def kill_primary(self) -> _Server:
         """SIGKILL the current primary; returns it (stopped)."""
@@ -331,7 +337,7 @@ class ClusterSetup:
         return {"mode": "cluster", "nodes": [n.address for n in self.nodes[:how_many]],
                 "socket_timeout": 1.0, "socket_connect_timeout": 0.5, **more}  # fmt: skip
 
-    def start(self, timeout: float = 30) -> ClusterSetup:
+    def start(self, timeout: float = SETTLE_TIMEOUT) -> ClusterSetup:
         for node in self.nodes:
             node.start()
         subprocess.run(
@@ -373,37 +379,37 @@ class ClusterSetup:
                       if node["role"] == "primary" and node["slots"] and "fail" not in node["flags"]
                       and self.node_on(port).running)  # fmt: skip
 
-    def wait_settled(self, timeout: float = 30) -> list[int]:
+    def wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> list[int]:
         """Until every running node says ``cluster_state:ok`` and agrees on the nodes: the
         configured number of primaries with slots, every running node connected and
         none failing, every running replica in sync. Returns the primaries' ports."""
+        return _wait_settled(self._settled, timeout, "the cluster to be ok and in sync",
+                             {"node": self.nodes})  # fmt: skip
 
-        def settled() -> list[int] | None:
-            views = []
-            for node in self.nodes:
-                if not node.running:
-                    continue
+    def _settled(self) -> tuple[list[int] | None, str]:
+        """The settled primaries' ports, or None and what is not settled yet."""
+        for node in self.nodes:
+            if node.running:
                 info = _ask(node.port, "CLUSTER", "INFO")
                 if info is None or b"cluster_state:ok" not in info:
-                    return None
-                views.append(node)
-            view = self.view()
-            if view is None:
-                return None
-            running = {n.port for n in self.nodes if n.running}
-            primaries = [p for p, n in view.items() if n["role"] == "primary" and n["slots"]]
-            if len(primaries) != self.primaries or not set(primaries) <= running:
-                return None
-            for port, node in view.items():
-                if port in running and (not node["connected"] or node["flags"] & {"fail", "fail?"}):
-                    return None
-            for port in running - set(primaries):
-                info = _client(port).info("replication")
-                if info.get("role") != "slave" or info.get("master_link_status") != "up":
-                    return None
-            return sorted(primaries)
-
-        return wait_until(settled, timeout, "the cluster to be ok and in sync", interval=0.05)
+                    return None, f"node {node.port} to say cluster_state:ok"
+        view = self.view()
+        if view is None:
+            return None, "a running node to answer CLUSTER NODES"
+        running = {n.port for n in self.nodes if n.running}
+        primaries = [p for p, n in view.items() if n["role"] == "primary" and n["slots"]]
+        if len(primaries) != self.primaries or not set(primaries) <= running:
+            return None, (f"{self.primaries} running primaries with slots (the view has "
+                          f"{sorted(primaries)}, running {sorted(running)})")  # fmt: skip
+        for port, node in view.items():
+            if port in running and (not node["connected"] or node["flags"] & {"fail", "fail?"}):
+                return None, f"node {port} connected and not failing (flags {node['flags']})"
+        for port in running - set(primaries):
+            info = _ask(port, "INFO", "replication")
+            seen = (info.get("role"), info.get("master_link_status")) if info else None
+            if seen != ("slave", "up"):
+                return None, f"replica {port} in sync (role, link: {seen})"
+        return sorted(primaries), "nothing"
 
     def primary_of_slot(self, slot: int) -> int:
         client = _client(self.primary_ports()[0])
