@@ -702,6 +702,59 @@ def test_conditional_changes_of_many_domains_take_one_round_trip(redis_settings,
         backend.close()
 
 
+def set_history(server):
+    """``(key, value)`` of every set in the svc.chan.box domain's history, oldest first."""
+    return [(fields[b"key"].decode(), json.loads(fields[b"value"]))
+            for fields in history(server) if fields[b"op"] == b"set"]  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_parts_of_one_domain_are_made_in_the_order_given_in_one_round_trip(
+    db, redis_settings, redis_server, flavour
+):
+    """How a write lane sends a batch in which a key repeats (keeps_part_order)."""
+    assert RedisDatabase.keeps_part_order
+    db.set_value("hp", 0)  # the script is in Redis's cache now
+    reset_commands(redis_server)
+    parts = [(db, {"hp": 1, "mp": 1}), (db, {"hp": 2}), (db, {"hp": 3, "mp": 2})]
+    assert store_together(parts, flavour) == [None, None, None]
+    assert commands(redis_server) == {"evalsha": 3, "hset": 5, "xadd": 5, "publish": 3}
+    assert stored(redis_settings, "svc.chan.box") == {"hp": 3, "mp": 2}
+    assert set_history(redis_server) == [
+        ("hp", 0), ("hp", 1), ("mp", 1), ("hp", 2), ("hp", 3), ("mp", 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_after_a_script_flush_repeated_keys_are_sent_again_in_order(
+    db, redis_settings, redis_server, flavour
+):
+    db.set_value("warm", 1)
+    redis_server.client().script_flush()
+    parts = [(db, {"hp": 1}), (db, {"hp": 2})]
+    assert store_together(parts, flavour) == [None, None]  # both refused, both sent again
+    assert stored(redis_settings, "svc.chan.box") == {"warm": 1, "hp": 2}
+    assert set_history(redis_server) == [("warm", 1), ("hp", 1), ("hp", 2)]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_write_that_did_not_run_is_not_sent_after_a_later_write_of_its_key(
+    db, redis_settings, redis_server, flavour
+):
+    """A small set goes through the script, which a flushed cache refuses (NOSCRIPT); a
+    large one as a transaction, which runs. Sent again, the small one would overwrite the
+    large one that came after it: it is answered as not made instead."""
+    large = {"text": "x" * TRANSACTION_BYTES}
+    db.set_value("warm", 1)
+    redis_server.client().script_flush()
+    parts = [(db, {"hp": 1, "mp": 1}), (db, {"hp": large}), (db, {"mp": 2})]
+    small, made, after = store_together(parts, flavour)
+    assert isinstance(small, BackendUnavailable)
+    assert "later write of the same key" in str(small)
+    assert (made, after) == (None, None)  # mp 2: refused too, sent again, nothing after it
+    assert stored(redis_settings, "svc.chan.box") == {"warm": 1, "hp": large, "mp": 2}
+    assert set_history(redis_server) == [("warm", 1), ("hp", large), ("mp", 2)]
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 @pytest.mark.parametrize("size", [1, 3])
 def test_a_flushed_script_cache_is_reloaded_by_the_write(redis_settings, redis_server, flavour,

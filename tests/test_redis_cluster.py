@@ -9,6 +9,7 @@ bench/failover.py prints the same figures).
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import redis
@@ -259,6 +260,48 @@ def test_min_replicas_waits_on_the_primary_that_holds_the_slot(cluster, flavour)
         replica_client.execute_command("READONLY")
         assert replica_client.hget(lonely.hash_name, "k") == b"2"
         replica_client.close()
+    finally:
+        close_all(backends)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_repeated_keys_after_a_script_flush_are_never_made_out_of_order(cluster, flavour):
+    """A round may hold several writes of one domain (a write lane's batch where a key
+    repeats). After a SCRIPT FLUSH a small set is refused (NOSCRIPT) and sent again,
+    in order; but not once a large set of its key, a transaction, ran after it."""
+    backends = backends_over_every_primary(cluster, f"order{flavour}")
+    large = {"text": "o" * TRANSACTION_BYTES}
+    for backend in backends:
+        backend.set_value("warm", 1)
+    for port in cluster.primary_ports():
+        client = cluster.node_on(port).client()
+        client.script_flush()
+        client.close()
+    parts = [part for backend in backends
+             for part in ((backend, {"hp": 1, "mp": 1}), (backend, {"hp": large}),
+                          (backend, {"mp": 2}))]  # fmt: skip
+    try:
+        if flavour == "sync":
+            errors = RedisDatabase.set_many_together(parts)
+        else:
+            errors = asyncio.run(RedisDatabase.set_many_together_async(parts))
+        overtaken = 0
+        by_domain = [errors[at : at + 3] for at in range(0, len(errors), 3)]
+        for backend, (small, made, after) in zip(backends, by_domain, strict=True):
+            assert (made, after) == (None, None)
+            assert backend.load_all() == {"warm": 1, "hp": large, "mp": 2}
+            history = [("warm", 1), ("hp", large), ("mp", 2)]
+            if small is None:  # its node had the script again by then (sync: one after another)
+                history[1:1] = [("hp", 1), ("mp", 1)]
+            else:
+                assert isinstance(small, BackendUnavailable) and "later write" in str(small)
+                overtaken += 1
+            client = cluster.node_on(cluster.primary_of_slot(key_slot(backend.hash_name))).client()
+            sets = [(f[b"key"].decode(), json.loads(f[b"value"]))
+                    for _id, f in client.xrange(backend.stream_name)]  # fmt: skip
+            client.close()
+            assert sets == history
+        assert overtaken > 0
     finally:
         close_all(backends)
 

@@ -1,5 +1,6 @@
 """Batches: a key written over and over within one batch, where the backend allows it,
-costs one stored write; every write is still acknowledged, in order, and seen by watchers."""
+costs one stored write; where every write must reach the backend (Redis), one round trip;
+every write is still acknowledged, in order, and seen by watchers."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import pytest
 
 from chanstore.backends import journal as journal_module
 from chanstore.backends.jsonfiles import JSONDatabase
+from chanstore.backends.redisdb import RedisDatabase
 from chanstore.codec import Document
 from chanstore.engine import Engine
-from chanstore.engine.batches import apply_batch
+from chanstore.engine.batches import apply_batch, apply_batch_on_loop, stores_on_loop
 from chanstore.engine.lanes import Condition
 from chanstore.errors import BulkWriteError
+from chanstore.versions import ANY, Change
 from support import DictDatabase
 
 
@@ -125,3 +128,71 @@ def test_a_backend_that_sees_every_write_gets_every_write() -> None:
     assert apply_batch([queued(backend, "hp", n) for n in range(3)]) == [True] * 3
     assert given == [0, 1, 2]
     assert backend.get_value("hp") == (True, 2)
+
+
+@pytest.fixture
+def redis_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[tuple[str, object]]]]:
+    """Each call a batch made of the redis backend's two asyncio methods (the real call
+    runs): its name and its parts, as (domain, what it was given)."""
+    calls: list[tuple[str, list[tuple[str, object]]]] = []
+    for name in ("set_many_together_async", "apply_if_together_async"):
+        real = getattr(RedisDatabase, name)
+
+        def counted(cls, parts, real=real, name=name):
+            calls.append((name, [(backend.domain, given) for backend, given in parts]))
+            return real(parts)
+
+        monkeypatch.setattr(RedisDatabase, name, classmethod(counted))
+    return calls
+
+
+def test_runs_where_a_key_repeats_go_to_redis_in_one_call(redis_settings, redis_calls) -> None:
+    """Redis applies one call's parts in order (keeps_part_order): a key written by many
+    clients at once costs one round trip per batch, not one per write."""
+
+    async def main() -> list[object]:
+        hp, other = (RedisDatabase(domain=d, **redis_settings) for d in ("s.hp", "s.other"))
+        batch = [queued(hp, "hp", 1), queued(hp, "mp", 1), queued(other, "x", 1),
+                 queued(hp, "hp", 2), queued(hp, "hp", 3), queued(other, "x", 2)]  # fmt: skip
+        assert stores_on_loop(batch)
+        try:
+            return [await apply_batch_on_loop(batch), hp.load_all(), other.load_all()]
+        finally:
+            hp.close()
+            other.close()
+
+    results, hp_values, other_values = run(main)
+    assert results == [True] * 6
+    assert (hp_values, other_values) == ({"hp": 3, "mp": 1}, {"x": 2})
+    assert redis_calls == [("set_many_together_async", [
+        ("s.hp", {"hp": 1, "mp": 1}), ("s.other", {"x": 1}),  # the first run
+        ("s.hp", {"hp": 2}),  # the second: hp again
+        ("s.hp", {"hp": 3}), ("s.other", {"x": 2}),  # the third
+    ])]  # fmt: skip
+
+
+def test_a_conditional_write_is_never_joined_with_the_runs_around_it(
+    redis_settings, redis_calls
+) -> None:
+    async def main() -> list[object]:
+        hp = RedisDatabase(domain="s.hp", **redis_settings)
+        batch = [queued(hp, "hp", 1), queued(hp, "hp", 2, condition=Condition({"hp": ANY}, 1)),
+                 queued(hp, "hp", 3), queued(hp, "hp", 4)]  # fmt: skip
+        try:
+            return [await apply_batch_on_loop(batch), hp.load_all()]
+        finally:
+            hp.close()
+
+    results, values = run(main)
+    assert results == [True] * 4
+    assert values == {"hp": 4}
+
+    def described(given: object) -> object:
+        return (given.sets, given.expect) if isinstance(given, Change) else given
+
+    assert [(name, [described(given) for _domain, given in parts])
+            for name, parts in redis_calls] == [
+        ("set_many_together_async", [{"hp": 1}]),
+        ("apply_if_together_async", [({"hp": 2}, {"hp": ANY})]),
+        ("set_many_together_async", [{"hp": 3}, {"hp": 4}]),  # these two runs go together
+    ]  # fmt: skip

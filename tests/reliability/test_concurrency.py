@@ -187,7 +187,18 @@ def test_clients_on_one_daemon_key_agree_with_the_backend(tmp_path: Path) -> Non
             redis_backend = RedisDatabase(container_domain("e2e", HOT_CHANNEL, "rhot"),
                                           **redis.settings)  # fmt: skip
             assert redis_backend.get_value(HOT_KEY) == (True, finals["rhot"])
+            # Redis's history holds every acknowledged write once, each client's in the
+            # order acknowledged, and the value left standing last: the write lane sends
+            # the runs of a batch where the key repeats in one round trip, in order.
+            client = redis.client()
+            made = [json.loads(fields[b"value"])
+                    for _id, fields in client.xrange(redis_backend.stream_name)]  # fmt: skip
+            client.close()
             redis_backend.close()
+            assert len(made) == sum(len(mine) for mine in acked["rhot"])
+            for number, mine in enumerate(acked["rhot"]):
+                assert [value for value in made if value["client"] == number] == mine
+            assert made[-1] == finals["rhot"]
             daemon.restart()
             for container, final in finals.items():
                 assert daemon.get(HOT_CHANNEL, container, HOT_KEY).json() == final

@@ -97,6 +97,12 @@ class DatabaseInterface(ABC):
     #: recorded or seen elsewhere: a change history, another daemon. False lets
     #: a lane store only the last of a key's unconditional sets in a batch.
     sees_every_write: ClassVar[bool] = True
+    #: Whether :meth:`set_many_together_async` applies its parts in the order given, a
+    #: part after every part before it, so that one call may take several parts of one
+    #: domain, even with the same keys, and the last one's values are what stays (Redis:
+    #: the commands of one round trip, run in order). A write lane then stores a batch
+    #: in which keys repeat in one call, not one call per repeat.
+    keeps_part_order: ClassVar[bool] = False
     #: Whether stored values are revived into Python objects (sets, tuples,
     #: registered dataclasses) or read as :class:`~chanstore.codec.Document`\ s
     #: of their stored JSON. The daemon, which carries values in their stored

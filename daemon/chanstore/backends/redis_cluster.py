@@ -74,7 +74,7 @@ from redis.exceptions import (
 from chanstore import logs
 from chanstore.backends.redis_history import Deliver, RedisFollower, parse_position
 from chanstore.backends.redis_wait import ReplicaWait
-from chanstore.backends.redis_writes import Write, round_trip, round_trip_async
+from chanstore.backends.redis_writes import Write, not_overtaken, round_trip, round_trip_async
 from chanstore.errors import BackendError, BackendUnavailable
 
 __all__ = [
@@ -224,26 +224,31 @@ class _ClusterBatch:
         """Take one node's replies (in the order of :meth:`commands`)."""
         replies = list(replies)
         answered: list[Write] = []
+        again: list[Write] = []
         for write, asking in zip(group.writes, group.asking, strict=True):
             del replies[: int(asking)]  # ASKING's OK
             own, replies = replies[: write.sent], replies[write.sent :]
             reply = write.decisive(own)
             if isinstance(reply, MovedError):
                 self.stale = True  # the slot moved: read the table, send again
-                self._next.append(write)
+                again.append(write)
             elif isinstance(reply, AskError):
                 self.asks[id(write)] = (reply.host, int(reply.port))
-                self._next.append(write)
+                again.append(write)
             elif isinstance(reply, NoScriptError):
                 self.by_text = True
-                self._next.append(write)
+                again.append(write)
             elif isinstance(reply, ClusterDownError | TryAgainError):
                 self.stale = True
                 write.answer = _worded(reply, reaching, group.name)
             elif write.take(own):
                 answered.append(write)
             else:
-                self._next.append(write)  # a document a foreign writer formatted: once more
+                again.append(write)  # a document a foreign writer formatted: once more
+        self._next.extend(not_overtaken(group.writes, again))
+        for write in again:
+            if write.answer is not None:  # overtaken, so not sent again
+                self.asks.pop(id(write), None)
         if self.wait is not None:
             reply = replies.pop(0) if replies else None
             if answered and not self.wait.holds(reply):

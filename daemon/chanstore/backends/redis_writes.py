@@ -44,7 +44,7 @@ from chanstore import codec
 from chanstore.backends import redis_invalidations as invalidations
 from chanstore.backends.redis_invalidations import channel_of
 from chanstore.backends.redis_wait import ReplicaWait
-from chanstore.errors import BackendError, PreconditionFailed
+from chanstore.errors import BackendError, BackendUnavailable, PreconditionFailed
 from chanstore.keys import check_key
 from chanstore.versions import (
     ANY,
@@ -60,6 +60,7 @@ __all__ = [
     "WRITE_SCRIPT",
     "Write",
     "WriteTarget",
+    "not_overtaken",
     "round_trip",
     "round_trip_async",
     "send_writes",
@@ -196,12 +197,14 @@ class Write:
     (:data:`~chanstore.versions.UNREADABLE` for bytes that are not JSON).
     """
 
-    __slots__ = ("answer", "arguments", "backend", "expect", "phantoms", "retried",
+    __slots__ = ("answer", "arguments", "backend", "expect", "fields", "phantoms", "retried",
                  "sent", "sent_expect", "sets", "unmade")  # fmt: skip
 
     def __init__(self, backend: WriteTarget, change: Change) -> None:
         self.backend = backend
         self.answer: list[str] | BaseException | None = None
+        #: The keys it checks or changes (see :func:`not_overtaken`).
+        self.fields: frozenset[str] = frozenset()
         self.retried = False
         self.expect: dict[str, Expectation] = {}
         self.sent_expect: dict[str, str] = {}
@@ -220,6 +223,7 @@ class Write:
         except Exception as exc:  # noqa: BLE001 - this part's answer; nothing of it is sent
             self.answer = exc
             return
+        self.fields = frozenset((*self.expect, *(triple[0] for triple in sets), *deletes))
         if not sets and not deletes and not self.expect:
             self.answer = []  # nothing to check or change: no round trip
             return
@@ -404,7 +408,7 @@ class _Round:
         for write in self.pending:
             (answered if write.take(replies[at : at + write.sent]) else pending).append(write)
             at += write.sent
-        self.pending = pending
+        self.pending = not_overtaken(self.pending, pending)
         if wait is not None and answered and not wait.holds(acknowledged):
             wait.refuse(answered, acknowledged, where)
         if self.pending and self.rounds >= _MAX_ROUNDS:
@@ -420,6 +424,43 @@ class _Round:
         for write in self.pending:
             write.answer = exc
         self.pending = []
+
+
+#: The answer of a write that did not run and that a later write of its key overtook.
+OVERTAKEN = (
+    "the write was not made: Redis did not run it (its script cache was emptied, or "
+    "the key's slot moved) and ran a later write of the same key sent with it; "
+    "sending it again now would undo that one"
+)
+
+
+def not_overtaken(sent: Sequence[Write], again: Sequence[Write]) -> list[Write]:
+    """Of ``again``, the writes of one round trip (``sent``, in the order sent) that did not
+    run and must be sent once more, those that may be: not one followed in the round by a
+    write to one of its keys that was answered (made, or refused). Sent again, it would
+    run after that one, out of order; it is answered :data:`OVERTAKEN` instead, as not made.
+
+    A round holds several writes of one key when a write lane sends several runs of a
+    batch at once (:attr:`~chanstore.backends.base.DatabaseInterface.keeps_part_order`).
+    A write runs not at all on a ``NOSCRIPT`` (the script cache was emptied), a
+    redirection in a cluster, or a check of a foreign writer's formatting; one round
+    usually meets it for all of its writes, which then all go again, in order.
+    """
+    if not again or len(again) == len(sent):
+        return list(again)
+    waiting = {id(write) for write in again}
+    answered_later: set[tuple[bytes, str]] = set()
+    kept: list[Write] = []
+    for write in reversed(sent):
+        keys = {(write.backend.hash_name, field) for field in write.fields}
+        if id(write) not in waiting:
+            answered_later |= keys
+        elif write.phantoms or answered_later.isdisjoint(keys):
+            kept.append(write)  # (removing what a failed transaction added is never late)
+        else:
+            write.answer = BackendUnavailable(OVERTAKEN)
+    kept.reverse()
+    return kept
 
 
 def send_writes(

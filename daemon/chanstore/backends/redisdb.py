@@ -138,6 +138,9 @@ class RedisDatabase(DatabaseInterface):
     stores_on_loop = True
     #: Every write is one script that checks its expectations first (:data:`WRITE_SCRIPT`).
     checks_conditions = True
+    #: A round's writes to one domain go in one packet on one connection (in a cluster,
+    #: its primary's), and Redis runs them in order.
+    keeps_part_order = True
     SETTINGS = {
         "host": (str,),
         "port": (int,),

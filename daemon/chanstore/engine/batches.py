@@ -8,7 +8,9 @@ share it (Redis domains on one connection pool) are stored by one
 ``set_many_together`` call (one pipeline), each other backend by its own; a
 backend's deletes go in one ``delete_many``. The calls of one run go out at
 the same time on the fan-out threads, so a run costs about one round trip or
-one disk flush rather than one per channel.
+one disk flush rather than one per channel. Where the backends apply one call's
+parts in order (Redis), consecutive runs of unconditional sets go out in one
+call: a key that repeats costs no round trip of its own.
 
 Conditional writes (one :class:`~chanstore.engine.lanes.Condition` shared by
 the writes made together) stay whole within one run. A backend that checks
@@ -148,17 +150,45 @@ def _apply_in_runs(batch: Sequence[Queued], fan_out: Executor | None) -> list[Ou
 
 
 async def apply_batch_on_loop(batch: Sequence[Queued]) -> list[Outcome]:
-    """:func:`apply_batch` for a batch that :func:`stores_on_loop`, with no thread at all."""
+    """:func:`apply_batch` for a batch that :func:`stores_on_loop`, with no thread at all.
+
+    Runs that can go out together do (see :func:`_steps`): a key written by
+    many clients at once (a health bar) costs one round trip per batch, not
+    one per write.
+    """
     results: list[Outcome] = [False] * len(batch)
-    for run in _runs(batch):
-        plain, units = _split(batch, run)
-        sets, _deletes = _groups(batch, plain)
+    for step in _steps(batch):
+        sets: dict[Hashable, list[_Part]] = {}
+        units: list[list[int]] = []
+        for run in step:
+            plain, run_units = _split(batch, run)
+            units.extend(run_units)
+            for together, parts in _groups(batch, plain)[0].items():
+                sets.setdefault(together, []).extend(parts)  # a later run's parts after
         await asyncio.gather(
             *(_store_together_async(parts, batch, results) for parts in sets.values()),
             *(_apply_together_async(group, batch, results)
               for group in _unit_groups(batch, units)),
         )  # fmt: skip
     return results
+
+
+def _steps(batch: Sequence[Queued]) -> Iterator[list[range]]:
+    """The batch's runs, each step stored at once: consecutive runs of unconditional sets
+    to backends that :attr:`~chanstore.backends.base.DatabaseInterface.keeps_part_order`
+    go in one step (each run's parts after the runs before), any other run alone."""
+    joined: list[range] = []
+    for run in _runs(batch):
+        if all(batch[index].condition is None and type(batch[index].backend).keeps_part_order
+               for index in run):  # fmt: skip
+            joined.append(run)
+            continue
+        if joined:
+            yield joined
+            joined = []
+        yield [run]
+    if joined:
+        yield joined
 
 
 def _runs(batch: Sequence[Queued]) -> Iterator[range]:
