@@ -14,6 +14,9 @@ names ``--only`` takes:
    runs just before and just after the daemon's PUT rounds, because a disk's
    speed drifts; both figures are shown and their mean is the baseline.
 3. ``put-redis``, PUT to a redis container against ``redis-benchmark`` SET.
+   ``put-hot``, the same PUTs all to one key (a health bar every client writes
+   at once), against the same SET rounds (``redis-benchmark`` without ``-r``
+   sets one key too).
 4. ``get512``, cached GET at 512 connections: the GETs of 1 from wrk with
    ``-c512`` (still 2 threads) against ``redis-benchmark -c 512`` GET. Beside
    the throughput ratio, the target is a latency: the daemon's p99 under
@@ -126,7 +129,9 @@ BULK_KEYS = 10_000
 #: Seconds the lister runs before the GETs beside it start (it runs a second longer than them).
 LISTER_LEAD = 0.5
 #: Every measure, by the name --only takes, in the order the report shows them.
-MEASURES = ("get", "put-json", "put-redis", "get512", "lister", "put-large")
+MEASURES = ("get", "put-json", "put-redis", "put-hot", "get512", "lister", "put-large")
+#: The measures set against redis-benchmark rounds, and the test each is set against.
+REDIS_TESTS = {"get": "GET", "put-redis": "SET", "put-hot": "SET"}
 #: ``put-large``: value sizes, connections, keys per channel (each written over and over).
 LARGE_SIZES = (("100 KB", 100_000), ("900 KB", 900_000))
 LARGE_CONNECTIONS = 8
@@ -182,6 +187,8 @@ class LatencyGoal:
 GOAL_GET = Goal(0.45, aim=0.8, later=0.6)
 GOAL_PUT_JSON = Goal(1.1, aim=3.0)
 GOAL_PUT_REDIS = Goal(0.12, aim=0.3)
+# One key written by every client at once is not to cost more than keys spread out.
+GOAL_PUT_HOT = GOAL_PUT_REDIS
 GOAL_GET_MANY = LatencyGoal(50.0)  # redis-server: about 4.5 ms here
 GOAL_LISTER = Goal(0.8)
 # Issue 14: large PUTs against the raw loop of the same bytes (json), SET of the same size.
@@ -697,6 +704,7 @@ class Run:
                              body_text())  # fmt: skip
         self.put_redis = Load("put-redis", "PUT", REDIS_CONTAINER, "put", settings.put_keys,
                               body_text())  # fmt: skip
+        self.put_hot = Load("put-hot", "PUT", REDIS_CONTAINER, "hot", 1, body_text())
         # The same GETs under other names (their script and profile files).
         self.get_many = dataclasses.replace(self.get_load, name="get512")
         self.get_alone = dataclasses.replace(self.get_load, name="get-alone")
@@ -773,11 +781,13 @@ class Run:
         """Cached GETs and redis PUTs (those of them asked for), alternating with
         redis-benchmark rounds; by measure name."""
         loads = {name: load for name, load in (("get", self.get_load),
-                 ("put-redis", self.put_redis)) if name in self.only}  # fmt: skip
-        tests = {"get": "GET", "put-redis": "SET"}
-        ours = {name: Measure("GET cached" if name == "get" else "PUT redis") for name in loads}
+                 ("put-redis", self.put_redis), ("put-hot", self.put_hot))
+                 if name in self.only}  # fmt: skip
+        tests = REDIS_TESTS
+        labels = {"get": "GET cached", "put-redis": "PUT redis", "put-hot": "PUT redis, one key"}
+        ours = {name: Measure(labels[name]) for name in loads}
         theirs = {name: Measure(f"redis-benchmark {tests[name]}") for name in loads}
-        wanted = [tests[name].lower() for name in loads]
+        wanted = list(dict.fromkeys(tests[name].lower() for name in loads))
         self.redis_benchmark(redis_port, "warm-up", tests=wanted)  # and sizing
         for load in reversed(loads.values()):
             self.warm_up(load, daemon)
@@ -801,6 +811,10 @@ class Run:
         if "put-redis" in loads:
             found["put-redis"] = Comparison("PUT redis", ours["put-redis"], theirs["put-redis"],
                                             GOAL_PUT_REDIS)  # fmt: skip
+        if "put-hot" in loads:
+            found["put-hot"] = Comparison("PUT redis one key", ours["put-hot"], theirs["put-hot"],
+                                          GOAL_PUT_HOT, f"all {CONNECTIONS} connections PUT "
+                                          "the same key")  # fmt: skip
         return found
 
     def measure_many_connections(self, daemon: Daemon, redis_port: int) -> Comparison:
@@ -933,7 +947,7 @@ class Run:
             found: dict[str, Comparison] = {}
             if "put-json" in self.only:
                 found["put-json"] = self.measure_json_puts(daemon)
-            if {"get", "put-redis"} & set(self.only):
+            if set(REDIS_TESTS) & set(self.only):
                 found |= self.measure_interleaved(daemon, redis_port)
             if "get512" in self.only:
                 found["get512"] = self.measure_many_connections(daemon, redis_port)
@@ -1014,7 +1028,7 @@ def load_commands(settings: Settings, only: Sequence[str]) -> tuple[list[str], l
     url = "http://127.0.0.1:PORT"
     wrk = [wrk_command(settings.seconds, "<script>.lua", url)]
     redis = []
-    tests = [test for name, test in (("get", "get"), ("put-redis", "set")) if name in only]
+    tests = list(dict.fromkeys(REDIS_TESTS[name].lower() for name in REDIS_TESTS if name in only))
     if tests:
         redis.append(redis_benchmark_command("PORT", "N", tests=tests))
     if "get512" in only:
