@@ -510,6 +510,12 @@ def lister_running(script: Path, daemon: Daemon, seconds: int) -> Iterator[list[
 # -- redis-benchmark -------------------------------------------------------------------
 
 
+def redis_tests(measures: Sequence[str]) -> list[str]:
+    """The redis-benchmark tests (``-t``) that those of ``measures`` in REDIS_TESTS need."""
+    return list(dict.fromkeys(REDIS_TESTS[name].lower() for name in measures
+                              if name in REDIS_TESTS))  # fmt: skip
+
+
 def redis_benchmark_command(port: int | str, requests: int | str, connections: int = CONNECTIONS,
                             tests: Sequence[str] = ("get", "set"),
                             size: int | None = None) -> list[str]:  # fmt: skip
@@ -783,11 +789,10 @@ class Run:
         loads = {name: load for name, load in (("get", self.get_load),
                  ("put-redis", self.put_redis), ("put-hot", self.put_hot))
                  if name in self.only}  # fmt: skip
-        tests = REDIS_TESTS
         labels = {"get": "GET cached", "put-redis": "PUT redis", "put-hot": "PUT redis, one key"}
         ours = {name: Measure(labels[name]) for name in loads}
-        theirs = {name: Measure(f"redis-benchmark {tests[name]}") for name in loads}
-        wanted = list(dict.fromkeys(tests[name].lower() for name in loads))
+        theirs = {name: Measure(f"redis-benchmark {REDIS_TESTS[name]}") for name in loads}
+        wanted = redis_tests(list(loads))
         self.redis_benchmark(redis_port, "warm-up", tests=wanted)  # and sizing
         for load in reversed(loads.values()):
             self.warm_up(load, daemon)
@@ -799,7 +804,7 @@ class Run:
         def redis_round(index: int) -> None:
             samples = self.redis_benchmark(redis_port, f"round {index + 1}", tests=wanted)
             for name in loads:
-                theirs[name].samples.append(samples[tests[name]])
+                theirs[name].samples.append(samples[REDIS_TESTS[name]])
 
         with all_cache_hits(daemon, "the cached GETs"):
             alternate(self.settings.rounds, daemon_round, redis_round)
@@ -1028,7 +1033,7 @@ def load_commands(settings: Settings, only: Sequence[str]) -> tuple[list[str], l
     url = "http://127.0.0.1:PORT"
     wrk = [wrk_command(settings.seconds, "<script>.lua", url)]
     redis = []
-    tests = list(dict.fromkeys(REDIS_TESTS[name].lower() for name in REDIS_TESTS if name in only))
+    tests = redis_tests(only)
     if tests:
         redis.append(redis_benchmark_command("PORT", "N", tests=tests))
     if "get512" in only:
