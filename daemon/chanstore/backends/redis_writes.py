@@ -42,6 +42,7 @@ import redis.asyncio
 
 from chanstore import codec
 from chanstore.backends import redis_invalidations as invalidations
+from chanstore.backends.redis_commands import packed
 from chanstore.backends.redis_invalidations import channel_of
 from chanstore.backends.redis_wait import ReplicaWait
 from chanstore.errors import BackendError, BackendUnavailable, PreconditionFailed
@@ -537,10 +538,11 @@ def round_trip(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list
     closed while it sat in the pool is not sent on: redis-py's pool reads the
     socket before handing it out, finds it closed, and connects again.
     """
+    packet = packed(commands)
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
-        connection.send_packed_command(connection.pack_commands(commands))
+        connection.send_packed_command(packet)
         return [_reply(connection) for _command in commands]
     except BaseException:
         connection.disconnect()
@@ -561,11 +563,12 @@ async def round_trip_async(
 ) -> list[Any]:
     """:func:`round_trip` with the asyncio client. It also costs less than the client's
     pipeline: about a quarter less CPU for a 5-command round."""
+    packet = packed(commands)
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
         await _connect_again_if_closed(connection)
-        await connection.send_packed_command(connection.pack_commands(commands))
+        await connection.send_packed_command(packet)
         return [await _reply_async(connection) for _command in commands]
     except BaseException:
         await connection.disconnect(nowait=True)
