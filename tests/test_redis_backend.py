@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import threading
 
 import pytest
+import redis
+import redis.asyncio
 
 from chanstore import CachedDict, MoobiusStorage, codec
-from chanstore.backends.redis_writes import TRANSACTION_BYTES
+from chanstore.backends.redis_writes import TRANSACTION_BYTES, round_trip_async
 from chanstore.backends.redisdb import WRITE_SCRIPT, RedisDatabase
 from chanstore.errors import BackendUnavailable, CorruptValue, PreconditionFailed, WriteRefused
 from chanstore.versions import ANY, UNREADABLE, Change, etag_of, etag_of_stored
@@ -946,6 +949,61 @@ def test_a_write_whose_reply_is_lost_fails_and_is_never_sent_again(
         client.close()
     assert json.loads(stored) == value  # Redis made it...
     assert len(changes) == 2, f"made {len(changes) - 1} times"  # ...once
+
+
+# -- the replies of a round ----------------------------------------------------
+
+
+def blocking_round(redis_server: RedisServer, socket_timeout: float, commands):
+    """``round_trip_async`` of ``commands`` on a client with ``socket_timeout``; its
+    replies or its error, and whether the same client's next round is answered."""
+
+    async def run():
+        client = redis.asyncio.Redis(port=redis_server.port, password=redis_server.password,
+                                     socket_timeout=socket_timeout)  # fmt: skip
+        try:
+            try:
+                answer = await round_trip_async(client, commands)
+            except redis.RedisError as exc:
+                answer = exc
+            return answer, await round_trip_async(client, [("PING",)])
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_read_that_asks_for_no_timeout_outwaits_the_socket_timeout(redis_server):
+    """round_trip_async reads each reply with ``timeout=math.inf`` (redis-py's documented
+    "no timeout") inside one deadline of its own. If redis-py ever applies its socket
+    timeout to such a read, a round's replies get a timer each again: this fails."""
+
+    async def run():
+        client = redis.asyncio.Redis(port=redis_server.port, password=redis_server.password,
+                                     socket_timeout=0.1)  # fmt: skip
+        connection = await client.connection_pool.get_connection()
+        try:
+            await connection.send_command("BLPOP", "nothing-here", "0.3")
+            return await connection.read_response(timeout=math.inf)
+        finally:
+            await client.connection_pool.release(connection)
+            await client.aclose()
+
+    assert asyncio.run(run()) is None, "redis-py no longer reads without a timeout on math.inf"
+
+
+def test_a_rounds_replies_come_within_one_socket_timeout(redis_server):
+    """Each reply within the socket timeout is not enough: all of a round's replies come
+    within one, or the round fails as a timeout, its connection closed, so that the next
+    round on the client is answered and never reads this one's replies."""
+    waits = [("BLPOP", "nothing-here", "0.3"), ("BLPOP", "nor-here", "0.3")]
+    answer, after = blocking_round(redis_server, 0.45, waits)
+    assert isinstance(answer, redis.TimeoutError), answer
+    assert "did not come within 0.45s" in str(answer)
+    assert after == [b"PONG"]
+    answer, after = blocking_round(redis_server, 1.0, waits)
+    assert answer == [None, None]
+    assert after == [b"PONG"]
 
 
 # -- a connection that Redis closed --------------------------------------------

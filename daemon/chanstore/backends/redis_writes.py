@@ -32,7 +32,9 @@ connection error as the backend's, as it does for
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -562,14 +564,20 @@ async def round_trip_async(
     client: redis.asyncio.Redis, commands: Sequence[tuple[Any, ...]]
 ) -> list[Any]:
     """:func:`round_trip` with the asyncio client. It also costs less than the client's
-    pipeline: about a quarter less CPU for a 5-command round."""
+    pipeline: about a quarter less CPU for a 5-command round.
+
+    The replies come within one socket timeout for all of them, not one each:
+    each read asks redis-py for no timer of its own (``timeout=math.inf``, its
+    documented "no timeout"), which cost a fifth of a round's CPU, and a round of
+    many commands can no longer take many socket timeouts to fail.
+    """
     packet = packed(commands)
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:
         await _connect_again_if_closed(connection)
         await connection.send_packed_command(packet)
-        return [await _reply_async(connection) for _command in commands]
+        return await _replies_async(connection, len(commands), connection.socket_timeout)
     except BaseException:
         await connection.disconnect(nowait=True)
         raise
@@ -593,8 +601,17 @@ async def _connect_again_if_closed(connection: Any) -> None:
         await connection.connect()
 
 
+async def _replies_async(connection: Any, count: int, timeout: float | None) -> list[Any]:
+    try:
+        async with asyncio.timeout(timeout):
+            return [await _reply_async(connection) for _reply in range(count)]
+    except TimeoutError:
+        raise redis.TimeoutError(f"the replies to a round of {count} commands did not come "
+                                 f"within {timeout:g}s") from None  # fmt: skip
+
+
 async def _reply_async(connection: Any) -> Any:
     try:
-        return await connection.read_response()
+        return await connection.read_response(timeout=math.inf)
     except redis.ResponseError as exc:
         return exc
