@@ -712,19 +712,49 @@ def set_history(server):
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-def test_parts_of_one_domain_are_made_in_the_order_given_in_one_round_trip(
+def test_parts_of_one_domain_are_made_in_the_order_given_by_one_script_call(
     db, redis_settings, redis_server, flavour
 ):
-    """How a write lane sends a batch in which a key repeats (keeps_part_order)."""
+    """How a write lane sends a batch in which a key repeats (keeps_part_order): the
+    consecutive parts of one domain are one call of the script, which makes each value
+    in turn and records each; one invalidation is published for all of them."""
     assert RedisDatabase.keeps_part_order
     db.set_value("hp", 0)  # the script is in Redis's cache now
     reset_commands(redis_server)
     parts = [(db, {"hp": 1, "mp": 1}), (db, {"hp": 2}), (db, {"hp": 3, "mp": 2})]
     assert store_together(parts, flavour) == [None, None, None]
-    assert commands(redis_server) == {"evalsha": 3, "hset": 5, "xadd": 5, "publish": 3}
+    assert commands(redis_server) == {"evalsha": 1, "hset": 5, "xadd": 5, "publish": 1}
     assert stored(redis_settings, "svc.chan.box") == {"hp": 3, "mp": 2}
     assert set_history(redis_server) == [
         ("hp", 0), ("hp", 1), ("mp", 1), ("hp", 2), ("hp", 3), ("mp", 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_large_values_of_one_key_in_a_row_are_one_transaction(
+    db, redis_settings, redis_server, flavour
+):
+    first, second = ({"text": letter * TRANSACTION_BYTES} for letter in "ab")
+    db.set_value("warm", 1)
+    reset_commands(redis_server)
+    assert store_together([(db, {"hp": first}), (db, {"hp": second})], flavour) == [None, None]
+    assert commands(redis_server) == {"multi": 1, "hset": 1, "xadd": 2, "publish": 1, "exec": 1}
+    assert stored(redis_settings, "svc.chan.box") == {"warm": 1, "hp": second}
+    assert set_history(redis_server) == [("warm", 1), ("hp", first), ("hp", second)]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_part_that_cannot_be_sent_fails_alone_among_parts_of_its_domain(
+    db, redis_settings, redis_server, flavour
+):
+    """Joined, the parts would share one answer: one that cannot be sent (a value that is
+    not JSON) is kept apart, so the others are made, in order, and it alone fails."""
+    db.set_value("warm", 1)
+    parts = [(db, {"hp": 1}), (db, {"hp": object()}), (db, {"hp": 3})]
+    first, refused, last = store_together(parts, flavour)
+    assert (first, last) == (None, None)
+    assert refused is not None
+    assert stored(redis_settings, "svc.chan.box") == {"warm": 1, "hp": 3}
+    assert set_history(redis_server) == [("warm", 1), ("hp", 1), ("hp", 3)]
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
@@ -749,12 +779,18 @@ def test_a_write_that_did_not_run_is_not_sent_after_a_later_write_of_its_key(
     large = {"text": "x" * TRANSACTION_BYTES}
     db.set_value("warm", 1)
     redis_server.client().script_flush()
-    parts = [(db, {"hp": 1, "mp": 1}), (db, {"hp": large}), (db, {"mp": 2})]
-    small, made, after = store_together(parts, flavour)
+    # Another domain's parts between them, as in a lane's batch whose runs span channels:
+    # consecutive parts of one domain would be one write (one transaction here).
+    other = RedisDatabase(domain="svc.chan.other", **redis_settings)
+    parts = [(db, {"hp": 1, "mp": 1}), (other, {"x": 1}), (db, {"hp": large}),
+             (other, {"x": 2}), (db, {"mp": 2})]  # fmt: skip
+    small, spaced, made, spaced_again, after = store_together(parts, flavour)
     assert isinstance(small, BackendUnavailable)
     assert "later write of the same key" in str(small)
     assert (made, after) == (None, None)  # mp 2: refused too, sent again, nothing after it
+    assert (spaced, spaced_again) == (None, None)  # refused both, both sent again in order
     assert stored(redis_settings, "svc.chan.box") == {"warm": 1, "hp": large, "mp": 2}
+    assert stored(redis_settings, "svc.chan.other") == {"x": 2}
     assert set_history(redis_server) == [("warm", 1), ("hp", large), ("mp", 2)]
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -63,6 +63,7 @@ __all__ = [
     "WRITE_SCRIPT",
     "Write",
     "WriteTarget",
+    "joined_writes",
     "not_overtaken",
     "round_trip",
     "round_trip_async",
@@ -203,7 +204,10 @@ class Write:
     __slots__ = ("answer", "arguments", "backend", "expect", "fields", "phantoms", "retried",
                  "sent", "sent_expect", "sets", "unmade")  # fmt: skip
 
-    def __init__(self, backend: WriteTarget, change: Change) -> None:
+    def __init__(self, backend: WriteTarget, change: Change,
+                 sets: Sequence[tuple[str, Any]] | None = None) -> None:  # fmt: skip
+        """``sets``, when given, are made in place of ``change.sets``: in order, and a key
+        may repeat (each of its values made and recorded in the history in turn)."""
         self.backend = backend
         self.answer: list[str] | BaseException | None = None
         #: The keys it checks or changes (see :func:`not_overtaken`).
@@ -221,20 +225,22 @@ class Write:
         try:
             self.expect = {check_key(key): expected for key, expected in change.expect.items()}
             self.sent_expect = {key: _sent(expected) for key, expected in self.expect.items()}
-            sets = [(check_key(key), *stored_with_etag(v)) for key, v in change.sets.items()]
+            pairs = change.sets.items() if sets is None else sets
+            triples = [(check_key(key), *stored_with_etag(value)) for key, value in pairs]
             deletes = [check_key(key) for key in change.deletes]
         except Exception as exc:  # noqa: BLE001 - this part's answer; nothing of it is sent
             self.answer = exc
             return
-        self.fields = frozenset((*self.expect, *(triple[0] for triple in sets), *deletes))
-        if not sets and not deletes and not self.expect:
+        self.fields = frozenset((*self.expect, *(triple[0] for triple in triples), *deletes))
+        if not triples and not deletes and not self.expect:
             self.answer = []  # nothing to check or change: no round trip
             return
-        if not deletes and not self.expect and sum(len(s[1]) for s in sets) >= TRANSACTION_BYTES:
-            self.sets = sets
+        if (not deletes and not self.expect
+                and sum(len(triple[1]) for triple in triples) >= TRANSACTION_BYTES):  # fmt: skip
+            self.sets = triples
             return
-        arguments: list[Any] = [len(sets), len(deletes)]
-        for triple in sets:
+        arguments: list[Any] = [len(triples), len(deletes)]
+        for triple in triples:
             arguments.extend(triple)
         arguments.extend(deletes)
         self.arguments = arguments
@@ -360,6 +366,41 @@ class Write:
         if isinstance(answer, BaseException):
             raise answer
         return answer
+
+
+def joined_writes(
+    parts: Sequence[tuple[WriteTarget, Mapping[str, Any]]],
+) -> tuple[list[Write], list[int]]:
+    """The :class:`Write` of each run of consecutive ``set_many`` parts of one domain, and
+    the index of each part's write.
+
+    A key that many clients write at once (a health bar) reaches a backend as one part per
+    write, each after the one before (the write lanes' runs). Joined, they are one script
+    call that makes each value in turn and records each in the history, not one call, one
+    reply and one invalidation each. Parts that cannot be joined (one holds a key or value
+    that cannot be sent) are each a write of their own, so that only that one fails.
+    """
+    writes: list[Write] = []
+    of_part: list[int] = []
+    start = 0
+    while start < len(parts):
+        backend = parts[start][0]
+        end = start + 1
+        while end < len(parts) and parts[end][0] is backend:
+            end += 1
+        joined = None
+        if end - start > 1:
+            pairs = [pair for _backend, items in parts[start:end] for pair in items.items()]
+            joined = Write(backend, Change(), sets=pairs)
+        if joined is not None and not isinstance(joined.answer, BaseException):
+            writes.append(joined)
+            of_part.extend([len(writes) - 1] * (end - start))
+        else:
+            for index in range(start, end):
+                writes.append(Write(backend, Change(sets=parts[index][1])))
+                of_part.append(len(writes) - 1)
+        start = end
+    return writes, of_part
 
 
 def _sent(expected: Expectation) -> str:

@@ -91,7 +91,13 @@ from chanstore.backends.redis_listing import scan_domains, scan_hash
 from chanstore.backends.redis_marker import MARKER_SUFFIX, ClusterMarkers, Marker, lowest_slots
 from chanstore.backends.redis_pools import CLUSTER, SENTINEL, STANDALONE, Topology, pools
 from chanstore.backends.redis_wait import ReplicaWait
-from chanstore.backends.redis_writes import WRITE_SCRIPT, Write, send_writes, send_writes_async
+from chanstore.backends.redis_writes import (
+    WRITE_SCRIPT,
+    Write,
+    joined_writes,
+    send_writes,
+    send_writes_async,
+)
 from chanstore.errors import BackendUnavailable, ConfigError, CorruptValue, IntegrityProblem
 from chanstore.keys import check_key
 from chanstore.versions import Change
@@ -317,12 +323,15 @@ class RedisDatabase(DatabaseInterface):
         For the daemon's write lanes, whose batches span many channels: one
         pipeline with one script call per domain instead of one round trip
         each. It is not a transaction (each part is atomic for its own
-        domain, and the domains are independent). Returns each part's
-        error, or None.
+        domain, and the domains are independent). Consecutive parts of one
+        domain (a key written again and again) are made in order by one
+        script call, and share its answer (see
+        :func:`~chanstore.backends.redis_writes.joined_writes`). Returns each
+        part's error, or None.
         """
-        writes = [Write(backend, Change(sets=items)) for backend, items in parts]
+        writes, of_part = joined_writes(parts)
         parts[0][0]._send(writes)
-        return [write.error() for write in writes]
+        return [writes[index].error() for index in of_part]
 
     @classmethod
     async def set_many_together_async(
@@ -334,9 +343,9 @@ class RedisDatabase(DatabaseInterface):
         and back: on a busy event loop that hand-over (a thread waiting for
         the GIL) took longer than the round trip to Redis.
         """
-        writes = [Write(backend, Change(sets=items)) for backend, items in parts]
+        writes, of_part = joined_writes(parts)
         await parts[0][0]._send_async(writes)
-        return [write.error() for write in writes]
+        return [writes[index].error() for index in of_part]
 
     @classmethod
     def apply_if_together(
