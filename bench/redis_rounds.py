@@ -1,15 +1,15 @@
 """What encoding a round of writes for Redis costs: chanstore's packer against redis-py's.
 
-A write lane's batch reaches Redis as one round (``redis_writes.round_trip_async``)
+A write lane's batch reaches Redis as one round (``redis_rounds.round_trip_async``)
 whose commands are encoded into RESP first. This times that encoding for the
 rounds the daemon sends most: a batch of small values (one script call per
 domain) and a batch of large ones (a ``MULTI``/``HSET``/``XADD``/``PUBLISH``/
 ``EXEC`` transaction each), built by the real :class:`Write`, encoded by
-``chanstore.backends.redis_commands.packed`` and by redis-py's asyncio
+``chanstore.backends.redis_rounds.packed`` and by redis-py's asyncio
 ``Connection.pack_commands`` in alternating rounds (CPU time of this process,
 no server needed). A ratio over 1 is chanstore's packer being faster.
 
-Run: ``python3 bench/redis_commands.py`` (about 20 seconds).
+Run: ``python3 bench/redis_rounds.py`` (about 20 seconds).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import redis.asyncio.connection
 
-from chanstore.backends.redis_commands import packed
+from chanstore.backends.redis_rounds import packed
 from chanstore.backends.redis_writes import Write
 from chanstore.codec import Document
 from chanstore.versions import Change

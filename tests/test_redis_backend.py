@@ -13,7 +13,8 @@ import redis
 import redis.asyncio
 
 from chanstore import CachedDict, MoobiusStorage, codec
-from chanstore.backends.redis_writes import TRANSACTION_BYTES, round_trip_async
+from chanstore.backends.redis_rounds import round_trip_async
+from chanstore.backends.redis_writes import TRANSACTION_BYTES
 from chanstore.backends.redisdb import WRITE_SCRIPT, RedisDatabase
 from chanstore.errors import BackendUnavailable, CorruptValue, PreconditionFailed, WriteRefused
 from chanstore.versions import ANY, UNREADABLE, Change, etag_of, etag_of_stored

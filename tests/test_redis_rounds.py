@@ -12,8 +12,7 @@ import redis.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chanstore.backends.redis_commands import LARGE_BYTES, packed
-from chanstore.backends.redis_writes import round_trip, round_trip_async
+from chanstore.backends.redis_rounds import LARGE_BYTES, packed, round_trip, round_trip_async
 from support import RedisServer
 
 ARGUMENTS = st.one_of(

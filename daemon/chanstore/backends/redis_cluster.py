@@ -19,7 +19,7 @@ a ``WAIT`` sent with the batch would not count them; and a script whose
 connection broke after it was sent may already have run. So the writes are
 grouped here by the primary that holds their slot (the cluster client's slot
 table), and each group goes in one packet on a connection of that primary
-(:func:`~chanstore.backends.redis_writes.round_trip`), ending in ``WAIT``
+(:func:`~chanstore.backends.redis_rounds.round_trip`), ending in ``WAIT``
 when ``min_replicas`` asks for it: the ``WAIT`` counts exactly the replicas
 that hold that group's writes. The groups of one batch go out together
 (sync: one after the other; asyncio: concurrently). What comes back:
@@ -73,8 +73,9 @@ from redis.exceptions import (
 
 from chanstore import logs
 from chanstore.backends.redis_history import Deliver, RedisFollower, parse_position
+from chanstore.backends.redis_rounds import round_trip, round_trip_async
 from chanstore.backends.redis_wait import ReplicaWait
-from chanstore.backends.redis_writes import Write, not_overtaken, round_trip, round_trip_async
+from chanstore.backends.redis_writes import Write, not_overtaken
 from chanstore.errors import BackendError, BackendUnavailable
 
 __all__ = [

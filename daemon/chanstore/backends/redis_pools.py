@@ -13,7 +13,7 @@ The clients depend on the entry's :class:`Topology` (the ``mode`` setting):
 * ``standalone``: ``redis.Redis`` and ``redis.asyncio.Redis`` on one server.
   They retry once, for a pooled connection that went stale while Redis
   restarted; writes do not go through that retry
-  (:func:`~chanstore.backends.redis_writes.round_trip`).
+  (:func:`~chanstore.backends.redis_rounds.round_trip`).
 * ``sentinel``: ``master_for(master_name)`` of ``redis.sentinel.Sentinel``
   and of ``redis.asyncio.sentinel.Sentinel``. Each new connection asks the
   sentinels where the primary is, and a connection to a primary that was

@@ -10,9 +10,9 @@ the same with redis-py's asyncio client on the running event loop; with
 ``min_replicas``, the packet ends with ``WAIT``
 (:mod:`chanstore.backends.redis_wait`). A round whose connection fails or
 whose replies do not come in time is never sent again behind the caller's
-back (:func:`round_trip`, the one way a write reaches a Redis server): Redis
-may have made it, and made again it would leave two changes in the history,
-or answer a conditional write 412 to its own value. Its writes fail (the
+back (:mod:`chanstore.backends.redis_rounds`, the one way a write reaches a
+Redis server): Redis may have made it, and made again it would leave two
+changes in the history, or answer a conditional write 412 to its own value. Its writes fail (the
 daemon's 503), as in a cluster. A write made only of unconditional sets of
 large values goes as a ``MULTI``/``EXEC`` transaction of the same commands
 instead (see :data:`TRANSACTION_BYTES`). Both take the replies and send
@@ -32,9 +32,7 @@ connection error as the backend's, as it does for
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -44,8 +42,8 @@ import redis.asyncio
 
 from chanstore import codec
 from chanstore.backends import redis_invalidations as invalidations
-from chanstore.backends.redis_commands import packed
 from chanstore.backends.redis_invalidations import channel_of
+from chanstore.backends.redis_rounds import round_trip, round_trip_async
 from chanstore.backends.redis_wait import ReplicaWait
 from chanstore.errors import BackendError, BackendUnavailable, PreconditionFailed
 from chanstore.keys import check_key
@@ -65,8 +63,6 @@ __all__ = [
     "WriteTarget",
     "joined_writes",
     "not_overtaken",
-    "round_trip",
-    "round_trip_async",
     "send_writes",
     "send_writes_async",
 ]
@@ -568,91 +564,3 @@ async def send_writes_async(
             batch.failed(exc)
             return
         batch.take(replies, wait, where)
-
-
-def round_trip(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Every reply to ``commands``, sent in one packet on one of ``client``'s pooled
-    connections; a reply that is an error is that command's answer.
-
-    Not the client's pipeline: that sends the round again once its connection
-    fails or its replies are late (the client's retry, which reads may use). A
-    connection that fails here is closed, so that no later round reads this
-    one's replies, and the error is the round's. A connection that the server
-    closed while it sat in the pool is not sent on: redis-py's pool reads the
-    socket before handing it out, finds it closed, and connects again.
-    """
-    packet = packed(commands)
-    pool = client.connection_pool
-    connection = pool.get_connection()
-    try:
-        connection.send_packed_command(packet)
-        return [_reply(connection) for _command in commands]
-    except BaseException:
-        connection.disconnect()
-        raise
-    finally:
-        pool.release(connection)
-
-
-def _reply(connection: Any) -> Any:
-    try:
-        return connection.read_response()
-    except redis.ResponseError as exc:  # NOSCRIPT, WRONGTYPE, EXECABORT: that command's answer
-        return exc
-
-
-async def round_trip_async(
-    client: redis.asyncio.Redis, commands: Sequence[tuple[Any, ...]]
-) -> list[Any]:
-    """:func:`round_trip` with the asyncio client. It also costs less than the client's
-    pipeline: about a quarter less CPU for a 5-command round.
-
-    The replies come within one socket timeout for all of them, not one each:
-    each read asks redis-py for no timer of its own (``timeout=math.inf``, its
-    documented "no timeout"), which cost a fifth of a round's CPU, and a round of
-    many commands can no longer take many socket timeouts to fail.
-    """
-    packet = packed(commands)
-    pool = client.connection_pool
-    connection = await pool.get_connection()
-    try:
-        await _connect_again_if_closed(connection)
-        await connection.send_packed_command(packet)
-        return await _replies_async(connection, len(commands), connection.socket_timeout)
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(connection)
-
-
-async def _connect_again_if_closed(connection: Any) -> None:
-    """Make ``connection`` a new one if the server closed it (a restart, ``CLIENT KILL``,
-    its idle ``timeout``) or it holds bytes no round asked for.
-
-    Nothing has been sent on it, so connecting again cannot make a write
-    twice. redis-py 8.1's asyncio pool checks this too but hands such a
-    connection out anyway when maintenance notifications are on, as they
-    are by default over RESP3 (redis/redis-py#4252): the round would fail
-    with "Connection closed by server" on a Redis that is up. The check
-    reads no socket: it looks at what the event loop has already received.
-    """
-    if await connection.can_read():
-        await connection.disconnect()
-        await connection.connect()
-
-
-async def _replies_async(connection: Any, count: int, timeout: float | None) -> list[Any]:
-    try:
-        async with asyncio.timeout(timeout):
-            return [await _reply_async(connection) for _reply in range(count)]
-    except TimeoutError:
-        raise redis.TimeoutError(f"the replies to a round of {count} commands did not come "
-                                 f"within {timeout:g}s") from None  # fmt: skip
-
-
-async def _reply_async(connection: Any) -> Any:
-    try:
-        return await connection.read_response(timeout=math.inf)
-    except redis.ResponseError as exc:
-        return exc
