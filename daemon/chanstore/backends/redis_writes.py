@@ -12,14 +12,16 @@ the same with redis-py's asyncio client on the running event loop; with
 whose replies do not come in time is never sent again behind the caller's
 back (:mod:`chanstore.backends.redis_rounds`, the one way a write reaches a
 Redis server): Redis may have made it, and made again it would leave two
-changes in the history, or answer a conditional write 412 to its own value. Its writes fail (the
-daemon's 503), as in a cluster. A write made only of unconditional sets of
-large values goes as a ``MULTI``/``EXEC`` transaction of the same commands
-instead (see :data:`TRANSACTION_BYTES`). Both take the replies and send
-again only what Redis answered it did not make: a round after a ``NOSCRIPT``
-goes by the script's text, which loads it, and a write whose expected
-document a foreign writer formatted otherwise goes once more (see
-:class:`Write`), in at most three rounds. In a cluster the same
+changes in the history, or answer a conditional write 412 to its own value.
+Its writes fail (the daemon's 503), as in a cluster. Consecutive parts of one
+domain (a key written again and again) are one write (:func:`joined_writes`).
+A write made only of unconditional sets of large values goes as a
+``MULTI``/``EXEC`` transaction of the same commands instead (see
+:data:`TRANSACTION_BYTES`). Both take the replies and send again only what
+Redis answered it did not make: a round after a ``NOSCRIPT`` goes by the
+script's text, which loads it, and a write whose expected document a foreign
+writer formatted otherwise goes once more (see :class:`Write`), in at most
+three rounds. In a cluster the same
 :class:`Write` objects go to their slots' primaries instead
 (:mod:`chanstore.backends.redis_cluster`).
 
