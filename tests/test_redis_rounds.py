@@ -1,4 +1,5 @@
-"""A round's commands as RESP bytes: what redis-py would send, large values never copied."""
+"""A round of commands: the bytes redis-py would send, large values never copied, and what a
+real Redis makes of them."""
 
 from __future__ import annotations
 
