@@ -17,7 +17,8 @@ setup(
         ),
         Extension(
             "chanstore._stored_form",
-            sources=["daemon/chanstore/_stored_form.c"],
+            sources=["daemon/chanstore/_stored_form.c", "daemon/chanstore/_stored_form_beside.c"],
+            depends=["daemon/chanstore/_stored_form.h"],
             optional=True,
         ),
     ]

@@ -9,16 +9,17 @@ integers of more than 18 digits).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
 import os
 import random
+import select
 import struct
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chanstore import codec, stored_form
-from chanstore.http.bodies import BESIDE_LOOP_BYTES, MAX_JSON_DEPTH, parse_value, parse_value_beside
+from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value
 from chanstore.http.errors import HttpError
-from chanstore.versions import stored_with_etag
 
 # Not on the whole module: the tests of the build itself must run where it is missing.
 needs_extension = pytest.mark.skipif(
@@ -289,24 +289,108 @@ def test_a_body_too_deep_to_prove_is_refused_with_the_depth_in_the_answer():
         parse_value(body)
 
 
-def test_a_large_body_is_made_ready_beside_the_loop_with_its_etag():
-    value = [
-        {"n": number, "text": "héllo " * 8, "ts": 1.7e9 + number / 7} for number in range(6_000)
-    ]
-    body = stored(value)
-    assert len(body) >= BESIDE_LOOP_BYTES
-    document = asyncio.run(parse_value_beside(body))
-    assert document.stored is body
-    assert document.etag == hashlib.sha1(body).hexdigest()
-    assert stored_with_etag(document) == (body, document.etag)  # not hashed again
-    assert document.doc == value
+# -- Beside: the proof and the hash on threads that never take the GIL -----------------
 
 
-def test_a_large_bad_body_made_ready_beside_the_loop_is_the_same_clear_400():
-    body = stored(list(range(200_000)))[:-1]  # a list that never closes
-    assert len(body) >= BESIDE_LOOP_BYTES
-    with pytest.raises(HttpError, match="is not valid JSON") as beside:
-        asyncio.run(parse_value_beside(body))
-    with pytest.raises(HttpError) as on_the_loop:
-        parse_value(body)
-    assert beside.value.message == on_the_loop.value.message
+def answers_of(beside, tokens: int, timeout: float = 10.0) -> list[tuple[int, bool, str | None]]:
+    """The answers of ``tokens`` submissions, waiting on the eventfd as the loop does."""
+    found: list[tuple[int, bool, str | None]] = []
+    deadline = time.monotonic() + timeout
+    while len(found) < tokens:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{len(found)} of {tokens} answers came within {timeout}s"
+        select.select([beside.fd], [], [], left)
+        found.extend(beside.take())
+    return found
+
+
+needs_beside = pytest.mark.skipif(
+    stored_form.Beside is None, reason="no Beside: the extension is not in use, or not Linux"
+)
+
+
+@needs_beside
+@settings(max_examples=150, deadline=None)
+@given(st.lists(documents, min_size=1, max_size=6), st.sampled_from(MUTATIONS))
+def test_beside_answers_as_proves_and_hashlib_do(values, mutation):
+    bodies = [stored(value) for value in values]
+    bodies.append(bodies[0].replace(*mutation))
+    beside = stored_form.Beside(2)
+    try:
+        tokens = [beside.submit(body, MAX_JSON_DEPTH) for body in bodies]
+        answers = sorted(answers_of(beside, len(tokens)))
+    finally:
+        beside.close()
+    assert [token for token, _, _ in answers] == tokens
+    for body, (_, proven, sha1) in zip(bodies, answers, strict=True):
+        # It may decline what proves() asks CPython about (see the test below), no more.
+        assert proven <= stored_form.proves(body, MAX_JSON_DEPTH), body
+        assert sha1 == (hashlib.sha1(body).hexdigest() if beside.hashes else None)
+
+
+@needs_beside
+def test_beside_proves_chat_messages_as_proves_does():
+    body = stored(
+        [{"id": 10**11 + n, "text": "héllo 😀 " * 9, "ts": 1.7e9 + n / 7} for n in range(2_000)]
+    )
+    beside = stored_form.Beside(1)
+    try:
+        beside.submit(body, MAX_JSON_DEPTH)
+        [(_, proven, sha1)] = answers_of(beside, 1)
+    finally:
+        beside.close()
+    assert proven and stored_form.proves(body, MAX_JSON_DEPTH)
+    assert sha1 == (hashlib.sha1(body).hexdigest() if beside.hashes else None)
+
+
+@needs_beside
+def test_beside_hashes_where_hashlib_hashes_with_openssl():
+    # Else every large PUT would hash on the event loop again, and nothing would say so.
+    hashlib_uses_openssl = type(hashlib.sha1()).__module__ == "_hashlib"
+    assert stored_form.Beside(1).hashes == hashlib_uses_openssl
+
+
+@needs_beside
+def test_beside_declines_the_floats_only_cpython_decides_and_parse_value_takes_them():
+    body = stored([1.5e-300, 1.7976931348623157e308])  # where the check asks CPython's dtoa
+    assert stored_form.proves(body, MAX_JSON_DEPTH)
+    beside = stored_form.Beside(1)
+    try:
+        beside.submit(body, MAX_JSON_DEPTH)
+        [(_, proven, _)] = answers_of(beside, 1)
+    finally:
+        beside.close()
+    assert not proven  # never "proven" wrongly: the thread may not run Python to decide
+
+
+@needs_beside
+def test_beside_refuses_what_it_cannot_take_and_says_what_it_expected():
+    with pytest.raises(ValueError, match="threads must be from 1 to 8, not 0"):
+        stored_form.Beside(0)
+    beside = stored_form.Beside(1)
+    with pytest.raises(TypeError, match="submit\\(\\) takes bytes, not bytearray"):
+        beside.submit(bytearray(b"[]"), 1)
+    with pytest.raises(ValueError, match="max_depth must be from 0 to 1000"):
+        beside.submit(b"[]", 1001)
+    beside.close()
+    beside.close()  # again: nothing to do
+    assert beside.fd == -1
+    assert beside.take() == []
+    with pytest.raises(ValueError, match="closed"):
+        beside.submit(b"[]", 1)
+
+
+@needs_beside
+def test_beside_holds_a_body_until_its_answer_is_taken():
+    body = stored(["x" * 1000] * 1000)
+    held = sys.getrefcount(body)
+    beside = stored_form.Beside(1)
+    try:
+        beside.submit(body, MAX_JSON_DEPTH)
+        assert sys.getrefcount(body) == held + 1
+        answers_of(beside, 1)
+        assert sys.getrefcount(body) == held
+        beside.submit(body, MAX_JSON_DEPTH)
+    finally:
+        beside.close()  # an answer not taken: dropped, and the body with it
+    assert sys.getrefcount(body) == held

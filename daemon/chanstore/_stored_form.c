@@ -25,11 +25,12 @@
  * meanwhile; a bytearray changed meanwhile could get a wrong answer, never a
  * read past its end (its length cannot change while it is read).
  *
- * See chanstore/stored_form.py, which wraps both.
+ * _stored_form_beside.c runs the proof on threads that never take the GIL
+ * (the type Beside). See chanstore/stored_form.py, which wraps all three.
  */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_stored_form.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -64,6 +65,7 @@ typedef struct {
     Py_ssize_t key_count;
     Py_ssize_t key_capacity;
     int out_of_memory;
+    int without_python; /* on a thread that never takes the GIL (see _stored_form_beside.c) */
 } Check;
 
 static int value(Check *check);
@@ -533,7 +535,7 @@ written_back_as_repr(const unsigned char *start, Py_ssize_t length)
 }
 
 static int
-float_as_repr(const unsigned char *start, Py_ssize_t length)
+float_as_repr(const Check *check, const unsigned char *start, Py_ssize_t length)
 {
     char layout[64];
     Decimal decimal;
@@ -548,8 +550,8 @@ float_as_repr(const unsigned char *start, Py_ssize_t length)
     if (decimal.count == 0) {
         return 1; /* 0.0 or -0.0 */
     }
-    if (point < -290 || point > 290) {
-        return written_back_as_repr(start, length); /* near the ends: subnormals, overflow */
+    if (point < -290 || point > 290) { /* near the ends: subnormals, overflow */
+        return !check->without_python && written_back_as_repr(start, length);
     }
     if (decimal.count <= 15) {
         return 1;
@@ -557,7 +559,10 @@ float_as_repr(const unsigned char *start, Py_ssize_t length)
     uint64_t m;
     int e;
     int verdict = read_back(&decimal, &m, &e) ? shortest_and_closest(&decimal, m, e) : -1;
-    return verdict >= 0 ? verdict : written_back_as_repr(start, length);
+    if (verdict >= 0) {
+        return verdict;
+    }
+    return !check->without_python && written_back_as_repr(start, length);
 }
 
 /* A number, as int() or repr() writes it: no "-0", no "1E5", no "1.50". */
@@ -608,7 +613,7 @@ number(Check *check)
     }
     check->at = at;
     if (is_float) {
-        return float_as_repr(start, at - start);
+        return float_as_repr(check, start, at - start);
     }
     if (at - digits > MOST_INT_DIGITS) {
         return 0;
@@ -772,6 +777,22 @@ value(Check *check)
     }
 }
 
+int
+stored_form_proven(const unsigned char *data, Py_ssize_t length, int max_depth,
+                   int without_python, int *out_of_memory)
+{
+    Check check = {
+        .at = data,
+        .end = data + length,
+        .max_depth = max_depth,
+        .without_python = without_python,
+    };
+    int ok = value(&check) && check.at == check.end;
+    PyMem_RawFree(check.keys);
+    *out_of_memory = check.out_of_memory;
+    return ok;
+}
+
 static PyObject *
 proves(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -780,37 +801,41 @@ proves(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "proves() takes data and max_depth");
         return NULL;
     }
-    long max_depth = PyLong_AsLong(args[1]);
-    if (max_depth == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (max_depth < 0 || max_depth > 1000) {
-        PyErr_SetString(PyExc_ValueError, "max_depth must be from 0 to 1000");
+    int max_depth = stored_form_max_depth(args[1]);
+    if (max_depth < 0) {
         return NULL;
     }
     if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    Check check = {
-        .at = data.buf,
-        .end = (const unsigned char *)data.buf + data.len,
-        .max_depth = (int)max_depth,
-    };
-    int ok;
+    int ok, out_of_memory;
     if (data.len >= WITHOUT_GIL_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        ok = value(&check) && check.at == check.end;
+        ok = stored_form_proven(data.buf, data.len, max_depth, 0, &out_of_memory);
         Py_END_ALLOW_THREADS
     }
     else {
-        ok = value(&check) && check.at == check.end;
+        ok = stored_form_proven(data.buf, data.len, max_depth, 0, &out_of_memory);
     }
-    PyMem_RawFree(check.keys);
     PyBuffer_Release(&data);
-    if (check.out_of_memory) {
+    if (out_of_memory) {
         return PyErr_NoMemory();
     }
     return PyBool_FromLong(ok);
+}
+
+int
+stored_form_max_depth(PyObject *number)
+{
+    long max_depth = PyLong_AsLong(number);
+    if (max_depth == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (max_depth < 0 || max_depth > 1000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be from 0 to 1000");
+        return -1;
+    }
+    return (int)max_depth;
 }
 
 /* -- indented ------------------------------------------------------------ */
@@ -991,12 +1016,18 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, stored_form_add_beside},
+    {0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "chanstore._stored_form",
     .m_doc = "The stored form of a JSON document, proven and indented in C.",
     .m_size = 0,
     .m_methods = methods,
+    .m_slots = slots,
 };
 
 PyMODINIT_FUNC

@@ -65,6 +65,7 @@ __all__ = [
     "proven_document",
     "register_type",
     "registered_types",
+    "stored_document",
     "to_json_shape",
     "unregister_type",
     "warn_unregistered",
@@ -475,6 +476,12 @@ def proven_document(data: bytes, max_depth: int) -> Document | None:
     proven, and :func:`parse_document` then says what it is."""
     if not stored_form.proves(data, max_depth):
         return None
+    return stored_document(data)
+
+
+def stored_document(data: bytes) -> Document:
+    """A Document held as ``data`` alone, unparsed until its document is asked for: ``data``
+    must be proven a stored form (:func:`chanstore.stored_form.proves`)."""
     document = Document(_UNPARSED, parsed=True)
     document.stored = data
     return document

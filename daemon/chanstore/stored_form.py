@@ -15,9 +15,10 @@ the bytes once instead:
   ``json.dumps(..., indent=2)`` does: the json backend's file form.
 
 Both let other threads run while they read a text of 4 KiB or more, as
-:mod:`hashlib` does: a worker thread proves a large body (see
-:func:`chanstore.http.bodies.parse_value_beside`) or re-spaces a file while
-the event loop goes on.
+:mod:`hashlib` does: a file writer's thread re-spaces a file while the event
+loop goes on. :data:`Beside` proves and hashes large bodies on threads of
+the extension's own, which never take the GIL (see
+:mod:`chanstore.http.beside`).
 
 Where the extension was not built, or when the environment sets
 ``CHANSTORE_PURE_PYTHON=1``, :func:`proves` proves nothing (every body is
@@ -28,10 +29,11 @@ the standard library. :data:`COMPILED` says which is in use.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from chanstore.compiled import extension
 
-__all__ = ["COMPILED", "indented", "proves"]
+__all__ = ["COMPILED", "Beside", "indented", "proves"]
 
 
 def proves(data: bytes, max_depth: int) -> bool:
@@ -52,3 +54,8 @@ COMPILED = _compiled is not None
 
 if _compiled is not None:  # else the forms above serve
     proves, indented = _compiled.proves, _compiled.indented
+
+Beside: Any = getattr(_compiled, "Beside", None)
+"""``Beside(threads)``: bodies proven and hashed on threads of the extension that never take
+the GIL (``_stored_form_beside.c``); None where the extension is not in use, or not on
+Linux."""

@@ -10,19 +10,14 @@ proven so in C and kept as it came (:mod:`chanstore.stored_form`); any other
 body is parsed once, by the codec's C parser (orjson; the stdlib where orjson
 would differ, and to word what is wrong).
 
-A large value's body (:data:`BESIDE_LOOP_BYTES` and more) is made ready on a
-worker thread by :func:`parse_value_beside`: the proof and the SHA-1 of its
-ETag both let go of the GIL, so the event loop goes on serving meanwhile and
-a second core does what one did before.
+A large value's body is made ready beside the event loop instead
+(:mod:`chanstore.http.beside`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
@@ -30,15 +25,13 @@ import orjson
 from chanstore import codec
 from chanstore.codec import Document
 from chanstore.http.errors import HttpError
-from chanstore.versions import etag_of_stored
 
 __all__ = [
-    "BESIDE_LOOP_BYTES",
     "MAX_JSON_DEPTH",
     "json_body",
     "parse_json",
     "parse_value",
-    "parse_value_beside",
+    "parsed_value",
 ]
 
 T = TypeVar("T")
@@ -62,35 +55,13 @@ def parse_value(body: bytes, what: str = "the body") -> Document:
     A body proven to be that form (what chanstore's clients send) is not parsed at all:
     it is kept as its bytes, which is what GET answers and the backend stores."""
     document = codec.proven_document(body, MAX_JSON_DEPTH)
-    if document is None:
-        document = _parsed(codec.parse_document, body, what)
-        _check_depth(document.doc, body, what)
-    return document
+    return parsed_value(body, what) if document is None else document
 
 
-#: Value bodies of at least this many bytes are made ready beside the event loop. Through
-#: the daemon (8 writers), doing so served 1.08x the PUTs of 900 KB to json and 1.22x to
-#: redis, no more at 300 KB, and 0.86x at 100 KB to json: below this, handing a body to a
-#: thread and back costs the loop about what the proof and the hash would have.
-BESIDE_LOOP_BYTES = 512 * 1024
-#: Threads that make large bodies ready: the work is CPU-bound, so no more than the cores.
-#: Each connection has one request in flight, so what waits for them is bounded by the
-#: connection limit, and held already: the bodies themselves.
-_READYING = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="chanstore-bodies")
-
-
-async def parse_value_beside(body: bytes, what: str = "the body") -> Document:
-    """:func:`parse_value` on a worker thread, with the ETag of the stored form computed there
-    too (:func:`chanstore.versions.stored_with_etag` then finds it): for large bodies, whose
-    proof and hash would otherwise hold up every other connection."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_READYING, _ready_to_store, body, what)
-
-
-def _ready_to_store(body: bytes, what: str) -> Document:
-    document = parse_value(body, what)
-    if document.stored is not None:
-        document.etag = etag_of_stored(document.stored)
+def parsed_value(body: bytes, what: str = "the body") -> Document:
+    """:func:`parse_value` of a body not proven its stored form: parsed, and checked."""
+    document = _parsed(codec.parse_document, body, what)
+    _check_depth(document.doc, body, what)
     return document
 
 

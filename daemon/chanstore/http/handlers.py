@@ -19,13 +19,8 @@ from chanstore.engine import ABSENT, NO_EXPECTATION, Feed, Store
 from chanstore.engine.store import NoExpectation
 from chanstore.errors import ChanstoreError, CorruptValue
 from chanstore.http.api import Later
-from chanstore.http.bodies import (
-    BESIDE_LOOP_BYTES,
-    json_body,
-    parse_json,
-    parse_value,
-    parse_value_beside,
-)
+from chanstore.http.beside import BESIDE_LOOP_BYTES, parse_value_beside
+from chanstore.http.bodies import json_body, parse_json, parse_value
 from chanstore.http.errors import HttpError
 from chanstore.http.events import EventStream
 from chanstore.http.messages import Request, Response

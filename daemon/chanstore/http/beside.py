@@ -1,0 +1,112 @@
+"""Large value bodies made ready beside the event loop.
+
+A value's body is proven its stored form (:mod:`chanstore.stored_form`) and
+hashed for its ETag before it is stored; at 100 KB the two cost the event
+loop more than the rest of the PUT, and every other connection waits
+meanwhile. From :data:`BESIDE_LOOP_BYTES` on, :func:`parse_value_beside`
+hands both to threads of the C extension (``stored_form.Beside``) and the
+loop goes on serving: those threads never take the GIL, so the loop does not
+wait for them to hand it back (a Python worker thread did that at every turn
+of the loop, and cost more than it freed below 512 KB). Each event loop has
+one ``Beside``, whose eventfd the loop watches for answers.
+
+A body the threads do not prove (not the compact form, or a float only
+CPython's own ``repr`` can decide) is parsed as :func:`parse_value` does: on
+the loop, or from :data:`PARSE_BESIDE_BYTES` on a Python worker thread,
+where the parser lets go of the GIL for longer. Without the extension
+(``CHANSTORE_PURE_PYTHON=1``, or not Linux) every large body goes that way.
+
+What waits here is bounded by what the daemon holds already: each connection
+has one request being answered, and its body is that request's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from chanstore import codec, stored_form
+from chanstore.codec import Document
+from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value, parsed_value
+from chanstore.versions import etag_of_stored
+
+__all__ = ["BESIDE_LOOP_BYTES", "PARSE_BESIDE_BYTES", "parse_value_beside"]
+
+#: Value bodies of at least this many bytes are proven and hashed beside the event loop.
+#: ``python3 bench/beside.py``: the loop gave a body of 4 KB 15 µs on it and 19 µs beside
+#: it (the hand-off), 8 KB 24 and 22 µs, 16 KB 31 and 15 µs, 100 KB 146 and 38 µs.
+BESIDE_LOOP_BYTES = 16 * 1024
+#: Bodies not proven, of at least this many bytes, are parsed on a Python worker thread.
+#: Through the daemon (8 writers), doing so served 1.08x the PUTs of 900 KB to json and
+#: 1.22x to redis, no more at 300 KB, and 0.86x at 100 KB to json.
+PARSE_BESIDE_BYTES = 512 * 1024
+#: The extension's threads for each event loop: the loop keeps a core of its own.
+PROVING_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+#: Python threads that parse large bodies: the work is CPU-bound, so no more than the cores.
+_PARSING = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="chanstore-bodies")
+
+
+async def parse_value_beside(body: bytes, what: str = "the body") -> Document:
+    """:func:`~chanstore.http.bodies.parse_value` of a large body, made beside the event
+    loop, with the ETag of its stored form found there too
+    (:func:`chanstore.versions.stored_with_etag` then takes it)."""
+    loop = asyncio.get_running_loop()
+    provers = _provers_of(loop)
+    parse: Callable[[bytes, str], Document] = parse_value
+    if provers is not None:
+        proven, sha1 = await provers.prove(body)
+        if proven:
+            document = codec.stored_document(body)
+            document.etag = sha1 if sha1 is not None else etag_of_stored(body)
+            return document
+        parse = parsed_value  # proven not to be the stored form: no need to try again
+    if len(body) >= PARSE_BESIDE_BYTES:
+        return await loop.run_in_executor(_PARSING, _ready_to_store, body, what, parse)
+    return _ready_to_store(body, what, parse)
+
+
+def _ready_to_store(body: bytes, what: str, parse: Callable[[bytes, str], Document]) -> Document:
+    document = parse(body, what)
+    if document.stored is not None:
+        document.etag = etag_of_stored(document.stored)
+    return document
+
+
+class _Provers:
+    """One event loop's ``stored_form.Beside``: what it was given, and the futures that
+    wait for its answers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._beside = stored_form.Beside(PROVING_THREADS)
+        self._waiting: dict[int, asyncio.Future[tuple[bool, str | None]]] = {}
+        loop.add_reader(self._beside.fd, self._take)
+
+    def prove(self, body: bytes) -> asyncio.Future[tuple[bool, str | None]]:
+        """Whether ``body`` is proven a stored form, and its SHA-1 (None: not hashed)."""
+        token = self._beside.submit(body, MAX_JSON_DEPTH)
+        future = self._waiting[token] = asyncio.get_running_loop().create_future()
+        return future
+
+    def _take(self) -> None:
+        for token, proven, sha1 in self._beside.take():
+            future = self._waiting.pop(token)
+            if not future.done():  # else its request was cancelled: the answer is dropped
+                future.set_result((proven, sha1))
+
+
+#: Each event loop's provers, made at its first large body, gone with the loop.
+_PROVERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Provers] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _provers_of(loop: asyncio.AbstractEventLoop) -> _Provers | None:
+    if stored_form.Beside is None:
+        return None
+    provers = _PROVERS.get(loop)
+    if provers is None:
+        provers = _PROVERS[loop] = _Provers(loop)
+    return provers
