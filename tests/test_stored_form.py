@@ -213,6 +213,8 @@ def random_floats(count: int) -> list[float]:
             struct.unpack("d", struct.pack("Q", rnd.getrandbits(64)))[0],
             rnd.uniform(-1e10, 1e10),
             1.7e9 + rnd.random() * 1e6,  # a timestamp: 17 digits
+            round(1.7e9 + rnd.random() * 1e6, 6),  # one of microseconds: 16, decided in doubles
+            round(rnd.uniform(-1e4, 1e4), rnd.randint(8, 13)),  # 16 or 17, and their neighbours
             rnd.getrandbits(rnd.randint(1, 60)) / 2 ** rnd.randint(0, 60),  # ties
         ]
     return [x for x in values if math.isfinite(x)]
