@@ -396,3 +396,29 @@ def test_beside_holds_a_body_until_its_answer_is_taken():
     finally:
         beside.close()  # an answer not taken: dropped, and the body with it
     assert sys.getrefcount(body) == held
+
+
+@needs_beside
+def test_a_forked_child_is_told_its_beside_has_no_threads_and_can_close_it():
+    code = """
+import os, sys
+from chanstore import stored_form
+beside = stored_form.Beside(2)
+pid = os.fork()
+if pid == 0:
+    try:
+        beside.submit(b"[]", 1)
+    except RuntimeError as exc:
+        print("child:", exc, flush=True)
+    beside.close()  # joins nothing, takes no lock of the parent's
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+beside.submit(b"[1]", 1)  # the parent's threads go on
+beside.close()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert "child: a Beside has no threads in a forked process" in run.stdout

@@ -142,6 +142,12 @@ work(void *argument)
 static void
 stop_threads(Beside *self)
 {
+    if (getpid() != self->pid) {
+        /* A forked child: the threads were the parent's, and the lock may have been
+         * held by one of them when it forked. Neither is touched here. */
+        self->thread_count = 0;
+        return;
+    }
     pthread_mutex_lock(&self->lock);
     self->stopping = 1;
     pthread_cond_broadcast(&self->wake);

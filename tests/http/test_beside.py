@@ -130,3 +130,33 @@ def test_each_event_loop_has_its_own_provers_gone_with_it():
     del runner
     gc.collect()
     assert len(beside._PROVERS) == 0
+
+
+@needs_beside
+def test_a_forked_child_makes_provers_of_its_own():
+    body = stored(messages(600))
+
+    async def main() -> None:
+        await parse_value_beside(body)
+        loop = asyncio.get_running_loop()
+        inherited = beside._PROVERS[loop]
+        inherited.pid = -1  # as the copy a forked child holds looks to it
+        assert (await parse_value_beside(body)).etag == hashlib.sha1(body).hexdigest()
+        assert beside._PROVERS[loop] is not inherited
+        inherited.close()  # its reader was removed: the loop does not watch a closed fd
+
+    asyncio.run(main())
+
+
+@needs_beside
+def test_at_exit_every_provers_threads_are_stopped():
+    body = stored(messages(600))
+
+    async def main() -> beside._Provers:
+        await parse_value_beside(body)
+        return beside._PROVERS[asyncio.get_running_loop()]
+
+    with asyncio.Runner() as runner:
+        provers = runner.run(main())
+        beside._close_all()
+        assert provers._beside.fd == -1

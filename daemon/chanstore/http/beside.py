@@ -23,6 +23,7 @@ has one request being answered, and its body is that request's.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import weakref
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class _Provers:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._beside = stored_form.Beside(PROVING_THREADS)
         self._waiting: dict[int, asyncio.Future[tuple[bool, str | None]]] = {}
+        self.pid = os.getpid()  # a forked child has the object, not the threads
         loop.add_reader(self._beside.fd, self._take)
 
     def prove(self, body: bytes) -> asyncio.Future[tuple[bool, str | None]]:
@@ -96,6 +98,15 @@ class _Provers:
             if not future.done():  # else its request was cancelled: the answer is dropped
                 future.set_result((proven, sha1))
 
+    def forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop watching the eventfd: a forked child's copy, which it shares with the parent
+        (reading it would take the parent's wake-ups)."""
+        loop.remove_reader(self._beside.fd)
+
+    def close(self) -> None:
+        """Stop and join the threads: a body being read is read to its end first."""
+        self._beside.close()
+
 
 #: Each event loop's provers, made at its first large body, gone with the loop.
 _PROVERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Provers] = (
@@ -107,6 +118,17 @@ def _provers_of(loop: asyncio.AbstractEventLoop) -> _Provers | None:
     if stored_form.Beside is None:
         return None
     provers = _PROVERS.get(loop)
+    if provers is not None and provers.pid != os.getpid():
+        provers.forget(loop)
+        provers = None
     if provers is None:
         provers = _PROVERS[loop] = _Provers(loop)
     return provers
+
+
+@atexit.register
+def _close_all() -> None:
+    # Before the interpreter is taken down: a thread still reading a body (of a request
+    # its client gave up on) would otherwise read it while its memory is freed.
+    for provers in list(_PROVERS.values()):
+        provers.close()
