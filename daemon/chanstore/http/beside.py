@@ -37,8 +37,8 @@ from chanstore.versions import etag_of_stored
 __all__ = ["BESIDE_LOOP_BYTES", "PARSE_BESIDE_BYTES", "parse_value_beside"]
 
 #: Value bodies of at least this many bytes are proven and hashed beside the event loop.
-#: ``python3 bench/beside.py``: the loop gave a body of 4 KB 15 µs on it and 19 µs beside
-#: it (the hand-off), 8 KB 24 and 22 µs, 16 KB 31 and 15 µs, 100 KB 146 and 38 µs.
+#: ``python3 bench/beside.py --rounds 5``: the loop gave a body of 4 KB 14 µs on it and 20
+#: µs beside it (the hand-off), 8 KB 22 and 19 µs, 16 KB 26 and 16 µs, 100 KB 121 and 10.
 BESIDE_LOOP_BYTES = 16 * 1024
 #: Bodies not proven, of at least this many bytes, are parsed on a Python worker thread.
 #: Through the daemon (8 writers), doing so served 1.08x the PUTs of 900 KB to json and
