@@ -160,3 +160,39 @@ def test_at_exit_every_provers_threads_are_stopped():
         provers = runner.run(main())
         beside._close_all()
         assert provers._beside.fd == -1
+
+
+class TakeFails:
+    """A Beside whose next take() runs out of memory, as building its answers can."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.fd, self.failed = real, real.fd, False
+
+    def submit(self, body: bytes, max_depth: int) -> int:
+        return self.real.submit(body, max_depth)
+
+    def take(self) -> list[tuple[int, bool, str | None]]:
+        answers = self.real.take()
+        if not self.failed and answers:
+            self.failed = True
+            raise MemoryError("building the answers")
+        return answers
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@needs_beside
+def test_answers_lost_to_memory_fail_their_requests_and_later_ones_are_answered():
+    body = stored(messages(600))
+
+    async def main() -> None:
+        await parse_value_beside(body)
+        provers = beside._PROVERS[asyncio.get_running_loop()]
+        provers._beside = TakeFails(provers._beside)
+        with pytest.raises(MemoryError):
+            await asyncio.wait_for(parse_value_beside(body), 30)
+        document = await asyncio.wait_for(parse_value_beside(body), 30)
+        assert document.etag == hashlib.sha1(body).hexdigest()
+
+    asyncio.run(main())

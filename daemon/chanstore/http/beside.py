@@ -93,9 +93,19 @@ class _Provers:
         return future
 
     def _take(self) -> None:
-        for token, proven, sha1 in self._beside.take():
-            future = self._waiting.pop(token)
-            if not future.done():  # else its request was cancelled: the answer is dropped
+        try:
+            answers = self._beside.take()
+        except MemoryError as exc:
+            # The answers taken are lost: every body waiting fails (a 500 its client can
+            # retry), rather than one of them waiting for ever. Later answers are dropped.
+            waiting, self._waiting = self._waiting, {}
+            for future in waiting.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for token, proven, sha1 in answers:
+            future = self._waiting.pop(token, None)
+            if future is not None and not future.done():  # else it was cancelled, or failed
                 future.set_result((proven, sha1))
 
     def forget(self, loop: asyncio.AbstractEventLoop) -> None:
