@@ -326,6 +326,8 @@ class ClusterSetup:
     def __init__(self, folder: Path, primaries: int = 3, replicas_each: int = 1) -> None:
         self.folder = folder
         self.replicas_each = replicas_each
+        #: The view just before ``kill_primary_of`` killed a primary (see ``wait_failover``).
+        self.before_kill: dict[int, dict[str, Any]] | None = None
         options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                    "--cluster-node-timeout", str(DOWN_AFTER_MS))  # fmt: skip
         self.nodes = [_Server(folder, *options, port=cluster_port())
@@ -424,13 +426,18 @@ class ClusterSetup:
     def kill_primary_of(self, slot: int) -> _Server:
         """SIGKILL the primary that holds ``slot``; returns it (stopped)."""
         node = self.node_on(self.primary_of_slot(slot))
+        self.before_kill = self.view()
         node.kill()
         return node
 
     def wait_failover(self, old_port: int, timeout: float = 30) -> int:
         """Until a replica took over ``old_port``'s slots and the cluster is ok again
-        (on every running node); the new primary's port."""
-        view = self.view() or {}
+        (on every running node); the new primary's port.
+
+        Which nodes were ``old_port``'s replicas is read from the view before the kill
+        (``kill_primary_of`` keeps it): a failover that ended before this is called has
+        made the replica a primary of no one's already."""
+        view = self.before_kill or self.view() or {}
         old_id = view[old_port]["id"] if old_port in view else None
 
         def taken_over() -> int | None:
