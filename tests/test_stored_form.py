@@ -14,11 +14,13 @@ import json
 import math
 import os
 import random
+import re
 import select
 import struct
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 from pathlib import Path
 
@@ -244,6 +246,28 @@ def test_the_extension_is_built_where_a_compiler_is():
         "chanstore._stored_form was not built although a C compiler is here: "
         "`pip install -e .` should build it (are the Python headers installed?)"
     )
+
+
+def test_the_source_distribution_holds_what_the_extensions_include(tmp_path):
+    # Without a header an sdist still installs, silently without its extension.
+    pytest.importorskip("setuptools", reason="building an sdist needs setuptools")
+    # A fresh egg-info: setuptools also puts in whatever an old one's SOURCES.txt lists.
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+         "sdist", "-d", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    [archive] = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        held = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    included = {
+        f"daemon/chanstore/{name}"
+        for source in (ROOT / "daemon" / "chanstore").glob("_*.c")
+        for name in re.findall(r'#include "([^"]+)"', source.read_text())
+    }
+    assert included, "no header found to check"
+    assert included <= held, f"missing from the sdist: {sorted(included - held)}"
 
 
 def test_without_the_extension_nothing_is_proven_and_indenting_still_works():
