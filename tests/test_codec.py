@@ -271,6 +271,25 @@ def test_a_document_that_is_not_json_is_unstorable():
             codec.encode(codec.Document(doc))
 
 
+def test_a_file_form_made_ahead_is_written_and_goes_with_the_stored_form_it_was_made_of():
+    body = b'{"hp":3,"tags":["a"]}'
+    made = json.dumps({"hp": 3, "tags": ["a"]}, indent=2).encode()
+    document = codec.stored_document(body)
+    document.file_form = made
+    assert codec.encode_bytes(document, indent=2) is made  # as made: not indented again
+    assert codec.encode_bytes(document) is body
+    document.keep_stored(body, "etag")  # the same stored form (the daemon's write path)
+    assert document.file_form is made
+    document.keep_stored(b'{"hp":4}')  # another stored form: the file form was of the old
+    assert document.file_form is None
+    assert codec.encode_bytes(document, indent=2) == b'{\n  "hp": 4\n}'
+    for forget in (codec.Document.keep_only_stored, lambda d: d.keep_stored(None)):
+        held = codec.stored_document(body)  # its bytes are all it holds, yet the form goes
+        held.file_form = made
+        forget(held)
+        assert held.file_form is None and held.stored is body
+
+
 def test_documents_compare_by_their_contents():
     assert codec.Document({"a": 1}) == codec.Document({"a": 1})
     assert codec.Document({"a": 1, "b": 2}) == codec.Document({"b": 2, "a": 1})

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -318,9 +319,13 @@ def test_a_body_too_deep_to_prove_is_refused_with_the_depth_in_the_answer():
 # -- Beside: the proof and the hash on threads that never take the GIL -----------------
 
 
-def answers_of(beside, tokens: int, timeout: float = 10.0) -> list[tuple[int, bool, str | None]]:
+#: One of Beside.take()'s answers: token, proven, SHA-1, indented form.
+Answer = tuple[int, bool, str | None, bytes | None]
+
+
+def answers_of(beside, tokens: int, timeout: float = 10.0) -> list[Answer]:
     """The answers of ``tokens`` submissions, waiting on the eventfd as the loop does."""
-    found: list[tuple[int, bool, str | None]] = []
+    found: list[Answer] = []
     deadline = time.monotonic() + timeout
     while len(found) < tokens:
         left = deadline - time.monotonic()
@@ -330,15 +335,15 @@ def answers_of(beside, tokens: int, timeout: float = 10.0) -> list[tuple[int, bo
     return found
 
 
-def answer_alone(body: bytes) -> tuple[bool, str | None]:
-    """What a Beside of its own answers for ``body``: proven, and its SHA-1."""
+def answer_alone(body: bytes, indent: bool = False) -> tuple[bool, str | None, bytes | None]:
+    """What a Beside of its own answers for ``body``: proven, its SHA-1, its indented form."""
     beside = stored_form.Beside(1)
     try:
-        beside.submit(body, MAX_JSON_DEPTH)
-        [(_, proven, sha1)] = answers_of(beside, 1)
+        beside.submit(body, MAX_JSON_DEPTH, indent)
+        [(_, proven, sha1, indented)] = answers_of(beside, 1)
     finally:
         beside.close()
-    return proven, sha1
+    return proven, sha1, indented
 
 
 needs_beside = pytest.mark.skipif(
@@ -353,16 +358,20 @@ def test_beside_answers_as_proves_and_hashlib_do(values, mutation):
     bodies = [stored(value) for value in values]
     bodies.append(bodies[0].replace(*mutation))
     beside = stored_form.Beside(2)
+    indents = [index % 2 == 0 for index in range(len(bodies))]
     try:
-        tokens = [beside.submit(body, MAX_JSON_DEPTH) for body in bodies]
+        tokens = [beside.submit(body, MAX_JSON_DEPTH, indent)
+                  for body, indent in zip(bodies, indents, strict=True)]  # fmt: skip
         answers = sorted(answers_of(beside, len(tokens)))
     finally:
         beside.close()
-    assert [token for token, _, _ in answers] == tokens
-    for body, (_, proven, sha1) in zip(bodies, answers, strict=True):
+    assert [token for token, _, _, _ in answers] == tokens
+    for body, indent, (_, proven, sha1, indented) in zip(bodies, indents, answers, strict=True):
         # It may decline what proves() asks CPython about (see the test below), no more.
         assert proven <= stored_form.proves(body, MAX_JSON_DEPTH), body
         assert sha1 == (hashlib.sha1(body).hexdigest() if beside.hashes else None)
+        # Indented only when asked, and only a body proven: the file form of its value.
+        assert indented == (stored_form.indented(body) if indent and proven else None)
 
 
 @needs_beside
@@ -370,9 +379,25 @@ def test_beside_proves_chat_messages_as_proves_does():
     body = stored(
         [{"id": 10**11 + n, "text": "héllo 😀 " * 9, "ts": 1.7e9 + n / 7} for n in range(2_000)]
     )
-    proven, sha1 = answer_alone(body)
+    proven, sha1, _ = answer_alone(body)
     assert proven and stored_form.proves(body, MAX_JSON_DEPTH)
     assert sha1 == (hashlib.sha1(body).hexdigest() if stored_form.Beside(1).hashes else None)
+
+
+@needs_beside
+@pytest.mark.parametrize(
+    "value",
+    [
+        [{"id": n, "text": "héllo " * 9, "ts": 1.7e9 + n / 7} for n in range(2_000)],
+        [[1] * 50_000, {"a": [[[]], {}, [{"b": None}]]}],  # needs more room than it is given
+    ],
+    ids=["chat messages", "more room"],
+)
+def test_beside_indents_a_body_it_proves_as_the_original_writes_its_file(value):
+    body = stored(value)
+    proven, _, indented = answer_alone(body, indent=True)
+    assert proven
+    assert indented == json.dumps(value, indent=2).encode("ascii") == stored_form.indented(body)
 
 
 @needs_beside
@@ -386,8 +411,9 @@ def test_beside_hashes_where_hashlib_hashes_with_openssl():
 def test_beside_declines_the_floats_only_cpython_decides():
     body = stored([1.5e-300, 1.7976931348623157e308])  # where the check asks CPython's dtoa
     assert stored_form.proves(body, MAX_JSON_DEPTH)
-    proven, _ = answer_alone(body)
+    proven, _, indented = answer_alone(body, indent=True)
     assert not proven  # never "proven" wrongly: the thread may not run Python to decide
+    assert indented is None  # nor indented: the writer makes the file form of what it parsed
 
 
 @needs_beside
@@ -399,6 +425,8 @@ def test_beside_refuses_what_it_cannot_take_and_says_what_it_expected():
         beside.submit(bytearray(b"[]"), 1)
     with pytest.raises(ValueError, match="max_depth must be from 0 to 1000"):
         beside.submit(b"[]", 1001)
+    with pytest.raises(TypeError, match="submit\\(\\) takes data, max_depth and indent"):
+        beside.submit(b"[]", 1, True, 2)
     beside.close()
     beside.close()  # again: nothing to do
     assert beside.fd == -1
@@ -421,6 +449,25 @@ def test_beside_holds_a_body_until_its_answer_is_taken():
     finally:
         beside.close()  # an answer not taken: dropped, and the body with it
     assert sys.getrefcount(body) == held
+
+
+@needs_beside
+def test_beside_frees_the_room_it_made_to_indent_into_taken_or_not():
+    body = stored(["x" * 1000] * 100)  # 100 KB: its room is 125 KB
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(40):  # 5 MB of rooms, if they were kept
+            beside = stored_form.Beside(1)
+            beside.submit(body, MAX_JSON_DEPTH, True)  # dropped untaken at close
+            beside.submit(b"[1, 2]", MAX_JSON_DEPTH, True)  # not proven: not indented
+            answers_of(beside, 1)
+            beside.submit(body, MAX_JSON_DEPTH, True)
+            beside.close()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, f"{grown:,} bytes still held after 120 rooms"
 
 
 @needs_beside

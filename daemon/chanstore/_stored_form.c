@@ -879,7 +879,7 @@ stored_form_max_depth(PyObject *number)
 /* -- indented ------------------------------------------------------------ */
 
 /* Where the indented form is written: into the bytes object that will be the answer,
- * made beforehand at 1.25 times the stored form's size, which chat state fits (chat
+ * made beforehand at 1.25 times the stored form's size (STORED_FORM_INDENT_ROOM), which chat state fits (chat
  * messages indent to 1.19 times their size), so that it is written once, into one
  * buffer, then shrunk; a document that needs more room (records of numbers indent to
  * 1.87) goes on in a buffer of its own (`own`), copied into the answer at the end, as
@@ -1003,6 +1003,19 @@ indent(Output *out, const unsigned char *at, const unsigned char *end)
     return ok;
 }
 
+Py_ssize_t
+stored_form_indent(const unsigned char *data, Py_ssize_t length, char *room,
+                   Py_ssize_t capacity, char **own)
+{
+    Output out = {.bytes = room, .capacity = capacity};
+    int ok = indent(&out, data, data + length);
+    if (out.own && !ok) {
+        PyMem_RawFree(out.bytes);
+    }
+    *own = ok && out.own ? out.bytes : NULL;
+    return ok ? out.length : -1;
+}
+
 static PyObject *
 indented(PyObject *module, PyObject *arg)
 {
@@ -1010,40 +1023,46 @@ indented(PyObject *module, PyObject *arg)
     if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    const unsigned char *at = data.buf;
-    const unsigned char *end = at + data.len;
-    PyObject *answer = PyBytes_FromStringAndSize(NULL, data.len + data.len / 4 + 64);
+    PyObject *answer = PyBytes_FromStringAndSize(NULL, STORED_FORM_INDENT_ROOM(data.len));
     if (answer == NULL) {
         PyBuffer_Release(&data);
         return NULL;
     }
     /* Nothing else holds the new bytes object: it is written without the GIL too. */
-    Output out = {.bytes = PyBytes_AS_STRING(answer), .capacity = PyBytes_GET_SIZE(answer)};
-    int ok;
+    char *room = PyBytes_AS_STRING(answer);
+    Py_ssize_t capacity = PyBytes_GET_SIZE(answer);
+    char *own;
+    Py_ssize_t length;
     if (data.len >= WITHOUT_GIL_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        ok = indent(&out, at, end);
+        length = stored_form_indent(data.buf, data.len, room, capacity, &own);
         Py_END_ALLOW_THREADS
     }
     else {
-        ok = indent(&out, at, end);
+        length = stored_form_indent(data.buf, data.len, room, capacity, &own);
     }
     PyBuffer_Release(&data);
-    if (out.own) {
-        Py_DECREF(answer);
-        answer = ok ? PyBytes_FromStringAndSize(out.bytes, out.length) : PyErr_NoMemory();
-        PyMem_RawFree(out.bytes);
-        return answer;
-    }
-    if (!ok) {
-        Py_DECREF(answer);
+    return stored_form_indented_answer(answer, length, own);
+}
+
+PyObject *
+stored_form_indented_answer(PyObject *room, Py_ssize_t length, char *own)
+{
+    if (length < 0) {
+        Py_DECREF(room);
         return PyErr_NoMemory();
     }
+    if (own != NULL) {
+        Py_DECREF(room);
+        PyObject *answer = PyBytes_FromStringAndSize(own, length);
+        PyMem_RawFree(own);
+        return answer;
+    }
     /* Shrunk in place past pymalloc's small blocks: a large answer is not copied again. */
-    if (_PyBytes_Resize(&answer, out.length) < 0) {
+    if (_PyBytes_Resize(&room, length) < 0) {
         return NULL;
     }
-    return answer;
+    return room;
 }
 
 static PyMethodDef methods[] = {

@@ -2,10 +2,13 @@
  *
  *   Beside(threads) -> a worker with threads of its own and an eventfd
  *       .fd                        the eventfd: readable while answers wait
- *       .submit(data, max_depth)   -> a token (int): prove `data` (a bytes object) and
- *                                  hash it with SHA-1, beside the caller
- *       .take()                    -> [(token, proven, sha1 hex or None), ...]: the
- *                                  answers made since the last take, oldest first
+ *       .submit(data, max_depth, indent=False)
+ *                                  -> a token (int): prove `data` (a bytes object) and
+ *                                  hash it with SHA-1, beside the caller; with `indent`,
+ *                                  a body proven is indented too (as indented() does)
+ *       .take()                    -> [(token, proven, sha1 hex or None, indented or
+ *                                  None), ...]: the answers made since the last take,
+ *                                  oldest first
  *       .close()                   stop and join the threads (idempotent); answers
  *                                  not taken are dropped
  *
@@ -14,7 +17,9 @@
  * of the loop while the worker waits for it. These threads hold no Python
  * state at all: a job holds a reference to its bytes object (taken by submit()
  * and dropped by take(), both on the loop with the GIL), a thread reads the
- * object's bytes, which cannot change, and writes plain C fields. The proof
+ * object's bytes, which cannot change, and writes plain C fields (and, asked to
+ * indent, into a bytes object that submit() made and only the job holds, as
+ * indented() writes into its answer without the GIL). The proof
  * runs `without_python`: the rare float that only CPython's dtoa can decide
  * is "not proven", and the caller parses the body as it would have.
  *
@@ -55,6 +60,9 @@ typedef struct Job {
     int out_of_memory;
     int hashed;
     unsigned char digest[DIGEST_BYTES];
+    PyObject *indented; /* the room for the indented form, or NULL: not asked */
+    Py_ssize_t indented_length; /* -1: not made (not proven, or out of memory) */
+    char *indented_own; /* where it went when the room was too small */
 } Job;
 
 /* A queue of jobs, oldest first. */
@@ -111,6 +119,21 @@ answer(Job *job)
     if (sha1_of != NULL) {
         job->hashed = sha1_of(job->bytes, (size_t)job->length, job->digest) != NULL;
     }
+    job->indented_length = -1;
+    if (job->proven && job->indented != NULL) {
+        job->indented_length = stored_form_indent(
+            job->bytes, job->length, PyBytes_AS_STRING(job->indented),
+            PyBytes_GET_SIZE(job->indented), &job->indented_own);
+    }
+}
+
+static void
+free_job(Job *job)
+{
+    Py_DECREF(job->data);
+    Py_XDECREF(job->indented);
+    PyMem_RawFree(job->indented_own);
+    PyMem_RawFree(job);
 }
 
 static void *
@@ -166,8 +189,7 @@ free_jobs(Jobs *jobs)
 {
     Job *job;
     while ((job = pop(jobs)) != NULL) {
-        Py_DECREF(job->data);
-        PyMem_RawFree(job);
+        free_job(job);
     }
 }
 
@@ -236,8 +258,8 @@ beside_dealloc(Beside *self)
 static PyObject *
 beside_submit(Beside *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "submit() takes data and max_depth");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "submit() takes data, max_depth and indent");
         return NULL;
     }
     if (!PyBytes_CheckExact(args[0])) {
@@ -246,6 +268,10 @@ beside_submit(Beside *self, PyObject *const *args, Py_ssize_t nargs)
     }
     int max_depth = stored_form_max_depth(args[1]);
     if (max_depth < 0) {
+        return NULL;
+    }
+    int indent = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (indent < 0) {
         return NULL;
     }
     if (self->fd < 0) {
@@ -259,6 +285,14 @@ beside_submit(Beside *self, PyObject *const *args, Py_ssize_t nargs)
     Job *job = PyMem_RawCalloc(1, sizeof(Job));
     if (job == NULL) {
         return PyErr_NoMemory();
+    }
+    if (indent) {
+        Py_ssize_t room = STORED_FORM_INDENT_ROOM(PyBytes_GET_SIZE(args[0]));
+        job->indented = PyBytes_FromStringAndSize(NULL, room);
+        if (job->indented == NULL) {
+            PyMem_RawFree(job);
+            return NULL;
+        }
     }
     Py_INCREF(args[0]);
     job->data = args[0];
@@ -286,7 +320,7 @@ hex_of(const unsigned char *digest)
 }
 
 static PyObject *
-answer_of(const Job *job)
+answer_of(Job *job)
 {
     if (job->out_of_memory) {
         return PyErr_NoMemory();
@@ -295,7 +329,20 @@ answer_of(const Job *job)
     if (sha1 == NULL) {
         return NULL;
     }
-    return Py_BuildValue("(KNN)", job->token, PyBool_FromLong(job->proven), sha1);
+    PyObject *indented = Py_NewRef(Py_None);
+    if (job->indented_length >= 0) {
+        /* The room goes into the answer (shrunk in place), or is dropped for the form's own
+         * buffer: either way the job no longer holds it. */
+        Py_SETREF(indented, stored_form_indented_answer(job->indented, job->indented_length,
+                                                         job->indented_own));
+        job->indented = NULL;
+        job->indented_own = NULL;
+        if (indented == NULL) {
+            Py_DECREF(sha1);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(KNNN)", job->token, PyBool_FromLong(job->proven), sha1, indented);
 }
 
 static PyObject *
@@ -318,8 +365,7 @@ beside_take(Beside *self, PyObject *Py_UNUSED(ignored))
             Py_CLEAR(answers); /* the rest are freed all the same */
         }
         Py_XDECREF(one);
-        Py_DECREF(job->data);
-        PyMem_RawFree(job);
+        free_job(job);
     }
     return answers;
 }
@@ -345,9 +391,11 @@ beside_hashes(Beside *self, void *Py_UNUSED(closure))
 
 static PyMethodDef beside_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))beside_submit, METH_FASTCALL,
-     "submit(data, max_depth) -> token: prove and hash data beside the caller."},
+     "submit(data, max_depth, indent=False) -> token: prove and hash data (and with indent, "
+     "indent it once proven) beside the caller."},
     {"take", (PyCFunction)beside_take, METH_NOARGS,
-     "take() -> [(token, proven, sha1 hex or None)]: the answers made, oldest first."},
+     "take() -> [(token, proven, sha1 hex or None, indented or None)]: the answers made, "
+     "oldest first."},
     {"close", (PyCFunction)beside_close, METH_NOARGS,
      "close(): stop and join the threads; answers not taken are dropped."},
     {NULL, NULL, 0, NULL},

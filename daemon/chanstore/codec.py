@@ -124,7 +124,7 @@ class Document:
     reads back with its type (a set stays a set).
     """
 
-    __slots__ = ("_doc", "etag", "parsed", "stored")
+    __slots__ = ("_doc", "etag", "file_form", "parsed", "stored")
 
     def __init__(self, doc: Any, *, parsed: bool = False) -> None:
         self._doc = doc
@@ -137,6 +137,11 @@ class Document:
         #: True when ``doc`` came from a parser that refuses NaN and infinities
         #: (:func:`parse`): its floats need no check when it is written.
         self.parsed = parsed
+        #: :attr:`stored` indented by 2 (the original's file form), when the writer made
+        #: it ahead of a write to a backend that writes it (the daemon makes it beside the
+        #: event loop, so that the write lane does not); dropped with the stored form it
+        #: was made of, and once written (:meth:`keep_only_stored`, ``keep_stored(None)``).
+        self.file_form: bytes | None = None
 
     @property
     def doc(self) -> Any:
@@ -149,7 +154,10 @@ class Document:
 
     def keep_stored(self, stored: bytes | None, etag: str | None = None) -> None:
         """Keep ``stored`` (and its ETag) as this document's stored form, or forget it (None;
-        not when the stored form is all this document holds)."""
+        not when the stored form is all this document holds). The file form goes unless
+        ``stored`` is the stored form it was made of."""
+        if stored is not self.stored:
+            self.file_form = None  # it was made of the stored form kept till now
         if stored is None and self._doc is _UNPARSED:
             return
         self.stored = stored
@@ -158,7 +166,9 @@ class Document:
     def keep_only_stored(self) -> None:
         """Hold this document as its stored bytes alone, parsed again only if it is asked
         for as a document: a large value's parsed form takes 2.5 times its bytes, and
-        the daemon, which answers the bytes, rarely needs it."""
+        the daemon, which answers the bytes, rarely needs it. A file form made for its
+        write is dropped too."""
+        self.file_form = None
         if self.stored is not None:
             self._doc = _UNPARSED
 
@@ -323,6 +333,8 @@ def encode_bytes(value: Any, *, indent: int | None = None) -> bytes:
         stored = stored if stored.__class__ is bytes else stored.encode("ascii")  # type: ignore[union-attr]
         if indent is None:
             return stored  # type: ignore[return-value]
+        if indent == 2 and value.file_form is not None:  # made ahead of the write
+            return value.file_form
         if indent == 2 and stored_form.COMPILED:  # the file form, re-spaced in C
             return stored_form.indented(stored)  # type: ignore[arg-type]
     shaped = to_json_shape(value)

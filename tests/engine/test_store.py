@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chanstore import codec
+from chanstore import codec, stored_form
 from chanstore.backends.jsonfiles import JSONDatabase
 from chanstore.cache import UnreadableValue
 from chanstore.codec import Document, parse_document
@@ -312,3 +312,33 @@ def test_a_large_written_value_is_held_as_its_stored_bytes_alone(
     assert document.stored is body
     assert codec.encode_bytes(document) is body
     assert document.doc == value
+
+
+def test_a_file_form_made_ahead_is_written_as_it_is_and_not_kept(
+    make_engine: Callable[..., Engine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon makes a large body's file form beside the event loop: the json backend
+    writes it as given (the write lane does not indent the value again), and once the
+    write settles the document in memory no longer holds it."""
+    value = [{"id": number, "text": "hello " * 8, "tags": ["a", "b"]} for number in range(4000)]
+    body = json.dumps(value, separators=(",", ":")).encode()
+    document = codec.stored_document(body)
+    document.file_form = json.dumps(value, indent=2).encode()
+
+    def not_again(data: bytes) -> bytes:
+        raise AssertionError("the write indented a value whose file form was made ahead")
+
+    monkeypatch.setattr(stored_form, "indented", not_again)
+
+    async def main() -> None:
+        engine = make_engine()
+        store = engine.store
+        assert store.writes_file_form("stats") and not store.writes_file_form("nowhere")
+        assert await store.write("c1", "stats", "log", document) is True
+        assert document.file_form is None  # the form went with the write
+        assert store.cached_body("c1", "stats", "log")[0] is body
+        await engine.close()
+
+    run(main)
+    [path] = (tmp_path / "data").rglob("log.json")
+    assert path.read_bytes() == json.dumps(value, indent=2).encode()

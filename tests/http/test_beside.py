@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from chanstore import stored_form
+from chanstore import codec, stored_form
 from chanstore.http import beside
 from chanstore.http.beside import BESIDE_LOOP_BYTES, PARSE_BESIDE_BYTES, parse_value_beside
 from chanstore.http.bodies import parse_value
@@ -68,6 +68,21 @@ def test_a_large_body_not_in_the_stored_form_is_parsed_into_it(way, count):
     assert document.stored == stored(value)
     assert document.doc == value
     assert stored_with_etag(document)[1] == hashlib.sha1(stored(value)).hexdigest()
+
+
+@pytest.mark.parametrize("count", [600, 6_000], ids=["under PARSE_BESIDE", "over it"])
+def test_a_body_for_a_container_that_writes_files_comes_with_its_file_form(way, count):
+    value = messages(count)
+    body = stored(value)
+    file = json.dumps(value, indent=2).encode("ascii")
+    document = asyncio.run(parse_value_beside(body, file_form=True))
+    # Made by the threads that proved it; without them, by the write as before.
+    assert document.file_form == (file if way == "threads" else None)
+    assert codec.encode_bytes(document, indent=2) == file
+    assert asyncio.run(parse_value_beside(body)).file_form is None  # not asked: not made
+    parsed = asyncio.run(parse_value_beside(json.dumps(value, indent=1).encode(), file_form=True))
+    assert parsed.file_form is None  # not the stored form: the write indents what was parsed
+    assert codec.encode_bytes(parsed, indent=2) == file
 
 
 @pytest.mark.parametrize("size", [50_000, 600_000], ids=["under PARSE_BESIDE", "over it"])
@@ -168,10 +183,10 @@ class TakeFails:
     def __init__(self, real: Any) -> None:
         self.real, self.fd, self.failed = real, real.fd, False
 
-    def submit(self, body: bytes, max_depth: int) -> int:
-        return self.real.submit(body, max_depth)
+    def submit(self, body: bytes, max_depth: int, indent: bool) -> int:
+        return self.real.submit(body, max_depth, indent)
 
-    def take(self) -> list[tuple[int, bool, str | None]]:
+    def take(self) -> list[tuple[int, bool, str | None, bytes | None]]:
         answers = self.real.take()
         if not self.failed and answers:
             self.failed = True

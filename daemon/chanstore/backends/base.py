@@ -103,6 +103,10 @@ class DatabaseInterface(ABC):
     #: the commands of one round trip, run in order). A write lane then stores a batch
     #: in which keys repeat in one call, not one call per repeat.
     keeps_part_order: ClassVar[bool] = False
+    #: Whether values are written in the original's file form, indented by 2 (json). A
+    #: caller may then make that form ahead of the write, off the writing thread, and
+    #: hand it over as the :attr:`~chanstore.codec.Document.file_form` of the value.
+    writes_file_form: ClassVar[bool] = False
     #: Whether stored values are revived into Python objects (sets, tuples,
     #: registered dataclasses) or read as :class:`~chanstore.codec.Document`\ s
     #: of their stored JSON. The daemon, which carries values in their stored

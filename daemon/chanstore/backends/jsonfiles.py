@@ -114,6 +114,7 @@ class JSONDatabase(DatabaseInterface):
     engine_name = "json"
     SETTINGS = {"root_dir": (str,), "fsync": (bool,)}
     sees_every_write = False  # nothing records each change here: the daemon keeps the history
+    writes_file_form = True
     INTEGRITY_KINDS = ("corrupt_value", "journal_damaged", "planted_link", "unlistable_domain")
 
     def __init__(self, domain: str = "", root_dir: str = "", fsync: bool = True, **kwargs: Any):

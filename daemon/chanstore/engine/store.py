@@ -62,6 +62,12 @@ class Store:
         """Raise UnknownContainer unless the running db_config has container ``name``."""
         self.containers[name]
 
+    def writes_file_form(self, name: str) -> bool:
+        """Whether container ``name`` writes values in the original's file form, which a
+        writer may make ahead (see :attr:`~chanstore.codec.Document.file_form`)."""
+        runtime = self.containers.get(name)
+        return runtime is not None and runtime.spec.engine.writes_file_form
+
     # -- reading -------------------------------------------------------------
 
     def cached_body(self, channel_id: str, name: str, key: str) -> Any:

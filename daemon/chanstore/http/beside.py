@@ -10,6 +10,12 @@ wait for them to hand it back (a Python worker thread did that at every turn
 of the loop, and cost more than it freed below 512 KB). Each event loop has
 one ``Beside``, whose eventfd the loop watches for answers.
 
+For a container that writes the original's file form (json), the threads
+also indent a body they prove (``stored_form.indented``), which the write then
+takes as it is (:attr:`~chanstore.codec.Document.file_form`): at 100 KB the
+write lane's thread indented each file itself, between one batch's flushes
+and the next, where the writes of every channel of its lane waited for it.
+
 A body the threads do not prove (not the compact form, or a float only
 CPython's own ``repr`` can decide) is parsed as :func:`parse_value` does: on
 the loop, or from :data:`PARSE_BESIDE_BYTES` on a Python worker thread,
@@ -46,22 +52,27 @@ BESIDE_LOOP_BYTES = 16 * 1024
 PARSE_BESIDE_BYTES = 512 * 1024
 #: The extension's threads for each event loop: the loop keeps a core of its own.
 PROVING_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+#: A prover's answer: proven, the SHA-1 (None: not hashed), the file form (None: not made).
+Answer = tuple[bool, str | None, bytes | None]
 #: Python threads that parse large bodies: the work is CPU-bound, so no more than the cores.
 _PARSING = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="chanstore-bodies")
 
 
-async def parse_value_beside(body: bytes, what: str = "the body") -> Document:
+async def parse_value_beside(body: bytes, what: str = "the body", *,
+                             file_form: bool = False) -> Document:  # fmt: skip
     """:func:`~chanstore.http.bodies.parse_value` of a large body, made beside the event
     loop, with the ETag of its stored form found there too
-    (:func:`chanstore.versions.stored_with_etag` then takes it)."""
+    (:func:`chanstore.versions.stored_with_etag` then takes it); with ``file_form``,
+    the document's file form too when the body was proven its stored form."""
     loop = asyncio.get_running_loop()
     provers = _provers_of(loop)
     parse: Callable[[bytes, str], Document] = parse_value
     if provers is not None:
-        proven, sha1 = await provers.prove(body)
+        proven, sha1, indented = await provers.prove(body, file_form)
         if proven:
             document = codec.stored_document(body)
             document.etag = sha1 if sha1 is not None else etag_of_stored(body)
+            document.file_form = indented
             return document
         parse = parsed_value  # proven not to be the stored form: no need to try again
     if len(body) >= PARSE_BESIDE_BYTES:
@@ -82,13 +93,14 @@ class _Provers:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._beside = stored_form.Beside(PROVING_THREADS)
-        self._waiting: dict[int, asyncio.Future[tuple[bool, str | None]]] = {}
+        self._waiting: dict[int, asyncio.Future[Answer]] = {}
         self.pid = os.getpid()  # a forked child has the object, not the threads
         loop.add_reader(self._beside.fd, self._take)
 
-    def prove(self, body: bytes) -> asyncio.Future[tuple[bool, str | None]]:
-        """Whether ``body`` is proven a stored form, and its SHA-1 (None: not hashed)."""
-        token = self._beside.submit(body, MAX_JSON_DEPTH)
+    def prove(self, body: bytes, indent: bool = False) -> asyncio.Future[Answer]:
+        """Whether ``body`` is proven a stored form, its SHA-1 (None: not hashed), and
+        with ``indent`` its file form once proven (else None)."""
+        token = self._beside.submit(body, MAX_JSON_DEPTH, indent)
         future = self._waiting[token] = asyncio.get_running_loop().create_future()
         return future
 
@@ -103,10 +115,10 @@ class _Provers:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for token, proven, sha1 in answers:
+        for token, proven, sha1, indented in answers:
             future = self._waiting.pop(token, None)
             if future is not None and not future.done():  # else it was cancelled, or failed
-                future.set_result((proven, sha1))
+                future.set_result((proven, sha1, indented))
 
     def forget(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop watching the eventfd: a forked child's copy, which it shares with the parent

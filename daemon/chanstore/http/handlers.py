@@ -78,8 +78,10 @@ class DataHandlers:
 
     async def _put_large(self, request: Request, channel: str, container: str, key: str,
                          expect: Expectation | NoExpectation) -> Response:  # fmt: skip
-        """:meth:`put_key` of a large body, made ready beside the event loop."""
-        value = await parse_value_beside(request.body)
+        """:meth:`put_key` of a large body, made ready beside the event loop (with the
+        file form too, for a container that writes it)."""
+        file_form = self.store.writes_file_form(container)
+        value = await parse_value_beside(request.body, file_form=file_form)
         pending = self.store.write(channel, container, key, value, expect=expect,
                                    request_id=request.request_id)  # fmt: skip
         return _stored_answer(pending.etag)(await pending.future)
