@@ -879,13 +879,14 @@ stored_form_max_depth(PyObject *number)
 /* -- indented ------------------------------------------------------------ */
 
 /* Where the indented form is written: into the bytes object that will be the answer,
- * made beforehand at 1.25 times the stored form's size (STORED_FORM_INDENT_ROOM), which chat state fits (chat
- * messages indent to 1.19 times their size), so that it is written once, into one
- * buffer, then shrunk; a document that needs more room (records of numbers indent to
- * 1.87) goes on in a buffer of its own (`own`), copied into the answer at the end, as
- * every document was before. That second buffer, a megabyte for a large value, was
- * fresh pages on each call once freed: the page faults cost more than the indenting.
- * (A first guess of twice the size did no better: glibc then maps each answer anew.) */
+ * made beforehand at 1.25 times the stored form's size (STORED_FORM_INDENT_ROOM),
+ * which chat state fits (chat messages indent to 1.19 times their size), so that
+ * it is written once, into one buffer, then shrunk; a document that needs more
+ * room (records of numbers indent to 1.87) goes on in a buffer of its own (`own`),
+ * copied into the answer at the end, as every document was before. That second
+ * buffer, a megabyte for a large value, was fresh pages on each call once freed:
+ * the page faults cost more than the indenting. (A first guess of twice the size
+ * did no better: glibc then maps each answer anew.) */
 typedef struct {
     char *bytes;
     Py_ssize_t length;
