@@ -26,11 +26,10 @@ channel ids) does not grow the tree.
 Nothing inside the root is followed (see :mod:`chanstore.backends.files`): a
 domain's folder is reached from the root's descriptor through no link, and
 its files are read, written, renamed and removed relative to the folder's
-descriptor. A symbolic link where a folder or a key's
-file should be fails the operation with the kind ``planted_link``, naming the
-path; a listing lists a planted ``<key>.json`` (reading it is that error) and
-reports it as an integrity problem. The root itself may be a link: it is
-resolved once, when the first backend of the root is built.
+descriptor. A symbolic link where a folder or a key's file should be fails the
+operation with the kind ``planted_link``, naming the path; a listing lists a
+planted ``<key>.json`` (reading it is that error) and reports it as an
+integrity problem. The root may be a link, resolved once, by its first backend.
 
 Keys become file names by :func:`chanstore.keys.encode_filename`. A name
 longer than the file system allows (255 bytes) is stored as ``%H<sha256>.json``
