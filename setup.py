@@ -1,5 +1,6 @@
-"""The C parts of chanstore: the cache's hit path (daemon/chanstore/cache_hits.py) and the
-proof that a body is a value's stored form (daemon/chanstore/stored_form.py).
+"""The C parts of chanstore: the cache's hit path (daemon/chanstore/cache_hits.py), the
+proof that a body is a value's stored form (daemon/chanstore/stored_form.py), and a
+large json file written over its folder's spare (daemon/chanstore/backends/spare_files.py).
 
 Everything else is declared in pyproject.toml. The extension is optional: where
 it cannot be built (no C compiler), the install goes on and chanstore runs the
@@ -19,6 +20,11 @@ setup(
             "chanstore._stored_form",
             sources=["daemon/chanstore/_stored_form.c", "daemon/chanstore/_stored_form_beside.c"],
             depends=["daemon/chanstore/_stored_form.h"],
+            optional=True,
+        ),
+        Extension(
+            "chanstore._spare_files",
+            sources=["daemon/chanstore/_spare_files.c"],
             optional=True,
         ),
     ]

@@ -10,7 +10,7 @@ import pytest
 
 from chanstore.backends import files as files_module
 from chanstore.backends import journal as journal_module
-from chanstore.backends import journal_direct
+from chanstore.backends import journal_direct, spare_files
 from chanstore.backends.files import TEMP_PREFIX
 from chanstore.backends.journal import JOURNAL_NAME, decode_records
 from chanstore.backends.jsonfiles import JSONDatabase
@@ -39,45 +39,81 @@ def test_a_large_file_skips_the_journal_and_small_ones_of_its_batch_do_not(tmp_p
 def test_a_large_write_is_flushed_renamed_and_its_folder_flushed_before_the_answer(
     tmp_path, monkeypatch
 ):
-    """The durability order: the temporary file's data, the rename, then the folder."""
+    """The durability order, step by step (the Python form; the C extension takes the same
+    steps in one call): the data, then the file in its place, then the folder."""
     events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_fdatasync, real_rename = os.fsync, os.fdatasync, os.rename
+    real_exchange = spare_files._exchange
+
+    def kind(fd):
+        return "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"
 
     def fsync(fd):
-        kind = "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"
-        events.append(f"fsync {kind}")
+        events.append(f"fsync {kind(fd)}")
         return real_fsync(fd)
 
-    def replace(*args, **kwargs):
-        events.append("rename")
-        return real_replace(*args, **kwargs)
+    def fdatasync(fd):
+        events.append(f"fdatasync {kind(fd)}")
+        return real_fdatasync(fd)
+
+    def rename(source, *args, **kwargs):
+        what = "take spare" if source == spare_files.SPARE_NAME else "rename"
+        try:
+            real_rename(source, *args, **kwargs)
+        except FileNotFoundError:
+            events.append(f"{what}: none")
+            raise
+        events.append(what)
+
+    def exchange(*args):
+        events.append("exchange")
+        return real_exchange(*args)
 
     backend = JSONDatabase(domain="d", root_dir=str(tmp_path))
     backend.set_many({"warm": 1})  # the journal and the folder exist
+    monkeypatch.setattr(spare_files, "_compiled", None)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    assert JSONDatabase.set_many_together([(backend, {"big": LARGE})]) == [None]
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(spare_files, "fdatasync", fdatasync)
+    monkeypatch.setattr(spare_files, "_exchange", exchange)
+    written = []
+    for value in (LARGE, LARGE + "y", LARGE + "z"):
+        events.clear()
+        assert JSONDatabase.set_many_together([(backend, {"big": value})]) == [None]
+        written.append(list(events))
     monkeypatch.undo()
-    assert events == ["fsync file", "rename", "fsync folder"]
+    # A new file (no version to exchange: renamed), a new file again (no spare
+    # yet: the version it replaces becomes it), then over the spare.
+    assert written == [
+        ["take spare: none", "fsync file", "exchange", "rename", "fsync folder"],
+        ["take spare: none", "fsync file", "exchange", "rename", "fsync folder"],
+        ["take spare", "fdatasync file", "exchange", "rename", "fsync folder"],
+    ]
     assert journal_paths(tmp_path) == [os.path.join("d", "warm.json")]
+    assert backend.get_value("big") == (True, LARGE + "z")
     backend.close()
 
 
 def test_a_large_write_replaces_atomically_when_it_fails(tmp_path, monkeypatch):
-    """A failure before the rename leaves the old value whole and no temporary file."""
+    """A failure before the file takes its place leaves the old value whole and no temporary
+    file, whether the file was new or a spare written over (the Python form here;
+    ``tests/test_spare_files.py`` makes both forms fail for real)."""
     backend = JSONDatabase(domain="d", root_dir=str(tmp_path))
-    assert JSONDatabase.set_many_together([(backend, {"big": LARGE})]) == [None]
+    for value in (LARGE, LARGE + "x"):  # the second leaves a spare
+        assert JSONDatabase.set_many_together([(backend, {"big": value})]) == [None]
     real_write_all = files_module.write_all
 
     def torn(fd, data, *args):
         real_write_all(fd, data[: len(data) // 2], *args)
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(spare_files, "_compiled", None)
     monkeypatch.setattr(files_module, "write_all", torn)
+    monkeypatch.setattr(spare_files, "write_all", torn)
     (error,) = JSONDatabase.set_many_together([(backend, {"big": LARGE + "y"})])
     monkeypatch.undo()
     assert error is not None and "No space left" in str(error)
-    assert backend.get_value("big") == (True, LARGE)
+    assert backend.get_value("big") == (True, LARGE + "x")
     assert not [name for name in os.listdir(backend.path) if name.startswith(TEMP_PREFIX)]
     backend.close()
 

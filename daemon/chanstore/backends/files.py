@@ -54,6 +54,7 @@ __all__ = [
     "rename_over",
     "replace_with",
     "sync_file_system",
+    "temp_name",
     "write_all",
     "write_temp",
 ]
@@ -390,10 +391,9 @@ def read_file(folder: int, name: str, where: str) -> bytes:
 
 def write_temp(folder: int, data: bytes, fsync: bool) -> str:
     """The name of a new temporary file in ``folder`` holding ``data`` (flushed if ``fsync``)."""
-    # A process tag and a counter: unique without a system call for randomness
-    # per file. O_EXCL guards against a clash all the same (a forked child
-    # shares both): then a random name is tried.
-    temp = f"{TEMP_PREFIX}{_TEMP_TAG}{next(_temp_numbers):08x}"
+    # O_EXCL guards against a clash of names (a forked child shares the tag and
+    # the counter until it is told): then a random name is tried.
+    temp = temp_name()
     try:
         fd = os.open(temp, _CREATE, 0o644, dir_fd=folder)
     except FileExistsError:
@@ -410,6 +410,12 @@ def write_temp(folder: int, data: bytes, fsync: bool) -> str:
         raise
     os.close(fd)
     return temp
+
+
+def temp_name() -> str:
+    """A new temporary file name: this process's tag and a counter (no system call for
+    randomness per file)."""
+    return f"{TEMP_PREFIX}{_TEMP_TAG}{next(_temp_numbers):08x}"
 
 
 def replace_with(
