@@ -113,6 +113,19 @@ def test_a_link_at_the_key_is_reported_and_left(form, folder, tmp_path):
     assert not leftovers(tmp_path)
 
 
+def test_a_folder_at_the_key_is_an_error_and_left(form, folder, tmp_path):
+    """A rename over a folder fails; an exchange would move it aside, out of sight."""
+    write(folder, tmp_path, FIRST, "other.json")
+    write(folder, tmp_path, SECOND, "other.json")  # a spare to be taken
+    (tmp_path / "k.json").mkdir()
+    (tmp_path / "k.json" / "notes").write_text("mine")
+    with pytest.raises(IsADirectoryError, match=r"k\.json"):
+        write(folder, tmp_path, THIRD)
+    assert (tmp_path / "k.json" / "notes").read_text() == "mine"
+    assert (tmp_path / "other.json").read_bytes() == SECOND
+    assert not leftovers(tmp_path)
+
+
 @pytest.mark.parametrize("spare", [False, True], ids=["new file", "over the spare"])
 def test_a_write_that_fails_leaves_the_old_version_whole(form, tmp_path, spare):
     """A file size limit makes the write fail halfway (EFBIG), in a process of its own."""

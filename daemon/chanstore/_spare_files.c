@@ -12,7 +12,8 @@
  * step is DONE, or the step that failed with errno (nothing is left behind
  * then but what the step says): CREATE (the temporary file), WRITE (writing or
  * flushing it), LINK (a symbolic link at name: errno 0), RENAME (putting it in
- * name's place), FOLDER (flushing the folder; the new version is in place).
+ * name's place; EISDIR for anything but a file there), FOLDER (flushing the folder;
+ * the new version is in place).
  * Off Linux, every call answers UNSUPPORTED and the Python form is used.
  */
 #define PY_SSIZE_T_CLEAN
@@ -122,10 +123,12 @@ replace_in(int folder, const char *spare, const char *temp, const char *name,
         }
     }
     struct stat there;
-    if (fstatat(folder, name, &there, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(there.st_mode)) {
+    if (fstatat(folder, name, &there, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(there.st_mode)) {
+        /* A link was planted, a folder is foreign: either is left for a person to look
+         * at (an exchange would move it aside, where a rename fails). */
         unlinkat(folder, temp, 0);
-        *code = 0;
-        return LINK; /* planted: left for a person to look at */
+        *code = S_ISLNK(there.st_mode) ? 0 : EISDIR;
+        return S_ISLNK(there.st_mode) ? LINK : RENAME;
     }
     if (exchange(folder, temp, name) == 0) {
         /* temp holds the version replaced: the folder's spare now. */

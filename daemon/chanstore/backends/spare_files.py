@@ -57,7 +57,6 @@ from chanstore.backends.files import (
     TEMP_PREFIX,
     PlantedLink,
     fdatasync,
-    is_link,
     named,
     temp_name,
     write_all,
@@ -109,9 +108,10 @@ def replace_keeping_spare(folder: int, name: str, data: bytes, where: str) -> bo
     flushed after. ``where`` is the folder's path, for errors. Answers whether
     the spare was written over. Raises what writing fails with (nothing is
     left behind, and the key's file is as it was), what flushing the folder
-    fails with (the new version is in place), and
-    :class:`~chanstore.backends.files.PlantedLink` for a link at ``name``
-    (left for a person to look at).
+    fails with (the new version is in place),
+    :class:`~chanstore.backends.files.PlantedLink` for a link at ``name``, and
+    ``IsADirectoryError`` for a folder (or anything else but a file) there:
+    both are left for a person to look at, as a rename would have failed.
     """
     if _compiled is None:
         return _replace_in_python(folder, name, data, where)
@@ -205,8 +205,11 @@ def _swap_in(folder: int, temp: str, name: str, where: str) -> None:
     """Put ``temp`` in ``name``'s place; the version it replaces becomes the spare."""
     global _exchange  # noqa: PLW0603 - refused here: never again in this process
     path = os.path.join(where, name)
-    if is_link(folder, name):
+    there = _mode_of(folder, name)
+    if stat.S_ISLNK(there):
         raise PlantedLink(path)
+    if there and not stat.S_ISREG(there):  # foreign: an exchange would move it aside
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     code = _exchange(folder, temp, name) if _exchange is not None else -errno.ENOSYS
     if code in (-errno.EINVAL, -errno.ENOSYS, -errno.EPERM):
         _exchange = None  # no RENAME_EXCHANGE on this file system, or none at all
@@ -222,6 +225,14 @@ def _swap_in(folder: int, temp: str, name: str, where: str) -> None:
         os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError as exc:
         raise named(exc, folder, "", path) from None
+
+
+def _mode_of(folder: int, name: str) -> int:
+    """The mode of ``name`` in ``folder``, not following a link; 0 if there is none."""
+    try:
+        return os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _remove(folder: int, name: str) -> None:
