@@ -74,6 +74,7 @@ _SPARE = os.fsencode(SPARE_NAME)
 _DONE, _CREATE, _WRITE, _LINK, _RENAME, _FOLDER, _UNSUPPORTED = range(7)
 _compiled = extension("_spare_files")
 _OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_SET_LEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux's, where Python does not name it
 
 
 def _load_exchange() -> Callable[[int, str, str], int] | None:
@@ -153,6 +154,8 @@ def _replace_in_python(folder: int, name: str, data: bytes, where: str) -> bool:
 def _written_over_spare(folder: int, data: bytes) -> str | None:
     """The spare, under a temporary name, holding ``data`` flushed; None if there is no
     spare that may be written over (one that may not is removed)."""
+    if _exchange is None:
+        return None  # no spare is kept where versions cannot be exchanged
     temp = temp_name()
     try:  # taken: no other writer can take it now
         os.rename(SPARE_NAME, temp, src_dir_fd=folder, dst_dir_fd=folder)
@@ -195,7 +198,7 @@ def _write_unseen(folder: int, temp: str, data: bytes) -> bool:
 def _lease(fd: int) -> bool:
     """A write lease on ``fd``: Linux grants it only if no other open file has the file."""
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        fcntl.fcntl(fd, _SET_LEASE, fcntl.F_WRLCK)
     except OSError:
         return False  # someone has it open (EAGAIN), or no leases here: never guess
     return True
