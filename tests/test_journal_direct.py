@@ -83,11 +83,14 @@ def test_a_large_write_is_flushed_renamed_and_its_folder_flushed_before_the_answ
         written.append(list(events))
     monkeypatch.undo()
     # A new file (no version to exchange: renamed), a new file again (no spare
-    # yet: the version it replaces becomes it), then over the spare.
+    # yet: the version it replaces becomes it), then over the spare. The version
+    # replaced becomes the spare only once the folder is flushed: before, a crash
+    # could leave it the key's file on disk, and another write of the batch could
+    # be writing over it.
     assert written == [
         ["take spare: none", "fsync file", "exchange", "rename", "fsync folder"],
-        ["take spare: none", "fsync file", "exchange", "rename", "fsync folder"],
-        ["take spare", "fdatasync file", "exchange", "rename", "fsync folder"],
+        ["take spare: none", "fsync file", "exchange", "fsync folder", "rename"],
+        ["take spare", "fdatasync file", "exchange", "fsync folder", "rename"],
     ]
     assert journal_paths(tmp_path) == [os.path.join("d", "warm.json")]
     assert backend.get_value("big") == (True, LARGE + "z")

@@ -130,28 +130,29 @@ replace_in(int folder, const char *spare, const char *temp, const char *name,
         *code = S_ISLNK(there.st_mode) ? 0 : EISDIR;
         return S_ISLNK(there.st_mode) ? LINK : RENAME;
     }
-    if (exchange(folder, temp, name) == 0) {
-        /* temp holds the version replaced: the folder's spare now. */
-        if (renameat(folder, temp, folder, spare) != 0)
-            unlinkat(folder, temp, 0);
-    }
-    else if (errno == ENOENT || errno == EINVAL || errno == ENOSYS || errno == EPERM) {
+    /* Exchanged, temp holds the version replaced (the spare, once the folder is flushed). */
+    int exchanged = exchange(folder, temp, name) == 0;
+    if (!exchanged) {
+        int refused = errno;
         /* No version yet, or no exchange on this file system: a plain rename. */
-        if (renameat(folder, temp, folder, name) != 0) {
-            *code = errno;
+        int plain = refused == ENOENT || refused == EINVAL || refused == ENOSYS
+                    || refused == EPERM;
+        if (!plain || renameat(folder, temp, folder, name) != 0) {
+            *code = plain ? errno : refused;
             unlinkat(folder, temp, 0);
             return RENAME;
         }
     }
-    else {
-        *code = errno;
-        unlinkat(folder, temp, 0);
-        return RENAME;
-    }
     if (fsync(folder) != 0) {
         *code = errno;
+        if (exchanged)
+            unlinkat(folder, temp, 0);
         return FOLDER;
     }
+    /* Only now may the version replaced be written over: until the exchange was on
+     * disk, a crash could have left it the key's file there. */
+    if (exchanged && renameat(folder, temp, folder, spare) != 0)
+        unlinkat(folder, temp, 0);
     return DONE;
 }
 

@@ -15,9 +15,12 @@ next direct write in the folder takes it (renames it to a temporary name, so
 that no other writer can), writes the new contents over it and flushes them,
 then exchanges it with the key's file in one atomic step (``renameat2`` with
 ``RENAME_EXCHANGE``): the key's file is the old version or the new one, never
-neither and never torn, as with a rename. The version it replaced becomes the
-folder's spare. Where there is no spare yet, a new temporary file is written
-and exchanged the same way.
+neither and never torn, as with a rename. Once the folder is flushed, and not
+before, the version it replaced becomes the folder's spare: until the
+exchange is on disk, a crash could leave that version the key's file there,
+so another write of the folder (a batch writes its files at once) must not
+write over it yet. Where there is no spare yet, a new temporary file is
+written and exchanged the same way.
 
 A spare is written over only when nobody else can see it change:
 
@@ -143,11 +146,21 @@ def _replace_in_python(folder: int, name: str, data: bytes, where: str) -> bool:
         except OSError as exc:
             raise named(exc, folder, "", where) from None
     try:
-        _swap_in(folder, temp, name, where)
+        exchanged = _swap_in(folder, temp, name, where)
     except BaseException:
         _remove(folder, temp)
         raise
-    os.fsync(folder)
+    try:
+        os.fsync(folder)
+    except BaseException:
+        if exchanged:
+            _remove(folder, temp)
+        raise
+    if exchanged:  # durable now: the replaced version may become the spare
+        try:
+            os.rename(temp, SPARE_NAME, src_dir_fd=folder, dst_dir_fd=folder)
+        except OSError:
+            _remove(folder, temp)
     return used
 
 
@@ -204,8 +217,9 @@ def _lease(fd: int) -> bool:
     return True
 
 
-def _swap_in(folder: int, temp: str, name: str, where: str) -> None:
-    """Put ``temp`` in ``name``'s place; the version it replaces becomes the spare."""
+def _swap_in(folder: int, temp: str, name: str, where: str) -> bool:
+    """Put ``temp`` in ``name``'s place; True if exchanged (``temp`` holds the version it
+    replaced), False if renamed (there was none, or no exchange here)."""
     global _exchange  # noqa: PLW0603 - refused here: never again in this process
     path = os.path.join(where, name)
     there = _mode_of(folder, name)
@@ -217,17 +231,14 @@ def _swap_in(folder: int, temp: str, name: str, where: str) -> None:
     if code in (-errno.EINVAL, -errno.ENOSYS, -errno.EPERM):
         _exchange = None  # no RENAME_EXCHANGE on this file system, or none at all
     if code == 0:
-        try:  # temp holds the replaced version now
-            os.rename(temp, SPARE_NAME, src_dir_fd=folder, dst_dir_fd=folder)
-        except OSError:
-            _remove(folder, temp)
-        return
+        return True
     if code not in (-errno.ENOENT, -errno.EINVAL, -errno.ENOSYS, -errno.EPERM):
         raise OSError(-code, os.strerror(-code), path)
     try:  # no version yet, or no exchange here: a plain rename
         os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
     except OSError as exc:
         raise named(exc, folder, "", path) from None
+    return False
 
 
 def _mode_of(folder: int, name: str) -> int:
