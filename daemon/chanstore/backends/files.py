@@ -46,6 +46,7 @@ __all__ = [
     "call_each",
     "fdatasync",
     "is_link",
+    "libc_function",
     "named",
     "open_folder",
     "read_file",
@@ -257,6 +258,20 @@ class Root:
         return f"Root({self.path!r})"
 
 
+def libc_function(name: str, restype: Any, argtypes: list[Any]) -> Any | None:
+    """Linux's C library's ``name``, typed, keeping errno for ``ctypes.get_errno``; None
+    off Linux, or where the library has no such function."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.restype = restype
+    function.argtypes = argtypes
+    return function
+
+
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                 ("resolve", ctypes.c_uint64)]  # fmt: skip
@@ -274,15 +289,10 @@ def _load_openat2() -> Callable[[int, bytes], int] | None:
     ``openat2`` (before 5.6, or a sandbox that refuses it): the first
     refusal turns it off for the process.
     """
-    if not sys.platform.startswith("linux"):
+    syscall = libc_function("syscall", ctypes.c_long, [ctypes.c_long, ctypes.c_int,
+                            ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t])  # fmt: skip
+    if syscall is None:
         return None
-    try:
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
-    except (OSError, AttributeError):
-        return None
-    syscall.restype = ctypes.c_long
-    syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
-                        ctypes.c_size_t]  # fmt: skip
     how = _OpenHow(_FOLDER, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH)
     address, size = ctypes.addressof(how), ctypes.sizeof(how)
 
@@ -516,17 +526,7 @@ def call_each(function: Callable[[Any], None], items: Sequence[Any]) -> None:
 # -- flushing a whole file system -------------------------------------------------------
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
-
-
-_syncfs = _load_syncfs()
+_syncfs = libc_function("syncfs", ctypes.c_int, [ctypes.c_int])
 #: fsync where the system has no fdatasync (macOS).
 fdatasync = getattr(os, "fdatasync", os.fsync)
 

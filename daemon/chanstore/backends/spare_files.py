@@ -53,13 +53,13 @@ import fcntl
 import os
 import secrets
 import stat
-import sys
 from collections.abc import Callable
 
 from chanstore.backends.files import (
     TEMP_PREFIX,
     PlantedLink,
     fdatasync,
+    libc_function,
     named,
     temp_name,
     write_all,
@@ -83,15 +83,10 @@ _SET_LEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux's, where Python does no
 def _load_exchange() -> Callable[[int, str, str], int] | None:
     """``renameat2(folder, a, folder, b, RENAME_EXCHANGE)``: 0, or minus the errno; None
     where the C library has no ``renameat2`` (not Linux, or glibc before 2.28)."""
-    if not sys.platform.startswith("linux"):
+    renameat2 = libc_function("renameat2", ctypes.c_int, [ctypes.c_int, ctypes.c_char_p,
+                              ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])  # fmt: skip
+    if renameat2 is None:
         return None
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    renameat2.restype = ctypes.c_int
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]  # fmt: skip
 
     def exchange(folder: int, first: str, second: str) -> int:
         if renameat2(folder, os.fsencode(first), folder, os.fsencode(second), _RENAME_EXCHANGE):
