@@ -104,6 +104,7 @@ from harness import (
     markdown_table,
     on_time_limit,
     progress,
+    raw_write,
     redis_server,
     stop,
     text_table,
@@ -554,14 +555,7 @@ def raw_fsync_loop(folder: Path, keys: int, seconds: float, data: bytes | None =
     deadline = started + seconds
     for index in itertools.cycle(range(keys)):
         begun = time.perf_counter()
-        temp = folder / f".tmp-{index}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, folder / f"key-{index}.json")
+        raw_write(folder / f".tmp-{index}", folder / f"key-{index}.json", data)
         if flush_folder:
             folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:

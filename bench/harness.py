@@ -28,6 +28,7 @@ __all__ = [
     "markdown_table",
     "on_time_limit",
     "progress",
+    "raw_write",
     "redis_pings",
     "redis_server",
     "source_state",
@@ -36,6 +37,17 @@ __all__ = [
     "tree_cpu_seconds",
     "wait_until",
 ]
+
+
+def raw_write(temp: Path, target: Path, data: bytes) -> None:
+    """The raw baseline's write of a file: ``data`` to ``temp``, fsync, renamed over ``target``."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, target)
 
 
 def progress(message: str) -> None:

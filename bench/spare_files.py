@@ -41,7 +41,7 @@ from chanstore.backends.files import Root
 from chanstore.backends.journal_direct import write_directly
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import markdown_table, text_table
+from harness import markdown_table, raw_write, text_table
 from json_libraries import shapes
 
 FOLDERS = 4
@@ -50,14 +50,7 @@ ROUND_SECONDS = 1.0
 
 def raw_loop(folders: list[Path], data: bytes) -> None:
     for folder in folders:
-        temp = folder / ".tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, folder / "key.json")
+        raw_write(folder / ".tmp", folder / "key.json", data)
 
 
 def directly(root: Root, files: list[tuple[str, bytes]], spares: list[Path] | None) -> None:
