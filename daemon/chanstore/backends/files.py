@@ -16,8 +16,9 @@ first backend of the root is built.
 The json backend and its journal (see journal.py) write a key's file the same
 way: a temporary file in the key's folder, optionally flushed, renamed over
 the key's file, so that a reader, or a crash, sees the old contents or the
-new, never a torn file. This module holds those steps and the thread pool that
-runs many of them at the same time.
+new, never a torn file (large files of a batch are written over their folder's
+spare and exchanged into place instead: see :mod:`.spare_files`). This module
+holds those steps and the thread pool that runs many of them at the same time.
 """
 
 from __future__ import annotations
