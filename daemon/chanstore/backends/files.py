@@ -408,7 +408,7 @@ def write_temp(folder: int, data: bytes, fsync: bool) -> str:
     try:
         fd = os.open(temp, _CREATE, 0o644, dir_fd=folder)
     except FileExistsError:
-        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        temp = temp_name(clashed=True)
         fd = os.open(temp, _CREATE, 0o644, dir_fd=folder)
     try:
         write_all(fd, data)
@@ -423,9 +423,11 @@ def write_temp(folder: int, data: bytes, fsync: bool) -> str:
     return temp
 
 
-def temp_name() -> str:
+def temp_name(clashed: bool = False) -> str:
     """A new temporary file name: this process's tag and a counter (no system call for
-    randomness per file)."""
+    randomness per file); after a clash with an existing file, a random one."""
+    if clashed:
+        return f"{TEMP_PREFIX}{secrets.token_hex(8)}"
     return f"{TEMP_PREFIX}{_TEMP_TAG}{next(_temp_numbers):08x}"
 
 

@@ -51,12 +51,10 @@ import ctypes
 import errno
 import fcntl
 import os
-import secrets
 import stat
 from collections.abc import Callable
 
 from chanstore.backends.files import (
-    TEMP_PREFIX,
     PlantedLink,
     fdatasync,
     libc_function,
@@ -117,7 +115,7 @@ def replace_keeping_spare(folder: int, name: str, data: bytes, where: str) -> bo
     step, code, used = _compiled.replace(folder, _SPARE, os.fsencode(temp_name()),
                                          os.fsencode(name), data)  # fmt: skip
     if step == _CREATE and code == errno.EEXIST:  # a forked child's name: a random one
-        temp = os.fsencode(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        temp = os.fsencode(temp_name(clashed=True))
         step, code, used = _compiled.replace(folder, _SPARE, temp, os.fsencode(name), data)
     if step == _DONE:
         return used
