@@ -533,6 +533,57 @@ def test_a_silent_connection_is_noticed_by_its_unanswered_ping(tmp_path):
         server.stop()
 
 
+def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(tmp_path):
+    """Its own writes flow without a pause for a second, so the PING falls due, and its
+    deadline cuts reads off, in the middle of the flow: the link pings all the same, never
+    goes down, and is still in step with the stream afterwards (the next write it takes
+    for another's is the next thing it hears)."""
+    server = RedisServer(tmp_path / "busy").start()
+    interval = 0.05
+
+    async def body() -> None:
+        backend = RedisDatabase(domain="b", **server.settings)
+        link = RedisInvalidations(
+            lambda: link_connection(backend._pool_args), key_prefix=backend.key_prefix,
+            name=backend.where, origin="mine", ping_interval=interval,
+        )  # fmt: skip
+        recorder = Recorder()
+        link.subscribe(recorder)
+        await recorder.wait_count("up", 1, PROMPT)
+        own = payload("mine", backend.key_prefix.encode() + b"b", ["k"])
+        client = server.client()
+        pings_before = client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+
+        def publish_for(seconds: float) -> int:
+            sent, until = 0, time.monotonic() + seconds
+            while time.monotonic() < until:
+                pipe = client.pipeline(transaction=False)
+                for _ in range(200):
+                    pipe.publish(link.channel, own)
+                pipe.execute()
+                sent += 200
+            return sent
+
+        try:
+            sent = await asyncio.to_thread(publish_for, 1.0)
+            start = len(recorder.heard)
+            backend.set_value("after", 1)  # this process's origin is not the link's "mine"
+            assert await recorder.next_invalidation(start) == ("b", ["after"])
+            pings = client.info("commandstats")["cmdstat_ping"]["calls"] - pings_before
+            assert sent > 1000
+            assert pings >= 5, f"{pings} PINGs in a busy second at one per {interval}s"
+            assert recorder.heard[:start] == ["down", "up"] and link.ups == 1
+        finally:
+            client.close()
+            await link.close()
+            backend.close()
+
+    try:
+        run(body)
+    finally:
+        server.stop()
+
+
 def test_a_link_that_cannot_connect_keeps_trying_within_its_backoff(tmp_path):
     server = RedisServer(tmp_path / "late")  # not started yet: its port refuses
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import secrets
 import threading
@@ -240,7 +241,7 @@ class RedisInvalidations:
         self._prefix = key_prefix.encode()
         self._hash_tagged = hash_tagged
         self._connect = connect
-        # None: this process's origin (read at each message: a forked child has its own).
+        # None: this process's origin (read at each connect: a forked child has its own).
         self._origin = origin
         self._ping_interval = ping_interval
         self._pong_timeout = pong_timeout
@@ -384,44 +385,66 @@ class RedisInvalidations:
 
     async def _listen(self, connection: redis.asyncio.connection.AbstractConnection) -> None:
         """Read messages and pongs until the connection fails or goes silent (raises), or the
-        link stops (returns)."""
+        link stops (returns): messages only until a ``PING`` is due, then one ``PING``, after
+        which something must keep arriving until its pong."""
+        own = self._own_prefix()
         loop = self.loop
-        heard = loop.time()
-        next_ping = heard + self._ping_interval
-        pinging = False
         while self._mine() and self._listeners:
-            now = loop.time()
-            if not pinging and now >= next_ping:
-                await connection.send_command("PING")
-                pinging, heard = True, now
-            until = heard + self._pong_timeout if pinging else next_ping
-            # An explicit timeout: None when it passes, and the connection stays usable
-            # (redis-py's parsers keep a reply read in part for the next call).
-            reply = await connection.read_response(timeout=max(until - now, 0.001))
-            now = loop.time()
-            if reply is None:
-                if pinging and now >= heard + self._pong_timeout:
-                    raise _LinkFailed(f"nothing heard for {self._pong_timeout} s after a PING")
-                continue
-            heard = now
-            if not isinstance(reply, list) or not reply:
-                raise _LinkFailed(f"unexpected reply on a subscribed connection: {reply!r:.200}")
-            kind = reply[0]
-            if kind == b"message" and len(reply) == 3:
-                self._dispatch(reply[2])
-            elif kind == b"pong":
-                pinging, next_ping = False, now + self._ping_interval
+            await self._hear_until(connection, loop.time() + self._ping_interval, own)
+            await connection.send_command("PING")
+            if not await self._hear_until(connection, loop.time() + self._pong_timeout, own,
+                                          pinging=True):  # fmt: skip
+                raise _LinkFailed(f"nothing heard for {self._pong_timeout} s after a PING")
 
-    def _dispatch(self, message: bytes) -> None:
-        own = self._origin if self._origin is not None else ORIGIN
-        if message.startswith(b"%s\0" % own.encode()):
+    async def _hear_until(self, connection: redis.asyncio.connection.AbstractConnection,
+                          deadline: float, own: bytes, pinging: bool = False) -> bool:  # fmt: skip
+        """Dispatch what arrives until a pong (True) or until ``deadline`` (False); while
+        ``pinging``, each reply moves the deadline to :data:`PONG_TIMEOUT` after it.
+
+        One deadline for the whole stretch, not a timer per read: a busy daemon's
+        own writes come back one message each, and a timer per message cost as
+        much as the rest of hearing it. A read cut off by the deadline leaves the
+        connection usable (redis-py's parsers keep a reply read in part for the
+        next call), so it is not closed (``disconnect_on_error=False``).
+        """
+        scope = asyncio.timeout_at(deadline)
+        try:
+            async with scope:
+                while True:
+                    reply = await connection.read_response(timeout=math.inf,
+                                                           disconnect_on_error=False)  # fmt: skip
+                    if pinging:
+                        scope.reschedule(self.loop.time() + self._pong_timeout)
+                    if self._heard(reply, own):
+                        return True
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            return False
+
+    def _heard(self, reply: Any, own: bytes) -> bool:
+        """Dispatch ``reply`` if it is a message; whether it is a pong."""
+        if not isinstance(reply, list) or not reply:
+            raise _LinkFailed(f"unexpected reply on a subscribed connection: {reply!r:.200}")
+        kind = reply[0]
+        if kind == b"message" and len(reply) == 3:
+            self._dispatch(reply[2], own)
+        return kind == b"pong"
+
+    def _own_prefix(self) -> bytes:
+        """How this process's invalidations begin: its origin and the separator. Read when
+        the link connects (a forked child has an origin of its own, and links of its own)."""
+        return (self._origin if self._origin is not None else ORIGIN).encode() + SEPARATOR
+
+    def _dispatch(self, message: bytes, own: bytes) -> None:
+        if message.startswith(own):
             return  # this process's own write (most messages, on a busy daemon): not parsed
         parsed = parse(message, self._prefix, self._hash_tagged)
         if parsed is None:
             log.debug("redis_invalidations_unreadable", where=self.name, message=message[:200])
             return
         origin, domain, keys = parsed
-        if origin == own.encode() or not keys:
+        if origin + SEPARATOR == own or not keys:
             return
         for listener in list(self._listeners):
             self._tell(listener, "invalidated", domain, keys)
