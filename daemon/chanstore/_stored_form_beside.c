@@ -152,10 +152,20 @@ work(void *argument)
         pthread_mutex_unlock(&self->lock);
         answer(job);
         pthread_mutex_lock(&self->lock);
+        int first = self->done.head == NULL;
         push(&self->done, job);
-        uint64_t one = 1;
-        /* Cannot fail short of a counter at 2^64 - 1; the loop reads it to zero. */
-        (void)!write(self->fd, &one, sizeof one);
+        if (first) {
+            /* Only an answer that finds none waiting wakes the loop, and outside the lock,
+             * which submit() and take() wait for meanwhile. take() reads the eventfd before
+             * it takes the answers, so an answer pushed behind another is taken with it or
+             * by the take its own write (or the first's) makes the loop call; close() joins
+             * the threads before it closes the eventfd. */
+            pthread_mutex_unlock(&self->lock);
+            uint64_t one = 1;
+            /* Cannot fail short of a counter at 2^64 - 1; the loop reads it to zero. */
+            (void)!write(self->fd, &one, sizeof one);
+            pthread_mutex_lock(&self->lock);
+        }
     }
     pthread_mutex_unlock(&self->lock);
     return NULL;
@@ -299,12 +309,13 @@ beside_submit(Beside *self, PyObject *const *args, Py_ssize_t nargs)
     job->bytes = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     job->length = PyBytes_GET_SIZE(args[0]);
     job->max_depth = max_depth;
-    job->token = self->next_token++;
+    unsigned long long token = job->token = self->next_token++;
     pthread_mutex_lock(&self->lock);
     push(&self->waiting, job);
-    pthread_cond_signal(&self->wake);
     pthread_mutex_unlock(&self->lock);
-    return PyLong_FromUnsignedLongLong(job->token);
+    /* After the unlock: a thread woken under the lock would only wait for it again. */
+    pthread_cond_signal(&self->wake);
+    return PyLong_FromUnsignedLongLong(token);
 }
 
 static PyObject *
