@@ -46,7 +46,10 @@ names ``--only`` takes:
    fresh memory for every write (page faults for each copy of the value),
    which costs it 2 to 8 times the CPU of a write to a full stream (whose
    trimming frees what the next write reuses), and ``SET`` of one key never
-   grows. That takes Redis about 3.5 GB at 900 KB (4 channels).
+   grows. That takes Redis about 3.5 GB at 900 KB (4 channels). The redis
+   rows' notes also give what one PUT and one SET cost the machine, process
+   by process (CPU per operation over the rounds: the daemon, redis-server
+   and wrk; redis-server and redis-benchmark).
    For "no loss" at 100 B, run ``--only put-json,put-redis`` twice, once with
    ``PYTHONPATH`` naming a worktree of the previous release's ``daemon/``.
 
@@ -81,6 +84,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -98,8 +102,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from harness import (
     chanstore_command,
+    cpu_seconds,
     free_port,
     markdown_table,
     on_time_limit,
@@ -540,6 +547,55 @@ def run_redis_benchmark(port: int, requests: int, connections: int = CONNECTIONS
     }
 
 
+# -- CPU spent -------------------------------------------------------------------------
+
+
+@dataclass
+class CpuBudget:
+    """The CPU seconds each process spent over the rounds of one side, and the operations
+    those rounds made: what one operation costs the machine, process by process."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    operations: float = 0.0
+
+    def add(self, spent: dict[str, float], operations: float) -> None:
+        for name, value in spent.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+        self.operations += operations
+
+    def text(self) -> str:
+        each = ", ".join(f"{name} {value / self.operations * 1e6:,.0f} µs"
+                         for name, value in self.seconds.items())  # fmt: skip
+        return f"{each} ({sum(self.seconds.values()) / self.operations * 1e6:,.0f} µs in all)"
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of the subprocesses this process has run and waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def cpu_spent(pids: dict[str, int], children: str) -> Iterator[dict[str, float]]:
+    """Yields a dict that gets, at the end, the CPU seconds each of ``pids`` spent meanwhile,
+    and under ``children`` those of the subprocesses run and waited for meanwhile (wrk,
+    redis-benchmark; py-spy too, with ``--profile``)."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    children_before = children_cpu_seconds()
+    spent: dict[str, float] = {}
+    yield spent
+    spent.update({name: cpu_seconds(pid) - before[name] for name, pid in pids.items()})
+    spent[children] = children_cpu_seconds() - children_before
+
+
+def redis_process_id(port: int) -> int:
+    client = redis.Redis(port=port)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
 # -- the raw fsync loop ----------------------------------------------------------------
 
 
@@ -906,17 +962,27 @@ class Run:
             self.warm_up(load, daemon, LARGE_CONNECTIONS)
         self.fill_histories(loads["redis"], daemon)
 
+        redis_pid = redis_process_id(redis_port)
+        put_cpu, set_cpu = CpuBudget(), CpuBudget()
+
         def daemon_round(index: int) -> None:
             for kind, load in loads.items():
-                ours[kind].samples.append(self.wrk(load, daemon, index, LARGE_CONNECTIONS))
+                pids = {"the daemon": daemon.process.pid, "redis-server": redis_pid}
+                with cpu_spent(pids if kind == "redis" else {}, "wrk") as spent:
+                    sample = self.wrk(load, daemon, index, LARGE_CONNECTIONS)
+                ours[kind].samples.append(sample)
+                if kind == "redis":
+                    put_cpu.add(spent, sample.rps * self.settings.seconds)
 
         def baseline_round(index: int) -> None:
             folder = self.workdir / "data" / "raw-large"
             seconds = self.settings.seconds
             raw.samples.append(raw_fsync_loop(folder, LARGE_KEYS, seconds, data))
             durable.samples.append(raw_fsync_loop(folder, LARGE_KEYS, seconds, data, True))
-            sample = run_redis_benchmark(redis_port, requests[0], LARGE_CONNECTIONS, ("set",),
-                                         len(body))["SET"]  # fmt: skip
+            with cpu_spent({"redis-server": redis_pid}, "redis-benchmark") as spent:
+                sample = run_redis_benchmark(redis_port, requests[0], LARGE_CONNECTIONS,
+                                             ("set",), len(body))["SET"]  # fmt: skip
+            set_cpu.add(spent, requests[0])
             requests[0] = max(500, int(sample.rps * seconds))
             sets.samples.append(sample)
             progress(f"baselines {label} round {index + 1}: raw {describe(raw.samples[-1])}; "
@@ -933,7 +999,8 @@ class Run:
                        f"{ours['json'].rps / durable.rps:.2f}x of it"),
             Comparison(f"PUT {label} redis", ours["redis"], sets, GOAL_PUT_LARGE["redis", size],
                        f"wrk -c{LARGE_CONNECTIONS} against redis-benchmark -c "
-                       f"{LARGE_CONNECTIONS} -d {len(body)}"),
+                       f"{LARGE_CONNECTIONS} -d {len(body)}; CPU per PUT: {put_cpu.text()}; "
+                       f"per SET: {set_cpu.text()}"),
         ]  # fmt: skip
 
     def execute(self) -> tuple[list[Comparison], str]:
