@@ -205,6 +205,14 @@ def run(coroutine_function: Callable[[], Any], bound: float = 60.0) -> None:
 
 
 @pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own, which it may freeze or restart; stopped after."""
+    server = RedisServer(tmp_path / "own").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def db(redis_settings):
     backend = RedisDatabase(domain="svc.chan.box", **redis_settings)
     yield backend
@@ -477,19 +485,17 @@ def test_reconnect_takes_the_link_down_at_once_then_up_again(db):
     run(body)
 
 
-def test_a_restarted_redis_server_takes_the_link_down_then_up(tmp_path):
-    server = RedisServer(tmp_path / "restarted").start()
-
+def test_a_restarted_redis_server_takes_the_link_down_then_up(own_redis):
     async def body() -> None:
-        backend = RedisDatabase(domain="r", **server.settings)
+        backend = RedisDatabase(domain="r", **own_redis.settings)
         link = other_link(backend)
         recorder = Recorder()
         link.subscribe(recorder)
         await recorder.wait_count("up", 1, PROMPT)
-        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(own_redis.stop)
         await recorder.wait_count("down", 2, NOTICE)
         assert not link.up
-        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(own_redis.start)
         await recorder.wait_count("up", 2, BACK)
         start = len(recorder.heard)
         backend.set_value("k", 1)
@@ -497,29 +503,25 @@ def test_a_restarted_redis_server_takes_the_link_down_then_up(tmp_path):
         await link.close()
         backend.close()
 
-    try:
-        run(body)
-    finally:
-        server.stop()
+    run(body)
 
 
-def test_a_silent_connection_is_noticed_by_its_unanswered_ping(tmp_path):
-    server = RedisServer(tmp_path / "frozen").start()
-    assert server.process is not None
+def test_a_silent_connection_is_noticed_by_its_unanswered_ping(own_redis):
+    assert own_redis.process is not None
 
     async def body() -> None:
-        backend = RedisDatabase(domain="f", **server.settings)
+        backend = RedisDatabase(domain="f", **own_redis.settings)
         link = other_link(backend)
         recorder = Recorder()
         link.subscribe(recorder)
         await recorder.wait_count("up", 1, PROMPT)
         frozen_at = time.monotonic()
-        os.kill(server.process.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
+        os.kill(own_redis.process.pid, signal.SIGSTOP)  # the socket stays open; nothing answers
         try:
             await recorder.wait_count("down", 2, NOTICE)
             assert time.monotonic() - frozen_at < PING_INTERVAL + PONG_TIMEOUT + 0.5
         finally:
-            os.kill(server.process.pid, signal.SIGCONT)
+            os.kill(own_redis.process.pid, signal.SIGCONT)
         await recorder.wait_count("up", 2, BACK)
         start = len(recorder.heard)
         backend.set_value("k", 1)
@@ -527,22 +529,18 @@ def test_a_silent_connection_is_noticed_by_its_unanswered_ping(tmp_path):
         await link.close()
         backend.close()
 
-    try:
-        run(body)
-    finally:
-        server.stop()
+    run(body)
 
 
-def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(tmp_path):
+def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(own_redis):
     """Its own writes flow without a pause for a second, so the PING falls due, and its
     deadline cuts reads off, in the middle of the flow: the link pings all the same, never
     goes down, and is still in step with the stream afterwards (the next write it takes
     for another's is the next thing it hears)."""
-    server = RedisServer(tmp_path / "busy").start()
     interval = 0.05
 
     async def body() -> None:
-        backend = RedisDatabase(domain="b", **server.settings)
+        backend = RedisDatabase(domain="b", **own_redis.settings)
         link = RedisInvalidations(
             lambda: link_connection(backend._pool_args), key_prefix=backend.key_prefix,
             name=backend.where, origin="mine", ping_interval=interval,
@@ -551,7 +549,7 @@ def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(tmp_path):
         link.subscribe(recorder)
         await recorder.wait_count("up", 1, PROMPT)
         own = payload("mine", backend.key_prefix.encode() + b"b", ["k"])
-        client = server.client()
+        client = own_redis.client()
         pings_before = client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
 
         def publish_for(seconds: float) -> int:
@@ -578,10 +576,7 @@ def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(tmp_path):
             await link.close()
             backend.close()
 
-    try:
-        run(body)
-    finally:
-        server.stop()
+    run(body)
 
 
 def test_a_link_that_cannot_connect_keeps_trying_within_its_backoff(tmp_path):
