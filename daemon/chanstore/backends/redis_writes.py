@@ -259,9 +259,11 @@ class Write:
         """What the script does for unconditional sets, as a transaction."""
         backend = self.backend
         stream, maxlen = backend.stream_name, max(1, int(backend.history_length))
-        fields_and_values: list[Any] = []
-        for field, stored, _etag in self.sets:
-            fields_and_values.extend((field, stored))
+        # A key set more than once (writes joined) is sent once, with its last value, which
+        # is what HSET would keep: a large value's earlier copies went to Redis for nothing.
+        # Each value still goes to the history, in its own XADD.
+        last = {field: stored for field, stored, _etag in self.sets}
+        fields_and_values = [part for pair in last.items() for part in pair]
         changed = [field for field, _stored, _etag in self.sets]
         return [
             ("MULTI",),
