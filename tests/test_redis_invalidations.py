@@ -178,11 +178,15 @@ class Recorder:
         )  # fmt: skip
 
 
+#: The origin of :func:`other_link`'s links: its own writes are those that carry it.
+OTHER_ORIGIN = "someone-else"
+
+
 def other_link(backend: RedisDatabase, **options: Any) -> RedisInvalidations:
     """A link to ``backend``'s Redis that takes this process for another: it hears our writes."""
     return RedisInvalidations(
         lambda: link_connection(backend._pool_args), key_prefix=backend.key_prefix,
-        name=backend.where, origin="someone-else", **options,
+        name=backend.where, origin=OTHER_ORIGIN, **options,
     )  # fmt: skip
 
 
@@ -541,14 +545,11 @@ def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(own_redis):
 
     async def body() -> None:
         backend = RedisDatabase(domain="b", **own_redis.settings)
-        link = RedisInvalidations(
-            lambda: link_connection(backend._pool_args), key_prefix=backend.key_prefix,
-            name=backend.where, origin="mine", ping_interval=interval,
-        )  # fmt: skip
+        link = other_link(backend, ping_interval=interval)
         recorder = Recorder()
         link.subscribe(recorder)
         await recorder.wait_count("up", 1, PROMPT)
-        own = payload("mine", backend.key_prefix.encode() + b"b", ["k"])
+        own = payload(OTHER_ORIGIN, backend.key_prefix.encode() + b"b", ["k"])
         client = own_redis.client()
         pings_before = client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
 
@@ -565,7 +566,7 @@ def test_a_link_kept_busy_by_its_own_writes_still_pings_and_stays_up(own_redis):
         try:
             sent = await asyncio.to_thread(publish_for, 1.0)
             start = len(recorder.heard)
-            backend.set_value("after", 1)  # this process's origin is not the link's "mine"
+            backend.set_value("after", 1)  # this process's origin is not the link's
             assert await recorder.next_invalidation(start) == ("b", ["after"])
             pings = client.info("commandstats")["cmdstat_ping"]["calls"] - pings_before
             assert sent > 1000
