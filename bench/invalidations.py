@@ -8,9 +8,9 @@ publishes a burst of own-origin invalidations (from another thread, pipelined)
 and takes the event loop thread's CPU time until the link has read them all
 (a last message, from another origin, is the first it passes on), against the
 least redis-py can cost: a loop of ``read_response(timeout=math.inf)`` on a
-subscribed connection of its own, reading the same burst, in alternating
-rounds. A ratio near 1 is the link costing little more than the reads
-themselves.
+subscribed connection of its own, reading a burst of the same messages, in
+alternating rounds (each reader is subscribed during its own rounds only). A
+ratio near 1 is the link costing little more than the reads themselves.
 
 Starts a redis-server of its own on a free port. Run: ``python3
 bench/invalidations.py`` (about 20 seconds).
