@@ -25,7 +25,7 @@ and redis-benchmark SETs the same size, in alternating rounds; each side's
 ratio to SET, and its server's CPU per PUT (``/proc``).
 
 Starts a redis-server of its own on a free port. Run: ``python3
-bench/put_floor.py`` (about a minute; ``--rounds``, ``--seconds``).
+bench/put_floor.py`` (about 90 seconds; ``--rounds``, ``--seconds``).
 """
 
 from __future__ import annotations
