@@ -153,8 +153,10 @@ class BarePut(asyncio.Protocol):
         assert stored is not None and etag is not None, "put-large's body is its stored form"
         hash_name = b"floor:" + channel
         replies = await self.redis.send(packed(transaction(hash_name, key, stored, etag)))
-        failed = [reply for reply in replies if isinstance(reply, hiredis.ReplyError)]
-        if failed or not isinstance(replies[-1], list):
+        executed = replies[-1] if isinstance(replies[-1], list) else [replies[-1]]
+        failed = [reply for reply in (*replies[:-1], *executed)
+                  if isinstance(reply, hiredis.ReplyError)]  # fmt: skip
+        if failed or executed is not replies[-1]:
             status, answer = b"500 Internal Server Error", b'{"code":"redis"}'
         else:
             status, answer = b"200 OK", b'{"ok":true,"etag":"%s"}' % etag.encode()
