@@ -11,9 +11,10 @@ what every such PUT must, with the same parts the daemon uses for it:
   extension's threads (``chanstore.http.beside.parse_value_beside``);
 * send the value's two copies, to the domain's hash and to its change
   history's stream, in one ``MULTI``/``HSET``/``XADD``/``PUBLISH``/``EXEC``
-  on one connection, packed as the daemon packs them
-  (``chanstore.backends.redis_rounds.packed``: the value is written uncopied),
-  and read the five replies with hiredis;
+  on one connection: the daemon's own commands for such a write
+  (``chanstore.backends.redis_writes.Write``), packed as the daemon packs
+  them (``chanstore.backends.redis_rounds.packed``: the value is written
+  uncopied), their replies read with hiredis and taken by the same ``Write``;
 * answer ``200`` with the ETag, as the daemon does.
 
 Nothing else: no routing, no checks of names or limits, no write lanes, no
@@ -49,9 +50,10 @@ import hiredis
 import httptools
 import uvloop
 
-from chanstore.backends import redis_invalidations as invalidations
 from chanstore.backends.redis_rounds import packed
+from chanstore.backends.redis_writes import Write
 from chanstore.http.beside import parse_value_beside
+from chanstore.versions import Change
 from daemon import (
     LARGE_CONNECTIONS,
     LARGE_KEYS,
@@ -69,8 +71,8 @@ from json_libraries import shapes
 VALUE_BYTES = 100_000
 #: The entries each history stream keeps, as the daemon's ``--event-history`` default.
 HISTORY = 1000
-#: Replies to one PUT's transaction: MULTI's, three QUEUED, EXEC's.
-REPLIES = 5
+#: The bare server's key prefix: its hashes, streams and invalidation channel.
+PREFIX = "floor:"
 #: Seconds the bare server may take to start answering.
 START_LIMIT = 20.0
 
@@ -83,7 +85,8 @@ class BareRedis(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.waiting: collections.deque[tuple[asyncio.Future[list[object]], list[object]]] = (
+        #: Each round waiting for its replies: its future, how many, those read so far.
+        self.waiting: collections.deque[tuple[asyncio.Future[list[object]], int, list[object]]] = (
             collections.deque()
         )
         self.transport: asyncio.Transport | None = None
@@ -91,30 +94,41 @@ class BareRedis(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's, not asyncio's class
 
-    def send(self, pieces: list[bytes]) -> asyncio.Future[list[object]]:
-        """Write one transaction's pieces; the future gets its :data:`REPLIES` replies."""
+    def send(self, commands: list[tuple[object, ...]]) -> asyncio.Future[list[object]]:
+        """Write ``commands`` in one packet; the future gets their replies."""
         assert self.transport is not None
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((future, []))
-        self.transport.writelines(pieces)
+        self.waiting.append((future, len(commands), []))
+        self.transport.writelines(packed(commands))
         return future
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            future, replies = self.waiting[0]
+            future, count, replies = self.waiting[0]
             replies.append(reply)
-            if len(replies) == REPLIES:
+            if len(replies) == count:
                 self.waiting.popleft()
                 future.set_result(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for future, _ in self.waiting:
+        for future, _count, _replies in self.waiting:
             future.set_exception(ConnectionError("Redis closed the connection"))
 
 
+@dataclass(frozen=True)
+class Domain:
+    """A channel's hash and history stream: what a :class:`Write` needs of its backend."""
+
+    hash_name: bytes
+    stream_name: bytes
+    history_length: int = HISTORY
+    key_prefix: str = PREFIX
+
+
 class BarePut(asyncio.Protocol):
-    """One HTTP connection: each request's body is stored as the last path segment's value."""
+    """One HTTP connection: each request's body is stored as the last path segment's value
+    (a large value: smaller ones go by the daemon's script, which this does not load)."""
 
     def __init__(self, redis: BareRedis) -> None:
         self.redis = redis
@@ -149,35 +163,19 @@ class BarePut(asyncio.Protocol):
         assert self.transport is not None
         _, channel, _, key = url.rsplit(b"/", 3)
         document = await parse_value_beside(body)
-        stored, etag = document.stored, document.etag
-        assert stored is not None and etag is not None, "put-large's body is its stored form"
-        hash_name = b"floor:" + channel
-        replies = await self.redis.send(packed(transaction(hash_name, key, stored, etag)))
-        executed = replies[-1] if isinstance(replies[-1], list) else [replies[-1]]
-        failed = [reply for reply in (*replies[:-1], *executed)
-                  if isinstance(reply, hiredis.ReplyError)]  # fmt: skip
-        if failed or executed is not replies[-1]:
-            status, answer = b"500 Internal Server Error", b'{"code":"redis"}'
+        hash_name = PREFIX.encode() + channel
+        write = Write(Domain(hash_name, hash_name + b":history"),
+                      Change(sets={key.decode(): document}))  # fmt: skip
+        # One round: a write whose HSET failed would need a second, to take back its history.
+        taken = write.answer is None and write.take(await self.redis.send(write.commands(False)))
+        if taken and not isinstance(write.answer, BaseException):
+            status, answer = b"200 OK", b'{"ok":true,"etag":"%s"}' % document.etag.encode()
         else:
-            status, answer = b"200 OK", b'{"ok":true,"etag":"%s"}' % etag.encode()
+            status, answer = b"500 Internal Server Error", b'{"code":"redis"}'
         self.transport.write(
             b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b'etag: "%s"\r\n\r\n%s' % (status, len(answer), etag.encode(), answer)
+            b'etag: "%s"\r\n\r\n%s' % (status, len(answer), document.etag.encode(), answer)
         )
-
-
-def transaction(hash_name: bytes, key: bytes, stored: bytes, etag: str) -> list[tuple]:
-    """What the daemon sends for one unconditional set of a large value."""
-    stream = hash_name + b":history"
-    return [
-        ("MULTI",),
-        ("HSET", hash_name, key, stored),
-        ("XADD", stream, "MAXLEN", "~", HISTORY, "*",
-         "op", "set", "key", key, "value", stored, "etag", etag),
-        ("PUBLISH", "floor-invalidations",
-         invalidations.payload(invalidations.ORIGIN, hash_name, [key.decode()])),
-        ("EXEC",),
-    ]  # fmt: skip
 
 
 async def serve_bare(port: int, redis_port: int) -> None:
@@ -190,25 +188,27 @@ async def serve_bare(port: int, redis_port: int) -> None:
 
 
 @contextlib.contextmanager
-def bare_process(workdir: Path, redis_port: int) -> Iterator[Daemon]:
-    """The bare server as a process of its own, stopped (SIGTERM) at the end."""
+def bare_process(workdir: Path, redis_port: int, body: str) -> Iterator[Daemon]:
+    """The bare server as a process of its own, once it stored ``body``; stopped (SIGTERM)
+    at the end."""
     port = free_port()
     command = [sys.executable, __file__, "--serve-bare", str(port), str(redis_port)]
     log = workdir / "bare.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: answers_put(port), process, "the bare server", log, START_LIMIT)
+            wait_until(lambda: answers_put(port, body), process, "the bare server", log,
+                       START_LIMIT)  # fmt: skip
             yield Daemon(port, process, command)
         finally:
             stop(process)
 
 
-def answers_put(port: int) -> bool:
-    """Whether the bare server on ``port`` stores a small PUT."""
+def answers_put(port: int, body: str) -> bool:
+    """Whether the bare server on ``port`` stores ``body``."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        connection.request("PUT", "/v1/channels/c/x/k", body=b'{"hp":1}')
+        connection.request("PUT", "/v1/channels/c/x/k", body=body.encode())
         return connection.getresponse().status == 200
     except OSError:
         return False
@@ -240,7 +240,7 @@ def measure(rounds: int, seconds: int) -> tuple[list[Side], list[float], int]:
         workdir = Path(folder)
         with (
             redis_server(workdir) as redis_port,
-            bare_process(workdir, redis_port) as bare,
+            bare_process(workdir, redis_port, body) as bare,
             daemon_process(workdir, redis_port, ()) as daemon,
         ):
             servers = {"bare server": bare, "chanstore serve": daemon}
