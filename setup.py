@@ -1,6 +1,7 @@
 """The C parts of chanstore: the cache's hit path (daemon/chanstore/cache_hits.py), the
 proof that a body is a value's stored form (daemon/chanstore/stored_form.py), and a
-large json file written over its folder's spare (daemon/chanstore/backends/spare_files.py).
+large json file written over its folder's spare (daemon/chanstore/backends/spare_files.py),
+and a round of Redis commands encoded (daemon/chanstore/backends/redis_rounds.py).
 
 Everything else is declared in pyproject.toml. The extension is optional: where
 it cannot be built (no C compiler), the install goes on and chanstore runs the
@@ -20,6 +21,11 @@ setup(
             "chanstore._stored_form",
             sources=["daemon/chanstore/_stored_form.c", "daemon/chanstore/_stored_form_beside.c"],
             depends=["daemon/chanstore/_stored_form.h"],
+            optional=True,
+        ),
+        Extension(
+            "chanstore._redis_commands",
+            sources=["daemon/chanstore/_redis_commands.c"],
             optional=True,
         ),
         Extension(

@@ -4,6 +4,10 @@ real Redis makes of them."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sysconfig
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,11 +17,19 @@ import redis.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chanstore.backends.redis_rounds import LARGE_BYTES, packed, round_trip, round_trip_async
+from chanstore.backends.redis_rounds import (
+    LARGE_BYTES,
+    packed,
+    packed_in_python,
+    round_trip,
+    round_trip_async,
+)
+from chanstore.compiled import extension
 from support import RedisServer
 
 ARGUMENTS = st.one_of(
     st.binary(max_size=40),
+    st.binary(max_size=40).map(memoryview),
     st.sampled_from([b"", b"x" * (LARGE_BYTES - 1), b"y" * LARGE_BYTES, b"z" * 3 * LARGE_BYTES]),
     st.text(max_size=20),
     st.sampled_from(["", "é" * (LARGE_BYTES // 2), "long" * LARGE_BYTES]),
@@ -33,30 +45,78 @@ COMMANDS = st.lists(
 )
 
 
+Command = tuple[object, ...]
+Pack = Callable[[Iterable[Sequence[object]]], list[bytes]]
+
+#: Both encoders: the extension's, where it was built, and the Python one it stands in for.
+PACKERS = [
+    pytest.param(packed, id="packed"),
+    pytest.param(packed_in_python, id="packed_in_python"),
+]
+
+
+@pytest.mark.parametrize("pack", PACKERS)
 @settings(max_examples=300, deadline=None)
-@given(COMMANDS)
-def test_the_bytes_are_those_redis_py_would_send(commands: list[tuple[object, ...]]) -> None:
-    ours = b"".join(packed(commands))
+@given(commands=COMMANDS)
+def test_the_bytes_are_those_redis_py_would_send(pack: Pack, commands: list[Command]) -> None:
+    ours = b"".join(pack(commands))
     assert ours == b"".join(redis.connection.Connection().pack_commands(commands))
     assert ours == b"".join(redis.asyncio.connection.Connection().pack_commands(commands))
 
 
-def test_a_large_value_is_passed_on_not_copied() -> None:
+@settings(max_examples=300, deadline=None)
+@given(commands=COMMANDS)
+def test_both_encoders_give_the_same_pieces(commands: list[Command]) -> None:
+    if extension("_redis_commands") is None:
+        pytest.skip("the extension is not in use: packed is packed_in_python")
+    assert packed(commands) == packed_in_python(commands)
+
+
+@pytest.mark.parametrize("pack", PACKERS)
+def test_a_large_value_is_passed_on_not_copied(pack: Pack) -> None:
     value = b"v" * (2 * LARGE_BYTES)
     small = b"s" * (LARGE_BYTES - 1)
-    pieces = packed([("MULTI",), ("HSET", b"hash", "field", value), ("HSET", b"h", "f", small),
-                     ("XADD", b"stream", "*", "value", value), ("EXEC",)])  # fmt: skip
+    pieces = pack([("MULTI",), ("HSET", b"hash", "field", value), ("HSET", b"h", "f", small),
+                   ("XADD", b"stream", "*", "value", value, "etag", "e"), ("EXEC",)])  # fmt: skip
     assert [piece for piece in pieces if piece is value] == [value, value]
     assert not any(piece is small for piece in pieces)  # copied with its command: one piece less
     # Between the large values, the small commands and arguments are one piece each time.
     assert len(pieces) == 5
+    assert pieces[4] == b"\r\n$4\r\netag\r\n$1\r\ne\r\n*1\r\n$4\r\nEXEC\r\n"
 
 
+@pytest.mark.parametrize("pack", PACKERS)
+def test_no_commands_are_no_pieces(pack: Pack) -> None:
+    assert pack([]) == []
+    assert pack(iter([("PING",)])) == [b"*1\r\n$4\r\nPING\r\n"]
+
+
+@pytest.mark.parametrize("pack", PACKERS)
 @pytest.mark.parametrize("argument", [True, None, b"x".decode, bytearray(b"x"), [1]])
-def test_an_argument_redis_could_not_be_sent_is_refused(argument: object) -> None:
+def test_an_argument_redis_could_not_be_sent_is_refused(pack: Pack, argument: object) -> None:
     for command in (("SET", "k", argument), ("SET", b"v" * LARGE_BYTES, argument)):
         with pytest.raises(TypeError, match="must be"):
-            packed([command])
+            pack([command])
+
+
+@pytest.mark.parametrize("pack", PACKERS)
+def test_a_string_utf_8_cannot_hold_is_refused(pack: Pack) -> None:
+    for command in (("SET", "k", "\udc00"), ("SET", b"v" * LARGE_BYTES, "\udc00")):
+        with pytest.raises(UnicodeEncodeError):
+            pack([command])
+
+
+def test_the_compiled_form_is_built_where_a_compiler_is() -> None:
+    """A build that failed quietly would leave every round to Redis encoded in Python."""
+    if os.environ.get("CHANSTORE_PURE_PYTHON", "") not in ("", "0"):
+        pytest.skip("CHANSTORE_PURE_PYTHON asks for the Python forms")
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if not any(Path(folder, compiler).exists() for folder in os.get_exec_path()):
+        pytest.skip(f"no C compiler ({compiler}) here: the Python form serves")
+    assert extension("_redis_commands") is not None, (
+        "chanstore._redis_commands was not built although a C compiler is here: "
+        "`pip install -e .` should build it (are the Python headers installed?)"
+    )
 
 
 def test_a_refused_argument_sends_nothing(redis_server: RedisServer) -> None:
