@@ -4,10 +4,7 @@ real Redis makes of them."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sysconfig
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import pytest
 import redis
@@ -104,19 +101,6 @@ def test_a_string_utf_8_cannot_hold_is_refused(pack: Pack) -> None:
     for command in (("SET", "k", "\udc00"), ("SET", b"v" * LARGE_BYTES, "\udc00")):
         with pytest.raises(UnicodeEncodeError):
             pack([command])
-
-
-def test_the_compiled_form_is_built_where_a_compiler_is() -> None:
-    """A build that failed quietly would leave every round to Redis encoded in Python."""
-    if os.environ.get("CHANSTORE_PURE_PYTHON", "") not in ("", "0"):
-        pytest.skip("CHANSTORE_PURE_PYTHON asks for the Python forms")
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if not any(Path(folder, compiler).exists() for folder in os.get_exec_path()):
-        pytest.skip(f"no C compiler ({compiler}) here: the Python form serves")
-    assert extension("_redis_commands") is not None, (
-        "chanstore._redis_commands was not built although a C compiler is here: "
-        "`pip install -e .` should build it (are the Python headers installed?)"
-    )
 
 
 def test_a_refused_argument_sends_nothing(redis_server: RedisServer) -> None:

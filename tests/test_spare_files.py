@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from chanstore.backends import spare_files
 from chanstore.backends.files import TEMP_PREFIX, PlantedLink
 from chanstore.backends.spare_files import SPARE_NAME, replace_keeping_spare
-from chanstore.compiled import extension
 
 FIRST, SECOND, THIRD = (bytes([byte]) * 200_000 for byte in b"abc")
 
@@ -152,17 +149,3 @@ def test_a_write_that_fails_leaves_the_old_version_whole(form, tmp_path, spare):
     assert "File too large" in result.stdout and str(tmp_path) in result.stdout, result.stdout
     assert (tmp_path / "k.json").read_bytes() == FIRST[:100] * 2000
     assert not leftovers(tmp_path)
-
-
-def test_the_compiled_form_is_built_where_a_compiler_is():
-    """A build that failed quietly would leave every large json write taking the GIL back
-    after each of its system calls."""
-    if os.environ.get("CHANSTORE_PURE_PYTHON", "") not in ("", "0"):
-        pytest.skip("CHANSTORE_PURE_PYTHON asks for the Python forms")
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if not any(Path(folder, compiler).exists() for folder in os.get_exec_path()):
-        pytest.skip(f"no C compiler ({compiler}) here: the Python form serves")
-    assert extension("_spare_files") is not None, (
-        "chanstore._spare_files was not built although a C compiler is here: "
-        "`pip install -e .` should build it (are the Python headers installed?)"
-    )

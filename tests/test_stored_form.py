@@ -19,7 +19,6 @@ import select
 import struct
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import time
 import tracemalloc
@@ -235,18 +234,6 @@ def test_a_float_is_proven_exactly_when_it_is_written_as_repr_writes_it(floats):
             if stored_form.proves(token.encode(), MAX_JSON_DEPTH) != truth:
                 wrong.append((token, truth))
     assert not wrong, f"{len(wrong)} tokens judged wrongly, e.g. {wrong[:5]}"
-
-
-def test_the_extension_is_built_where_a_compiler_is():
-    if os.environ.get("CHANSTORE_PURE_PYTHON", "") not in ("", "0"):
-        pytest.skip("CHANSTORE_PURE_PYTHON asks for the Python forms")
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if not any(Path(folder, compiler).exists() for folder in os.get_exec_path()):
-        pytest.skip(f"no C compiler ({compiler}) here")
-    assert stored_form.COMPILED, (
-        "chanstore._stored_form was not built although a C compiler is here: "
-        "`pip install -e .` should build it (are the Python headers installed?)"
-    )
 
 
 def test_the_source_distribution_holds_what_the_extensions_include(tmp_path):
