@@ -8,11 +8,11 @@
  *
  * chanstore/backends/redis_rounds.py says why a round is encoded apart from
  * redis-py, and holds the same encoding in Python (hiredis's pack_command for
- * the small arguments): this gives the same bytes, in the same pieces, and
- * accepts the same arguments, as hiredis does: bytes, str (as UTF-8),
- * memoryview, int (not bool) and float (both as their repr). In Python, the
- * arguments of a round of seven 100 KB writes took 138 us to encode; here
- * they take a few.
+ * the small arguments). This gives the same bytes in the same pieces, and
+ * takes the arguments hiredis takes: bytes, str (as UTF-8), memoryview, int
+ * (not bool) and float (both as their repr). A round of seven 100 KB writes
+ * took 138 us to encode in Python, 8.5 us here; sixteen small script calls
+ * 99 and 19 us (bench/redis_rounds.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
