@@ -84,6 +84,24 @@ def _ask(port: int, *command: Any) -> Any:
         client.close()
 
 
+def _wait_replicated(port: int, timeout: float) -> None:
+    """Until every replica of the primary on ``port`` has acknowledged all the primary had
+    written when this was called. Redis replicates asynchronously: a primary killed right
+    after a write can take the write with it, which a test of what follows a failover does
+    not mean to test (replicas acknowledge once a second, so this can take that long)."""
+    written = (_ask(port, "INFO", "replication") or {}).get("master_repl_offset")
+    if written is None:
+        raise RuntimeError(f"the primary on {port} gave no replication offset")
+
+    def acknowledged() -> bool:
+        info = _ask(port, "INFO", "replication") or {}
+        replicas = [value for name, value in info.items()
+                    if name.startswith("slave") and isinstance(value, dict)]  # fmt: skip
+        return bool(replicas) and all(r.get("offset", -1) >= written for r in replicas)
+
+    wait_until(acknowledged, timeout, f"the replicas of {port} at offset {written}")
+
+
 def cluster_port() -> int:
     """A free port for a cluster node, with its bus port (+10000) free too.
 
@@ -292,6 +310,14 @@ class SentinelSetup:
                               f"(master_port, link, sync in progress: {seen})")  # fmt: skip
         return port, "nothing"
 
+    def wait_replicated(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Until the replicas have all the primary has written (see
+        :func:`_wait_replicated`)."""
+        port = self.primary_port()
+        if port is None:
+            raise RuntimeError("no primary to wait for")
+        _wait_replicated(port, timeout)
+
     def kill_primary(self) -> _Server:
         """SIGKILL the current primary; returns it (stopped)."""
         port = self.primary_port()
@@ -422,6 +448,11 @@ class ClusterSetup:
         finally:
             client.close()
         raise LookupError(slot)
+
+    def wait_replicated(self, slot: int, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Until the replicas of the primary that holds ``slot`` have all it has written
+        (see :func:`_wait_replicated`)."""
+        _wait_replicated(self.primary_of_slot(slot), timeout)
 
     def kill_primary_of(self, slot: int) -> _Server:
         """SIGKILL the primary that holds ``slot``; returns it (stopped)."""

@@ -464,6 +464,8 @@ def test_the_follower_and_the_invalidation_link_follow_a_failover(own_cluster):
         await write("a", 1)
         await until(lambda: (domain, ["a"]) in heard.heard, 5, "heard a")
         await until(lambda: len(heard.events) == 1, 5, "followed a")
+        # a on the replica too, so that the new primary's history holds it to follow from.
+        await asyncio.to_thread(own_cluster.wait_replicated, key_slot(backend.hash_name))
         killed = own_cluster.kill_primary_of(key_slot(backend.hash_name))
         await until(lambda: None in heard.events, 15, "the follow ended")
         await asyncio.to_thread(own_cluster.wait_failover, killed.port)

@@ -256,6 +256,8 @@ def test_the_follower_and_the_invalidation_link_follow_a_failover(own_sentinel):
         await write("a", 1)
         await until(lambda: ("service_s.channel_c.feed", ["a"]) in heard.heard, 5, "heard a")
         await until(lambda: len(heard.events) == 1, 5, "followed a")
+        # a on the replicas too, so that the new primary's history holds it to follow from.
+        await asyncio.to_thread(own_sentinel.wait_replicated)
         killed = own_sentinel.kill_primary()
         await until(lambda: None in heard.events, 15, "the follow ended")
         await until(lambda: "down" in heard.heard, 15, "the link down")
