@@ -90,6 +90,12 @@ def _wait_serving(daemon: DaemonProcess, container: str, serving: bool = True) -
                f"container {container!r} to be {'served' if serving else 'gone'}")  # fmt: skip
 
 
+def _wait_verdict(daemon: DaemonProcess, successful: int, what: str) -> None:
+    """Until ``chanstore_config_last_reload_successful`` reads ``successful`` (1 or 0)."""
+    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == successful,
+               APPLIED_WITHIN, what)  # fmt: skip
+
+
 def _the_reload(daemon: DaemonProcess, count: int = 1) -> dict[str, Any]:
     """The ``count``-th ``config_reloaded`` event, the newest. The daemon logs it just after
     the swap that requests already see, so it is waited for, and no more are allowed."""
@@ -209,8 +215,7 @@ def test_a_broken_file_is_rejected_and_the_running_config_stays(
 
     daemon.write_config(broken)
 
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 0,
-               APPLIED_WITHIN, "the broken file to be rejected")  # fmt: skip
+    _wait_verdict(daemon, 0, "the broken file to be rejected")
     assert _reloads(daemon, "failure") >= failures + 1
     rejected = daemon.events("config_reload_rejected")
     assert rejected
@@ -226,8 +231,7 @@ def test_a_broken_file_is_rejected_and_the_running_config_stays(
     # A later good write is applied.
     daemon.write_config([STATS, INVENTORY])
     _wait_serving(daemon, "inventory")
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 1,
-               APPLIED_WITHIN, "the good write's reload to be successful")  # fmt: skip
+    _wait_verdict(daemon, 1, "the good write's reload to be successful")
     assert daemon.get(channel, "stats", "HP").json() == 2
 
 
@@ -239,12 +243,10 @@ def test_reverting_a_rejected_edit_makes_the_state_healthy_again(
     good = daemon.config_path.read_text()
 
     daemon.write_config("[{not json")
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 0,
-               APPLIED_WITHIN, "the broken file to be rejected")  # fmt: skip
+    _wait_verdict(daemon, 0, "the broken file to be rejected")
 
     daemon.config_path.write_text(good)
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 1,
-               APPLIED_WITHIN, "the reverted file to count as healthy")  # fmt: skip
+    _wait_verdict(daemon, 1, "the reverted file to count as healthy")
     # In a group, a worker that read the file only once it was good again has nothing to
     # restore: the one that rejected it does.
     assert daemon.events("config_restored", every_worker=True)
@@ -273,8 +275,7 @@ def test_a_deleted_config_file_keeps_the_running_config(start_daemon, channel: s
 
     daemon.config_path.unlink()
 
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 0,
-               APPLIED_WITHIN, "the missing file to be rejected")  # fmt: skip
+    _wait_verdict(daemon, 0, "the missing file to be rejected")
     assert "cannot be read" in daemon.events("config_reload_rejected")[-1]["problems"][0]
     assert daemon.containers() == ["stats", "profiles"]
     assert daemon.get(channel, "profiles", "name").json() == "Ann"
@@ -283,8 +284,7 @@ def test_a_deleted_config_file_keeps_the_running_config(start_daemon, channel: s
     _wait_serving(daemon, "inventory")
     # The verdict comes just after the swap that requests already see (new backends are
     # probed between the two; see _the_reload), so it is waited for too.
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 1,
-               APPLIED_WITHIN, "the reload after the file came back to be successful")  # fmt: skip
+    _wait_verdict(daemon, 1, "the reload after the file came back to be successful")
 
 
 def test_a_changed_backend_switches_and_stored_data_stays(start_daemon, channel: str) -> None:
@@ -333,8 +333,7 @@ def test_sighup_reloads(start_daemon, tmp_path: Path) -> None:
 
     mounted.publish("[not json")
     daemon.send_signal(signal.SIGHUP)
-    wait_until(lambda: daemon.metric("chanstore_config_last_reload_successful") == 0,
-               APPLIED_WITHIN, "the broken file to be rejected")  # fmt: skip
+    _wait_verdict(daemon, 0, "the broken file to be rejected")
     assert daemon.containers() == ["stats", "inventory"]
     assert daemon.running
 
