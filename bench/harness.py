@@ -2,8 +2,9 @@
 
 Starting and stopping the processes a benchmark measures (free ports, polling
 with a deadline, a redis-server that answers), finding the ``chanstore``
-script and the source it runs, progress lines, and the text and markdown
-tables each benchmark prints. The benchmarks import it as a sibling module
+script and the source it runs, progress lines, the text and markdown tables
+each benchmark prints, and the domain names a Redis write is made for without
+a backend. The benchmarks import it as a sibling module
 (``python3 bench/feed.py`` puts bench/ first on the path).
 """
 
@@ -18,10 +19,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Domain",
     "chanstore_command",
     "cpu_seconds",
     "free_port",
@@ -37,6 +40,17 @@ __all__ = [
     "tree_cpu_seconds",
     "wait_until",
 ]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A domain's hash and history stream, as ``redis_writes.Write`` needs them of its backend
+    (its ``WriteTarget``): for benchmarks that build Redis writes without a backend."""
+
+    hash_name: bytes
+    stream_name: bytes
+    history_length: int = 1000  # the daemon's --event-history default
+    key_prefix: str = "chanstore"
 
 
 def raw_write(temp: Path, target: Path, data: bytes) -> None:

@@ -64,7 +64,16 @@ from daemon import (
     run_redis_benchmark,
     run_wrk,
 )
-from harness import cpu_seconds, free_port, progress, redis_server, stop, text_table, wait_until
+from harness import (
+    Domain,
+    cpu_seconds,
+    free_port,
+    progress,
+    redis_server,
+    stop,
+    text_table,
+    wait_until,
+)
 from json_libraries import shapes
 
 #: The value's size: put-large's smaller one, the size of the goal still unmet.
@@ -116,16 +125,6 @@ class BareRedis(asyncio.Protocol):
             future.set_exception(ConnectionError("Redis closed the connection"))
 
 
-@dataclass(frozen=True)
-class Domain:
-    """A channel's hash and history stream: what a :class:`Write` needs of its backend."""
-
-    hash_name: bytes
-    stream_name: bytes
-    history_length: int = HISTORY
-    key_prefix: str = PREFIX
-
-
 class BarePut(asyncio.Protocol):
     """One HTTP connection: each request's body is stored as the last path segment's value
     (a large value: smaller ones go by the daemon's script, which this does not load)."""
@@ -164,7 +163,7 @@ class BarePut(asyncio.Protocol):
         _, channel, _, key = url.rsplit(b"/", 3)
         document = await parse_value_beside(body)
         hash_name = PREFIX.encode() + channel
-        write = Write(Domain(hash_name, hash_name + b":history"),
+        write = Write(Domain(hash_name, hash_name + b":history", HISTORY, PREFIX),
                       Change(sets={key.decode(): document}))  # fmt: skip
         # One round: a write whose HSET failed would need a second, to take back its history.
         taken = write.answer is None and write.take(await self.redis.send(write.commands(False)))

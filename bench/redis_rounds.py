@@ -26,6 +26,7 @@ from chanstore.backends.redis_rounds import packed
 from chanstore.backends.redis_writes import Write
 from chanstore.codec import Document
 from chanstore.versions import Change
+from harness import Domain
 
 #: (label, writes in the batch, value bytes): the small batch is what 32 clients
 #: writing health bars make; the large one what 8 writing 100 KB values make.
@@ -33,21 +34,13 @@ ROUNDS = [("16 small values, a script call each", 16, 60),
           ("7 values of 100 KB, a transaction each", 7, 100_000)]  # fmt: skip
 
 
-class Domain:
-    """A WriteTarget: the names a domain's writes go to."""
-
-    def __init__(self, number: int) -> None:
-        self.hash_name = f"chanstore:kv:bench-{number}".encode()
-        self.stream_name = self.hash_name + b":history"
-        self.history_length = 1000
-        self.key_prefix = "chanstore"
-
-
 def batch_commands(writes: int, size: int) -> list[tuple[Any, ...]]:
     commands: list[tuple[Any, ...]] = []
     for number in range(writes):
         value = Document({"text": "x" * max(0, size - 12)}, parsed=True)
-        write = Write(Domain(number % 8), Change(sets={f"key-{number}": value}))
+        hash_name = f"chanstore:kv:bench-{number % 8}".encode()
+        domain = Domain(hash_name, hash_name + b":history")
+        write = Write(domain, Change(sets={f"key-{number}": value}))
         commands.extend(write.commands(by_text=False))
     return commands
 
