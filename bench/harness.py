@@ -49,8 +49,8 @@ class Domain:
 
     hash_name: bytes
     stream_name: bytes
-    history_length: int = 1000  # the daemon's --event-history default
-    key_prefix: str = "chanstore"
+    history_length: int
+    key_prefix: str
 
 
 def raw_write(temp: Path, target: Path, data: bytes) -> None:

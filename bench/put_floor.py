@@ -50,6 +50,7 @@ import hiredis
 import httptools
 import uvloop
 
+from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.redis_rounds import packed
 from chanstore.backends.redis_writes import Write
 from chanstore.http.beside import parse_value_beside
@@ -79,7 +80,7 @@ from json_libraries import shapes
 #: The value's size: put-large's smaller one, the size of the goal still unmet.
 VALUE_BYTES = 100_000
 #: The entries each history stream keeps, as the daemon's ``--event-history`` default.
-HISTORY = 1000
+HISTORY = DatabaseInterface.history_length
 #: The bare server's key prefix: its hashes, streams and invalidation channel.
 PREFIX = "floor:"
 #: Seconds the bare server may take to start answering.

@@ -22,12 +22,17 @@ from typing import Any
 
 import redis.asyncio.connection
 
+from chanstore.backends.base import DatabaseInterface
 from chanstore.backends.redis_rounds import packed
 from chanstore.backends.redis_writes import Write
 from chanstore.codec import Document
 from chanstore.versions import Change
 from harness import Domain
 
+#: The Redis backend's default key prefix, which the benchmark's names begin with.
+PREFIX = "chanstore:"
+#: The entries each history stream keeps, as the daemon's ``--event-history`` default.
+HISTORY = DatabaseInterface.history_length
 #: (label, writes in the batch, value bytes): the small batch is what 32 clients
 #: writing health bars make; the large one what 8 writing 100 KB values make.
 ROUNDS = [("16 small values, a script call each", 16, 60),
@@ -38,8 +43,8 @@ def batch_commands(writes: int, size: int) -> list[tuple[Any, ...]]:
     commands: list[tuple[Any, ...]] = []
     for number in range(writes):
         value = Document({"text": "x" * max(0, size - 12)}, parsed=True)
-        hash_name = f"chanstore:kv:bench-{number % 8}".encode()
-        domain = Domain(hash_name, hash_name + b":history")
+        hash_name = f"{PREFIX}kv:bench-{number % 8}".encode()
+        domain = Domain(hash_name, hash_name + b":history", HISTORY, PREFIX)
         write = Write(domain, Change(sets={f"key-{number}": value}))
         commands.extend(write.commands(by_text=False))
     return commands
