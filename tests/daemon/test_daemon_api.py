@@ -236,6 +236,8 @@ def _chunks(data: bytes):
 
 OVERFLOW_VALUES = b'{"values": {"n": 9e999}}'
 LONG_KEY_VALUES = json.dumps({"values": {"ok": 1, "k" * 1025: 2}}).encode()
+MISSPELT_EXPECT = b'{"values": {"HP": 6}, "expct": {"HP": null}}'
+DELETE_EXPECTING = b'{"keys": ["HP"], "expect": {"HP": "0000"}}'
 
 BAD_REQUESTS = [
     # (id, method, path under the channel (None: absolute), body, status, code)
@@ -273,6 +275,14 @@ BAD_REQUESTS = [
     ("bulk-get-keys-string", "POST", "stats/-/get", b'{"keys": "HP"}', 400, "bad_request"),
     ("bulk-get-key-number", "POST", "stats/-/get", b'{"keys": [1]}', 400, "bad_request"),
     ("bulk-delete-no-keys", "POST", "stats/-/delete", b"{}", 400, "bad_request"),
+    # A member or query parameter an operation does not take is refused, not ignored: each
+    # of these, ignored, would have changed HP.
+    ("bulk-set-misspelt-expect", "POST", "stats/-/set", MISSPELT_EXPECT, 400, "bad_request"),
+    ("bulk-delete-with-expect", "POST", "stats/-/delete", DELETE_EXPECTING, 400, "bad_request"),
+    ("put-unknown-query", "PUT", "stats/HP?if-match=*", b"6", 400, "bad_request"),
+    ("delete-unknown-query", "DELETE", "stats/HP?version=1", None, 400, "bad_request"),
+    ("keys-misspelt-after", "GET", "stats?afer=HP", None, 400, "bad_request"),
+    ("events-misspelt-since", "GET", "-/events?sinse=x", None, 400, "bad_request"),
     ("bulk-invalid-json", "POST", "stats/-/delete", b'{"keys": [', 400, "bad_request"),
     ("bulk-unknown-operation", "POST", "stats/-/rename", b"{}", 404, "no_route"),
     ("unknown-route", "GET", "/v2/channels/x/stats/HP", None, 404, "no_route"),

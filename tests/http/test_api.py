@@ -131,6 +131,43 @@ def test_bad_requests_get_a_json_error_with_a_code(
         assert not (tmp_path / "service_chanstore").exists(), "a read created folders"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "error"),
+    [
+        ("POST", "/v1/channels/c/stats/-/set", b'{"values": {"k": 1}, "expct": {"k": null}}',
+         "unknown member 'expct' in the body; -/set takes \"values\" and \"expect\""),
+        ("POST", "/v1/channels/c/stats/-/get", b'{"keys": ["k"], "etags": true}',
+         "unknown member 'etags' in the body; -/get takes \"keys\""),
+        ("POST", "/v1/channels/c/stats/-/delete", b'{"keys": ["k"], "expect": {}}',
+         "unknown member 'expect' in the body; -/delete takes \"keys\""),
+        ("GET", "/v1/channels/c/stats?limit=5&afer=k", b"",
+         "unknown query parameter 'afer' on /v1/channels/{channel}/{container}; "
+         "it takes limit, after"),
+        ("GET", "/v1/channels/c/-/events?sinse=x", b"",
+         "unknown query parameter 'sinse' on /v1/channels/{channel}/-/events; "
+         "it takes containers, since"),
+        ("PUT", "/v1/channels/c/stats/k?_=1", b"1",
+         "unknown query parameter '_' on /v1/channels/{channel}/{container}/{key}; "
+         "it takes none"),
+        ("GET", "/v1/containers?verbose", b"",
+         "unknown query parameter 'verbose' on /v1/containers; it takes none"),
+    ],
+)  # fmt: skip
+def test_what_a_route_does_not_take_is_refused_by_name(
+    tmp_path: Path, metrics: Metrics, method: str, path: str, body: bytes, error: str
+) -> None:
+    async def test(h: Harness) -> None:
+        refused = await h.call(method, path, body)
+        assert refused.status == 400, refused.body
+        assert body_of(refused) == {"error": error, "code": "bad_request"}
+        assert (await h.call("GET", "/v1/channels/c/stats/k")).status == 404, "something changed"
+        # Known names still work, and the routes outside /v1 take what scrapers add.
+        assert (await h.call("GET", "/v1/channels/c/stats?limit=5&after=a")).status == 200
+        assert (await h.call("GET", "/healthz?probe=kubelet")).status == 200
+
+    run(test, tmp_path, metrics)
+
+
 def test_a_wrong_method_names_the_allowed_ones(tmp_path: Path, metrics: Metrics) -> None:
     async def test(h: Harness) -> None:
         response = await h.call("PATCH", "/v1/channels/c/stats/k")

@@ -76,6 +76,11 @@ class Routes:
     CONTAINER = "/v1/channels/{channel}/{container}"
     BULK = "/v1/channels/{channel}/{container}/-/{operation}"
     CHANNEL = "/v1/channels/{channel}/-/{operation}"
+    EVENTS = "/v1/channels/{channel}/-/events"
+    #: The query parameters of the /v1 routes that take any; every other /v1 route takes
+    #: none. A name not taken is refused, not ignored: ``?sinse=`` would start a feed from
+    #: now, and ``?afer=`` would answer the first page again and again.
+    QUERY = {CONTAINER: ("limit", "after"), EVENTS: ("containers", "since")}
 
     def __init__(self, key: Methods, container: Methods, bulk: dict[str, Handler],
                  channel: dict[str, Methods], fixed: dict[str, Methods]) -> None:  # fmt: skip
@@ -87,6 +92,11 @@ class Routes:
         self._channel = {op: (f"/v1/channels/{{channel}}/-/{op}", methods)
                          for op, methods in channel.items()}  # fmt: skip
         self._fixed = {path: (path, methods) for path, methods in fixed.items()}
+        every = [self._key, self._container, *self._bulk.values(), *self._channel.values(),
+                 *self._fixed.values()]  # fmt: skip
+        # Routes outside /v1 (metrics, probes, reload) take what scrapers and orchestrators add.
+        self._query = {template: self.QUERY.get(template, ())
+                       for template, _methods in every if template.startswith("/v1/")}  # fmt: skip
 
     def match(self, segments: list[str]) -> tuple[str, Methods]:
         """The template and handlers of the route ``segments`` name; 404 if none."""
@@ -103,13 +113,22 @@ class Routes:
             raise HttpError(
                 404,
                 f"no such route: channel routes are {self.CONTAINER}, "
-                f"{self.KEY}, {self.CONTAINER}/-/{{get|set|delete}} and "
-                "/v1/channels/{channel}/-/events",
+                f"{self.KEY}, {self.CONTAINER}/-/{{get|set|delete}} and {self.EVENTS}",
             )
         found = self._fixed.get("/" + "/".join(segments))
         if found is None:
             raise HttpError(404, f"no route for {'/' + '/'.join(segments)[:200]!r}")
         return found
+
+    def check_query(self, route: str, request: Request) -> None:
+        """400 naming the first query parameter of ``request`` that ``route`` does not take."""
+        taken = self._query.get(route)
+        if taken is None:
+            return
+        for name in request.query_params():
+            if name not in taken:
+                takes = f"it takes {', '.join(taken)}" if taken else "it takes none"
+                raise HttpError(400, f"unknown query parameter {name[:60]!r} on {route}; {takes}")
 
 
 class Api:
@@ -141,6 +160,8 @@ class Api:
                 self._authorize(request)  # not even a 404 without the token
             route, methods = self.routes.match(segments)
             handler = _handler_of(methods, request.method, route)
+            if request.query:
+                self.routes.check_query(route, request)
             if self.divert is not None:
                 handler = self.divert(route, request) or handler
             answer = handler(request)
@@ -167,6 +188,8 @@ class Api:
                 self._authorize(request)
             route, methods = self.routes.match(segments)
             _handler_of(methods, request.method, route)
+            if request.query:
+                self.routes.check_query(route, request)
         except HttpError as error:
             return error
         return None

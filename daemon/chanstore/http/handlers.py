@@ -129,7 +129,7 @@ class DataHandlers:
         """``{"values": {...}, "missing": [...]}``, and ``"corrupt": [...]`` naming the keys
         whose stored value cannot be read: one damaged key does not fail the others."""
         channel, container = self._channel_and_container(request)
-        keys = _key_list(_object_body(request), "keys")
+        keys = _key_list(_object_body(request, "-/get", ("keys",)), "keys")
         values = await self.store.get_many(channel, container, keys)
         missing = [key for key in keys if key not in values]
         shaped: dict[str, Any] = {}
@@ -151,7 +151,7 @@ class DataHandlers:
     async def bulk_set(self, request: Request) -> Response:
         """Store every value; with ``"expect"``, all of them or none (412 naming the conflicts)."""
         channel, container = self._channel_and_container(request)
-        body = _object_body(request)
+        body = _object_body(request, "-/set", ("values", "expect"))
         values = body.get("values")
         if not isinstance(values, dict):
             raise HttpError(400, 'expected {"values": {key: value, ...}}')
@@ -164,7 +164,7 @@ class DataHandlers:
 
     async def bulk_delete(self, request: Request) -> Response:
         channel, container = self._channel_and_container(request)
-        keys = _key_list(_object_body(request), "keys")
+        keys = _key_list(_object_body(request, "-/delete", ("keys",)), "keys")
         deleted = await self.store.delete_many(channel, container, keys, request.request_id)
         gone = set(deleted)
         missing = [key for key in keys if key not in gone]
@@ -314,10 +314,19 @@ def _checked(check: Callable[..., Any], text: str, what: str) -> None:
         raise HttpError(400, f"invalid {what}: {exc}") from None
 
 
-def _object_body(request: Request) -> dict[str, Any]:
+def _object_body(request: Request, operation: str, members: tuple[str, ...]) -> dict[str, Any]:
+    """The body of a bulk ``operation``: a JSON object of no members but ``members``.
+
+    A member the operation does not take is refused, not ignored: a misspelt ``"expect"``
+    would make an all-or-nothing write unconditional."""
     body = parse_json(request.body)
     if not isinstance(body, dict):
         raise HttpError(400, "expected a JSON object as the body")
+    for name in body:
+        if name not in members:
+            takes = " and ".join(f'"{member}"' for member in members)
+            raise HttpError(400, f"unknown member {name[:60]!r} in the body; {operation} "
+                                 f"takes {takes}")  # fmt: skip
     return body
 
 
