@@ -16,6 +16,7 @@ import pytest
 
 from chanstore.config import load_db_config
 from chanstore.engine import Engine, EngineSettings
+from chanstore.engine.watchers import encode_cursor
 from chanstore.http import BearerToken, build_api
 from chanstore.http.api import Api
 from chanstore.http.messages import Request, Response
@@ -164,6 +165,22 @@ def test_what_a_route_does_not_take_is_refused_by_name(
         # Known names still work, and the routes outside /v1 take what scrapers add.
         assert (await h.call("GET", "/v1/channels/c/stats?limit=5&after=a")).status == 200
         assert (await h.call("GET", "/healthz?probe=kubelet")).status == 200
+
+    run(test, tmp_path, metrics)
+
+
+def test_a_cursor_of_other_containers_is_expired_and_says_what_to_do_once(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    async def test(h: Harness) -> None:
+        cursor = encode_cursor({"other": "0.1"})
+        refused = await h.call("GET", f"/v1/channels/c/-/events?since={cursor}")
+        assert refused.status == 410, refused.body
+        assert body_of(refused) == {
+            "error": "the cursor does not cover container 'stats': "
+            "re-read what you need, then watch without a cursor",
+            "code": "cursor_expired",
+        }
 
     run(test, tmp_path, metrics)
 

@@ -91,8 +91,8 @@ class Feed:
             self.containers[name]  # UnknownContainer names the served ones
         wanted = decode_cursor(cursor) if cursor is not None else None
         if wanted is not None and (missing := [n for n in names if n not in wanted]):
-            raise HistoryExpired(f"the cursor does not cover container {missing[0]!r}; "
-                                 "re-read, then watch without a cursor")  # fmt: skip
+            # What to do about it is the door's to say, as for every expired cursor.
+            raise HistoryExpired(f"the cursor does not cover container {missing[0]!r}")
         watcher = Watcher(channel_id, {}, self.settings.watcher_buffer_bytes)
         undo: list[Callable[[], None]] = []
         async with self.table.using(channel_id) as channel:
