@@ -248,7 +248,8 @@ def _check_config(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     names = ", ".join(f"{spec.name} ({spec.implementation})" for spec in config)
-    print(f"{args.path}: ok, {len(config)} containers: {names or 'none'}")
+    count = f"{len(config)} container" + ("" if len(config) == 1 else "s")
+    print(f"{args.path}: ok, {count}: {names or 'none'}")
     return OK
 
 

@@ -21,9 +21,9 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     result = run_cli("check-config", str(good))
 
     assert result.returncode == 0, result.stderr
-    assert "ok" in result.stdout
-    assert "stats (json)" in result.stdout
-    assert "mana (redis)" in result.stdout
+    assert result.stdout == f"{good}: ok, 2 containers: stats (json), mana (redis)\n"
+    good.write_text(json.dumps([json_entry("stats")]))
+    assert run_cli("check-config", str(good)).stdout == f"{good}: ok, 1 container: stats (json)\n"
 
 
 def test_check_config_rejects_a_bad_file_naming_entry_and_field(tmp_path: Path) -> None:

@@ -90,11 +90,12 @@ class DaemonSettings:
         return token
 
 
-# flag name -> (environment variable, type, help)
+# flag name -> (type, help); the help fits each command that takes the flag: serve,
+# and the commands that ask a running daemon or read its db_config.
 _OPTIONS: dict[str, tuple[type, str]] = {
-    "db-config": (str, "db_config file to serve (default config/db.json)"),
+    "db-config": (str, "the db_config file (default config/db.json)"),
     "service-id": (str, "service id: the service_<id> part of every domain (default chanstore)"),
-    "listen": (str, f"HOST:PORT to serve HTTP on (default {DEFAULT_LISTEN})"),
+    "listen": (str, f"HOST:PORT the daemon serves HTTP on (default {DEFAULT_LISTEN})"),
     "log-format": (str, "json or console (default: console on a terminal, json otherwise)"),
     "log-level": (str, f"one of {', '.join(LEVELS)} (default info)"),
     "token-file": (str, "file holding the bearer token that /v1 and /-/reload require"),
