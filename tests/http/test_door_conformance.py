@@ -922,6 +922,29 @@ def test_keys_and_channel_ids_are_percent_decoded_once(daemon: DaemonProcess, ch
     assert all(ids) and len(set(ids)) == len(ids), ids
 
 
+def test_each_form_of_request_target_is_answered_and_none_crashes(
+    daemon: DaemonProcess, channel: str
+) -> None:
+    """A client names what it asks for in each form RFC 9112 gives a request target, on one
+    connection: the absolute form (``http://host/path``, what a client sends to a proxy,
+    which every server must accept) reaches the same key as the path does, a fragment
+    included; the asterisk form (``OPTIONS *``) gets a 400 that names it, not a crash;
+    and the connection serves on."""
+    path = value_path(channel, "k")
+    with Wire(daemon.port) as wire:
+        put, got, fragment, asterisk, after = wire.exchange(
+            request("PUT", f"http://test{path}", b"7"),
+            request("GET", f"HTTP://test:8470{path}"),
+            request("GET", f"{path}#ignored"),
+            request("OPTIONS", "*"),
+            request("GET", path),
+        )
+    assert put.status == 200, put.describe()
+    assert [got.json(), fragment.json(), after.json()] == [7, 7, 7]
+    error = assert_error(asterisk, 400, "bad_request")
+    assert error["error"].startswith("the request target '*' is not a path"), error
+
+
 def test_a_sane_request_id_is_echoed(daemon: DaemonProcess) -> None:
     """A client sends ``X-Request-Id: door-42``: the answer carries the same id."""
     with Wire(daemon.port) as wire:

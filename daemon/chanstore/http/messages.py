@@ -7,6 +7,7 @@ with one system call; handlers see neither sockets nor parsers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -14,7 +15,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 from chanstore.http.errors import HttpError
 
-__all__ = ["JSON_TYPE", "Request", "Response", "Streamed"]
+__all__ = ["JSON_TYPE", "Request", "Response", "Streamed", "split_target"]
 
 JSON_TYPE = b"application/json"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -80,8 +81,35 @@ class Request:
             raise HttpError(400, "the query is not valid UTF-8 once percent-decoded") from None
 
 
+#: The scheme and authority that begin a request target in absolute form.
+_SCHEME_AND_AUTHORITY = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """The path and query of a request target (the URL of the request line).
+
+    The absolute form (``http://host/path?query``, what a client sends to a
+    proxy, and which RFC 9112 has every server accept) is read as its path
+    and query; a fragment, which no client should send, is dropped. Any
+    other form (``*``, ``host:port``) is left as it is, for :func:`split_path`
+    to refuse."""
+    if target[:1] != b"/" and (found := _SCHEME_AND_AUTHORITY.match(target)):
+        target = target[found.end() :]
+        if target[:1] != b"/":
+            target = b"/" + target
+    if b"#" in target:
+        target = target.partition(b"#")[0]
+    path, _, query = target.partition(b"?")
+    return path, query
+
+
 def split_path(path: bytes) -> list[str]:
-    """``path``'s segments, each percent-decoded exactly once, as UTF-8 text."""
+    """``path``'s segments, each percent-decoded exactly once, as UTF-8 text; 400 for
+    a request target that is not a path (``OPTIONS *``)."""
+    if path[:1] != b"/":
+        shown = path[:100].decode("latin-1")
+        raise HttpError(400, f"the request target {shown!r} is not a path; expected a path "
+                             "that starts with / or an absolute http:// URL")  # fmt: skip
     try:
         if b"%" not in path:
             # Nothing to decode (the usual case): "/" is ASCII, so splitting before

@@ -39,7 +39,7 @@ from chanstore import logs
 from chanstore.http.api import Api
 from chanstore.http.connections import Connections, Limits
 from chanstore.http.errors import HttpError
-from chanstore.http.messages import Request, Response, Streamed
+from chanstore.http.messages import Request, Response, Streamed, split_target
 
 __all__ = ["HttpProtocol"]
 
@@ -268,9 +268,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        path, _, query = self.url.partition(b"?")
-        if b"#" in path:
-            path = path.partition(b"#")[0]
+        path, query = split_target(self.url)
         request = self.request = Request(
             parser.get_method().decode("ascii", "replace"), path, query, self.headers, b"",
             parser.should_keep_alive(), perf_counter(),
@@ -509,7 +507,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _partial_request(self) -> Request:
         """The request being read as far as it got: for counting and logging its refusal."""
-        path = self.url.partition(b"?")[0] or b"/"
+        path = split_target(self.url)[0] or b"/"
         # The parser's method is only known once the URL began (before, it reads as DELETE).
         method = self.parser.get_method().decode("ascii", "replace") if self.url else "other"
         return Request(method, path, b"", self.headers, b"", False, perf_counter())
