@@ -14,6 +14,7 @@ No test asserts how fast something happens: a timeout under test is set to
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -158,6 +159,63 @@ def test_a_request_the_parser_rejects_gets_a_json_400_is_counted_and_closes(
     wait_for_count(daemon, REQUESTS, before + 1, **labels)
     assert count(daemon, REQUESTS, **labels) == before + 1
     assert stored(daemon, channel, "k") is None
+
+
+GZIPPED = gzip.compress(b'{"hp": 1}')
+CODED_BODIES = [
+    pytest.param(("Content-Encoding: gzip",), GZIPPED, 415, "gzip", id="content-gzip"),
+    pytest.param(
+        ("Content-Encoding: identity", "Content-Encoding: GZIP"),
+        GZIPPED,
+        415,
+        "gzip",
+        id="content-identity-then-gzip",
+    ),
+    pytest.param(
+        ("Transfer-Encoding: gzip, chunked",),
+        chunked(GZIPPED),
+        501,
+        "gzip",
+        id="transfer-gzip-chunked",
+    ),
+]
+
+
+@pytest.mark.parametrize(("headers", "body", "status", "coding"), CODED_BODIES)
+def test_a_body_coded_in_a_way_not_undone_is_refused_for_what_it_is(
+    daemon: DaemonProcess, channel: str, headers: tuple[str, ...], body: bytes, status: int,
+    coding: str,
+) -> None:  # fmt: skip
+    """A client sends a gzipped body: it is told the coding is not supported (415 for a
+    content coding, with ``Accept-Encoding: identity``; 501 for a transfer coding), not
+    that its JSON is invalid; nothing is stored, and the connection closes (the body may
+    still be coming)."""
+    chunked_body = any(header.startswith("Transfer-Encoding") for header in headers)
+    with Wire(daemon.port) as wire:
+        wire.send(request("PUT", value_path(channel, "k"), body, headers,
+                          length=not chunked_body))  # fmt: skip
+        response = wire.read_response()
+        error = assert_error(response, status, "unsupported_encoding")
+        assert f"{coding!r} is not supported" in error["error"], error
+        if status == 415:
+            assert response.headers["accept-encoding"] == "identity"
+        assert wire.closed_within(TIMEOUT), "the connection stayed open after the refusal"
+    assert stored(daemon, channel, "k") is None
+
+
+def test_a_body_in_identity_coding_and_a_coding_without_a_body_are_served(
+    daemon: DaemonProcess, channel: str
+) -> None:
+    """``Content-Encoding: identity`` is no coding at all, and a GET that names a coding
+    has no body to refuse: both are answered as if the header were not there."""
+    path = value_path(channel, "k")
+    with Wire(daemon.port) as wire:
+        put, got = wire.exchange(
+            request("PUT", path, b"5", ["Content-Encoding: identity"]),
+            request("GET", path, headers=["Content-Encoding: gzip"]),
+        )
+    assert put.status == 200, put.describe()
+    assert got.json() == 5
 
 
 def test_every_api_error_is_json_with_a_code(daemon: DaemonProcess, channel: str) -> None:
