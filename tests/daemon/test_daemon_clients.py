@@ -639,3 +639,15 @@ def test_async_values_are_sent_in_their_stored_form_and_revived(double: Contract
         "_moobius_type": "builtins.tuple",
         "_moobius_val": ["a", {"_moobius_type": "builtins.set", "_moobius_val": ["b"]}],
     }
+
+
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+@pytest.mark.parametrize("url", ["127.0.0.1:8470", "localhost", "ftp://127.0.0.1:8470", "http://"])
+def test_a_url_that_is_not_the_daemons_address_is_refused_when_the_client_is_made(
+    client_class: type, url: str
+) -> None:
+    """A bare HOST:PORT (what --listen takes) is not a URL: the client says so when it is
+    made, rather than "no chanstore daemon answers" at its first call."""
+    with pytest.raises(ValueError, match="must be its http:// or https:// address") as refused:
+        client_class(url)
+    assert repr(url) in str(refused.value)

@@ -46,6 +46,7 @@ from chanstore.backends.remote_feed import follow, unfollow
 from chanstore.backends.remote_follower import Follower, Writes, decode_document
 from chanstore.cache_memory import ABSENT, CacheMemory
 from chanstore.client import DEFAULT_URL, MAX_PAGE_SIZE, ClientError, DamagedValueError
+from chanstore.client.api import daemon_url
 from chanstore.errors import BackendError, BulkWriteError, ChanstoreError, ConfigError, CorruptValue
 from chanstore.keys import check_key, decode_domain_part
 from chanstore.logs import get_logger
@@ -367,9 +368,11 @@ def _setting_problems(settings: Mapping[str, Any]) -> list[str]:
     """Why ``url`` or ``timeout`` (of the right types, when given) cannot be used."""
     problems: list[str] = []
     url = settings.get("url")
-    if isinstance(url, str) and not (url.startswith(("http://", "https://")) and len(url) > 8):
-        problems.append(f"setting 'url' must be the daemon's http:// or https:// address "
-                        f"(its --listen), such as {DEFAULT_URL!r}, not {url!r}")  # fmt: skip
+    if isinstance(url, str):
+        try:
+            daemon_url(url)
+        except ValueError as exc:
+            problems.append(f"setting 'url': {exc}")
     timeout = settings.get("timeout")
     if isinstance(timeout, int | float) and not isinstance(timeout, bool) and not timeout > 0:
         problems.append(f"setting 'timeout' must be more than 0 seconds, not {timeout!r}")

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_URL",
     "JSON_HEADERS",
     "auth_headers",
+    "daemon_url",
     "feed_path",
     "key_path",
     "page_path",
@@ -23,6 +24,15 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8470"
 #: The content type of every request that has a body.
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+def daemon_url(url: str) -> str:
+    """``url`` as a client's base URL (no trailing ``/``); ValueError unless it is the
+    daemon's ``http://`` or ``https://`` address, which a bare ``HOST:PORT`` is not."""
+    if not (isinstance(url, str) and url.startswith(("http://", "https://")) and len(url) > 8):
+        raise ValueError(f"the daemon's URL must be its http:// or https:// address (its "
+                         f"--listen), such as {DEFAULT_URL!r}, not {url!r}")  # fmt: skip
+    return url.rstrip("/")
 
 
 def auth_headers(token: str | None) -> dict[str, str]:

@@ -20,7 +20,14 @@ from typing import Any
 import httpx
 
 from chanstore import codec
-from chanstore.client.api import DEFAULT_URL, JSON_HEADERS, auth_headers, key_path, page_path
+from chanstore.client.api import (
+    DEFAULT_URL,
+    JSON_HEADERS,
+    auth_headers,
+    daemon_url,
+    key_path,
+    page_path,
+)
 from chanstore.client.bodies import (
     bulk_documents,
     bulk_etags,
@@ -58,7 +65,7 @@ class AsyncClient:
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
                  timeout: float = 15.0) -> None:  # fmt: skip
-        self.url = url.rstrip("/")
+        self.url = daemon_url(url)
         self.timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=self.url, headers=auth_headers(token), timeout=timeout

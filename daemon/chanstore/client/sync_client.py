@@ -25,7 +25,14 @@ from typing import Any, overload
 import httpx
 
 from chanstore import codec
-from chanstore.client.api import DEFAULT_URL, JSON_HEADERS, auth_headers, key_path, page_path
+from chanstore.client.api import (
+    DEFAULT_URL,
+    JSON_HEADERS,
+    auth_headers,
+    daemon_url,
+    key_path,
+    page_path,
+)
 from chanstore.client.bodies import (
     bulk_documents,
     bulk_etags,
@@ -63,7 +70,7 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
                  timeout: float = 15.0) -> None:  # fmt: skip
-        self.url = url.rstrip("/")
+        self.url = daemon_url(url)
         self.timeout = timeout
         self._http = httpx.Client(base_url=self.url, headers=auth_headers(token), timeout=timeout)
 
