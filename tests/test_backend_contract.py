@@ -9,6 +9,7 @@ tested by adding one param there.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis
@@ -94,11 +95,26 @@ def test_none_is_a_value_not_an_absence(backend):
     assert list(backend.all_keys()) == ["nothing"]
 
 
+def containing_itself() -> list[Any]:
+    value: list[Any] = []
+    value.append({"me": value})
+    return value
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     "value",
-    [object(), float("nan"), float("inf"), {1: "int key"}, [1, {2: "nested int key"}], b"bytes"],
-    ids=["object", "nan", "inf", "int-dict-key", "nested-int-key", "bytes"],
-)
+    [object(), float("nan"), float("inf"), {1: "int key"}, [1, {2: "nested int key"}], b"bytes",
+     containing_itself(), nested(5000)],
+    ids=["object", "nan", "inf", "int-dict-key", "nested-int-key", "bytes", "contains-itself",
+         "nested-5000-deep"],
+)  # fmt: skip
 def test_unstorable_value_is_refused_and_stores_nothing(backend, value):
     backend.set_value("k", "old")
     ok, message = backend.set_value("k", value)

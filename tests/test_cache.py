@@ -236,6 +236,8 @@ def test_invalid_writes_raise_and_change_nothing(seeded, metrics, strict):
         box["a"] = object()
     with pytest.raises(UnstorableValue), box.editing("b") as value:
         value.append(object())
+    with pytest.raises(UnstorableValue), box.editing("b") as value:
+        value.append(value)  # a caller's mistake, never "kept in memory only"
     assert stored(seeded) == {"a": 1, "b": [2], "c": None}
     assert_agrees(box, seeded)
     # A bulk write may have stored some items before the bad one (the base

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -277,8 +278,20 @@ def to_json_shape(value: Any) -> Any:
 
     Raises :class:`UnstorableValue` for what JSON cannot hold faithfully: a
     non-string dict key (JSON would silently turn ``1`` into ``"1"``), NaN or
-    an infinity, or an object that is not a dataclass.
+    an infinity, an object that is not a dataclass, or a value that contains
+    itself (or nests deeper than the interpreter's recursion limit).
     """
+    try:
+        return _shape(value)
+    except RecursionError:
+        # A caller's mistake like the others, not a failure of the backend's.
+        raise UnstorableValue(
+            "the value cannot be stored: it contains itself, or nests deeper than "
+            f"{sys.getrecursionlimit()} levels"
+        ) from None
+
+
+def _shape(value: Any) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value
@@ -292,29 +305,29 @@ def to_json_shape(value: Any) -> Any:
         if len(value) == 2 and TYPE_KEY in value and VALUE_KEY in value:
             # A plain dict shaped like a mark would be revived as one: store it
             # as its items, so it reads back as the dict it is.
-            items = [[key, to_json_shape(item)] for key, item in value.items()]
+            items = [[key, _shape(item)] for key, item in value.items()]
             return {TYPE_KEY: "builtins.dict", VALUE_KEY: items}
-        return {_checked_key(k): to_json_shape(v) for k, v in value.items()}
+        return {_checked_key(k): _shape(v) for k, v in value.items()}
     if kind is UnknownMark:
-        return {key: to_json_shape(item) for key, item in value.items()}
+        return {key: _shape(item) for key, item in value.items()}
     if kind is list:
-        return [to_json_shape(item) for item in value]
+        return [_shape(item) for item in value]
     if kind is tuple:
-        return {TYPE_KEY: "builtins.tuple", VALUE_KEY: [to_json_shape(i) for i in value]}
+        return {TYPE_KEY: "builtins.tuple", VALUE_KEY: [_shape(i) for i in value]}
     if kind is set or kind is frozenset:
-        items = [to_json_shape(item) for item in value]
+        items = [_shape(item) for item in value]
         return {TYPE_KEY: f"builtins.{kind.__name__}", VALUE_KEY: items}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = to_json_shape(dataclasses.asdict(value))
+        fields = _shape(dataclasses.asdict(value))
         return {TYPE_KEY: _marks.get(kind) or mark_name(kind), VALUE_KEY: fields}
     # Subclasses of the JSON types (IntEnum, OrderedDict, ...) are stored as their base.
     for base in (bool, int, float, str):
         if isinstance(value, base):
-            return to_json_shape(base(value))
+            return _shape(base(value))
     if isinstance(value, dict):
-        return to_json_shape(dict(value))
+        return _shape(dict(value))
     if isinstance(value, list):
-        return to_json_shape(list(value))
+        return _shape(list(value))
     raise UnstorableValue(
         f"a value of type {kind.__qualname__} cannot be stored: expected JSON types "
         "(dict, list, str, int, float, bool, None), a set, a tuple or a dataclass"
