@@ -36,6 +36,7 @@ from typing import Any
 import httptools
 
 from chanstore import logs
+from chanstore.http import codings
 from chanstore.http.api import Api
 from chanstore.http.connections import Connections, Limits
 from chanstore.http.errors import HttpError
@@ -466,39 +467,11 @@ class HttpProtocol(asyncio.Protocol):
         if (length := self._content_length()) > self.limits.max_body_bytes:
             limit = self.limits.max_body_bytes
             return HttpError(413, f"the body is {length} bytes; the limit is {limit}")
-        if coding := self._coding_not_read():
+        if coding := codings.refusal(self.checked, length):
             return coding
         if checked.get(b"expect") == b"100-continue":
             return self.api.precheck(request)
         return None
-
-    def _coding_not_read(self) -> HttpError | None:
-        """A body coded in a way the door does not undo (gzip, say): refused for what it is,
-        since read as it came it would only be called invalid JSON."""
-        transfer = self._codings(b"transfer-encoding")
-        # Chunked last frames the body, the codings before it are what is not undone; with
-        # anything else last the body has no frame, which the parser refuses (400, RFC 9112
-        # 6.3) as it would any request smuggling one.
-        framed = transfer is not None and transfer[-1:] == [b"chunked"]
-        if framed and (other := [coding for coding in transfer if coding != b"chunked"]):
-            return HttpError(501, f"Transfer-Encoding {_shown(other[0])} is not supported; "
-                                  "send the body chunked or with a Content-Length",
-                             code="unsupported_encoding")  # fmt: skip
-        has_body = transfer is not None or self._content_length() > 0
-        content = self._codings(b"content-encoding") if has_body else None
-        if other := [coding for coding in content or () if coding != b"identity"]:
-            return HttpError(415, f"Content-Encoding {_shown(other[0])} is not supported; "
-                                  "send the body uncompressed", [(b"accept-encoding", b"identity")],
-                             code="unsupported_encoding")  # fmt: skip
-        return None
-
-    def _codings(self, name: bytes) -> list[bytes] | None:
-        """The codings every ``name`` header lists, in order; None when there is none."""
-        values = [value for header, value in self.checked if header == name]
-        if not values:
-            return None
-        return [coding.strip().lower() for value in values for coding in value.split(b",")
-                if coding.strip()]  # fmt: skip
 
     def _content_length(self) -> int:
         """The body's length as its head gives it (0 when it does not: chunked, or none)."""
@@ -658,8 +631,3 @@ def _reason(exc: Exception) -> str:
         # A callback failed: a fault here, not in the request. Said loudly, answered 400.
         log.error("http_parser_callback_crashed", error=repr(cause))
     return str(exc) or type(exc).__name__
-
-
-def _shown(value: bytes) -> str:
-    """A header's value, as a client's words are quoted back to it: short, and as text."""
-    return repr(value[:60].decode("latin-1"))

@@ -1,0 +1,57 @@
+"""The codings a request body may come in: chunked framing, and nothing the door would have
+to undo.
+
+A body in a coding the door does not undo (gzip, say) would only be called
+invalid JSON if it were read as it came; :func:`refusal` says what it is
+instead. A content coding other than ``identity`` is a 415 with
+``Accept-Encoding: identity`` (RFC 9110 15.5.16), a transfer coding before
+the final ``chunked`` a 501 (RFC 9112 6.1). A ``Transfer-Encoding`` that
+does not end in ``chunked`` leaves the body without a frame: that is the
+parser's to refuse (400, RFC 9112 6.3), as it refuses every attempt to
+smuggle a request inside a body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from chanstore.http.errors import HttpError
+
+__all__ = ["refusal"]
+
+CODE = "unsupported_encoding"
+
+
+def refusal(headers: Iterable[tuple[bytes, bytes]], declared_length: int) -> HttpError | None:
+    """Why a request with these (lower-case) headers cannot have its body read, or None.
+
+    ``declared_length`` is the body's Content-Length (0 when none): a coding
+    named on a request with no body is no reason to refuse it."""
+    headers = list(headers)
+    transfer = codings(headers, b"transfer-encoding")
+    framed = transfer is not None and transfer[-1:] == [b"chunked"]
+    if framed and (other := [coding for coding in transfer or () if coding != b"chunked"]):
+        return HttpError(501, f"Transfer-Encoding {_shown(other[0])} is not supported; send "
+                              "the body chunked or with a Content-Length", code=CODE)  # fmt: skip
+    has_body = transfer is not None or declared_length > 0
+    content = codings(headers, b"content-encoding") if has_body else None
+    if other := [coding for coding in content or () if coding != b"identity"]:
+        return HttpError(415, f"Content-Encoding {_shown(other[0])} is not supported; send the "
+                              "body uncompressed", [(b"accept-encoding", b"identity")],
+                         code=CODE)  # fmt: skip
+    return None
+
+
+def codings(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes] | None:
+    """The codings that every ``name`` header lists, in order, lower case; None when no
+    header has that name."""
+    values = [value for header, value in headers if header == name]
+    if not values:
+        return None
+    return [coding.strip().lower() for value in values for coding in value.split(b",")
+            if coding.strip()]  # fmt: skip
+
+
+def _shown(value: bytes) -> str:
+    """A client's words quoted back to it: short, and as text."""
+    return repr(value[:60].decode("latin-1"))
