@@ -28,13 +28,13 @@ def refusal(headers: Iterable[tuple[bytes, bytes]], declared_length: int) -> Htt
     ``declared_length`` is the body's Content-Length (0 when none): a coding
     named on a request with no body is no reason to refuse it."""
     headers = list(headers)
-    transfer = codings(headers, b"transfer-encoding")
+    transfer = _listed(headers, b"transfer-encoding")
     framed = transfer is not None and transfer[-1:] == [b"chunked"]
     if framed and (other := [coding for coding in transfer or () if coding != b"chunked"]):
         return HttpError(501, f"Transfer-Encoding {_shown(other[0])} is not supported; send "
                               "the body chunked or with a Content-Length", code=CODE)  # fmt: skip
     has_body = transfer is not None or declared_length > 0
-    content = codings(headers, b"content-encoding") if has_body else None
+    content = _listed(headers, b"content-encoding") if has_body else None
     if other := [coding for coding in content or () if coding != b"identity"]:
         return HttpError(415, f"Content-Encoding {_shown(other[0])} is not supported; send the "
                               "body uncompressed", [(b"accept-encoding", b"identity")],
@@ -42,7 +42,7 @@ def refusal(headers: Iterable[tuple[bytes, bytes]], declared_length: int) -> Htt
     return None
 
 
-def codings(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes] | None:
+def _listed(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes] | None:
     """The codings that every ``name`` header lists, in order, lower case; None when no
     header has that name."""
     values = [value for header, value in headers if header == name]
