@@ -798,6 +798,22 @@ def test_http_1_0_is_answered_then_closed(daemon: DaemonProcess, channel: str) -
     assert stored(daemon, channel, "old") == 10
 
 
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
+def test_a_version_the_door_does_not_speak_gets_505_and_stores_nothing(
+    daemon: DaemonProcess, channel: str, version: str
+) -> None:
+    """A client writes a request line naming HTTP/2.0 (the text form, which HTTP/2 never
+    sends) or HTTP/0.9, which the parser lets through: it gets 505 naming the version,
+    not an HTTP/1.1 answer it did not ask for; nothing is stored, and the connection
+    closes."""
+    with Wire(daemon.port) as wire:
+        wire.send(request("PUT", value_path(channel, "k"), b"1", version=version))
+        error = assert_error(wire.read_response(), 505, "http_version_not_supported")
+        assert error["error"].startswith(f"{version} is not supported"), error
+        assert wire.closed_within(TIMEOUT)
+    assert stored(daemon, channel, "k") is None
+
+
 def test_http_1_0_with_keep_alive_keeps_the_connection(daemon: DaemonProcess) -> None:
     """A client speaks HTTP/1.0 with ``Connection: keep-alive``: its requests are answered
     on one connection, which the daemon leaves open."""
