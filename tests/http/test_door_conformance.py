@@ -174,7 +174,7 @@ CODED_BODIES = [
     pytest.param(
         ("Transfer-Encoding: gzip, chunked",),
         chunked(GZIPPED),
-        501,
+        400,
         "gzip",
         id="transfer-gzip-chunked",
     ),
@@ -187,9 +187,9 @@ def test_a_body_coded_in_a_way_not_undone_is_refused_for_what_it_is(
     coding: str,
 ) -> None:  # fmt: skip
     """A client sends a gzipped body: it is told the coding is not supported (415 for a
-    content coding, with ``Accept-Encoding: identity``; 501 for a transfer coding), not
-    that its JSON is invalid; nothing is stored, and the connection closes (the body may
-    still be coming)."""
+    content coding, with ``Accept-Encoding: identity``; 400 for a transfer coding, not the
+    501 RFC 9112 suggests, since a 5xx is the daemon's failure), not that its JSON is
+    invalid; nothing is stored, and the connection closes (the body may still be coming)."""
     chunked_body = any(header.startswith("Transfer-Encoding") for header in headers)
     with Wire(daemon.port) as wire:
         wire.send(request("PUT", value_path(channel, "k"), body, headers,
@@ -799,16 +799,16 @@ def test_http_1_0_is_answered_then_closed(daemon: DaemonProcess, channel: str) -
 
 
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
-def test_a_version_the_door_does_not_speak_gets_505_and_stores_nothing(
+def test_a_version_the_door_does_not_speak_is_refused_and_stores_nothing(
     daemon: DaemonProcess, channel: str, version: str
 ) -> None:
     """A client writes a request line naming HTTP/2.0 (the text form, which HTTP/2 never
-    sends) or HTTP/0.9, which the parser lets through: it gets 505 naming the version,
-    not an HTTP/1.1 answer it did not ask for; nothing is stored, and the connection
-    closes."""
+    sends) or HTTP/0.9, which the parser lets through: it gets a 400 naming the version
+    (as the parser answers HTTP/1.2; not 505, since a 5xx is the daemon's failure), not an
+    HTTP/1.1 answer it did not ask for; nothing is stored, and the connection closes."""
     with Wire(daemon.port) as wire:
         wire.send(request("PUT", value_path(channel, "k"), b"1", version=version))
-        error = assert_error(wire.read_response(), 505, "http_version_not_supported")
+        error = assert_error(wire.read_response(), 400, "unsupported_version")
         assert error["error"].startswith(f"{version} is not supported"), error
         assert wire.closed_within(TIMEOUT)
     assert stored(daemon, channel, "k") is None

@@ -4,11 +4,14 @@ to undo.
 A body in a coding the door does not undo (gzip, say) would only be called
 invalid JSON if it were read as it came; :func:`refusal` says what it is
 instead. A content coding other than ``identity`` is a 415 with
-``Accept-Encoding: identity`` (RFC 9110 15.5.16), a transfer coding before
-the final ``chunked`` a 501 (RFC 9112 6.1). A ``Transfer-Encoding`` that
-does not end in ``chunked`` leaves the body without a frame: that is the
-parser's to refuse (400, RFC 9112 6.3), as it refuses every attempt to
-smuggle a request inside a body.
+``Accept-Encoding: identity`` (RFC 9110 15.5.16); a transfer coding before
+the final ``chunked`` is a 400 (RFC 9112 6.1 suggests 501, but a 5xx from
+chanstore means the daemon, its backend or its capacity failed a request,
+which dashboards and alerts rely on; what a client asks that is not
+supported is a 4xx). A
+``Transfer-Encoding`` that does not end in ``chunked`` leaves the body
+without a frame: that is the parser's to refuse (400, RFC 9112 6.3), as it
+refuses every attempt to smuggle a request inside a body.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def refusal(headers: Iterable[tuple[bytes, bytes]], declared_length: int) -> Htt
     transfer = _listed(headers, b"transfer-encoding")
     framed = transfer is not None and transfer[-1:] == [b"chunked"]
     if framed and (other := [coding for coding in transfer or () if coding != b"chunked"]):
-        return HttpError(501, f"Transfer-Encoding {_shown(other[0])} is not supported; send "
+        return HttpError(400, f"Transfer-Encoding {_shown(other[0])} is not supported; send "
                               "the body chunked or with a Content-Length", code=CODE)  # fmt: skip
     has_body = transfer is not None or declared_length > 0
     content = _listed(headers, b"content-encoding") if has_body else None

@@ -51,7 +51,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHECKED = frozenset({b"host", b"authorization", b"content-length", b"expect", b"x-request-id",
                       b"content-encoding", b"transfer-encoding"})  # fmt: skip
 #: The versions of HTTP the door speaks; a request line that names another (HTTP/2.0 as text,
-#: HTTP/0.9) gets 505, not an answer in a version it did not ask for.
+#: HTTP/0.9) gets a 400, as the parser gives the versions it refuses itself (HTTP/1.2), not
+#: an answer in a version it did not ask for. Not 505: a 5xx means the daemon failed.
 _VERSIONS = frozenset({"1.1", "1.0"})
 #: Bytes parsed at a time, so that a backlogged connection stops between slices.
 FEED_SLICE = 16 * 1024
@@ -464,8 +465,8 @@ class HttpProtocol(asyncio.Protocol):
         """What the connection itself refuses about a request whose head has arrived."""
         checked = dict(self.checked)
         if request.version not in _VERSIONS:
-            return HttpError(505, f"HTTP/{request.version[:10]} is not supported; send HTTP/1.1 "
-                                  "(or HTTP/1.0)", code="http_version_not_supported")  # fmt: skip
+            return HttpError(400, f"HTTP/{request.version[:10]} is not supported; send HTTP/1.1 "
+                                  "(or HTTP/1.0)", code="unsupported_version")  # fmt: skip
         if request.version == "1.1" and not self.host:
             return HttpError(400, "an HTTP/1.1 request must have a Host header")
         if len(checked) < len(self.checked) and self._repeated(b"authorization"):
