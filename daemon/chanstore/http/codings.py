@@ -5,13 +5,13 @@ A body in a coding the door does not undo (gzip, say) would only be called
 invalid JSON if it were read as it came; :func:`refusal` says what it is
 instead. A content coding other than ``identity`` is a 415 with
 ``Accept-Encoding: identity`` (RFC 9110 15.5.16); a transfer coding before
-the final ``chunked`` is a 400 (RFC 9112 6.1 suggests 501, but a 5xx from
-chanstore means the daemon, its backend or its capacity failed a request,
-which dashboards and alerts rely on; what a client asks that is not
-supported is a 4xx). A
-``Transfer-Encoding`` that does not end in ``chunked`` leaves the body
-without a frame: that is the parser's to refuse (400, RFC 9112 6.3), as it
-refuses every attempt to smuggle a request inside a body.
+the final ``chunked`` is a 400. RFC 9112 6.1 suggests 501 there, but a 5xx
+from chanstore means the daemon, its backend or its capacity failed a
+request, which dashboards and alerts rely on: what a client asks that is
+not supported is a 4xx. A ``Transfer-Encoding`` that does not end in
+``chunked`` leaves the body without a frame: that is the parser's to refuse
+(400, RFC 9112 6.3), as it refuses every attempt to smuggle a request
+inside a body.
 """
 
 from __future__ import annotations
