@@ -16,7 +16,7 @@ inside a body.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from chanstore.http.errors import HttpError
 
@@ -25,12 +25,11 @@ __all__ = ["refusal"]
 CODE = "unsupported_encoding"
 
 
-def refusal(headers: Iterable[tuple[bytes, bytes]], declared_length: int) -> HttpError | None:
+def refusal(headers: Sequence[tuple[bytes, bytes]], declared_length: int) -> HttpError | None:
     """Why a request with these (lower-case) headers cannot have its body read, or None.
 
     ``declared_length`` is the body's Content-Length (0 when none): a coding
     named on a request with no body is no reason to refuse it."""
-    headers = list(headers)
     transfer = _listed(headers, b"transfer-encoding")
     framed = transfer is not None and transfer[-1:] == [b"chunked"]
     if framed and (other := [coding for coding in transfer or () if coding != b"chunked"]):
