@@ -26,6 +26,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from chanstore.backends.journal import JOURNAL_NAME
+from chanstore.backends.json_serving import MARK_NAME
 from chanstore.client import Client, key_path, segment
 
 
@@ -394,12 +395,15 @@ class DaemonProcess:
         """The json backends' value files (under the data root ``data/``), with their bytes.
 
         The root's write-ahead journal (and any damaged journal kept aside for
-        inspection) is the backend's own bookkeeping, not a value.
+        inspection) and the mark of a served root are the backend's own
+        bookkeeping, not values.
         """
         return {
             name: data
             for name, data in self.files().items()
-            if name.startswith("data/") and not Path(name).name.startswith(JOURNAL_NAME)
+            if name.startswith("data/")
+            and not Path(name).name.startswith(JOURNAL_NAME)
+            and Path(name).name != MARK_NAME
         }
 
 

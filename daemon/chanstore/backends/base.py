@@ -30,7 +30,7 @@ import asyncio
 import inspect
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from chanstore.coherence import Invalidations
@@ -382,6 +382,28 @@ class DatabaseInterface(ABC):
         """Release connections and files. The backend is not used afterwards."""
         return None
 
+    # -- serving -------------------------------------------------------------
+
+    @classmethod
+    def mark_served(cls, settings: Mapping[str, Any]) -> Callable[[], None]:
+        """Mark the store ``settings`` name as served by this process (a daemon's, for as
+        long as it keeps the store's channels in memory); the function it gives takes
+        the mark back. Raises ``OSError`` when the mark cannot be taken.
+
+        For a store that tells a daemon of no write another process makes (a json
+        root): :meth:`served_elsewhere` then says so to a process about to write
+        there. This default marks nothing: a shared store tells every daemon of
+        every write.
+        """
+        return _unmarked
+
+    @classmethod
+    def served_elsewhere(cls, settings: Mapping[str, Any]) -> str | None:
+        """What serves the store ``settings`` name without hearing of this process's
+        writes there, said as a clause ("a running chanstore daemon serves its json root
+        /srv/data from memory"), or None."""
+        return None
+
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         """``(problems, warnings)`` about ``settings`` for this backend.
@@ -436,6 +458,10 @@ class DatabaseInterface(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(domain={self.domain!r})"
+
+
+def _unmarked() -> None:
+    """The mark of a store that needs none, taken back."""
 
 
 def check_batch_size(batch_size: Any) -> int:

@@ -47,11 +47,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from chanstore import codec
+from chanstore.backends import json_serving
 from chanstore.backends.base import DatabaseInterface, check_batch_size
 from chanstore.backends.files import (
     TEMP_PREFIX,
@@ -321,6 +322,16 @@ class JSONDatabase(DatabaseInterface):
                 os.close(folder)
         return deleted
 
+    # -- serving: see json_serving ------------------------------------------------
+
+    @classmethod
+    def mark_served(cls, settings: Mapping[str, Any]) -> Callable[[], None]:
+        return json_serving.mark_served(json_serving.root_of(settings))
+
+    @classmethod
+    def served_elsewhere(cls, settings: Mapping[str, Any]) -> str | None:
+        return json_serving.served_by_daemon(json_serving.root_of(settings))
+
     # -- listing ---------------------------------------------------------------
 
     @classmethod
@@ -419,7 +430,7 @@ class JSONDatabase(DatabaseInterface):
             found = (fd, str(folder))
         fd, path = found
         try:
-            _check_writable(fd, path)
+            json_serving.check_writable(fd, path)
         finally:
             os.close(fd)
 
@@ -629,22 +640,3 @@ class JSONDatabase(DatabaseInterface):
         else:
             for key in encoded:
                 write(key)
-
-
-def _check_writable(fd: int, path: str) -> None:
-    """Raise BackendUnavailable, of the kind a write would meet, unless a write can succeed
-    in the folder ``fd``: its file system mounted writable and not full, the folder
-    writable by this process."""
-    stats = os.fstatvfs(fd)
-    if stats.f_flag & os.ST_RDONLY:
-        error = BackendUnavailable(f"json folder {path} is on a read-only file system")
-        error.kind = "read_only"
-        raise error
-    if stats.f_bavail == 0 or stats.f_favail == 0:
-        error = BackendUnavailable(f"json folder {path} is on a full file system")
-        error.kind = "disk_full"
-        raise error
-    # The process writes with its effective ids; os.access checks the real ones unless told.
-    effective = os.access in os.supports_effective_ids
-    if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=effective):
-        raise BackendUnavailable(f"json folder {path} is not writable")

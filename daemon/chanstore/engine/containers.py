@@ -70,6 +70,22 @@ def _nothing_cached(lost: bool = False) -> int:
     return 0
 
 
+def _mark_served(spec: ContainerSpec) -> Callable[[], None]:
+    """Mark the container's store served by this daemon, so that a transfer about to write
+    there unheard refuses (see :meth:`DatabaseInterface.mark_served`); the function that
+    takes the mark back. A mark that cannot be taken is logged, and the daemon serves
+    all the same: a transfer then cannot tell."""
+    try:
+        return spec.engine.mark_served(spec.settings)
+    except (OSError, BackendError) as exc:
+        log.warning("served_mark_failed", container=spec.name, error=str(exc))
+        return _nothing_marked
+
+
+def _nothing_marked() -> None:
+    """A mark that was not taken, taken back."""
+
+
 class ContainerRuntime:
     """What all channels' copies of one container share: spec, threads, write lanes."""
 
@@ -99,6 +115,7 @@ class ContainerRuntime:
         self._link: Invalidations | None = None
         #: The caches of this container's channels by domain, for invalidations.
         self._caches: dict[str, KeyCache] = {}
+        self._unmark = _mark_served(spec)
 
     @property
     def name(self) -> str:
@@ -267,6 +284,7 @@ class ContainerRuntime:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._probe is not None:
             self._probe.close()
+        self._unmark()
 
 
 class Containers:

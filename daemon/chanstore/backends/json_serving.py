@@ -1,0 +1,153 @@
+"""A json root as a daemon serves it: the mark that says a daemon serves it, and whether
+it can take writes now.
+
+**The mark.** A daemon answers a json container's reads from memory and
+hears of no write another process makes to the root's files: a json root has
+no invalidations, unlike Redis. So ``chanstore import`` or ``migrate``
+writing into a root that a daemon serves would report its keys stored while
+the daemon went on answering the old values, and its change feed never told
+of them. Every daemon process serving a root holds a shared ``flock`` on the
+root's ``.chanstore-served`` (:func:`mark_served`) for as long as it serves
+it; a transfer about to write there asks :func:`served` first, and refuses.
+
+Shared, because several holders are right: a daemon's ``--workers``, each
+serving a share of the channels, and, during a reload, a container's old and
+new copies in one process. The lock goes with the holder's descriptor, so a
+daemon that dies, however it dies, serves nothing any more. The mark stays (an
+empty file) and holds no data; neither a domain's keys nor the listing of
+domains ever take a file of the root for one of theirs.
+
+The in-process library takes no mark: several processes of one service
+writing a root, uncoordinated, is the original SDK's contract, kept.
+
+**Writes.** :func:`check_writable` is the readiness probe's question of a
+folder of the root: could a write succeed there now?
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from chanstore.backends.files import PlantedLink, Root, named
+from chanstore.backends.integrity import report_planted
+from chanstore.errors import BackendUnavailable
+
+__all__ = ["MARK_NAME", "check_writable", "mark_served", "root_of", "served", "served_by_daemon"]
+
+#: The mark's name in the root.
+MARK_NAME = ".chanstore-served"
+#: How long taking the shared lock waits for a transfer that holds it exclusively, as
+#: :func:`served` does for an instant while it asks.
+_MARK_WAIT = 2.0
+_MARK_RETRY = 0.01
+
+
+def mark_served(root: str) -> Callable[[], None]:
+    """Mark ``root`` served by this process (made if missing); the function it gives
+    takes the mark back. Raises ``OSError`` when the mark cannot be taken (a
+    read-only file system), and :class:`~chanstore.backends.files.PlantedLink`
+    for a link in its place, reported as the root's integrity problem too."""
+    try:
+        fd = _open_mark(root, create=True)
+    except PlantedLink as exc:
+        report_planted(os.path.realpath(root), exc.path, "marking the root served")
+        raise
+    if fd is None:  # cannot happen: the root was just made
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), root)
+    try:
+        _share(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return lambda: os.close(fd)
+
+
+def served(root: str) -> bool:
+    """Whether a process serves ``root`` now: one holds its mark (this one's own marks
+    count too; a transfer holds none)."""
+    fd = _open_mark(root, create=False)
+    if fd is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the exclusive lock, held for this instant only
+    return False
+
+
+def served_by_daemon(root: str) -> str | None:
+    """What :meth:`~chanstore.backends.base.DatabaseInterface.served_elsewhere` says of
+    ``root``: None when no process serves it."""
+    if not served(root):
+        return None
+    return f"a running chanstore daemon serves its json root {root} from memory"
+
+
+def root_of(settings: Mapping[str, Any]) -> str:
+    """The root folder a json backend's ``settings`` name, as a backend built with them
+    resolves it."""
+    return os.path.abspath(settings.get("root_dir") or ".")
+
+
+def check_writable(fd: int, path: str) -> None:
+    """Raise BackendUnavailable, of the kind a write would meet, unless a write can succeed
+    in the folder ``fd``: its file system mounted writable and not full, the folder
+    writable by this process."""
+    stats = os.fstatvfs(fd)
+    if stats.f_flag & os.ST_RDONLY:
+        error = BackendUnavailable(f"json folder {path} is on a read-only file system")
+        error.kind = "read_only"
+        raise error
+    if stats.f_bavail == 0 or stats.f_favail == 0:
+        error = BackendUnavailable(f"json folder {path} is on a full file system")
+        error.kind = "disk_full"
+        raise error
+    # The process writes with its effective ids; os.access checks the real ones unless told.
+    effective = os.access in os.supports_effective_ids
+    if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=effective):
+        raise BackendUnavailable(f"json folder {path} is not writable")
+
+
+def _open_mark(root: str, create: bool) -> int | None:
+    """A descriptor of the root's mark; None when the root or the mark does not exist
+    (and ``create`` is false). No link is followed."""
+    folder = Root(os.path.realpath(root))
+    try:
+        root_fd = folder.fd(create=create, fsync=create)
+        if root_fd is None:
+            return None
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            return os.open(MARK_NAME, flags, 0o644, dir_fd=root_fd)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as exc:
+            raise named(exc, root_fd, MARK_NAME, os.path.join(folder.path, MARK_NAME)) from None
+    finally:
+        folder.close()
+
+
+def _share(fd: int) -> None:
+    """Take the shared lock, waiting out a :func:`served` that holds it for an instant."""
+    deadline = time.monotonic() + _MARK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise BlockingIOError(
+                    errno.EWOULDBLOCK,
+                    f"another process held the json root's mark {MARK_NAME} exclusively "
+                    f"for {_MARK_WAIT:g}s",
+                ) from None
+            time.sleep(_MARK_RETRY)
