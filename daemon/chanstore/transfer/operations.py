@@ -76,7 +76,9 @@ def import_lines(
     specs = config.by_name()
     tallies = {name: Tally(name) for name in specs}
     with tempfile.TemporaryFile() as spool:
-        count = _spool_checked(lines, specs, spool)
+        count, named = _spool_checked(lines, specs, spool)
+        if not dry_run:
+            _refuse_served((specs[name] for name in sorted(named)), "import")
         spool.seek(0)
         backends = Backends()
         try:
@@ -117,6 +119,8 @@ def migrate(
         raise ConfigError("the two db_configs name no container in common: nothing to migrate")
     source_specs = select_containers(source_config, common, role="--from")
     targets = target_config.by_name()
+    if not dry_run:
+        _refuse_served((targets[name] for name in common), "migrate")
     todo = places(source_specs, service_id, channels)
     tallies = _tallies(source_specs, todo)
     sources = source_config.by_name()
@@ -173,15 +177,36 @@ def _lines(place: Place, batch: dict[str, Any], tally: Tally) -> Iterator[str]:
         yield encode_record(place.channel, place.container, key, value)
 
 
-def _spool_checked(lines: Iterable[bytes], specs: Any, spool: IO[bytes]) -> int:
-    """Copy ``lines`` into ``spool`` while checking every record; how many there are."""
+def _spool_checked(lines: Iterable[bytes], specs: Any, spool: IO[bytes]) -> tuple[int, set[str]]:
+    """Copy ``lines`` into ``spool`` while checking every record; how many there are, and
+    the containers they name."""
 
     def copied() -> Iterator[bytes]:
         for line in lines:
             spool.write(line)
             yield line
 
-    return sum(1 for _ in read_records(copied(), specs))
+    count = 0
+    named: set[str] = set()
+    for record in read_records(copied(), specs):
+        count += 1
+        named.add(record.container)
+    return count, named
+
+
+def _refuse_served(specs: Iterable[ContainerSpec], command: str) -> None:
+    """A :class:`ConfigError` when ``command`` would write to a store that a daemon serves
+    from memory without hearing of it (a json root): it would answer the old values."""
+    for spec in specs:
+        serving = spec.engine.served_elsewhere(spec.settings)
+        if serving is not None:
+            raise ConfigError(
+                f"container {spec.name!r}: {serving}; it would not hear of what {command} "
+                f"writes there, and would go on answering the old values. Stop the daemon "
+                f"first, or {command} through it: a db_config whose entries have "
+                f'"implementation": "chanstore" and its url (see the README, "An in-process '
+                f'service into the daemon")'
+            )
 
 
 def _batches(

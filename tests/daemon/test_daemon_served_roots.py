@@ -1,0 +1,133 @@
+"""A json root a daemon serves: ``chanstore import`` and ``migrate`` refuse to write there.
+
+The daemon answers from memory and hears of no write another process makes to
+a json root, so a transfer writing there would report its keys stored while
+the daemon went on answering the old values. These run a real daemon and the
+``chanstore`` command as an operator would, in the daemon's working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from daemon_harness import json_entry, run_cli, wait_until
+
+from chanstore.backends.json_serving import MARK_NAME
+
+SERVICE = ("--service-id", "e2e")
+
+
+def line(channel: str, container: str, key: str, value: object) -> str:
+    record = {"channel": channel, "container": container, "key": key, "value": value}
+    return json.dumps(record) + "\n"
+
+
+def test_import_into_a_root_the_daemon_serves_is_refused_and_changes_nothing(start_daemon):
+    daemon = start_daemon()
+    assert daemon.put("c1", "stats", "hp", {"v": 1}).status_code == 200
+    files_before = daemon.data_files()
+    (daemon.workdir / "backup.jsonl").write_text(line("c1", "stats", "hp", {"v": 2}))
+
+    ran = run_cli("import", "--db-config", "db.json", *SERVICE, "backup.jsonl",
+                  cwd=daemon.workdir)  # fmt: skip
+
+    assert ran.returncode == 2, ran.stderr
+    assert "container 'stats': a running chanstore daemon serves its json root" in ran.stderr
+    assert "Stop the daemon first, or import through it" in ran.stderr
+    assert daemon.data_files() == files_before
+    assert daemon.get("c1", "stats", "hp").json() == {"v": 1}
+
+
+def test_a_dry_run_import_reads_beside_the_daemon(start_daemon):
+    daemon = start_daemon()
+    (daemon.workdir / "backup.jsonl").write_text(line("c1", "stats", "hp", 7))
+
+    ran = run_cli("import", "--db-config", "db.json", *SERVICE, "--dry-run", "backup.jsonl",
+                  cwd=daemon.workdir)  # fmt: skip
+
+    assert ran.returncode == 0, ran.stderr
+    assert "would copy" in ran.stdout
+
+
+def test_import_goes_ahead_once_the_daemon_is_stopped(start_daemon):
+    daemon = start_daemon()
+    assert daemon.put("c1", "stats", "hp", {"v": 1}).status_code == 200
+    (daemon.workdir / "backup.jsonl").write_text(line("c1", "stats", "hp", {"v": 2}))
+    assert daemon.stop() == 0
+
+    ran = run_cli("import", "--db-config", "db.json", *SERVICE, "backup.jsonl",
+                  cwd=daemon.workdir)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+
+    daemon.start(same_port=True)
+    assert daemon.get("c1", "stats", "hp").json() == {"v": 2}
+
+
+def test_a_killed_daemon_serves_nothing_any_more(start_daemon):
+    daemon = start_daemon()
+    (daemon.workdir / "backup.jsonl").write_text(line("c1", "stats", "hp", 3))
+    daemon.stop(signal.SIGKILL)
+
+    ran = run_cli("import", "--db-config", "db.json", *SERVICE, "backup.jsonl",
+                  cwd=daemon.workdir)  # fmt: skip
+
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_migrate_into_a_root_the_daemon_serves_is_refused(start_daemon, tmp_path):
+    daemon = start_daemon()
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps([json_entry("stats", root_dir=str(tmp_path / "old"))]))
+    (tmp_path / "old.jsonl").write_text(line("c1", "stats", "hp", 5))
+    filled = run_cli("import", "--db-config", str(source), *SERVICE, "old.jsonl", cwd=tmp_path)
+    assert filled.returncode == 0, filled.stderr
+
+    ran = run_cli("migrate", "--from", str(source), "--to", "db.json", *SERVICE,
+                  cwd=daemon.workdir)  # fmt: skip
+
+    assert ran.returncode == 2, ran.stderr
+    assert "container 'stats': a running chanstore daemon serves its json root" in ran.stderr
+    assert "migrate through it" in ran.stderr
+    assert daemon.keys("c1", "stats") == []
+
+
+def test_every_worker_marks_the_root_and_the_mark_is_no_key(start_daemon):
+    daemon = start_daemon(args=["--workers", "2"])
+    mark = daemon.data_dir / MARK_NAME
+    assert mark.is_file() and mark.stat().st_size == 0
+    assert daemon.put("c1", "stats", "hp", 1).status_code == 200
+    assert daemon.keys("c1", "stats") == ["hp"]
+    (daemon.workdir / "backup.jsonl").write_text(line("c2", "stats", "hp", 2))
+
+    ran = run_cli("import", "--db-config", "db.json", *SERVICE, "backup.jsonl",
+                  cwd=daemon.workdir)  # fmt: skip
+
+    assert ran.returncode == 2, ran.stderr
+    assert daemon.keys("c2", "stats") == []
+
+
+def test_a_link_planted_as_the_mark_is_reported_and_the_daemon_serves_all_the_same(
+    start_daemon, tmp_path
+):
+    workdir = tmp_path / "planted"
+    (workdir / "data").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.write_text("not chanstore's")
+    (workdir / "data" / MARK_NAME).symlink_to(outside)
+
+    daemon = start_daemon(workdir=workdir)
+
+    assert daemon.put("c1", "stats", "hp", 1).status_code == 200
+    failed = daemon.events("served_mark_failed")
+    assert sorted(event["container"] for event in failed) == ["profiles", "stats"]
+    assert all("symbolic link" in event["error"] for event in failed)
+    assert daemon.http.get("/readyz").status_code == 200  # the probe hands problems on
+
+    def counted() -> float:  # the root's problem, told once, by whichever container asks
+        found = [daemon.metric("chanstore_integrity_problems_total", container=name,
+                               kind="planted_link") for name in ("stats", "profiles")]  # fmt: skip
+        return sum(value or 0 for value in found)
+
+    wait_until(lambda: counted() == 1, 15, "the planted mark counted")
+    assert outside.read_text() == "not chanstore's"
