@@ -13,6 +13,7 @@ import signal
 
 from daemon_harness import json_entry, run_cli, wait_until
 
+from chanstore.backends import json_serving
 from chanstore.backends.json_serving import MARK_NAME
 
 SERVICE = ("--service-id", "e2e")
@@ -131,3 +132,17 @@ def test_a_link_planted_as_the_mark_is_reported_and_the_daemon_serves_all_the_sa
 
     wait_until(lambda: counted() == 1, 15, "the planted mark counted")
     assert outside.read_text() == "not chanstore's"
+
+
+def test_a_reload_moves_the_mark_with_the_containers(start_daemon):
+    daemon = start_daemon()
+    old, new = daemon.data_dir, daemon.workdir / "moved"
+    assert json_serving.served(str(old)) and not json_serving.served(str(new))
+
+    daemon.write_config([json_entry("stats", root_dir="moved"),
+                         json_entry("profiles", root_dir="moved")])  # fmt: skip
+    reloaded = daemon.http.post("/-/reload")
+
+    assert reloaded.status_code == 200, reloaded.text
+    wait_until(lambda: json_serving.served(str(new)) and not json_serving.served(str(old)),
+               15, "the mark to follow the containers")  # fmt: skip
