@@ -31,17 +31,36 @@ def test_a_root_nobody_marked_is_served_by_nobody(tmp_path):
     assert not (tmp_path / "missing").exists()  # asking makes nothing
 
 
+def asked_by_another_process(root: Path) -> str | None:
+    """What ``served_elsewhere`` answers of ``root`` in a process of its own."""
+    asking = f"from chanstore.backends.jsonfiles import JSONDatabase as J; " \
+             f"print(J.served_elsewhere({{'root_dir': {str(root)!r}}}))"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", asking], capture_output=True, text=True,
+                          timeout=HELPER_TIMEOUT, check=True)  # fmt: skip
+    answer = done.stdout.strip()
+    return None if answer == "None" else answer
+
+
 def test_marks_are_shared_and_the_root_is_served_until_the_last_is_taken_back(tmp_path):
     root = tmp_path / "data"
     first = JSONDatabase.mark_served(settings(root))  # the root is made
     second = JSONDatabase.mark_served(settings(root))
     assert (root / MARK_NAME).stat().st_size == 0
-    said = JSONDatabase.served_elsewhere(settings(root))
+    said = asked_by_another_process(root)
     assert said == f"a running chanstore daemon serves its json root {root} from memory"
     first()
-    assert JSONDatabase.served_elsewhere(settings(root)) is not None
+    first()  # taken back once, however often asked
+    assert asked_by_another_process(root) is not None
     second()
-    assert JSONDatabase.served_elsewhere(settings(root)) is None
+    assert asked_by_another_process(root) is None
+
+
+def test_a_root_this_process_marks_is_not_served_elsewhere_for_it(tmp_path):
+    release = JSONDatabase.mark_served(settings(tmp_path))
+    try:
+        assert JSONDatabase.served_elsewhere(settings(tmp_path)) is None
+    finally:
+        release()
 
 
 def test_the_mark_is_no_key_and_no_domain(tmp_path):
@@ -92,8 +111,7 @@ def test_a_link_planted_as_the_mark_is_reported_never_followed(tmp_path):
         assert [p.kind for p in db.integrity_problems()] == ["planted_link"]
     finally:
         db.close()
-    with pytest.raises(PlantedLink):
-        JSONDatabase.served_elsewhere(settings(root))
+    assert JSONDatabase.served_elsewhere(settings(root)) is None  # no daemon marks through it
     assert outside.read_text() == "not chanstore's"
     assert os.path.islink(root / MARK_NAME)
 
@@ -102,3 +120,8 @@ def test_a_store_that_tells_every_daemon_needs_no_mark(tmp_path):
     release = NullDatabase.mark_served({})
     release()
     assert NullDatabase.served_elsewhere({}) is None
+
+
+def test_a_root_that_cannot_be_reached_is_served_by_nobody(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert JSONDatabase.served_elsewhere(settings(tmp_path / "file" / "data")) is None

@@ -15,6 +15,7 @@ from daemon_harness import json_entry, run_cli, wait_until
 
 from chanstore.backends import json_serving
 from chanstore.backends.json_serving import MARK_NAME
+from support import free_port
 
 SERVICE = ("--service-id", "e2e")
 
@@ -146,3 +147,47 @@ def test_a_reload_moves_the_mark_with_the_containers(start_daemon):
     assert reloaded.status_code == 200, reloaded.text
     wait_until(lambda: json_serving.served(str(new)) and not json_serving.served(str(old)),
                15, "the mark to follow the containers")  # fmt: skip
+
+
+def second_daemon(first, *more: str):
+    """``chanstore serve`` of the same db_config in the same folder, as a second operator
+    would start it; it must give up at once."""
+    listen = f"127.0.0.1:{free_port()}"
+    return run_cli("serve", "--db-config", "db.json", "--listen", listen, *SERVICE,
+                   "--log-format", "json", *more, cwd=first.workdir, timeout=30)  # fmt: skip
+
+
+def test_a_second_daemon_on_a_served_root_does_not_start(start_daemon):
+    first = start_daemon()
+    assert first.put("c1", "stats", "hp", 1).status_code == 200
+
+    for more in ((), ("--workers", "2")):
+        refused = second_daemon(first, *more)
+
+        assert refused.returncode == 2, (more, refused.stderr)
+        problems = [json.loads(line)["problem"] for line in refused.stderr.splitlines()
+                    if '"cannot_start"' in line]  # fmt: skip
+        assert len(problems) == 2, refused.stderr  # stats and profiles, one root
+        assert "container 'stats': a running chanstore daemon serves its json root" in problems[0]
+        assert "one daemon serves a json root (its --workers share it)" in problems[0]
+    assert first.get("c1", "stats", "hp").json() == 1
+
+    assert first.stop() == 0
+    started = start_daemon(workdir=first.workdir)  # the first gone, the root is free
+    assert started.get("c1", "stats", "hp").json() == 1
+
+
+def test_a_reload_into_a_root_another_daemon_serves_is_rejected(start_daemon, tmp_path):
+    """A daemon on its own. (A group's workers reload each on their own, and cannot tell
+    a sibling that marked the root a moment before from another daemon: not asked.)"""
+    other = start_daemon(workdir=tmp_path / "other")
+    daemon = start_daemon(args=["--workers", "1"])
+    assert daemon.put("c1", "stats", "hp", 1).status_code == 200
+
+    daemon.write_config([json_entry("stats", root_dir=str(other.data_dir)),
+                         json_entry("profiles")])  # fmt: skip
+    reloaded = daemon.http.post("/-/reload")
+
+    assert reloaded.status_code == 400, reloaded.text
+    assert "a running chanstore daemon serves its json root" in reloaded.json()["problems"][0]
+    assert daemon.get("c1", "stats", "hp").json() == 1  # still the old config

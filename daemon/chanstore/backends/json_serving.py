@@ -8,7 +8,9 @@ writing into a root that a daemon serves would report its keys stored while
 the daemon went on answering the old values, and its change feed never told
 of them. Every daemon process serving a root holds a shared ``flock`` on the
 root's ``.chanstore-served`` (:func:`mark_served`) for as long as it serves
-it; a transfer about to write there asks :func:`served` first, and refuses.
+it; a transfer about to write there asks :func:`served` first, and refuses,
+as a daemon does before it serves a root (at start, and at a reload that
+brings a root in): one daemon serves a json root.
 
 Shared, because several holders are right: a daemon's ``--workers``, each
 serving a share of the channels, and, during a reload, a container's old and
@@ -29,7 +31,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,6 +49,9 @@ MARK_NAME = ".chanstore-served"
 #: :func:`served` does for an instant while it asks.
 _MARK_WAIT = 2.0
 _MARK_RETRY = 0.01
+#: The roots this process marks (resolved), and how many marks it holds on each.
+_held: Counter[str] = Counter()
+_held_lock = threading.Lock()
 
 
 def mark_served(root: str) -> Callable[[], None]:
@@ -64,13 +71,34 @@ def mark_served(root: str) -> Callable[[], None]:
     except BaseException:
         os.close(fd)
         raise
-    return lambda: os.close(fd)
+    key = os.path.realpath(root)
+    with _held_lock:
+        _held[key] += 1
+    return _unmarking(key, fd)
 
 
 def served(root: str) -> bool:
-    """Whether a process serves ``root`` now: one holds its mark (this one's own marks
-    count too; a transfer holds none)."""
-    fd = _open_mark(root, create=False)
+    """Whether another process serves ``root`` now: one holds its mark.
+
+    False for a root this process marks: the exclusive lock that asks would
+    meet this process's own shared one, so another's cannot be told from it
+    (and a daemon asks of a root before it marks it, or serves it already).
+    False, and the link reported, where a link was planted in the mark's place:
+    no daemon marks a root through one; False for a root that cannot be reached
+    (a file in its place, no permission): nor could a daemon mark it. What uses
+    the root then meets that failure itself.
+    """
+    key = os.path.realpath(root)
+    with _held_lock:
+        if _held[key]:
+            return False
+    try:
+        fd = _open_mark(root, create=False)
+    except PlantedLink as exc:  # no daemon marks through a link: none marked this root
+        report_planted(key, exc.path, "asking whether a daemon serves the root")
+        return False
+    except OSError:  # a root that cannot be reached cannot have been marked either
+        return False
     if fd is None:
         return False
     try:
@@ -113,6 +141,25 @@ def check_writable(fd: int, path: str) -> None:
     effective = os.access in os.supports_effective_ids
     if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=effective):
         raise BackendUnavailable(f"json folder {path} is not writable")
+
+
+def _unmarking(key: str, fd: int) -> Callable[[], None]:
+    """What takes one mark back: once, however often it is called (the descriptor's
+    number may be another file's afterwards)."""
+    taken_back = False
+
+    def unmark() -> None:
+        nonlocal taken_back
+        with _held_lock:
+            if taken_back:
+                return
+            taken_back = True
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        os.close(fd)  # and with it the shared lock
+
+    return unmark
 
 
 def _open_mark(root: str, create: bool) -> int | None:

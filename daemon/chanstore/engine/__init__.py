@@ -12,7 +12,7 @@ import asyncio
 
 from chanstore.config import DbConfig
 from chanstore.engine.channels import ChannelTable
-from chanstore.engine.containers import ContainerRuntime, Containers
+from chanstore.engine.containers import ContainerRuntime, Containers, check_not_served_elsewhere
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
 from chanstore.engine.feed import Feed, TooManyWatchers
 from chanstore.engine.readiness import Readiness
@@ -34,6 +34,7 @@ __all__ = [
     "TooManyWatchers",
     "UnknownContainer",
     "Watcher",
+    "check_not_served_elsewhere",
 ]
 
 

@@ -19,7 +19,7 @@ import contextvars
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -30,7 +30,7 @@ from chanstore.config import ContainerSpec
 from chanstore.engine.errors import BackendTimeout, UnknownContainer
 from chanstore.engine.lanes import WriteLanes
 from chanstore.engine.settings import EngineSettings
-from chanstore.errors import BackendError, IntegrityProblem
+from chanstore.errors import BackendError, ConfigError, IntegrityProblem
 from chanstore.instrumentation import attach
 from chanstore.keys import encode_domain_part
 from chanstore.metrics import Metrics
@@ -68,6 +68,28 @@ DATA_LOST_HOLD = 300.0
 
 def _nothing_cached(lost: bool = False) -> int:
     return 0
+
+
+def check_not_served_elsewhere(config: Iterable[ContainerSpec]) -> None:
+    """Raise :class:`~chanstore.errors.ConfigError` naming each container whose store
+    another daemon serves without hearing of this one's writes (a json root).
+
+    One daemon serves such a store (its ``--workers`` share it): two would each
+    answer from memory what the other overwrote. Asked before a daemon serves
+    ``config``: at start, and of a reload's config before anything changes
+    (stores this process serves already are not asked again).
+    """
+    problems = []
+    for spec in config:
+        serving = spec.engine.served_elsewhere(spec.settings)
+        if serving is not None:
+            problems.append(
+                f"container {spec.name!r}: {serving}; one daemon serves a json root (its "
+                f"--workers share it): stop the other first, or keep these containers in "
+                f"Redis to serve them from several daemons"
+            )
+    if problems:
+        raise ConfigError(problems)
 
 
 def _mark_served(spec: ContainerSpec) -> Callable[[], None]:

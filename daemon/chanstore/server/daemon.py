@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 import chanstore
 from chanstore import codec, logs
 from chanstore.config import DbConfig, load_db_config
-from chanstore.engine import Engine
+from chanstore.engine import Engine, check_not_served_elsewhere
 from chanstore.errors import ConfigError
 from chanstore.http import Api, BearerToken, build_api
 from chanstore.http.connections import Connections
@@ -68,6 +68,8 @@ class Daemon:
         # Checked before anything starts, so that a bad file is a clear error at once.
         self.token = BearerToken(settings.read_token())
         self._config: DbConfig = load_db_config(settings.db_config)
+        if role is None:  # a group's supervisor asked before it started its workers
+            check_not_served_elsewhere(self._config)
         self.engine: Engine
         self._readiness: tuple[float, dict[str, str]] = (0.0, {})
         self._stop = asyncio.Event()
@@ -102,6 +104,8 @@ class Daemon:
     async def apply(self, config: DbConfig) -> Applied:
         """Serve a reloaded ``config``, and the token file as it reads now."""
         token = self.settings.read_token()  # ConfigError rejects the reload before any change
+        if self.role is None:  # (a group's workers cannot tell another daemon from each other)
+            check_not_served_elsewhere(config)
         changes = self.engine.apply_config(served_here(self.role, config))
         self._config = config
         if self.group is not None:

@@ -48,6 +48,7 @@ import uvloop
 
 from chanstore import logs
 from chanstore.config import load_db_config
+from chanstore.engine import check_not_served_elsewhere
 from chanstore.errors import ConfigError
 from chanstore.server import systemd
 from chanstore.server.group import ROLE_VARIABLE, WorkerRole
@@ -329,7 +330,7 @@ def supervise(settings: DaemonSettings) -> int:
     """Run ``settings.workers`` workers until SIGTERM or SIGINT; the exit status."""
     try:
         settings.read_token()
-        load_db_config(settings.db_config)
+        check_not_served_elsewhere(load_db_config(settings.db_config))
         if os.environ.get(ACCEPT_VARIABLE, "reuseport") == "shared":
             sockets = [bind(settings)]
         else:
