@@ -93,10 +93,11 @@ def check_not_served_elsewhere(config: Iterable[ContainerSpec]) -> None:
 
 
 def _mark_served(spec: ContainerSpec) -> Callable[[], None]:
-    """Mark the container's store served by this daemon, so that a transfer about to write
-    there unheard refuses (see :meth:`DatabaseInterface.mark_served`); the function that
-    takes the mark back. A mark that cannot be taken is logged, and the daemon serves
-    all the same: a transfer then cannot tell."""
+    """Mark the container's store served by this daemon, so that a transfer or another
+    daemon about to write there unheard refuses (see
+    :meth:`DatabaseInterface.mark_served`); the function that takes the mark back. A
+    mark that cannot be taken is logged, and the daemon serves all the same: they then
+    cannot tell."""
     try:
         return spec.engine.mark_served(spec.settings)
     except (OSError, BackendError) as exc:

@@ -104,8 +104,8 @@ class Daemon:
     async def apply(self, config: DbConfig) -> Applied:
         """Serve a reloaded ``config``, and the token file as it reads now."""
         token = self.settings.read_token()  # ConfigError rejects the reload before any change
-        if self.role is None:  # (a group's workers cannot tell another daemon from each other)
-            check_not_served_elsewhere(config)
+        if self.role is None:  # a worker could not tell a sibling that marked a root first
+            check_not_served_elsewhere(config)  # from another daemon: groups ask at start
         changes = self.engine.apply_config(served_here(self.role, config))
         self._config = config
         if self.group is not None:
