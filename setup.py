@@ -19,7 +19,11 @@ setup(
         ),
         Extension(
             "chanstore._stored_form",
-            sources=["daemon/chanstore/_stored_form.c", "daemon/chanstore/_stored_form_beside.c"],
+            sources=[
+                "daemon/chanstore/_stored_form.c",
+                "daemon/chanstore/_stored_form_compact.c",
+                "daemon/chanstore/_stored_form_beside.c",
+            ],
             depends=["daemon/chanstore/_stored_form.h"],
             optional=True,
         ),

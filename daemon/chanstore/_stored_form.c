@@ -25,8 +25,10 @@
  * meanwhile; a bytearray changed meanwhile could get a wrong answer, never a
  * read past its end (its length cannot change while it is read).
  *
- * _stored_form_beside.c runs the proof on threads that never take the GIL
- * (the type Beside). See chanstore/stored_form.py, which wraps all three.
+ * _stored_form_compact.c re-spells a body that is not its stored form as that
+ * form would be (compacted()), for the proof to decide again, and
+ * _stored_form_beside.c runs both on threads that never take the GIL (the type
+ * Beside). See chanstore/stored_form.py, which wraps them all.
  */
 
 #include "_stored_form.h"
@@ -37,19 +39,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 /* Objects of up to this many keys are checked for a repeated key pair by
  * pair; larger ones are sorted. */
 #define FEW_KEYS 16
 /* Integers of more digits are left to the parser (the stdlib reads them
  * beyond 64 bits, and refuses more than 4,300 digits). */
 #define MOST_INT_DIGITS 18
-/* Texts of at least this many bytes are read without the GIL (hashlib's
- * threshold is 2 KiB; below a few KiB the release costs more than it frees). */
-#define WITHOUT_GIL_BYTES 4096
 
 typedef struct {
     const char *start;
@@ -69,39 +64,6 @@ typedef struct {
 } Check;
 
 static int value(Check *check);
-
-/* The first byte from `at` that a string cannot hold as it is (a quote, a
- * backslash, a control byte, DEL or a non-ASCII byte), or `end`. */
-static const unsigned char *
-string_stop(const unsigned char *at, const unsigned char *end)
-{
-#if defined(__SSE2__)
-    const __m128i quote = _mm_set1_epi8('"');
-    const __m128i backslash = _mm_set1_epi8('\\');
-    const __m128i space = _mm_set1_epi8(' ');
-    const __m128i del = _mm_set1_epi8(0x7f);
-    while (end - at >= 16) {
-        __m128i chunk = _mm_loadu_si128((const __m128i *)at);
-        /* As signed bytes, controls and non-ASCII bytes are both below ' '. */
-        __m128i stop = _mm_or_si128(
-            _mm_or_si128(_mm_cmpeq_epi8(chunk, quote), _mm_cmpeq_epi8(chunk, backslash)),
-            _mm_or_si128(_mm_cmplt_epi8(chunk, space), _mm_cmpeq_epi8(chunk, del)));
-        int mask = _mm_movemask_epi8(stop);
-        if (mask != 0) {
-            return at + __builtin_ctz((unsigned int)mask);
-        }
-        at += 16;
-    }
-#endif
-    while (at < end) {
-        unsigned char byte = *at;
-        if (byte == '"' || byte == '\\' || byte < 0x20 || byte >= 0x7f) {
-            return at;
-        }
-        at++;
-    }
-    return end;
-}
 
 static int
 hex_digit(unsigned char byte)
@@ -151,7 +113,7 @@ string(Check *check)
     const unsigned char *at = check->at + 1;
     const unsigned char *end = check->end;
     for (;;) {
-        at = string_stop(at, end);
+        at = stored_form_string_stop(at, end);
         if (at == end) {
             return 0;
         }
@@ -847,7 +809,7 @@ proves(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     int ok, out_of_memory;
-    if (data.len >= WITHOUT_GIL_BYTES) {
+    if (data.len >= STORED_FORM_WITHOUT_GIL_BYTES) {
         Py_BEGIN_ALLOW_THREADS
         ok = stored_form_proven(data.buf, data.len, max_depth, 0, &out_of_memory);
         Py_END_ALLOW_THREADS
@@ -952,7 +914,7 @@ string_end(const unsigned char *at, const unsigned char *end)
 {
     at++;
     while (at < end) {
-        at = string_stop(at, end);
+        at = stored_form_string_stop(at, end);
         if (at == end || *at == '"') {
             return at == end ? end : at + 1;
         }
@@ -1034,7 +996,7 @@ indented(PyObject *module, PyObject *arg)
     Py_ssize_t capacity = PyBytes_GET_SIZE(answer);
     char *own;
     Py_ssize_t length;
-    if (data.len >= WITHOUT_GIL_BYTES) {
+    if (data.len >= STORED_FORM_WITHOUT_GIL_BYTES) {
         Py_BEGIN_ALLOW_THREADS
         length = stored_form_indent(data.buf, data.len, room, capacity, &own);
         Py_END_ALLOW_THREADS
@@ -1071,6 +1033,10 @@ static PyMethodDef methods[] = {
      "proves(data, max_depth) -> bool: whether data is the stored form of a JSON document."},
     {"indented", indented, METH_O,
      "indented(data) -> bytes: a stored form re-written with an indent of 2."},
+    {"compacted", stored_form_compacted, METH_O,
+     "compacted(data) -> bytes or None: data re-spelt as its stored form would be: no "
+     "whitespace between tokens, strings escaped as json.dumps escapes them; None where "
+     "that needs a parser, or changes nothing."},
     {NULL, NULL, 0, NULL},
 };
 

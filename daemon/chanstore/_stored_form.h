@@ -1,10 +1,14 @@
-/* What the two files of chanstore._stored_form share: the proof, and the type that
- * runs it beside the event loop. */
+/* What the files of chanstore._stored_form share: the proof, the re-spelling of a body
+ * for it, and the type that runs both beside the event loop. */
 #ifndef CHANSTORE_STORED_FORM_H
 #define CHANSTORE_STORED_FORM_H
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* Whether `data` is the stored form of a JSON document no deeper than `max_depth`
  * (see proves() in _stored_form.c). Needs no GIL; with `without_python` it never
@@ -12,6 +16,53 @@
  * Sets *out_of_memory when it ran out (and then answers 0). */
 int stored_form_proven(const unsigned char *data, Py_ssize_t length, int max_depth,
                        int without_python, int *out_of_memory);
+
+/* Texts of at least this many bytes are read without the GIL (hashlib's threshold is
+ * 2 KiB; below a few KiB the release costs more than it frees). */
+#define STORED_FORM_WITHOUT_GIL_BYTES 4096
+
+/* The first byte from `at` that a string cannot hold as it is (a quote, a backslash, a
+ * control byte, DEL or a non-ASCII byte), or `end`. Here, so that each file inlines it. */
+static inline const unsigned char *
+stored_form_string_stop(const unsigned char *at, const unsigned char *end)
+{
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"');
+    const __m128i backslash = _mm_set1_epi8('\\');
+    const __m128i space = _mm_set1_epi8(' ');
+    const __m128i del = _mm_set1_epi8(0x7f);
+    while (end - at >= 16) {
+        __m128i chunk = _mm_loadu_si128((const __m128i *)at);
+        /* As signed bytes, controls and non-ASCII bytes are both below ' '. */
+        __m128i stop = _mm_or_si128(
+            _mm_or_si128(_mm_cmpeq_epi8(chunk, quote), _mm_cmpeq_epi8(chunk, backslash)),
+            _mm_or_si128(_mm_cmplt_epi8(chunk, space), _mm_cmpeq_epi8(chunk, del)));
+        int mask = _mm_movemask_epi8(stop);
+        if (mask != 0) {
+            return at + __builtin_ctz((unsigned int)mask);
+        }
+        at += 16;
+    }
+#endif
+    while (at < end) {
+        unsigned char byte = *at;
+        if (byte == '"' || byte == '\\' || byte < 0x20 || byte >= 0x7f) {
+            return at;
+        }
+        at++;
+    }
+    return end;
+}
+
+/* `data` re-spelt as its stored form would be (see _stored_form_compact.c), in a buffer
+ * made with PyMem_RawMalloc and given back in *compacted; answers its length. 0 (and
+ * *compacted NULL) where that needs a parser or changes nothing; -1 when out of memory.
+ * Needs no GIL. */
+Py_ssize_t stored_form_compact(const unsigned char *data, Py_ssize_t length,
+                               char **compacted);
+
+/* compacted(data), the module's function. */
+PyObject *stored_form_compacted(PyObject *module, PyObject *arg);
 
 /* Room for the indented form of a stored form of `length` bytes, which chat state fits. */
 #define STORED_FORM_INDENT_ROOM(length) ((length) + (length) / 4 + 64)

@@ -3,12 +3,14 @@
  *   Beside(threads) -> a worker with threads of its own and an eventfd
  *       .fd                        the eventfd: readable while answers wait
  *       .submit(data, max_depth, indent=False)
- *                                  -> a token (int): prove `data` (a bytes object) and
- *                                  hash it with SHA-1, beside the caller; with `indent`,
- *                                  a body proven is indented too (as indented() does)
- *       .take()                    -> [(token, proven, sha1 hex or None, indented or
+ *                                  -> a token (int): prove `data` (a bytes object), or
+ *                                  else its compacted() form, beside the caller, and hash
+ *                                  what was proven with SHA-1; with `indent`, indent it
+ *                                  too (as indented() does)
+ *       .take()                    -> [(token, stored, sha1 hex or None, indented or
  *                                  None), ...]: the answers made since the last take,
- *                                  oldest first
+ *                                  oldest first; `stored` is what was proven the stored
+ *                                  form (`data` itself, or its compacted form), or None
  *       .close()                   stop and join the threads (idempotent); answers
  *                                  not taken are dropped
  *
@@ -58,6 +60,8 @@ typedef struct Job {
     unsigned long long token;
     int proven;
     int out_of_memory;
+    char *compacted; /* data re-spelt, when that was proven; made with PyMem_RawMalloc */
+    Py_ssize_t compacted_length;
     int hashed;
     unsigned char digest[DIGEST_BYTES];
     PyObject *indented; /* the room for the indented form, or NULL: not asked */
@@ -111,19 +115,52 @@ pop(Jobs *jobs)
     return job;
 }
 
+/* A body spelt otherwise (a Python or JavaScript client's layout) re-spelt and proven
+ * again: into job->compacted when that is proven. */
+static void
+prove_compacted(Job *job)
+{
+    char *compacted;
+    Py_ssize_t length = stored_form_compact(job->bytes, job->length, &compacted);
+    if (length <= 0) {
+        job->out_of_memory = length < 0;
+        return;
+    }
+    job->proven = stored_form_proven((const unsigned char *)compacted, length, job->max_depth,
+                                     1, &job->out_of_memory);
+    if (!job->proven) {
+        PyMem_RawFree(compacted);
+        return;
+    }
+    job->compacted = compacted;
+    job->compacted_length = length;
+}
+
 static void
 answer(Job *job)
 {
+    job->indented_length = -1;
     job->proven = stored_form_proven(job->bytes, job->length, job->max_depth, 1,
                                      &job->out_of_memory);
-    if (sha1_of != NULL) {
-        job->hashed = sha1_of(job->bytes, (size_t)job->length, job->digest) != NULL;
+    if (!job->proven && !job->out_of_memory) {
+        prove_compacted(job);
     }
-    job->indented_length = -1;
-    if (job->proven && job->indented != NULL) {
-        job->indented_length = stored_form_indent(
-            job->bytes, job->length, PyBytes_AS_STRING(job->indented),
-            PyBytes_GET_SIZE(job->indented), &job->indented_own);
+    if (!job->proven) {
+        return; /* the caller parses the body, and makes its ETag of what it stores */
+    }
+    const unsigned char *stored = job->bytes;
+    Py_ssize_t length = job->length;
+    if (job->compacted != NULL) {
+        stored = (const unsigned char *)job->compacted;
+        length = job->compacted_length;
+    }
+    if (sha1_of != NULL) {
+        job->hashed = sha1_of(stored, (size_t)length, job->digest) != NULL;
+    }
+    if (job->indented != NULL) {
+        job->indented_length = stored_form_indent(stored, length, PyBytes_AS_STRING(job->indented),
+                                                  PyBytes_GET_SIZE(job->indented),
+                                                  &job->indented_own);
     }
 }
 
@@ -133,6 +170,7 @@ free_job(Job *job)
     Py_DECREF(job->data);
     Py_XDECREF(job->indented);
     PyMem_RawFree(job->indented_own);
+    PyMem_RawFree(job->compacted);
     PyMem_RawFree(job);
 }
 
@@ -336,8 +374,17 @@ answer_of(Job *job)
     if (job->out_of_memory) {
         return PyErr_NoMemory();
     }
+    PyObject *stored = Py_NewRef(Py_None);
+    if (job->compacted != NULL) {
+        Py_SETREF(stored, PyBytes_FromStringAndSize(job->compacted, job->compacted_length));
+    }
+    else if (job->proven) {
+        Py_SETREF(stored, Py_NewRef(job->data));
+    }
     PyObject *sha1 = job->hashed ? hex_of(job->digest) : Py_NewRef(Py_None);
-    if (sha1 == NULL) {
+    if (stored == NULL || sha1 == NULL) {
+        Py_XDECREF(stored);
+        Py_XDECREF(sha1);
         return NULL;
     }
     PyObject *indented = Py_NewRef(Py_None);
@@ -349,11 +396,12 @@ answer_of(Job *job)
         job->indented = NULL;
         job->indented_own = NULL;
         if (indented == NULL) {
+            Py_DECREF(stored);
             Py_DECREF(sha1);
             return NULL;
         }
     }
-    return Py_BuildValue("(KNNN)", job->token, PyBool_FromLong(job->proven), sha1, indented);
+    return Py_BuildValue("(KNNN)", job->token, stored, sha1, indented);
 }
 
 static PyObject *
@@ -402,11 +450,11 @@ beside_hashes(Beside *self, void *Py_UNUSED(closure))
 
 static PyMethodDef beside_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))beside_submit, METH_FASTCALL,
-     "submit(data, max_depth, indent=False) -> token: prove and hash data (and with indent, "
-     "indent it once proven) beside the caller."},
+     "submit(data, max_depth, indent=False) -> token: prove data, or else its compacted form, "
+     "and hash what was proven (and with indent, indent it) beside the caller."},
     {"take", (PyCFunction)beside_take, METH_NOARGS,
-     "take() -> [(token, proven, sha1 hex or None, indented or None)]: the answers made, "
-     "oldest first."},
+     "take() -> [(token, stored or None, sha1 hex or None, indented or None)]: the answers "
+     "made, oldest first."},
     {"close", (PyCFunction)beside_close, METH_NOARGS,
      "close(): stop and join the threads; answers not taken are dropped."},
     {NULL, NULL, 0, NULL},

@@ -495,13 +495,12 @@ def parse_document(data: bytes) -> Document:
 
 
 def proven_document(data: bytes, max_depth: int) -> Document | None:
-    """``data`` as a Document held as its stored bytes alone, when it is proven to be the
-    stored form of a document nested no deeper than ``max_depth``
-    (:func:`chanstore.stored_form.proves`, without parsing it); None when that is not
-    proven, and :func:`parse_document` then says what it is."""
-    if not stored_form.proves(data, max_depth):
-        return None
-    return stored_document(data)
+    """``data``'s document held as its stored bytes alone, when they are had without
+    parsing it (:func:`chanstore.stored_form.stored_text`: ``data`` itself, or ``data``
+    re-spelt) and it nests no deeper than ``max_depth``; None when they are not, and
+    :func:`parse_document` then says what it is."""
+    stored = stored_form.stored_text(data, max_depth)
+    return None if stored is None else stored_document(stored)
 
 
 def stored_document(data: bytes) -> Document:

@@ -5,9 +5,10 @@ of 64 KiB and more skip the journal, smaller ones go through it) and the
 Redis-backed ``mana``. Values of 30 KB, 100 KB and 900 KB, with text that is
 not ASCII and numbers orjson alone would write otherwise, go in as PUT bodies;
 GET answers the stored compact form, whose SHA-1 is the ETag, and the json file
-is the original SDK's indented form of the same value. Bodies come indented and
-compact (the stored form, kept as sent: proven in C, or parsed where it holds
-integers beyond 64 bits).
+is the original SDK's indented form of the same value. Bodies come compact (the
+stored form, kept as sent: proven in C, or parsed where it holds integers beyond
+64 bits) and as other clients spell them: indented, Python's ``json.dumps``,
+JavaScript's ``JSON.stringify`` (re-spelt into the stored form in C, or parsed).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def large_value(size: int, kind: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("kind", ["plain", "awkward"])
-@pytest.mark.parametrize("form", ["indented", "compact"])
+@pytest.mark.parametrize("form", ["indented", "compact", "python", "javascript"])
 @pytest.mark.parametrize("size", [30_000, 100_000, 900_000], ids=["30KB", "100KB", "900KB"])
 @pytest.mark.parametrize("container", ["stats", "mana"])
 def test_a_large_value_reads_back_byte_identical_with_the_same_etag(
@@ -67,9 +68,15 @@ def test_a_large_value_reads_back_byte_identical_with_the_same_etag(
 ) -> None:
     value = large_value(size, kind)
     stored = json.dumps(value, separators=(",", ":")).encode("ascii")
-    # Indented: whitespace the stored form has not. Compact: the stored form itself, which
-    # is kept as sent; its integers beyond 64 bits must still not pass through a float.
-    body = json.dumps(value, indent=1).encode() if form == "indented" else stored
+    # Compact: the stored form itself, which is kept as sent; its integers beyond 64 bits
+    # must still not pass through a float. The others: whitespace the stored form has not,
+    # and (javascript) its non-ASCII text as UTF-8 rather than \u escapes.
+    body = {
+        "indented": json.dumps(value, indent=1).encode(),
+        "compact": stored,
+        "python": json.dumps(value).encode(),
+        "javascript": json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(),
+    }[form]
     assert len(body) <= 1024 * 1024
     put = daemon.http.put(key_path(channel, container, "log"), content=body)
     assert put.status_code == 200, put.text

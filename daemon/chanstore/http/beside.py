@@ -16,15 +16,21 @@ takes as it is (:attr:`~chanstore.codec.Document.file_form`): at 100 KB the
 write lane's thread indented each file itself, between one batch's flushes
 and the next, where the writes of every channel of its lane waited for it.
 
-A body the threads do not prove (not the compact form, or a float only
-CPython's own ``repr`` can decide) is parsed as :func:`parse_value` does: on
+A body spelt otherwise (Python's ``json.dumps`` layout, JavaScript's
+non-ASCII text, any indentation) is re-spelt by the threads
+(``stored_form.compacted``) and proven so. A body the threads do not prove
+(a number not as ``repr`` writes it, a float only CPython's own ``repr`` can
+decide, an invalid body) is parsed as :func:`parse_value` does: on
 the loop, or from :data:`PARSE_BESIDE_BYTES` on a Python worker thread,
 where the parser lets go of the GIL for longer. Without the extension
 (``CHANSTORE_PURE_PYTHON=1``, or not Linux) every large body goes that way.
 
 What waits here is bounded by what the daemon holds already: each connection
 has one request being answered, and its body is that request's (with, for a
-json container, its file form: about 1.2 times the body, until the write).
+json container, its file form: about 1.2 times the body, until the write; and
+for a body re-spelt, the stored form it was re-spelt into: 3 times its text
+where every character is beyond ASCII, at most 6 for raw DEL characters, as
+the parse would make it).
 """
 
 from __future__ import annotations
@@ -53,8 +59,9 @@ BESIDE_LOOP_BYTES = 16 * 1024
 PARSE_BESIDE_BYTES = 512 * 1024
 #: The extension's threads for each event loop: the loop keeps a core of its own.
 PROVING_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
-#: A prover's answer: proven, the SHA-1 (None: not hashed), the file form (None: not made).
-Answer = tuple[bool, str | None, bytes | None]
+#: A prover's answer: the stored form proven (the body, or the body re-spelt; None: not
+#: proven), its SHA-1 (None: not hashed), its file form (None: not made).
+Answer = tuple[bytes | None, str | None, bytes | None]
 #: Python threads that parse large bodies: the work is CPU-bound, so no more than the cores.
 _PARSING = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="chanstore-bodies")
 
@@ -69,10 +76,10 @@ async def parse_value_beside(body: bytes, what: str = "the body", *,
     provers = _provers_of(loop)
     parse: Callable[[bytes, str], Document] = parse_value
     if provers is not None:
-        proven, sha1, indented = await provers.prove(body, file_form)
-        if proven:
-            document = codec.stored_document(body)
-            document.etag = sha1 if sha1 is not None else etag_of_stored(body)
+        stored, sha1, indented = await provers.prove(body, file_form)
+        if stored is not None:
+            document = codec.stored_document(stored)
+            document.etag = sha1 if sha1 is not None else etag_of_stored(stored)
             document.file_form = indented
             return document
         parse = parsed_value  # proven not to be the stored form: no need to try again
@@ -99,8 +106,9 @@ class _Provers:
         loop.add_reader(self._beside.fd, self._take)
 
     def prove(self, body: bytes, indent: bool = False) -> asyncio.Future[Answer]:
-        """Whether ``body`` is proven a stored form, its SHA-1 (None: not hashed), and
-        with ``indent`` its file form once proven (else None)."""
+        """The stored form proven of ``body`` (itself, or re-spelt; None: not proven), its
+        SHA-1 (None: not hashed), and with ``indent`` its file form once proven (else
+        None)."""
         token = self._beside.submit(body, MAX_JSON_DEPTH, indent)
         future = self._waiting[token] = asyncio.get_running_loop().create_future()
         return future
@@ -116,10 +124,10 @@ class _Provers:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for token, proven, sha1, indented in answers:
+        for token, stored, sha1, indented in answers:
             future = self._waiting.pop(token, None)
             if future is not None and not future.done():  # else it was cancelled, or failed
-                future.set_result((proven, sha1, indented))
+                future.set_result((stored, sha1, indented))
 
     def forget(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop watching the eventfd: a forked child's copy, which it shares with the parent

@@ -6,9 +6,11 @@ a type-marked document keeps its type for in-process readers. Bodies that no
 backend could store faithfully are refused with a 400 saying why: invalid
 UTF-8 or JSON, NaN and infinities, numbers that overflow, nesting deeper
 than :data:`MAX_JSON_DEPTH`. A value's body that is already its stored form is
-proven so in C and kept as it came (:mod:`chanstore.stored_form`); any other
-body is parsed once, by the codec's C parser (orjson; the stdlib where orjson
-would differ, and to word what is wrong).
+proven so in C and kept as it came (:mod:`chanstore.stored_form`); one spelt
+otherwise only in its whitespace and the escapes of its strings (what Python's
+``json.dumps`` and JavaScript's ``JSON.stringify`` send) is re-spelt into it in
+C and proven so; any other body is parsed once, by the codec's C parser
+(orjson; the stdlib where orjson would differ, and to word what is wrong).
 
 A large value's body is made ready beside the event loop instead
 (:mod:`chanstore.http.beside`).
@@ -52,8 +54,9 @@ def parse_value(body: bytes, what: str = "the body") -> Document:
     """A value to store: the JSON document ``body`` holds, kept as it is, with its stored
     form made once (``body`` itself when it is that form already).
 
-    A body proven to be that form (what chanstore's clients send) is not parsed at all:
-    it is kept as its bytes, which is what GET answers and the backend stores."""
+    A body proven to be that form (what chanstore's clients send), or proven so once
+    re-spelt (see :func:`chanstore.stored_form.stored_text`), is not parsed at all: it is
+    kept as those bytes, which is what GET answers and the backend stores."""
     document = codec.proven_document(body, MAX_JSON_DEPTH)
     return parsed_value(body, what) if document is None else document
 
