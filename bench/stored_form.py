@@ -21,6 +21,14 @@ worktree's ``daemon/chanstore`` after ``python3 setup.py build_ext
 --inplace`` there), loaded beside this build's in one process.
 
     python3 bench/stored_form.py --previous /tmp/previous/daemon/chanstore
+
+``--spelt`` measures bodies spelt as other clients spell them (Python's
+``json.dumps``, JavaScript's ``JSON.stringify``) instead: ``parse_value``,
+which re-spells them in C (``stored_form.compacted``) and proves that, against
+the same call with the re-spelling switched off (parsed by orjson, as before),
+in the same rounds.
+
+    python3 bench/stored_form.py --spelt
 """
 
 from __future__ import annotations
@@ -61,6 +69,47 @@ def proof_off() -> Iterator[None]:
         yield
     finally:
         stored_form.proves = proves
+
+
+@contextlib.contextmanager
+def respelling_off() -> Iterator[None]:
+    """parse_value as it was before bodies were re-spelt: a body spelt otherwise parsed."""
+    compacted = stored_form.compacted
+    stored_form.compacted = lambda data: None
+    try:
+        yield
+    finally:
+        stored_form.compacted = compacted
+
+
+def parsed_as_spelt(body: bytes) -> codec.Document:
+    with respelling_off():
+        return parse_value(body)
+
+
+def measure_spelt() -> None:
+    """parse_value of each spelt body: re-spelt, and parsed as before, in turns. The text
+    bodies hold words that are not ASCII, which JavaScript writes as they are."""
+    print("| size | shape | spelling | bytes | parse_value, re-spelt µs | parsed as before µs "
+          "| ratio |")  # fmt: skip
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for body, label, shape in bodies():
+        value = json.loads(body.decode().replace("quick", "quíck 😀"))
+        spellings = {"python": json.dumps(value).encode()}
+        if shape == "text":
+            spellings["javascript"] = json.dumps(value, separators=(",", ":"),
+                                                 ensure_ascii=False).encode()  # fmt: skip
+        for spelling, spelt in spellings.items():
+            assert parse_value(spelt).stored == parsed_as_spelt(spelt).stored != spelt
+            fns = {"respelt": functools.partial(parse_value, spelt),
+                   "parsed": functools.partial(parsed_as_spelt, spelt)}  # fmt: skip
+            times: dict[str, list[float]] = {name: [] for name in fns}
+            for _ in range(ROUNDS):
+                for name, fn in fns.items():
+                    times[name].append(per_call(fn, len(spelt)))
+            respelt, parsed = (statistics.median(times[name]) for name in fns)
+            print(f"| {label} | {shape} | {spelling} | {len(spelt):,} | {respelt:.1f} | "
+                  f"{parsed:.1f} | {respelt / parsed:.2f}x |")  # fmt: skip
 
 
 def parse_as_before(body: bytes) -> codec.Document:
@@ -134,9 +183,14 @@ def main() -> None:
     parser.add_argument("--previous", type=Path, metavar="DIR",
                         help="compare the proof and the indent with the build of _stored_form "
                              "in DIR")  # fmt: skip
+    parser.add_argument("--spelt", action="store_true",
+                        help="measure bodies spelt as other clients spell them")  # fmt: skip
     args = parser.parse_args()
     if not stored_form.COMPILED:
         sys.exit("chanstore._stored_form is not built: `pip install -e .` builds it")
+    if args.spelt:
+        measure_spelt()
+        return
     if args.previous is not None:
         compare_builds(previous_build(args.previous))
         return
