@@ -60,6 +60,16 @@ def per_call(fn: Callable[[], object], size: int) -> float:
     return (time.perf_counter() - started) / runs * 1e6
 
 
+def medians(fns: dict[str, Callable[[], object]], size: int) -> dict[str, float]:
+    """µs per call of each of ``fns`` (on a body of ``size`` bytes): the median of
+    ROUNDS rounds, each timing every function in turn."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            times[name].append(per_call(fn, size))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 @contextlib.contextmanager
 def proof_off() -> Iterator[None]:
     """parse_value as it was before the proof: every body parsed and checked for depth."""
@@ -101,13 +111,9 @@ def measure_spelt() -> None:
                                                  ensure_ascii=False).encode()  # fmt: skip
         for spelling, spelt in spellings.items():
             assert parse_value(spelt).stored == parsed_as_spelt(spelt).stored != spelt
-            fns = {"respelt": functools.partial(parse_value, spelt),
-                   "parsed": functools.partial(parsed_as_spelt, spelt)}  # fmt: skip
-            times: dict[str, list[float]] = {name: [] for name in fns}
-            for _ in range(ROUNDS):
-                for name, fn in fns.items():
-                    times[name].append(per_call(fn, len(spelt)))
-            respelt, parsed = (statistics.median(times[name]) for name in fns)
+            respelt, parsed = medians({"respelt": functools.partial(parse_value, spelt),
+                                       "parsed": functools.partial(parsed_as_spelt, spelt)},
+                                      len(spelt)).values()  # fmt: skip
             print(f"| {label} | {shape} | {spelling} | {len(spelt):,} | {respelt:.1f} | "
                   f"{parsed:.1f} | {respelt / parsed:.2f}x |")  # fmt: skip
 
@@ -127,11 +133,7 @@ def measure(body: bytes) -> dict[str, float]:
     }
     assert parse_value(body).stored is body and parse_as_before(body).stored is body
     assert stored_form.indented(body) == json.dumps(json.loads(body), indent=2).encode()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            times[name].append(per_call(fn, len(body)))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return medians(fns, len(body))
 
 
 def previous_build(folder: Path) -> ModuleType:
@@ -156,11 +158,7 @@ def compare_builds(previous: ModuleType) -> None:
         assert stored_form.indented(body) == previous.indented(body), (label, shape)
         for what in ("proof", "indent"):
             builds = {name: _call(module, what, body) for name, module in modules.items()}
-            times: dict[str, list[float]] = {name: [] for name in builds}
-            for _ in range(ROUNDS):
-                for name, call in builds.items():
-                    times[name].append(per_call(call, len(body)))
-            this, before = (statistics.median(times[name]) for name in builds)
+            this, before = medians(builds, len(body)).values()
             print(f"| {label} | {shape} | {len(body):,} | {what} | {this:.1f} | {before:.1f} | "
                   f"{before / this:.2f}x |")  # fmt: skip
 

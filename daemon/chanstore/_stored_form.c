@@ -840,7 +840,8 @@ stored_form_max_depth(PyObject *number)
 
 /* -- indented ------------------------------------------------------------ */
 
-/* Where the indented form is written: into the bytes object that will be the answer,
+/* The indented form is written (an Output, see _stored_form.h) into the bytes object
+ * that will be the answer,
  * made beforehand at 1.25 times the stored form's size (STORED_FORM_INDENT_ROOM),
  * which chat state fits (chat messages indent to 1.19 times their size), so that
  * it is written once, into one buffer, then shrunk; a document that needs more
@@ -849,17 +850,9 @@ stored_form_max_depth(PyObject *number)
  * buffer, a megabyte for a large value, was fresh pages on each call once freed:
  * the page faults cost more than the indenting. (A first guess of twice the size
  * did no better: glibc then maps each answer anew.) */
-typedef struct {
-    char *bytes;
-    Py_ssize_t length;
-    Py_ssize_t capacity;
-    int own;
-} Output;
 
-/* Past the room there is: rare, and kept out of line so that the small functions below
- * stay inlined into indent() (made calls, they took a third of its time). */
-static Py_NO_INLINE int
-grow(Output *out, Py_ssize_t more)
+int
+stored_form_grow(Output *out, Py_ssize_t more)
 {
     Py_ssize_t capacity = out->capacity * 2;
     if (capacity < out->length + more) {
@@ -880,31 +873,14 @@ grow(Output *out, Py_ssize_t more)
 }
 
 static Py_ALWAYS_INLINE inline int
-reserve(Output *out, Py_ssize_t more)
-{
-    return out->length + more <= out->capacity || grow(out, more);
-}
-
-static Py_ALWAYS_INLINE inline int
 new_line(Output *out, Py_ssize_t depth)
 {
-    if (!reserve(out, 1 + 2 * depth)) {
+    if (!stored_form_reserve(out, 1 + 2 * depth)) {
         return 0;
     }
     out->bytes[out->length++] = '\n';
     memset(out->bytes + out->length, ' ', (size_t)(2 * depth));
     out->length += 2 * depth;
-    return 1;
-}
-
-static Py_ALWAYS_INLINE inline int
-put(Output *out, const void *bytes, Py_ssize_t length)
-{
-    if (!reserve(out, length)) {
-        return 0;
-    }
-    memcpy(out->bytes + out->length, bytes, (size_t)length);
-    out->length += length;
     return 1;
 }
 
@@ -934,32 +910,32 @@ indent(Output *out, const unsigned char *at, const unsigned char *end)
         switch (byte) {
         case '"': {
             const unsigned char *stop = string_end(at, end);
-            ok = put(out, at, stop - at);
+            ok = stored_form_put(out, at, stop - at);
             at = stop;
             continue;
         }
         case '{':
         case '[':
             if (at + 1 < end && at[1] == (byte == '{' ? '}' : ']')) {
-                ok = put(out, at, 2); /* empty: {} or [] */
+                ok = stored_form_put(out, at, 2); /* empty: {} or [] */
                 at += 2;
                 continue;
             }
-            ok = put(out, at, 1) && new_line(out, ++depth);
+            ok = stored_form_put(out, at, 1) && new_line(out, ++depth);
             break;
         case '}':
         case ']':
             depth = depth > 0 ? depth - 1 : 0;
-            ok = new_line(out, depth) && put(out, at, 1);
+            ok = new_line(out, depth) && stored_form_put(out, at, 1);
             break;
         case ',':
-            ok = put(out, ",", 1) && new_line(out, depth);
+            ok = stored_form_put(out, ",", 1) && new_line(out, depth);
             break;
         case ':':
-            ok = put(out, ": ", 2);
+            ok = stored_form_put(out, ": ", 2);
             break;
         default:
-            ok = put(out, at, 1);
+            ok = stored_form_put(out, at, 1);
         }
         at++;
     }

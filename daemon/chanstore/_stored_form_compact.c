@@ -37,54 +37,19 @@
 
 enum { DECLINED = 0, WRITTEN = 1, OUT_OF_MEMORY = -1 };
 
-/* The text being written, in a buffer made with PyMem_RawMalloc. */
-typedef struct {
-    char *bytes;
-    Py_ssize_t length;
-    Py_ssize_t capacity;
-    int changed; /* whether it differs from the body so far */
-} Text;
-
-static Py_NO_INLINE int
-grow(Text *text, Py_ssize_t more)
-{
-    Py_ssize_t capacity = text->capacity * 2;
-    if (capacity < text->length + more) {
-        capacity = text->length + more;
-    }
-    char *bytes = PyMem_RawRealloc(text->bytes, (size_t)capacity);
-    if (bytes == NULL) {
-        return 0;
-    }
-    text->bytes = bytes;
-    text->capacity = capacity;
-    return 1;
-}
-
-static inline int
-put(Text *text, const void *bytes, Py_ssize_t length)
-{
-    if (text->length + length > text->capacity && !grow(text, length)) {
-        return 0;
-    }
-    memcpy(text->bytes + text->length, bytes, (size_t)length);
-    text->length += length;
-    return 1;
-}
-
 /* A \uXXXX escape of a code unit, in lower case as the stdlib writes it. */
 static int
-put_unit(Text *text, unsigned long unit)
+put_unit(Output *out, unsigned long unit)
 {
     static const char hex[] = "0123456789abcdef";
     char escape[6] = {'\\', 'u', hex[(unit >> 12) & 15], hex[(unit >> 8) & 15],
                       hex[(unit >> 4) & 15], hex[unit & 15]};
-    return put(text, escape, sizeof escape);
+    return stored_form_put(out, escape, sizeof escape);
 }
 
 /* A character of a string, as json.dumps writes it (ensure_ascii, its default). */
 static int
-put_character(Text *text, unsigned long point)
+put_character(Output *out, unsigned long point)
 {
     char escape[2] = {'\\', 0};
     switch (point) {
@@ -97,17 +62,17 @@ put_character(Text *text, unsigned long point)
     case '\t': escape[1] = 't'; break;
     }
     if (escape[1] != 0) {
-        return put(text, escape, 2);
+        return stored_form_put(out, escape, 2);
     }
     if (point >= 0x20 && point < 0x7f) {
         char byte = (char)point;
-        return put(text, &byte, 1);
+        return stored_form_put(out, &byte, 1);
     }
     if (point < 0x10000) {
-        return put_unit(text, point);
+        return put_unit(out, point);
     }
     point -= 0x10000;
-    return put_unit(text, 0xd800 | (point >> 10)) && put_unit(text, 0xdc00 | (point & 0x3ff));
+    return put_unit(out, 0xd800 | (point >> 10)) && put_unit(out, 0xdc00 | (point & 0x3ff));
 }
 
 /* The code unit of a \uXXXX at `at` (which points at the 'u'), hex digits in either case;
@@ -219,15 +184,15 @@ decoded(const unsigned char **at, const unsigned char *end)
 /* The string whose opening quote is at *at, escaped as the stdlib escapes it, and *at
  * past its closing quote. */
 static int
-string(Text *text, const unsigned char **at, const unsigned char *end)
+string(Output *out, const unsigned char **at, const unsigned char *end)
 {
     const unsigned char *from = *at + 1;
-    if (!put(text, "\"", 1)) {
+    if (!stored_form_put(out, "\"", 1)) {
         return OUT_OF_MEMORY;
     }
     for (;;) {
         const unsigned char *stop = stored_form_string_stop(from, end);
-        if (!put(text, from, stop - from)) {
+        if (!stored_form_put(out, from, stop - from)) {
             return OUT_OF_MEMORY;
         }
         if (stop == end) {
@@ -235,7 +200,7 @@ string(Text *text, const unsigned char **at, const unsigned char *end)
         }
         if (*stop == '"') {
             *at = stop + 1;
-            return put(text, "\"", 1) ? WRITTEN : OUT_OF_MEMORY;
+            return stored_form_put(out, "\"", 1) ? WRITTEN : OUT_OF_MEMORY;
         }
         from = stop;
         long point;
@@ -255,13 +220,8 @@ string(Text *text, const unsigned char **at, const unsigned char *end)
         if (point < 0) {
             return DECLINED;
         }
-        Py_ssize_t before = text->length;
-        if (!put_character(text, point)) {
+        if (!put_character(out, point)) {
             return OUT_OF_MEMORY;
-        }
-        Py_ssize_t written = text->length - before;
-        if (written != from - stop || memcmp(text->bytes + before, stop, (size_t)written) != 0) {
-            text->changed = 1;
         }
     }
 }
@@ -285,14 +245,14 @@ in_word(unsigned char byte)
 }
 
 static int
-compact(Text *text, const unsigned char *at, const unsigned char *end)
+compact(Output *out, const unsigned char *at, const unsigned char *end)
 {
     unsigned char last = 0; /* the last byte written outside a string; 0 at first */
     int spaced = 0;         /* whether whitespace was left out since */
     while (at < end) {
         unsigned char byte = *at;
         if (is_space(byte)) {
-            spaced = text->changed = 1;
+            spaced = 1;
             at++;
             continue;
         }
@@ -301,7 +261,7 @@ compact(Text *text, const unsigned char *at, const unsigned char *end)
         }
         spaced = 0;
         if (byte == '"') {
-            int outcome = string(text, &at, end);
+            int outcome = string(out, &at, end);
             if (outcome != WRITTEN) {
                 return outcome;
             }
@@ -312,7 +272,7 @@ compact(Text *text, const unsigned char *at, const unsigned char *end)
         while (at < end && !is_space(*at) && *at != '"') {
             at++;
         }
-        if (!put(text, word, at - word)) {
+        if (!stored_form_put(out, word, at - word)) {
             return OUT_OF_MEMORY;
         }
         last = at[-1];
@@ -324,18 +284,20 @@ Py_ssize_t
 stored_form_compact(const unsigned char *data, Py_ssize_t length, char **compacted)
 {
     /* Room for the body: what a body spaced or escaped otherwise (the usual case) needs. */
-    Text text = {.bytes = PyMem_RawMalloc((size_t)length + 64), .capacity = length + 64};
+    Output out = {.bytes = PyMem_RawMalloc((size_t)length + 64), .capacity = length + 64,
+                  .own = 1};
     *compacted = NULL;
-    if (text.bytes == NULL) {
+    if (out.bytes == NULL) {
         return -1;
     }
-    int outcome = compact(&text, data, data + length);
-    if (outcome != WRITTEN || !text.changed || text.length == 0) {
-        PyMem_RawFree(text.bytes);
+    int outcome = compact(&out, data, data + length);
+    if (outcome != WRITTEN || out.length == 0 ||
+        (out.length == length && memcmp(out.bytes, data, (size_t)length) == 0)) {
+        PyMem_RawFree(out.bytes);
         return outcome == OUT_OF_MEMORY ? -1 : 0;
     }
-    *compacted = text.bytes;
-    return text.length;
+    *compacted = out.bytes;
+    return out.length;
 }
 
 PyObject *
