@@ -242,6 +242,44 @@ def test_get_with_if_none_match_of_the_current_etag_is_304(
     assert fresh.headers["etag"] == quoted(new_etag)
 
 
+@CONTAINERS
+def test_get_with_if_match_answers_only_the_version_asked_for(
+    both: DaemonProcess, channel: str, container: str
+) -> None:
+    """RFC 9110: If-Match holds on a GET too, and is evaluated before If-None-Match. A
+    client that read a version and wants nothing else (to show what it will overwrite)
+    gets 412 and the current ETag, not a newer value it did not ask for."""
+    old = stored_etag(put(both, channel, container, "hp", {"hp": 1}))
+    current = stored_etag(put(both, channel, container, "hp", {"hp": 2}))
+    path = key_path(channel, container, "hp")
+    for method in ("GET", "HEAD"):
+        for header in [quoted(current), "*"]:
+            held = both.http.request(method, path, headers={"if-match": header})
+            assert held.status_code == 200, (method, header, held.text)
+            assert held.headers["etag"] == quoted(current)
+        stale = both.http.request(method, path, headers={"if-match": quoted(old)})
+        assert stale.status_code == 412, (method, stale.text)
+        assert stale.headers["etag"] == quoted(current)
+    assert_precondition_failed(both.http.get(path, headers={"if-match": quoted(old)}),
+                               {"hp": current})  # fmt: skip
+    # Both headers: If-Match first, then If-None-Match's 304.
+    both_held = both.http.get(path, headers={"if-match": quoted(current),
+                                             "if-none-match": quoted(current)})  # fmt: skip
+    assert both_held.status_code == 304
+    refused = both.http.get(path, headers={"if-match": quoted(old),
+                                           "if-none-match": quoted(current)})  # fmt: skip
+    assert_precondition_failed(refused, {"hp": current})
+    # An absent key holds no version: 412 rather than 404 (a malformed header: 400).
+    for header in ["*", quoted(current)]:
+        absent = both.http.get(key_path(channel, container, "nobody"), headers={"if-match": header})
+        assert_precondition_failed(absent, {"nobody": None})
+    for path_of in (path, key_path(channel, container, "nobody")):
+        bad = both.http.get(path_of, headers={"if-match": current})  # no quotes
+        assert bad.status_code == 400, bad.text
+        assert "If-Match must be * or one strong ETag" in bad.json()["error"]
+    assert both.get(channel, container, "nobody").status_code == 404
+
+
 # -- preconditions on PUT and DELETE -------------------------------------------------
 
 

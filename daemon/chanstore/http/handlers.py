@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from chanstore.codec import Document, to_json_shape
 from chanstore.engine import ABSENT, NO_EXPECTATION, Feed, Store
 from chanstore.engine.store import NoExpectation
-from chanstore.errors import ChanstoreError, CorruptValue
+from chanstore.errors import ChanstoreError, CorruptValue, PreconditionFailed
 from chanstore.http.api import Later
 from chanstore.http.beside import BESIDE_LOOP_BYTES, parse_value_beside
 from chanstore.http.bodies import json_body, parse_json, parse_value
@@ -53,17 +53,17 @@ class DataHandlers:
         found = self.store.cached_body(channel, container, key)
         if found is not None and found is not ABSENT:
             # No checks needed: only a valid channel, container and key reach memory.
-            return _value_answer(request, found)
+            return _value_answer(request, key, found)
         self._check_address(channel, container, key)
         if found is ABSENT:
-            raise _not_found(key, container)
+            raise _absent(request, key, container)
         return self._read(request, channel, container, key)
 
     async def _read(self, request: Request, channel: str, container: str, key: str) -> Response:
         found = await self.store.read_body(channel, container, key)
         if found is ABSENT:
-            raise _not_found(key, container)
-        return _value_answer(request, found)
+            raise _absent(request, key, container)
+        return _value_answer(request, key, found)
 
     def put_key(self, request: Request) -> Later | Awaitable[Response]:
         channel, container, key = request.segments[2:5]
@@ -232,13 +232,30 @@ class OpsHandlers:
         return Response(200, json_body(answer))
 
 
-def _value_answer(request: Request, found: tuple[bytes, str]) -> Response:
-    """200 with the value and its ETag; 304 when the client's copy is that version."""
+def _value_answer(request: Request, key: str, found: tuple[bytes, str]) -> Response:
+    """200 with the value and its ETag; 304 when the client's copy is that version; 412
+    when ``If-Match`` asks for another (RFC 9110 evaluates it first)."""
     body, etag = found
-    if request.method == "GET" and (cached := request.header(b"if-none-match")) is not None \
-            and _names_etag(cached, etag):  # fmt: skip
+    if (wanted := request.header(b"if-match")) is not None:
+        _check_read_precondition(wanted, key, etag)
+    if (cached := request.header(b"if-none-match")) is not None and _names_etag(cached, etag):
         return Response(304, b"", etag=etag)
     return Response(200, body, etag=etag)
+
+
+def _absent(request: Request, key: str, container: str) -> Exception:
+    """What a read of an absent key answers: 404, or 412 when ``If-Match`` asked for a
+    version of it (an absent key holds none, ``*`` included)."""
+    if (wanted := request.header(b"if-match")) is not None:
+        _if_match_tag(wanted)  # a malformed one is a 400 first, as on a write
+        return PreconditionFailed({key: None})
+    return _not_found(key, container)
+
+
+def _check_read_precondition(wanted: bytes, key: str, etag: str) -> None:
+    expected = _if_match_tag(wanted)
+    if expected is not ANY and expected != etag:
+        raise PreconditionFailed({key: etag})
 
 
 def _names_etag(header: bytes, etag: str) -> bool:
@@ -260,6 +277,12 @@ def write_expectation(request: Request) -> Expectation | NoExpectation:
         return None
     if if_match is None:
         return NO_EXPECTATION
+    return _if_match_tag(if_match)
+
+
+def _if_match_tag(if_match: bytes) -> str:
+    """The version ``If-Match`` names: an ETag, or :data:`~chanstore.versions.ANY` for
+    ``*``; 400 for anything else."""
     tag = if_match.strip()
     if tag == b"*":
         return ANY
