@@ -26,7 +26,10 @@ worktree's ``daemon/chanstore`` after ``python3 setup.py build_ext
 ``json.dumps``, JavaScript's ``JSON.stringify``) instead: ``parse_value``,
 which re-spells them in C (``stored_form.compacted``) and proves that, against
 the same call with the re-spelling switched off (parsed by orjson, as before),
-in the same rounds.
+in the same rounds. Then what a write of the library costs for the same
+values, whose text is not all ASCII: ``codec.encode_bytes``, compact and
+indented (the json file form), with orjson's output escaped in C against
+the same call escaping by a codec error handler, as before.
 
     python3 bench/stored_form.py --spelt
 """
@@ -118,6 +121,48 @@ def measure_spelt() -> None:
                   f"{parsed:.1f} | {respelt / parsed:.2f}x |")  # fmt: skip
 
 
+@contextlib.contextmanager
+def escapes_in_python() -> Iterator[None]:
+    """codec.encode_bytes as it was before its escapes were made in C."""
+    stored_form.COMPILED = False
+    try:
+        yield
+    finally:
+        stored_form.COMPILED = True
+
+
+def encoded_as_before(value: object, indent: int | None) -> bytes:
+    with escapes_in_python():
+        return codec.encode_bytes(value, indent=indent)
+
+
+def measure_escapes() -> None:
+    """codec.encode_bytes of values whose text is not all ASCII: escaped in C, and by the
+    codec error handler as before, in turns."""
+    print("| size | indent | bytes | encode_bytes, escaped in C µs | as before µs | ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for body, label, shape in bodies():
+        if shape != "text":
+            continue
+        value = json.loads(body.decode().replace("quick", "quíck 😀"))
+        for indent in (None, 2):
+            made = codec.encode_bytes(value, indent=indent)
+            assert (
+                made
+                == encoded_as_before(value, indent)
+                == (
+                    json.dumps(value, indent=indent, separators=None if indent else (",", ":"))
+                ).encode()
+            )
+            escaped, before = medians(
+                {"escaped": functools.partial(codec.encode_bytes, value, indent=indent),
+                 "before": functools.partial(encoded_as_before, value, indent)},
+                len(made),
+            ).values()  # fmt: skip
+            print(f"| {label} | {indent} | {len(made):,} | {escaped:.1f} | {before:.1f} | "
+                  f"{escaped / before:.2f}x |")  # fmt: skip
+
+
 def parse_as_before(body: bytes) -> codec.Document:
     with proof_off():
         return parse_value(body)
@@ -188,6 +233,8 @@ def main() -> None:
         sys.exit("chanstore._stored_form is not built: `pip install -e .` builds it")
     if args.spelt:
         measure_spelt()
+        print()
+        measure_escapes()
         return
     if args.previous is not None:
         compare_builds(previous_build(args.previous))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chanstore import codec
+from chanstore import codec, stored_form
 from chanstore.errors import UnstorableValue
 from chanstore.versions import etag_of, etag_of_stored
 from support import VALUES, assert_same
@@ -63,6 +63,22 @@ def test_odd_numbers_and_text_are_exact_in_every_place(item):
         assert_same(codec.decode(compact.encode("ascii")), value)
         assert_same(codec.decode(indented), value)
         assert_same(codec.decode(codec.encode(value), revive=False).doc, value)
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["escaped in C", "in Python"])
+def test_text_beyond_ascii_is_escaped_as_the_stdlib_escapes_it(extension, monkeypatch):
+    """orjson writes such text (and DEL) as it is: escaped again in C where the extension
+    is built (stored_form.compacted; the indented form re-spaced after), else by a codec
+    error handler. Both must give the stdlib's bytes."""
+    if extension and not stored_form.COMPILED:
+        pytest.skip("the extension is not in use")
+    monkeypatch.setattr(stored_form, "COMPILED", extension)
+    chat = [{"user": "zoë", "text": "héllo 世界 🎉\x7f" * 40, "ts": 1.7e9 + n / 7, "n": n}
+            for n in range(50)]  # fmt: skip
+    for value in [chat, {"é": ["\x7f", "\U0010ffff", {"k": "\u2028"}]}, "\x7f", ["a\x7fé"]]:
+        compact, indented = stdlib_forms(value)
+        assert codec.encode_bytes(value) == compact.encode("ascii")
+        assert codec.encode_bytes(value, indent=2) == indented.encode("ascii")
 
 
 def test_a_text_that_merely_looks_like_a_number_is_not_mistaken():
