@@ -50,16 +50,16 @@ names ``--only`` takes:
    rows' notes also give what one PUT and one SET cost the machine, process
    by process (CPU per operation over the rounds: the daemon, redis-server
    and wrk; redis-server and redis-benchmark).
-7. ``put-spelt``, PUTs of one 100 KB value (the chat messages above, some
-   words not ASCII) to the redis container with 8 connections, spelt as
+   For "no loss" at 100 B, run ``--only put-json,put-redis`` twice, once with
+   ``PYTHONPATH`` naming a worktree of the previous release's ``daemon/``.
+7. ``put-spelt``, PUTs of one value (the 100 KB of chat messages above with
+   some words made non-ASCII: 132 KB in its stored form, whose escapes are
+   longer) to the redis container with 8 connections, spelt as
    other clients spell it: Python's ``json.dumps`` (a space after every ``,``
    and ``:``) and JavaScript's ``JSON.stringify`` (non-ASCII text as UTF-8),
    against the same value in its stored form (what chanstore's clients send),
    in turns in the same rounds, after the histories are filled as above; not
    run by default. The daemon re-spells such a body in C rather than parsing it.
-
-   For "no loss" at 100 B, run ``--only put-json,put-redis`` twice, once with
-   ``PYTHONPATH`` naming a worktree of the previous release's ``daemon/``.
 
 How: the benchmark starts everything itself on free loopback ports and stops
 it at the end: a redis-server of its own (no persistence) and the daemon as a
