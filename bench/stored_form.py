@@ -76,23 +76,26 @@ def medians(fns: dict[str, Callable[[], object]], size: int) -> dict[str, float]
 @contextlib.contextmanager
 def proof_off() -> Iterator[None]:
     """parse_value as it was before the proof: every body parsed and checked for depth."""
-    proves = stored_form.proves
-    stored_form.proves = lambda data, max_depth: False
+    stored_text = stored_form.stored_text
+    stored_form.stored_text = lambda data, max_depth: None
     try:
         yield
     finally:
-        stored_form.proves = proves
+        stored_form.stored_text = stored_text
 
 
 @contextlib.contextmanager
 def respelling_off() -> Iterator[None]:
     """parse_value as it was before bodies were re-spelt: a body spelt otherwise parsed."""
-    compacted = stored_form.compacted
-    stored_form.compacted = lambda data: None
+    compacted, stored_text = stored_form.compacted, stored_form.stored_text
+    stored_form.compacted = lambda data: None  # the codec escapes by its handler too
+    stored_form.stored_text = lambda data, max_depth: (
+        data if stored_form.proves(data, max_depth) else None
+    )
     try:
         yield
     finally:
-        stored_form.compacted = compacted
+        stored_form.compacted, stored_form.stored_text = compacted, stored_text
 
 
 def parsed_as_spelt(body: bytes) -> codec.Document:

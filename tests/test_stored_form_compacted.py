@@ -181,13 +181,20 @@ def test_nesting_re_spelt_is_held_to_the_same_limit():
     assert stored_form.stored_text(b"[ " * (limit + 1) + b"]" * (limit + 1), limit) is None
 
 
-def test_compacted_takes_any_buffer_and_refuses_what_is_not_one():
+def test_compacted_and_stored_text_take_any_buffer_and_refuse_what_is_not_one():
     assert stored_form.compacted(bytearray(b"[1, 2]")) == b"[1,2]"
     assert stored_form.compacted(memoryview(b' "\\/" ')) == b'"/"'
     assert stored_form.compacted(b"") is None
     assert stored_form.compacted(b"[1,2]") is None  # nothing to change
     with pytest.raises(TypeError):
         stored_form.compacted("[1, 2]")
+    proven = bytearray(b"[1,2]")
+    assert stored_form.stored_text(proven, MAX_JSON_DEPTH) is proven  # as it came
+    assert stored_form.stored_text(memoryview(b"[1, 2]"), MAX_JSON_DEPTH) == b"[1,2]"
+    with pytest.raises(TypeError, match="stored_text\\(\\) takes data and max_depth"):
+        stored_form.stored_text(b"[1]")
+    with pytest.raises(ValueError, match="max_depth must be from 0 to 1000"):
+        stored_form.stored_text(b"[1]", -1)
 
 
 def test_a_text_far_larger_once_escaped_is_re_spelt_whole():

@@ -95,8 +95,17 @@ stored_form_put(Output *out, const void *bytes, Py_ssize_t length)
 Py_ssize_t stored_form_compact(const unsigned char *data, Py_ssize_t length,
                                char **compacted);
 
-/* compacted(data), the module's function. */
+/* The stored form of `data` had without parsing it (stored_text(), and Beside's threads):
+ * 1 when `data` itself is proven (*respelt NULL), or its re-spelling is (in *respelt,
+ * made with PyMem_RawMalloc, *respelt_length bytes); 0 when neither is, or when out of
+ * memory (*out_of_memory set). Needs no GIL; `without_python` as for the proof. */
+int stored_form_text(const unsigned char *data, Py_ssize_t length, int max_depth,
+                     int without_python, int *out_of_memory, char **respelt,
+                     Py_ssize_t *respelt_length);
+
+/* compacted(data) and stored_text(data, max_depth), the module's functions. */
 PyObject *stored_form_compacted(PyObject *module, PyObject *arg);
+PyObject *stored_form_stored_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 /* Room for the indented form of a stored form of `length` bytes, which chat state fits. */
 #define STORED_FORM_INDENT_ROOM(length) ((length) + (length) / 4 + 64)

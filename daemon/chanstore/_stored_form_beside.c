@@ -115,36 +115,13 @@ pop(Jobs *jobs)
     return job;
 }
 
-/* A body spelt otherwise (a Python or JavaScript client's layout) re-spelt and proven
- * again: into job->compacted when that is proven. */
-static void
-prove_compacted(Job *job)
-{
-    char *compacted;
-    Py_ssize_t length = stored_form_compact(job->bytes, job->length, &compacted);
-    if (length <= 0) {
-        job->out_of_memory = length < 0;
-        return;
-    }
-    job->proven = stored_form_proven((const unsigned char *)compacted, length, job->max_depth,
-                                     1, &job->out_of_memory);
-    if (!job->proven) {
-        PyMem_RawFree(compacted);
-        return;
-    }
-    job->compacted = compacted;
-    job->compacted_length = length;
-}
-
 static void
 answer(Job *job)
 {
     job->indented_length = -1;
-    job->proven = stored_form_proven(job->bytes, job->length, job->max_depth, 1,
-                                     &job->out_of_memory);
-    if (!job->proven && !job->out_of_memory) {
-        prove_compacted(job);
-    }
+    job->proven = stored_form_text(job->bytes, job->length, job->max_depth, 1,
+                                   &job->out_of_memory, &job->compacted,
+                                   &job->compacted_length);
     if (!job->proven) {
         return; /* the caller parses the body, and makes its ETag of what it stores */
     }

@@ -5,6 +5,11 @@
  *       string escaped as json.dumps escapes it; None where that cannot be
  *       done without a parser (see below), or where data is spelt so already.
  *
+ *   stored_text(data, max_depth) -> bytes or None
+ *       the stored form of data's document had without parsing it: data
+ *       itself when proves() says so, else its compacted() form when that
+ *       is proven; None when neither is. Beside's threads do the same.
+ *
  * Clients other than chanstore's send a value in other spellings: Python's
  * json.dumps puts a space after every ',' and ':', JavaScript's
  * JSON.stringify writes non-ASCII characters as they are, pretty printers
@@ -299,6 +304,78 @@ stored_form_compact(const unsigned char *data, Py_ssize_t length, char **compact
     }
     *compacted = out.bytes;
     return out.length;
+}
+
+int
+stored_form_text(const unsigned char *data, Py_ssize_t length, int max_depth,
+                 int without_python, int *out_of_memory, char **respelt,
+                 Py_ssize_t *respelt_length)
+{
+    *respelt = NULL;
+    *respelt_length = 0;
+    if (stored_form_proven(data, length, max_depth, without_python, out_of_memory)) {
+        return 1;
+    }
+    if (*out_of_memory) {
+        return 0;
+    }
+    char *compacted;
+    Py_ssize_t written = stored_form_compact(data, length, &compacted);
+    if (written <= 0) {
+        *out_of_memory = written < 0;
+        return 0;
+    }
+    if (!stored_form_proven((const unsigned char *)compacted, written, max_depth,
+                            without_python, out_of_memory)) {
+        PyMem_RawFree(compacted);
+        return 0;
+    }
+    *respelt = compacted;
+    *respelt_length = written;
+    return 1;
+}
+
+PyObject *
+stored_form_stored_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "stored_text() takes data and max_depth");
+        return NULL;
+    }
+    int max_depth = stored_form_max_depth(args[1]);
+    if (max_depth < 0) {
+        return NULL;
+    }
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    int proven, out_of_memory;
+    char *respelt;
+    Py_ssize_t length;
+    if (data.len >= STORED_FORM_WITHOUT_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        proven = stored_form_text(data.buf, data.len, max_depth, 0, &out_of_memory, &respelt,
+                                  &length);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        proven = stored_form_text(data.buf, data.len, max_depth, 0, &out_of_memory, &respelt,
+                                  &length);
+    }
+    PyBuffer_Release(&data);
+    if (out_of_memory) {
+        return PyErr_NoMemory();
+    }
+    if (!proven) {
+        Py_RETURN_NONE;
+    }
+    if (respelt == NULL) {
+        return Py_NewRef(args[0]);
+    }
+    PyObject *answer = PyBytes_FromStringAndSize(respelt, length);
+    PyMem_RawFree(respelt);
+    return answer;
 }
 
 PyObject *

@@ -62,12 +62,8 @@ def compacted(data: bytes) -> bytes | None:
 def stored_text(data: bytes, max_depth: int) -> bytes | None:
     """The stored form of the document ``data`` holds, had without parsing it: ``data``
     itself when :func:`proves` says so, else its :func:`compacted` form when that is
-    proven; None when neither is, and ``data`` must be parsed."""
-    if proves(data, max_depth):
-        return data
-    respelt = compacted(data)
-    if respelt is not None and proves(respelt, max_depth):
-        return respelt
+    proven; None when neither is, and ``data`` must be parsed (here: always, without the
+    extension)."""
     return None
 
 
@@ -83,6 +79,7 @@ COMPILED = _compiled is not None
 
 if _compiled is not None:  # else the forms above serve
     proves, compacted, indented = _compiled.proves, _compiled.compacted, _compiled.indented
+    stored_text = _compiled.stored_text
 
 Beside: Any = getattr(_compiled, "Beside", None)
 """``Beside(threads)``: bodies proven and hashed on threads of the extension that never take
