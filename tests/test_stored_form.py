@@ -377,7 +377,7 @@ def test_beside_indents_a_body_it_proves_as_the_original_writes_its_file(value):
 @needs_beside
 def test_beside_answers_a_body_spelt_otherwise_with_its_stored_form_hashed_and_indented():
     value = [{"id": n, "text": "héllo 😀 " * 9, "ts": 1.7e9 + n / 7} for n in range(2_000)]
-    body = json.dumps(value, ensure_ascii=False, indent=1).encode()  # 1.3 times its stored form
+    body = json.dumps(value, ensure_ascii=False, indent=1).encode()  # 0.65 times its stored form
     proven, sha1, indented = answer_alone(body, indent=True)
     assert proven == stored(value)
     assert sha1 == (hashlib.sha1(proven).hexdigest() if stored_form.Beside(1).hashes else None)
