@@ -1,7 +1,8 @@
 """The C parts of chanstore: the cache's hit path (daemon/chanstore/cache_hits.py), the
-proof that a body is a value's stored form (daemon/chanstore/stored_form.py), and a
+proof that a body is a value's stored form (daemon/chanstore/stored_form.py), a
 large json file written over its folder's spare (daemon/chanstore/backends/spare_files.py),
-and a round of Redis commands encoded (daemon/chanstore/backends/redis_rounds.py).
+a round of Redis commands encoded (daemon/chanstore/backends/redis_rounds.py), and
+whether a value is its own JSON shape (daemon/chanstore/json_shape.py).
 
 Everything else is declared in pyproject.toml. The extension is optional: where
 it cannot be built (no C compiler), the install goes on and chanstore runs the
@@ -30,6 +31,11 @@ setup(
         Extension(
             "chanstore._redis_commands",
             sources=["daemon/chanstore/_redis_commands.c"],
+            optional=True,
+        ),
+        Extension(
+            "chanstore._json_shape",
+            sources=["daemon/chanstore/_json_shape.c"],
             optional=True,
         ),
         Extension(

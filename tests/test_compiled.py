@@ -28,6 +28,7 @@ EXTENSIONS = {
     "_stored_form": "every large PUT would be parsed and hashed on the event loop again",
     "_spare_files": "a large json write would take the GIL back after each system call",
     "_redis_commands": "every round to Redis would be encoded in Python",
+    "_json_shape": "every value would be copied into its JSON shape before it is encoded",
 }
 
 

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import dacite
 import orjson
 
-from chanstore import logs, stored_form
+from chanstore import json_shape, logs, stored_form
 from chanstore.errors import UnstorableValue
 
 __all__ = [
@@ -350,8 +350,8 @@ def encode_bytes(value: Any, *, indent: int | None = None) -> bytes:
             return value.file_form
         if indent == 2 and stored_form.COMPILED:  # the file form, re-spaced in C
             return stored_form.indented(stored)  # type: ignore[arg-type]
-    shaped = to_json_shape(value)
-    # The floats of a shaped value were checked; a Document's were only if it was parsed.
+    shaped = value if json_shape.plain(value, TYPE_KEY, VALUE_KEY) else to_json_shape(value)
+    # Either way the floats were checked (a Document's only if it was parsed).
     checked = value.__class__ is not Document or value.parsed
     out = _fast_dumps(shaped, indent, checked)
     if out is not None:

@@ -1,7 +1,7 @@
 """chanstore's optional C extensions, and the switch that turns them off.
 
 Each extension (``_cache_hits``, ``_stored_form``, ``_spare_files``,
-``_redis_commands``) is built at install time where a C compiler is, and
+``_redis_commands``, ``_json_shape``) is built at install time where a C compiler is, and
 each module that uses one has the same behaviour in Python to fall back on.
 ``CHANSTORE_PURE_PYTHON=1`` in the environment turns every extension off, so
 that the Python forms can be tested and compared on a machine that built them.
