@@ -184,3 +184,56 @@ def _same_types(shaped, value) -> bool:
     if type(value) is float and math.isnan(value):
         return False
     return shaped == value
+
+
+# -- texts: the questions asked before orjson parses, against the Python answers ---------
+
+#: Runs of digits long and short, what may come before them, and what spells a mark.
+pieces = st.one_of(
+    st.text("0123456789", min_size=1, max_size=40),
+    st.sampled_from([".", "e", "E", "-", " ", "x", '"', "_", "\\", "\\u00", "_moobius_type"]),
+)
+texts = st.lists(pieces, max_size=30).map(lambda parts: "".join(parts).encode())
+
+
+def python_answers(monkeypatch, data: bytes) -> tuple[bool, bool]:
+    with monkeypatch.context() as patch:
+        patch.setattr(json_shape, "_compiled", None)
+        return json_shape.long_integer(data), json_shape.may_name(data, codec._MARK)
+
+
+@settings(max_examples=500, deadline=None)
+@given(texts)
+def test_the_text_questions_are_answered_as_python_answers_them(data):
+    with pytest.MonkeyPatch.context() as patch:
+        expected = python_answers(patch, data)
+    assert (json_shape.long_integer(data), json_shape.may_name(data, codec._MARK)) == expected
+
+
+@pytest.mark.parametrize("before", [b"", b" ", b"-", b"[", b".", b"e", b"E", b"1."])
+@pytest.mark.parametrize("digits", [18, 19, 40])
+def test_a_run_of_digits_is_found_wherever_it_lies_in_the_chunks_read(before, digits):
+    """At every offset against the 16-byte chunks (and in the bytes after the last one)."""
+    counts = digits >= 19 and not before.endswith((b".", b"e", b"E"))
+    for offset in range(40):
+        for after in (b"", b",", b"x" * 20):
+            data = b"x" * offset + before + b"7" * digits + after
+            assert json_shape.long_integer(data) is counts, (offset, data)
+
+
+def test_a_megabyte_of_digits_is_read_once():
+    """A fraction's digits are never an integer, however many; each run is measured once."""
+    assert not json_shape.long_integer(b"0." + b"5" * (1 << 20))
+    assert json_shape.long_integer(b"0." + b"5" * (1 << 20) + b",1" + b"0" * 19)
+
+
+@pytest.mark.parametrize("data", [b"", b"_", b"\\u0", b'{"_moobius_typ":1}', b"_moobius_type"[1:]])
+def test_a_text_without_the_name_or_an_escape_names_nothing(data):
+    assert not json_shape.may_name(data, codec._MARK)
+
+
+@pytest.mark.parametrize(
+    "data", [b"_moobius_type", b'"x\\u005fmoobius"', b"\\u00", b"__moobius_type_"]
+)
+def test_a_text_with_the_name_or_an_escape_may_name_it(data):
+    assert json_shape.may_name(data, codec._MARK)

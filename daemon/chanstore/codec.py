@@ -463,7 +463,7 @@ def decode(text: str | bytes, *, revive: bool = True) -> Any:
         if doc is not _SLOW:
             if not revive:
                 return Document(doc, parsed=True)
-            if _MARK not in data and b"\\u00" not in data:  # a mark's name may be escaped
+            if not json_shape.may_name(data, _MARK):
                 return doc
             try:
                 return _revive_all(doc)
@@ -504,7 +504,7 @@ def parse_document(data: bytes) -> Document:
     except orjson.JSONDecodeError:
         return _holding_stored(parse(data), data)  # the stdlib reads it, or says what is wrong
     stored = _fast_dumps(doc, None, True)
-    if stored != data and _may_hold_long_integer(data):
+    if stored != data and json_shape.long_integer(data):
         return _holding_stored(parse(data), data)
     return _holding_stored(doc, data, stored)
 
@@ -538,13 +538,6 @@ def _holding_stored(doc: Any, data: bytes, stored: bytes | None = None) -> Docum
 
 _SLOW = object()
 _MARK = TYPE_KEY.encode()
-#: Digits to 0, what continues a number to '.', the rest to ' ': 19 zeros after a
-#: space are an integer orjson may not parse exactly (it makes beyond-64-bit ones floats).
-_NUMBERS = bytes(
-    ord("0") if byte in b"0123456789" else ord(".") if byte in b".eE" else ord(" ")
-    for byte in range(256)
-)
-_LONG_INTEGER = b"0" * 19
 
 
 def _as_bytes(text: str | bytes) -> bytes | None:
@@ -561,17 +554,12 @@ def _as_bytes(text: str | bytes) -> bytes | None:
 def _fast_loads(data: bytes) -> Any:
     """``data`` parsed by orjson, or ``_SLOW`` where the stdlib must parse it (it decides
     what an error is, and reads what orjson refuses or would read inexactly)."""
-    if _may_hold_long_integer(data):
+    if json_shape.long_integer(data):
         return _SLOW
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return _SLOW
-
-
-def _may_hold_long_integer(data: bytes) -> bool:
-    mapped = data.translate(_NUMBERS)
-    return b" " + _LONG_INTEGER in mapped or mapped.startswith(_LONG_INTEGER)
 
 
 def _revive_all(node: Any) -> Any:
