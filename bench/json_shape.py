@@ -1,21 +1,30 @@
-"""Writes of Python values, their JSON shape proven in C against the shape copied, in one process.
+"""Writes and reads of Python values, with what the codec asks found in C, in one process.
 
-Before a value is encoded, ``codec.to_json_shape`` copies it with every part
-JSON cannot hold replaced by its type mark. A value of JSON types only is its
-own shape; ``chanstore.json_shape.plain`` proves that in C, and the value is
-encoded as it is. The baseline, measured in the same rounds, is the same call
-with the proof switched off, so that every value is walked and copied in
-Python, as before.
+**Writes.** Before a value is encoded, ``codec.to_json_shape`` copies it with
+every part JSON cannot hold replaced by its type mark. A value of JSON types
+only is its own shape; ``chanstore.json_shape.plain`` proves that in C, and
+the value is encoded as it is. The baseline, measured in the same rounds, is
+the same call with the proof switched off, so that every value is walked and
+copied in Python, as before. Measured: ``codec.encode_bytes`` compact (what
+is stored in Redis and hashed for the ETag) and indented (the json backend's
+file form), and what a library user sees: ``d[key] = value`` of a
+``CachedDict`` on a json container with fsync off (a temporary folder), the
+same key written over and over (from 100 KB: below that, the file write's
+noise hides the encode).
 
-Measured: ``codec.encode_bytes`` compact (what is stored in Redis and hashed
-for the ETag) and indented (the json backend's file form), and what a library
-user sees: ``d[key] = value`` of a ``CachedDict`` on a json container with
-fsync off (a temporary folder), the same key written over and over (from 100
-KB: below that, the file write's noise hides the encode). Values are
-chat messages (text) and game state (numbers) from
+**Reads.** Before a text is parsed by orjson, the codec asks whether it may
+hold an integer beyond 64 bits and whether it may name a type mark
+(``json_shape.long_integer`` and ``json_shape.may_name``). The baseline is the
+same call with the extension switched off, so that Python answers them
+(``bytes.translate`` and ``in``), as before. Measured: ``codec.decode`` of
+the stored form (the library's read), ``codec.decode(revive=False)`` (the
+daemon's, which keeps the document), and what a cache miss costs: the json
+backend's ``get_value`` of the file written above (from 100 KB).
+
+Values are chat messages (text) and game state (numbers) from
 ``bench/json_libraries.py``, parsed into Python values. Figures are medians of
 5 rounds; each round times many calls of each form in turn, the switch held
-for the whole of the walked form's calls.
+for the whole of the baseline's calls, with the garbage collector off.
 
     python3 bench/json_shape.py
 """
@@ -23,6 +32,7 @@ for the whole of the walked form's calls.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -51,39 +61,58 @@ def walked() -> Iterator[None]:
         json_shape.plain = plain
 
 
-def paired(call: Callable[[], object], size: int) -> tuple[float, float]:
-    """µs per call with the proof and with every value walked: the medians of ROUNDS
-    rounds, each timing both in turn (the proof first in even rounds, last in odd ones)."""
-    proven: list[float] = []
-    walking: list[float] = []
+@contextlib.contextmanager
+def asked_in_python() -> Iterator[None]:
+    """The text's questions answered in Python, as before (the extension switched off)."""
+    compiled = json_shape._compiled
+    json_shape._compiled = None
+    try:
+        yield
+    finally:
+        json_shape._compiled = compiled
+
+
+def paired(call: Callable[[], object], size: int,
+           before: Callable[[], contextlib.AbstractContextManager[None]] = walked,
+           ) -> tuple[float, float]:  # fmt: skip
+    """µs per call as it is and as ``before`` makes it: the medians of ROUNDS rounds, each
+    timing both in turn (as it is first in even rounds, last in odd ones)."""
+    now: list[float] = []
+    then: list[float] = []
+    gc.collect()
     for index in range(ROUNDS):
-        for form in ("proven", "walked") if index % 2 == 0 else ("walked", "proven"):
-            if form == "proven":
-                proven.append(per_call(call, size))
+        for form in ("now", "then") if index % 2 == 0 else ("then", "now"):
+            if form == "now":
+                now.append(per_call(call, size))
             else:
-                with walked():
-                    walking.append(per_call(call, size))
-    return statistics.median(proven), statistics.median(walking)
+                with before():
+                    then.append(per_call(call, size))
+    return statistics.median(now), statistics.median(then)
 
 
 def row(what: str, label: str, shape: str, times: tuple[float, float]) -> list[str]:
-    proven, walked_ = times
-    return [what, label, shape, f"{proven:,.1f} µs", f"{walked_:,.1f} µs",
-            f"**{proven / walked_:.2f}x**"]  # fmt: skip
+    now, then = times
+    return [what, label, shape, f"{now:,.1f} µs", f"{then:,.1f} µs", f"**{now / then:.2f}x**"]
 
 
 def main() -> int:
     if not json_shape.COMPILED:
         print("the extension chanstore._json_shape is not in use: nothing to compare")
         return 1
-    rows = []
+    writes, reads = [], []
+    # A decode of 100 KB makes about 10,000 objects, freed as the next call begins: the
+    # collector's passes then land in whichever form is timed (1.5x apart, either way).
+    # None of them is garbage it would find, so it is off while timing.
+    gc.disable()
     with tempfile.TemporaryDirectory() as root:
         config = [{"implementation": "json", "name": "state", "load": True, "clear": False,
                    "settings": {"root_dir": root, "fsync": False}}]  # fmt: skip
         storage = MoobiusStorage("bench", "shape", config)
+        backend = storage.state.database
         for label, size in SIZES:
             for shape, text in shapes(size).items():
                 value = json.loads(text)
+                stored_form = codec.encode_bytes(value)
 
                 def stored(value: object = value) -> None:
                     storage.state["key"] = value
@@ -94,12 +123,32 @@ def main() -> int:
                 def indented(value: object = value) -> bytes:
                     return codec.encode_bytes(value, indent=2)
 
-                rows.append(row("encode_bytes, compact", label, shape, paired(compact, size)))
-                rows.append(row("encode_bytes, indented", label, shape, paired(indented, size)))
+                def decoded(data: bytes = stored_form) -> object:
+                    return codec.decode(data)
+
+                def kept(data: bytes = stored_form) -> object:
+                    return codec.decode(data, revive=False)
+
+                writes.append(row("encode_bytes, compact", label, shape, paired(compact, size)))
+                writes.append(row("encode_bytes, indented", label, shape, paired(indented, size)))
                 if size >= LIBRARY_SIZE:
-                    rows.append(row("CachedDict set, json", label, shape, paired(stored, size)))
-    headers = ["call", "size", "shape", "proven plain", "walked, as before", "ratio"]
-    print(markdown_table(headers, rows, {3, 4, 5}))
+                    writes.append(row("CachedDict set, json", label, shape, paired(stored, size)))
+                reads.append(row("decode", label, shape, paired(decoded, size, asked_in_python)))
+                reads.append(row("decode, revive=False", label, shape,
+                                 paired(kept, size, asked_in_python)))  # fmt: skip
+                if size >= LIBRARY_SIZE:
+                    storage.state["key"] = value
+
+                    def missed() -> object:
+                        return backend.get_value("key")
+
+                    reads.append(row("json get_value", label, shape,
+                                     paired(missed, size, asked_in_python)))  # fmt: skip
+    print(markdown_table(["call", "size", "shape", "proven plain", "walked, as before", "ratio"],
+                         writes, {3, 4, 5}))  # fmt: skip
+    print()
+    print(markdown_table(["call", "size", "shape", "asked in C", "in Python, as before", "ratio"],
+                         reads, {3, 4, 5}))  # fmt: skip
     print(f"\n{sys.version.split()[0]}; medians of {ROUNDS} rounds, each timing both forms in turn")
     return 0
 
