@@ -58,7 +58,7 @@ PLAIN = {
     "one mark key": {codec.TYPE_KEY: "x"},
     "mark keys and a third": {codec.TYPE_KEY: "x", codec.VALUE_KEY: 1, "other": 2},
     "two keys, one a mark key": {codec.TYPE_KEY: "x", "other": 2},
-    "255 containers deep": nested(255),
+    "254 containers deep": nested(254),
 }
 NOT_PLAIN = {
     "NaN": float("nan"),
@@ -76,7 +76,7 @@ NOT_PLAIN = {
     "UnknownMark": codec.UnknownMark({codec.TYPE_KEY: "x.Y", codec.VALUE_KEY: 1}),
     "Document": codec.Document({"a": 1}),
     "bytes": b"x",
-    "256 containers deep": nested(256),
+    "255 containers deep, which orjson refuses": nested(255),
 }
 
 
@@ -230,6 +230,10 @@ def test_a_megabyte_of_digits_is_read_once():
 @pytest.mark.parametrize("data", [b"", b"_", b"\\u0", b'{"_moobius_typ":1}', b"_moobius_type"[1:]])
 def test_a_text_without_the_name_or_an_escape_names_nothing(data):
     assert not json_shape.may_name(data, codec._MARK)
+
+
+def test_an_empty_name_is_in_every_text_as_python_says():
+    assert json_shape.may_name(b"", b"") and json_shape.may_name(b"x", b"")
 
 
 @pytest.mark.parametrize(

@@ -47,8 +47,8 @@
 #endif
 
 /* Containers nested deeper are not proven: orjson, which encodes a plain value,
- * refuses more than 255 levels itself, and the bound keeps the C stack small. */
-#define MAX_DEPTH 255
+ * refuses 255 levels or more itself, and the bound keeps the C stack small. */
+#define MAX_DEPTH 254
 
 /* An integer of this many digits may be beyond 64 bits (2^63 has 19). */
 #define LONG_INTEGER_DIGITS 19
@@ -217,7 +217,10 @@ static int
 holds(const unsigned char *data, size_t length, const unsigned char *needle, size_t size)
 {
     const unsigned char *at = data, *end = data + length;
-    while (size > 0 && (size_t)(end - at) >= size) {
+    if (size == 0) {
+        return 1; /* as Python's `in` answers */
+    }
+    while ((size_t)(end - at) >= size) {
         at = memchr(at, needle[0], (size_t)(end - at) - size + 1);
         if (at == NULL) {
             return 0;

@@ -48,7 +48,7 @@ def plain(value: Any, type_key: str, value_key: str) -> bool:
     """Whether ``value`` is proven its own JSON shape: dicts with str keys, lists, str,
     int, bool, None and finite floats, each of exactly that type, and no dict of just the
     two keys ``type_key`` and ``value_key`` (a type mark's). False means "not proven":
-    walk it (values nested deeper than 255 containers are never proven)."""
+    walk it (values of 255 nested containers or more, which orjson refuses, never are)."""
     if _compiled is None:
         return False
     return _compiled.plain(value, type_key, value_key)
