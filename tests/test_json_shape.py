@@ -1,6 +1,7 @@
-"""json_shape.plain: a value proven its own JSON shape is encoded as it is, and only such a value.
+"""json_shape: a value proven its own JSON shape is encoded as it is, and only such a value; a
+text's long integers and mark names are found as Python finds them.
 
-The proof lets the codec skip ``to_json_shape``'s copy. A value it wrongly
+The proof lets ``to_json_shape`` skip its copy. A value it wrongly
 called plain would be written without its type marks (a tuple read back as a
 list, a dict shaped like a mark revived as something else) or with a NaN
 orjson writes as null; so the property is checked against the walk itself,
@@ -10,6 +11,7 @@ over values that mix every kind the walk knows.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import math
@@ -29,6 +31,13 @@ MARKS = (codec.TYPE_KEY, codec.VALUE_KEY)
 
 def plain(value) -> bool:
     return json_shape.plain(value, *MARKS)
+
+
+def walked(value):
+    """``to_json_shape`` as it was before the proof: the walk, always a copy."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(json_shape, "plain", lambda *_args: False)
+        return codec.to_json_shape(value)
 
 
 @dataclasses.dataclass
@@ -81,15 +90,19 @@ NOT_PLAIN = {
 
 
 @pytest.mark.parametrize("name", list(PLAIN))
-def test_a_value_of_json_types_only_is_plain(name):
+def test_a_value_of_json_types_only_is_plain_and_its_own_shape(name):
     value = PLAIN[name]
     assert plain(value)
-    assert_same(codec.to_json_shape(value), value)
+    assert_same(walked(value), value)
+    assert codec.to_json_shape(value) is value  # not copied
 
 
 @pytest.mark.parametrize("name", list(NOT_PLAIN))
 def test_a_value_the_walk_changes_or_refuses_is_not_plain(name):
-    assert not plain(NOT_PLAIN[name])
+    value = NOT_PLAIN[name]
+    assert not plain(value)
+    with contextlib.suppress(UnstorableValue):
+        assert codec.to_json_shape(value) is not value
 
 
 def test_a_value_that_contains_itself_is_refused_without_a_crash():
@@ -143,7 +156,7 @@ values = st.recursive(
 @given(values)
 def test_plain_exactly_when_the_walk_gives_the_value_back_as_it_is(value):
     try:
-        shaped = codec.to_json_shape(value)
+        shaped = walked(value)
     except UnstorableValue:
         assert not plain(value)
         return

@@ -274,13 +274,16 @@ def registered_types() -> dict[str, type]:
 
 
 def to_json_shape(value: Any) -> Any:
-    """``value`` with every non-JSON part replaced by its type mark.
+    """``value`` with every non-JSON part replaced by its type mark: ``value`` itself
+    where it holds none (proven in C by :func:`chanstore.json_shape.plain`), else a copy.
 
     Raises :class:`UnstorableValue` for what JSON cannot hold faithfully: a
     non-string dict key (JSON would silently turn ``1`` into ``"1"``), NaN or
     an infinity, an object that is not a dataclass, or a value that contains
     itself (or nests deeper than the interpreter's recursion limit).
     """
+    if json_shape.plain(value, TYPE_KEY, VALUE_KEY):
+        return value
     try:
         return _shape(value)
     except RecursionError:
@@ -350,8 +353,8 @@ def encode_bytes(value: Any, *, indent: int | None = None) -> bytes:
             return value.file_form
         if indent == 2 and stored_form.COMPILED:  # the file form, re-spaced in C
             return stored_form.indented(stored)  # type: ignore[arg-type]
-    shaped = value if json_shape.plain(value, TYPE_KEY, VALUE_KEY) else to_json_shape(value)
-    # Either way the floats were checked (a Document's only if it was parsed).
+    shaped = to_json_shape(value)
+    # The floats of a shaped value were checked; a Document's were only if it was parsed.
     checked = value.__class__ is not Document or value.parsed
     out = _fast_dumps(shaped, indent, checked)
     if out is not None:
