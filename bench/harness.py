@@ -1,10 +1,10 @@
-"""What every benchmark under bench/ needs around its measures: processes and tables.
+"""What every benchmark under bench/ needs around its measures: processes, timing and tables.
 
 Starting and stopping the processes a benchmark measures (free ports, polling
 with a deadline, a redis-server that answers), finding the ``chanstore``
-script and the source it runs, progress lines, the text and markdown tables
-each benchmark prints, and the domain names a Redis write is made for without
-a backend. The benchmarks import it as a sibling module
+script and the source it runs, timing a call in one process, progress lines,
+the text and markdown tables each benchmark prints, and the domain names a
+Redis write is made for without a backend. The benchmarks import it as a sibling module
 (``python3 bench/feed.py`` puts bench/ first on the path).
 """
 
@@ -30,6 +30,7 @@ __all__ = [
     "free_port",
     "markdown_table",
     "on_time_limit",
+    "per_call",
     "progress",
     "raw_write",
     "redis_pings",
@@ -62,6 +63,16 @@ def raw_write(temp: Path, target: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(temp, target)
+
+
+def per_call(fn: Callable[[], object], size: int) -> float:
+    """µs per call of ``fn``, which handles ``size`` bytes: timed over enough calls to
+    take tens of milliseconds (at least 5)."""
+    runs = max(5, 3_000_000 // max(size, 100))
+    started = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    return (time.perf_counter() - started) / runs * 1e6
 
 
 def progress(message: str) -> None:

@@ -43,24 +43,16 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 from chanstore import codec, stored_form
 from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value
+from harness import per_call
 from json_libraries import shapes
 
 ROUNDS = 5
-
-
-def per_call(fn: Callable[[], object], size: int) -> float:
-    runs = max(5, 3_000_000 // max(size, 100))
-    started = time.perf_counter()
-    for _ in range(runs):
-        fn()
-    return (time.perf_counter() - started) / runs * 1e6
 
 
 def medians(fns: dict[str, Callable[[], object]], size: int) -> dict[str, float]:
