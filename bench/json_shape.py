@@ -37,7 +37,8 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from unittest.mock import patch
 
 from chanstore import MoobiusStorage, codec, json_shape
 from harness import markdown_table, per_call
@@ -51,30 +52,18 @@ ROUNDS = 5
 LIBRARY_SIZE = 100_000
 
 
-@contextlib.contextmanager
-def walked() -> Iterator[None]:
+def walked() -> contextlib.AbstractContextManager[object]:
     """Every value walked and copied into its shape in Python, as before the proof."""
-    plain = json_shape.plain
-    json_shape.plain = lambda *_args: False
-    try:
-        yield
-    finally:
-        json_shape.plain = plain
+    return patch.object(json_shape, "plain", lambda *_args: False)
 
 
-@contextlib.contextmanager
-def asked_in_python() -> Iterator[None]:
+def asked_in_python() -> contextlib.AbstractContextManager[object]:
     """The text's questions answered in Python, as before (the extension switched off)."""
-    compiled = json_shape._compiled
-    json_shape._compiled = None
-    try:
-        yield
-    finally:
-        json_shape._compiled = compiled
+    return patch.object(json_shape, "_compiled", None)
 
 
 def paired(call: Callable[[], object], size: int,
-           before: Callable[[], contextlib.AbstractContextManager[None]] = walked,
+           before: Callable[[], contextlib.AbstractContextManager[object]] = walked,
            ) -> tuple[float, float]:  # fmt: skip
     """µs per call as it is and as ``before`` makes it: the medians of ROUNDS rounds, each
     timing both in turn (as it is first in even rounds, last in odd ones)."""
