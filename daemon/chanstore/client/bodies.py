@@ -47,7 +47,7 @@ def value_body(value: Any) -> bytes:
 
     A :class:`chanstore.codec.Document` is sent as the document it holds.
     """
-    return codec.encode(value).encode("ascii")
+    return codec.encode_bytes(value)
 
 
 def values_body(values: Mapping[str, Any],
