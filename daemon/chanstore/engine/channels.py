@@ -57,8 +57,8 @@ KEPT_AS_BYTES = DIRECT_BYTES
 class Slot:
     """One channel's copy of one container: its CachedDict, made ready on first use."""
 
-    __slots__ = ("cached", "channel", "encoded", "history", "loaded_at", "preparing", "ready",
-                 "runtime", "sorted_keys", "watchers")  # fmt: skip
+    __slots__ = ("cached", "channel", "encoded", "history", "loaded_at", "overtaken", "preparing",
+                 "ready", "runtime", "sorted_keys", "watchers", "writing")  # fmt: skip
 
     def __init__(self, runtime: ContainerRuntime, channel: Channel) -> None:
         self.runtime = runtime
@@ -78,6 +78,10 @@ class Slot:
         #: none), from the moment it is first watched; and who watches it.
         self.history: MemoryHistory | None = None
         self.watchers: list[Watcher] = []
+        #: This daemon's writes under way, by key; and those of their keys that another
+        #: daemon wrote (or that memory dropped) meanwhile (None while there are none).
+        self.writing: dict[str, int] | None = None
+        self.overtaken: set[str] | None = None
 
     def body_of(self, key: str, value: Any) -> tuple[bytes, str]:
         """The response body of ``value``, the value memory holds for ``key`` now, and its ETag.
@@ -98,11 +102,47 @@ class Slot:
             found = encoded[key] = encode_answer(value)
         return found
 
+    def write_begun(self, key: str) -> None:
+        """A write of ``key`` is submitted: the channel is busy until it settles."""
+        self.channel.busy += 1
+        writing = self.writing
+        if writing is None:
+            writing = self.writing = {}
+        writing[key] = writing.get(key, 0) + 1
+
+    def _write_ended(self, key: str) -> bool:
+        """A write of ``key`` settled: whether the key was overtaken while it was under way."""
+        self.channel.busy -= 1
+        writing, overtaken = self.writing, self.overtaken
+        if writing is None or key not in writing:
+            return False  # not begun by write_begun (never so in the daemon): nothing to tell
+        left = writing[key] - 1
+        if left:
+            writing[key] = left
+        elif len(writing) == 1:
+            self.writing = None
+        else:
+            del writing[key]
+        if overtaken is None or key not in overtaken:
+            return False
+        if not left:
+            overtaken.discard(key)
+            if not overtaken:
+                self.overtaken = None
+        return True
+
+    def _overtake(self, keys: Iterable[str]) -> None:
+        writing = self.writing
+        if writing is not None:
+            under_way = [key for key in keys if key in writing]
+            if under_way:
+                self.overtaken = (self.overtaken or set()) | set(under_way)
+
     def settled(self, write: Write, outcome: bool | BaseException) -> None:
         """A lane's word on a write of this slot: bring the cache (and the feed) up to date."""
-        self.channel.busy -= 1
         memory = self.cached.memory  # type: ignore[union-attr]
         key = write.key
+        overtaken = self._write_ended(key)
         encoded = self.encoded
         if encoded:
             encoded.pop(key, None)
@@ -113,11 +153,18 @@ class Slot:
             # the backend holds is not known, so the next read asks it.
             memory.unsure(key)
             self.sorted_keys = None
+        elif overtaken:
+            # Another daemon wrote the key, or memory was dropped, while this write was
+            # under way, and this write's answer came after: its invalidation and this
+            # answer come on two connections, so which write landed last is not known
+            # here, and memory kept this value over the newer one. The next read asks.
+            memory.unsure(key)
+            self.sorted_keys = None
+            self._tell_watchers(write, outcome)
         elif write.delete:
             memory.deleted(key)
             self._unlist(key)
-            if outcome and self.history is not None:
-                self._publish(self.history.append("delete", key, None, None))
+            self._tell_watchers(write, outcome)
         else:
             if write.value.__class__ is codec.Document:
                 _keep_once(write.value)
@@ -126,14 +173,24 @@ class Slot:
                 self._list(key)
                 if encoded is not None and write.body is not None:
                     encoded[key] = (write.body, write.etag)  # type: ignore[assignment]
-            if self.history is not None:
-                self._publish(self.history.append("set", key, write.body, write.etag))
+            self._tell_watchers(write, outcome)
+
+    def _tell_watchers(self, write: Write, outcome: bool) -> None:
+        """The change a write made, in the history this daemon keeps (if it keeps one)."""
+        if self.history is None:
+            return
+        if not write.delete:
+            self._publish(self.history.append("set", write.key, write.body, write.etag))
+        elif outcome:  # a key that existed
+            self._publish(self.history.append("delete", write.key, None, None))
 
     def invalidate(self, keys: list[str]) -> None:
         """Another daemon wrote ``keys``: memory forgets them (and that it is complete);
-        a read of the backend in flight for this copy is not cached."""
+        a read of the backend in flight for this copy is not cached, nor a write of this
+        daemon's under way (see :meth:`settled`)."""
         memory = self.cached.memory  # type: ignore[union-attr]
         encoded = self.encoded
+        self._overtake(keys)
         for key in keys:
             memory.unsure(key)
             if encoded:
@@ -184,6 +241,8 @@ class Slot:
         """
         if self.cached is not None:
             self.cached.forget()
+        if self.writing is not None:
+            self._overtake(list(self.writing))  # settled, they must not be trusted either
         if lost:
             # Its watchers must re-read too: the loss itself is no event they could be sent.
             end_watchers(self.watchers, "data_lost")

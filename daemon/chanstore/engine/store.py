@@ -200,7 +200,7 @@ class Store:
             write.condition = condition
             if answer is not None:
                 write.body, write.etag = answer
-            slot.channel.busy += 1
+            slot.write_begun(key)
             writes.append(write)
         return slot.runtime.lanes.submit_together(writes)
 
@@ -213,7 +213,7 @@ class Store:
             absent: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             absent.set_result(False)
             return absent
-        slot.channel.busy += 1
+        slot.write_begun(key)
         write = Write(cached.database, key, value, delete, slot, request_id, slot.channel.id)
         if answer is not None:
             write.body, write.etag = answer
