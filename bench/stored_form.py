@@ -46,6 +46,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from unittest.mock import patch
 
 from chanstore import codec, stored_form
 from chanstore.http.bodies import MAX_JSON_DEPTH, parse_value
@@ -116,14 +117,9 @@ def measure_spelt() -> None:
                   f"{parsed:.1f} | {respelt / parsed:.2f}x |")  # fmt: skip
 
 
-@contextlib.contextmanager
-def escapes_in_python() -> Iterator[None]:
+def escapes_in_python() -> contextlib.AbstractContextManager[object]:
     """codec.encode_bytes as it was before its escapes were made in C."""
-    stored_form.COMPILED = False
-    try:
-        yield
-    finally:
-        stored_form.COMPILED = True
+    return patch.object(stored_form, "COMPILED", False)
 
 
 def encoded_as_before(value: object, indent: int | None) -> bytes:
