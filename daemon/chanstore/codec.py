@@ -399,7 +399,7 @@ def _escaped_as_stdlib(out: bytes, indent: int | None) -> bytes:
     about a microsecond per kilobyte; a codec error handler called for every run of
     such characters cost 2.3 ms for 100 KB of chat text that is not all ASCII."""
     if stored_form.COMPILED:
-        escaped = stored_form.compacted(out)  # never None here: something is escaped
+        escaped = stored_form.compacted(out)  # None only if it refused orjson's text: never
         if escaped is not None:
             return escaped if indent is None else stored_form.indented(escaped)
     if not out.isascii():

@@ -242,7 +242,7 @@ class Slot:
         if self.cached is not None:
             self.cached.forget()
         if self.writing is not None:
-            self._overtake(list(self.writing))  # settled, they must not be trusted either
+            self._overtake(self.writing)  # settled, they must not be trusted either
         if lost:
             # Its watchers must re-read too: the loss itself is no event they could be sent.
             end_watchers(self.watchers, "data_lost")
