@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from chanstore.http.errors import HttpError
+from chanstore.http.errors import HttpError, shown
 
 __all__ = ["refusal"]
 
@@ -33,12 +33,12 @@ def refusal(headers: Sequence[tuple[bytes, bytes]], declared_length: int) -> Htt
     transfer = _listed(headers, b"transfer-encoding")
     framed = transfer is not None and transfer[-1:] == [b"chunked"]
     if framed and (other := [coding for coding in transfer or () if coding != b"chunked"]):
-        return HttpError(400, f"Transfer-Encoding {_shown(other[0])} is not supported; send "
+        return HttpError(400, f"Transfer-Encoding {shown(other[0])} is not supported; send "
                               "the body chunked or with a Content-Length", code=CODE)  # fmt: skip
     has_body = transfer is not None or declared_length > 0
     content = _listed(headers, b"content-encoding") if has_body else None
     if other := [coding for coding in content or () if coding != b"identity"]:
-        return HttpError(415, f"Content-Encoding {_shown(other[0])} is not supported; send the "
+        return HttpError(415, f"Content-Encoding {shown(other[0])} is not supported; send the "
                               "body uncompressed", [(b"accept-encoding", b"identity")],
                          code=CODE)  # fmt: skip
     return None
@@ -52,8 +52,3 @@ def _listed(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes] 
         return None
     return [coding.strip().lower() for value in values for coding in value.split(b",")
             if coding.strip()]  # fmt: skip
-
-
-def _shown(value: bytes) -> str:
-    """A client's words quoted back to it: short, and as text."""
-    return repr(value[:60].decode("latin-1"))

@@ -15,7 +15,7 @@ from chanstore.engine import TooManyWatchers, UnknownContainer
 from chanstore.errors import BackendError, ChanstoreError, CorruptValue, PreconditionFailed
 from chanstore.history import HistoryExpired
 
-__all__ = ["HttpError", "error_for"]
+__all__ = ["HttpError", "error_for", "shown"]
 
 #: The code of each status when nothing more precise is known.
 CODES = {
@@ -51,6 +51,11 @@ class HttpError(Exception):
         """The JSON error body: ``{"error": message, "code": code}`` and any details."""
         return json.dumps({"error": self.message, "code": self.code, **self.details},
                           separators=(",", ":"), ensure_ascii=False).encode()  # fmt: skip
+
+
+def shown(value: bytes, limit: int = 60) -> str:
+    """A client's words quoted back to it in an error message: short, and as text."""
+    return repr(value[:limit].decode("latin-1"))
 
 
 def error_for(exc: BaseException) -> HttpError:
