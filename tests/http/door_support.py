@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import metric
+from daemon_harness import DaemonProcess, metric, wait_until
 
 #: Seconds any single read waits before a test fails: generous, the machines are noisy.
 TIMEOUT = 15.0
@@ -336,6 +336,22 @@ def assert_error(response: Response, status: int, code: str | None = None) -> di
 
 
 # -- the daemon process, seen from outside ------------------------------------------------
+
+
+def count(daemon: DaemonProcess, name: str, **labels: str) -> float:
+    """A sample of the daemon's /metrics; 0 when the series does not exist yet."""
+    return daemon.metric(name, **labels) or 0.0
+
+
+def wait_for_count(daemon: DaemonProcess, name: str, target: float, **labels: str) -> float:
+    """Poll /metrics until the sample reaches ``target``; its value. On failure, the
+    message shows every sample of ``name`` (a count under other labels, say)."""
+    try:
+        return wait_until(lambda: (value := count(daemon, name, **labels)) >= target and value,
+                          TIMEOUT, f"{name}{labels} to reach {target}")  # fmt: skip
+    except TimeoutError as exc:
+        samples = [line for line in daemon.metrics_text().splitlines() if line.startswith(name)]
+        raise AssertionError(f"{exc}; the samples of {name}:\n" + "\n".join(samples)) from None
 
 
 def rss_kib(pid: int) -> int:

@@ -37,11 +37,13 @@ from door_support import (
     assert_error,
     chunked,
     chunked_put,
+    count,
     metric_on_wire,
     request,
     rss_kib,
     sending,
     unread_by_server,
+    wait_for_count,
 )
 
 from chanstore.versions import etag_of
@@ -68,22 +70,6 @@ CLOSED = "chanstore_http_connections_closed_total"
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def count(daemon: DaemonProcess, name: str, **labels: str) -> float:
-    """A sample of the daemon's /metrics; 0 when the series does not exist yet."""
-    return daemon.metric(name, **labels) or 0.0
-
-
-def wait_for_count(daemon: DaemonProcess, name: str, target: float, **labels: str) -> float:
-    """Poll /metrics until the sample reaches ``target``; its value. On failure, the
-    message shows every sample of ``name`` (a count under other labels, say)."""
-    try:
-        return wait_until(lambda: (value := count(daemon, name, **labels)) >= target and value,
-                          TIMEOUT, f"{name}{labels} to reach {target}")  # fmt: skip
-    except TimeoutError as exc:
-        samples = [line for line in daemon.metrics_text().splitlines() if line.startswith(name)]
-        raise AssertionError(f"{exc}; the samples of {name}:\n" + "\n".join(samples)) from None
 
 
 def value_path(channel: str, key: str) -> str:
