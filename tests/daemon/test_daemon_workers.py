@@ -155,6 +155,26 @@ def test_conditional_writes_and_errors_are_relayed_unchanged(group, clients) -> 
     assert asked_id.headers["x-request-id"] == "relayed-123"
 
 
+def test_a_page_of_its_own_origin_writes_through_the_relay_another_sites_page_cannot(
+    group, clients
+) -> None:
+    """The worker that takes a request judges where a browser says it comes from; the owner
+    it relays a json write to does not judge it again against the relay's own Host."""
+    zero, one = clients
+    path = key_path("c5", "stats", "board")
+    own_page = {"origin": group.url, "sec-fetch-site": "same-origin"}
+    old_browser_own_page = {"origin": group.url}
+    for client in (zero, one):
+        for headers in (own_page, old_browser_own_page):
+            answer = client.put(path, json=[1], headers=headers)
+            assert answer.status_code == 200, answer.text
+    other_site = {"origin": "http://evil.example", "sec-fetch-site": "cross-site"}
+    for client in (zero, one):
+        refused = client.put(path, json=[2], headers=other_site)
+        assert refused.status_code == 403 and refused.json()["code"] == "cross_origin"
+    assert one.get(path).json() == zero.get(path).json() == [1]
+
+
 def raw_connection_to(daemon: DaemonProcess, worker: int, attempts: int = 200) -> socket.socket:
     """A raw keep-alive socket whose connection the given worker accepted."""
     for _ in range(attempts):

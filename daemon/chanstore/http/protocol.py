@@ -21,6 +21,8 @@ everything about the connection and nothing about the API:
   ``Expect: 100-continue``, HEAD. Requests the parser rejects, and requests
   HTTP/1.1 forbids (no ``Host``, two ``Authorization`` headers), get a JSON
   400 counted like any answer, and the connection closes after it.
+* **Browsers.** A write a browser sends for a page of another origin is a
+  403 before its body is read (:mod:`chanstore.http.cross_origin`).
 
 Each answer is written with one system call; answers made while one read is
 parsed (pipelined cached reads) go out together with one call.
@@ -36,7 +38,7 @@ from typing import Any
 import httptools
 
 from chanstore import logs
-from chanstore.http import codings
+from chanstore.http import codings, cross_origin
 from chanstore.http.api import Api
 from chanstore.http.connections import Connections, Limits
 from chanstore.http.errors import HttpError
@@ -49,7 +51,8 @@ log = logs.get_logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Headers the connection checks itself (the API reads the rest from the request).
 _CHECKED = frozenset({b"host", b"authorization", b"content-length", b"expect", b"x-request-id",
-                      b"content-encoding", b"transfer-encoding"})  # fmt: skip
+                      b"content-encoding", b"transfer-encoding",
+                      *cross_origin.HEADERS})  # fmt: skip
 #: The versions of HTTP the door speaks; a request line that names another (HTTP/2.0 as text,
 #: HTTP/0.9) gets a 400, as the parser gives the versions it refuses itself (HTTP/1.2), not
 #: an answer in a version it did not ask for. Not 505: a 5xx means the daemon failed.
@@ -469,6 +472,8 @@ class HttpProtocol(asyncio.Protocol):
                                   "(or HTTP/1.0)", code="unsupported_version")  # fmt: skip
         if request.version == "1.1" and not self.host:
             return HttpError(400, "an HTTP/1.1 request must have a Host header")
+        if refused := cross_origin.refusal(request.method, self.checked, request.header(b"host")):
+            return refused
         if len(checked) < len(self.checked) and self._repeated(b"authorization"):
             return HttpError(400, "more than one Authorization header")
         if (length := self._content_length()) > self.limits.max_body_bytes:

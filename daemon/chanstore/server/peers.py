@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import httptools
 
+from chanstore.http import cross_origin
+
 __all__ = ["PeerAnswer", "PeerPool", "PeerUnavailable", "StreamSink", "request_once"]
 
 #: Seconds between two tries to connect to a peer whose socket is not there yet.
@@ -37,6 +39,10 @@ IDLE_SECONDS = 20.0
 HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade",
                          b"expect", b"content-length", b"host", b"x-request-id",
                          b"proxy-connection", b"trailer"})  # fmt: skip
+#: Headers of a request never relayed: those above, and where a browser says the request
+#: comes from, which the door that took the request has judged against its own ``Host``
+#: (the relay names another).
+NOT_RELAYED = HOP_HEADERS | cross_origin.HEADERS
 
 
 class PeerUnavailable(Exception):
@@ -70,9 +76,9 @@ class StreamSink(Protocol):
 
 def encode_request(method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                    request_id: str = "", *, keep_alive: bool = True) -> bytes:  # fmt: skip
-    """The request as bytes; hop-by-hop headers of the original are left out."""
+    """The request as bytes; the original's headers in :data:`NOT_RELAYED` are left out."""
     lines = [b"%s %s HTTP/1.1\r\nhost: chanstore\r\n" % (method.encode(), target)]
-    lines += [b"%s: %s\r\n" % (n, v) for n, v in headers if n not in HOP_HEADERS]
+    lines += [b"%s: %s\r\n" % (n, v) for n, v in headers if n not in NOT_RELAYED]
     if request_id:
         lines.append(b"x-request-id: %s\r\n" % request_id.encode())
     if not keep_alive:
