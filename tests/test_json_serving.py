@@ -3,15 +3,18 @@ json backend's class methods, as the daemon and the transfers use it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from chanstore.backends import json_serving
 from chanstore.backends.files import PlantedLink
 from chanstore.backends.json_serving import MARK_NAME
 from chanstore.backends.jsonfiles import JSONDatabase
@@ -31,14 +34,58 @@ def test_a_root_nobody_marked_is_served_by_nobody(tmp_path):
     assert not (tmp_path / "missing").exists()  # asking makes nothing
 
 
-def asked_by_another_process(root: Path) -> str | None:
-    """What ``served_elsewhere`` answers of ``root`` in a process of its own."""
-    asking = f"from chanstore.backends.jsonfiles import JSONDatabase as J; " \
-             f"print(J.served_elsewhere({{'root_dir': {str(root)!r}}}))"  # fmt: skip
+def as_daemon(daemon_key: int | None) -> str:
+    """Python that makes a helper process one of daemon ``daemon_key``'s (None: its own)."""
+    if daemon_key is None:
+        return ""
+    return f"from chanstore.backends import json_serving; json_serving.serve_for({daemon_key})"
+
+
+def asked_by_another_process(root: Path, daemon_key: int | None = None) -> str | None:
+    """What ``served_elsewhere`` answers of ``root`` in a process of its own, one of daemon
+    ``daemon_key``'s when given."""
+    asking = textwrap.dedent(f"""
+        {as_daemon(daemon_key)}
+        from chanstore.backends.jsonfiles import JSONDatabase as J
+        print(J.served_elsewhere({{'root_dir': {str(root)!r}}}))
+    """)
     done = subprocess.run([sys.executable, "-c", asking], capture_output=True, text=True,
                           timeout=HELPER_TIMEOUT, check=True)  # fmt: skip
     answer = done.stdout.strip()
     return None if answer == "None" else answer
+
+
+#: How a daemon of an earlier release marked a root: the shared lock alone.
+EARLIER_RELEASE = """
+import fcntl, os
+fd = os.open(os.path.join({root!r}, ".chanstore-served"), os.O_RDONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_SH)
+"""
+
+
+@contextlib.contextmanager
+def holding(root: Path, daemon_key: int | None = None, *,
+            earlier_release: bool = False) -> Iterator[None]:  # fmt: skip
+    """A process of its own (one of daemon ``daemon_key``'s when given, or a daemon of an
+    earlier release) that marks ``root`` served until the block ends; it is killed then."""
+    if earlier_release:
+        marking = EARLIER_RELEASE.format(root=str(root))
+    else:
+        marking = textwrap.dedent(f"""
+            {as_daemon(daemon_key)}
+            from chanstore.backends.jsonfiles import JSONDatabase
+            JSONDatabase.mark_served({{"root_dir": {str(root)!r}}})
+        """)
+    holder = f"{marking}\nimport sys\nprint('marked', flush=True)\nsys.stdin.read()\n"
+    process = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "marked\n"  # a dead helper reads as ""
+        yield
+    finally:
+        process.kill()
+        process.wait(HELPER_TIMEOUT)
 
 
 def test_marks_are_shared_and_the_root_is_served_until_the_last_is_taken_back(tmp_path):
@@ -76,23 +123,54 @@ def test_the_mark_is_no_key_and_no_domain(tmp_path):
 
 
 def test_a_process_that_dies_holding_its_mark_serves_nothing(tmp_path):
-    holder = textwrap.dedent(f"""
-        import sys
-        from chanstore.backends.jsonfiles import JSONDatabase
-        JSONDatabase.mark_served({{"root_dir": {str(tmp_path)!r}}})
-        print("marked", flush=True)
-        sys.stdin.read()
-    """)
-    process = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline() == "marked\n"
+    with holding(tmp_path):
         assert JSONDatabase.served_elsewhere(settings(tmp_path)) is not None
-    finally:
-        process.kill()
-        process.wait(HELPER_TIMEOUT)
     assert JSONDatabase.served_elsewhere(settings(tmp_path)) is None
+
+
+needs_byte_locks = pytest.mark.skipif(not json_serving.BYTE_LOCKS,
+                                      reason="open file description locks are Linux's")  # fmt: skip
+SIBLINGS, OTHERS = 7_000_001, 9_000_002
+
+
+@needs_byte_locks
+def test_a_worker_is_not_told_that_its_own_group_serves_a_root(tmp_path):
+    """A group's workers reload one by one: one asking of a root a sibling marked a moment
+    before is told nobody else serves it; a process of any other daemon, or a tool, is
+    told the root is served."""
+    with holding(tmp_path, SIBLINGS):
+        assert asked_by_another_process(tmp_path, SIBLINGS) is None
+        assert asked_by_another_process(tmp_path, OTHERS) is not None
+        assert asked_by_another_process(tmp_path) is not None
+        assert JSONDatabase.served_elsewhere(settings(tmp_path)) is not None
+
+
+@needs_byte_locks
+def test_a_worker_is_told_of_another_daemon_beside_its_own_group(tmp_path):
+    with holding(tmp_path, OTHERS), holding(tmp_path, SIBLINGS):
+        assert asked_by_another_process(tmp_path, SIBLINGS) is not None
+    with holding(tmp_path, SIBLINGS), holding(tmp_path, OTHERS):  # either order
+        assert asked_by_another_process(tmp_path, SIBLINGS) is not None
+    assert asked_by_another_process(tmp_path, SIBLINGS) is None
+
+
+@needs_byte_locks
+def test_a_process_marking_a_root_is_told_of_another_daemon_marking_it_too(tmp_path):
+    release = JSONDatabase.mark_served(settings(tmp_path))
+    try:
+        with holding(tmp_path):
+            said = JSONDatabase.served_elsewhere(settings(tmp_path))
+            assert said == f"a running chanstore daemon serves its json root {tmp_path} from memory"
+        assert JSONDatabase.served_elsewhere(settings(tmp_path)) is None
+    finally:
+        release()
+
+
+def test_a_daemon_that_locks_no_byte_is_seen_all_the_same(tmp_path):
+    """A daemon of an earlier release takes the shared lock alone."""
+    with holding(tmp_path, earlier_release=True):
+        assert asked_by_another_process(tmp_path, OTHERS) is not None
+        assert JSONDatabase.served_elsewhere(settings(tmp_path)) is not None
 
 
 def test_a_link_planted_as_the_mark_is_reported_never_followed(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
 from daemon_harness import json_entry, run_cli, wait_until
 
 from chanstore.backends import json_serving
@@ -135,8 +136,11 @@ def test_a_link_planted_as_the_mark_is_reported_and_the_daemon_serves_all_the_sa
     assert outside.read_text() == "not chanstore's"
 
 
-def test_a_reload_moves_the_mark_with_the_containers(start_daemon):
-    daemon = start_daemon()
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_moves_the_mark_with_the_containers(start_daemon, workers):
+    """At ``--workers 2`` the workers reload one by one, and the second must not take the
+    mark the first took a moment before for another daemon's."""
+    daemon = start_daemon(args=["--workers", workers])
     old, new = daemon.data_dir, daemon.workdir / "moved"
     assert json_serving.served(str(old)) and not json_serving.served(str(new))
 
@@ -177,11 +181,10 @@ def test_a_second_daemon_on_a_served_root_does_not_start(start_daemon):
     assert started.get("c1", "stats", "hp").json() == 1
 
 
-def test_a_reload_into_a_root_another_daemon_serves_is_rejected(start_daemon, tmp_path):
-    """A daemon on its own. (A group's workers reload each on their own, and cannot tell
-    a sibling that marked the root a moment before from another daemon: not asked.)"""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_reload_into_a_root_another_daemon_serves_is_rejected(start_daemon, tmp_path, workers):
     other = start_daemon(workdir=tmp_path / "other")
-    daemon = start_daemon(args=["--workers", "1"])
+    daemon = start_daemon(args=["--workers", workers])
     assert daemon.put("c1", "stats", "hp", 1).status_code == 200
 
     daemon.write_config([json_entry("stats", root_dir=str(other.data_dir)),

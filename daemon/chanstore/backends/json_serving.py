@@ -19,6 +19,18 @@ daemon that dies, however it dies, serves nothing any more. The mark stays (an
 empty file) and holds no data; neither a domain's keys nor the listing of
 domains ever take a file of the root for one of theirs.
 
+**Whose mark.** A shared lock does not say whose it is, and a worker of a
+group that reloads a config bringing in a root must tell a sibling that
+marked it a moment before (its own daemon) from another daemon. So each
+holder also takes a read lock (an open file description's, ``F_OFD_SETLK``)
+on one byte of the mark: its daemon's, a number drawn at random for a daemon
+on its own and shared by a group's workers (:func:`new_daemon_key`,
+:func:`serve_for`). A process whose daemon marks a root asks whether any
+other byte is locked; every other process asks the shared lock, which also
+tells of a daemon of an earlier release, which locks no byte. Where open
+file description locks are missing (not Linux), a daemon's workers are not
+told apart and a root this process marks is not served elsewhere for it.
+
 The in-process library takes no mark: several processes of one service
 writing a root, uncoordinated, is the original SDK's contract, kept.
 
@@ -31,6 +43,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
+import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,7 +56,16 @@ from chanstore.backends.files import PlantedLink, Root, named
 from chanstore.backends.integrity import report_planted
 from chanstore.errors import BackendUnavailable
 
-__all__ = ["MARK_NAME", "check_writable", "mark_served", "root_of", "served", "served_by_daemon"]
+__all__ = [
+    "MARK_NAME",
+    "check_writable",
+    "mark_served",
+    "new_daemon_key",
+    "root_of",
+    "serve_for",
+    "served",
+    "served_by_daemon",
+]
 
 #: The mark's name in the root.
 MARK_NAME = ".chanstore-served"
@@ -52,6 +76,29 @@ _MARK_RETRY = 0.01
 #: The roots this process marks (resolved), and how many marks it holds on each.
 _held: Counter[str] = Counter()
 _held_lock = threading.Lock()
+#: ``struct flock`` of a 64-bit Linux, for the byte locks: type, whence, start, length, pid.
+_FLOCK = struct.Struct("hhqqi4x")
+#: Whether holders lock their daemon's byte (see "Whose mark").
+BYTE_LOCKS = hasattr(fcntl, "F_OFD_SETLK") and sys.maxsize > 2**32
+#: Daemon keys are drawn from 1 to this; two daemons drawing one are told apart by
+#: nothing, at odds of one in a trillion.
+_KEYS = 2**40
+
+
+def new_daemon_key() -> int:
+    """A number for a daemon: the byte of every mark its processes hold."""
+    return random.SystemRandom().randint(1, _KEYS)
+
+
+#: This process's daemon: its own, until :func:`serve_for` says it is a group's worker.
+_daemon_key = new_daemon_key()
+
+
+def serve_for(daemon_key: int) -> None:
+    """Mark roots, and ask of them, as a process of the daemon ``daemon_key`` from now on:
+    a group's workers, with their supervisor's key."""
+    global _daemon_key  # noqa: PLW0603 - one daemon per process, set once at a worker's start
+    _daemon_key = daemon_key
 
 
 def mark_served(root: str) -> Callable[[], None]:
@@ -68,6 +115,8 @@ def mark_served(root: str) -> Callable[[], None]:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), root)
     try:
         _share(fd)
+        if BYTE_LOCKS:  # a read lock fails only against a write lock, which nobody takes
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, _daemon_key, 1))
     except BaseException:
         os.close(fd)
         raise
@@ -78,11 +127,9 @@ def mark_served(root: str) -> Callable[[], None]:
 
 
 def served(root: str) -> bool:
-    """Whether another process serves ``root`` now: one holds its mark.
+    """Whether another daemon serves ``root`` now: a process of another daemon holds its
+    mark (this process's own marks, and its group's workers', are not another's).
 
-    False for a root this process marks: the exclusive lock that asks would
-    meet this process's own shared one, so another's cannot be told from it
-    (and a daemon asks of a root before it marks it, or serves it already).
     False, and the link reported, where a link was planted in the mark's place:
     no daemon marks a root through one; False for a root that cannot be reached
     (a file in its place, no permission): nor could a daemon mark it. What uses
@@ -90,8 +137,9 @@ def served(root: str) -> bool:
     """
     key = os.path.realpath(root)
     with _held_lock:
-        if _held[key]:
-            return False
+        marked_here = bool(_held[key])
+    if marked_here and not BYTE_LOCKS:
+        return False  # the shared lock cannot tell this process's own from another's
     try:
         fd = _open_mark(root, create=False)
     except PlantedLink as exc:  # no daemon marks through a link: none marked this root
@@ -102,6 +150,8 @@ def served(root: str) -> bool:
     if fd is None:
         return False
     try:
+        if marked_here or (BYTE_LOCKS and _locked(fd, _daemon_key, 1)):
+            return _locked(fd, 0, _daemon_key) or _locked(fd, _daemon_key + 1, 0)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -181,6 +231,17 @@ def _open_mark(root: str, create: bool) -> int | None:
             raise named(exc, root_fd, MARK_NAME, os.path.join(folder.path, MARK_NAME)) from None
     finally:
         folder.close()
+
+
+def _flock(kind: int, start: int, length: int) -> bytes:
+    """A ``struct flock`` of ``length`` bytes from ``start`` (0: to the end, and beyond)."""
+    return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
+
+
+def _locked(fd: int, start: int, length: int) -> bool:
+    """Whether another open file description of the mark ``fd`` locks a byte of the range."""
+    found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, start, length))
+    return _FLOCK.unpack(found)[0] != fcntl.F_UNLCK
 
 
 def _share(fd: int) -> None:

@@ -104,8 +104,7 @@ class Daemon:
     async def apply(self, config: DbConfig) -> Applied:
         """Serve a reloaded ``config``, and the token file as it reads now."""
         token = self.settings.read_token()  # ConfigError rejects the reload before any change
-        if self.role is None:  # a worker could not tell a sibling that marked a root first
-            check_not_served_elsewhere(config)  # from another daemon: groups ask at start
+        check_not_served_elsewhere(config)  # a group's workers ask as the one daemon they are
         changes = self.engine.apply_config(served_here(self.role, config))
         self._config = config
         if self.group is not None:

@@ -72,6 +72,9 @@ class WorkerRole:
     supervisor_pid: int
     #: The inherited listening socket's descriptor.
     listen_fd: int
+    #: The group's key in the marks of the json roots it serves, one for all its workers
+    #: (:func:`chanstore.backends.json_serving.serve_for`).
+    daemon_key: int
 
     @classmethod
     def from_environment(cls) -> WorkerRole | None:
@@ -80,7 +83,8 @@ class WorkerRole:
             return None
         fields = json.loads(text)
         return cls(fields["index"], fields["count"], Path(fields["folder"]),
-                   fields["supervisor_pid"], fields["listen_fd"])  # fmt: skip
+                   fields["supervisor_pid"], fields["listen_fd"],
+                   fields["daemon_key"])  # fmt: skip
 
     def encode(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "folder": str(self.folder)})

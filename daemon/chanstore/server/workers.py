@@ -47,6 +47,7 @@ from pathlib import Path
 import uvloop
 
 from chanstore import logs
+from chanstore.backends import json_serving
 from chanstore.config import load_db_config
 from chanstore.engine import check_not_served_elsewhere
 from chanstore.errors import ConfigError
@@ -98,6 +99,7 @@ class Supervisor:
                  folder: Path) -> None:  # fmt: skip
         self.settings = settings
         self.folder = folder
+        self.daemon_key = json_serving.new_daemon_key()
         self.workers = [_Worker(index, sockets[index % len(sockets)])
                         for index in range(settings.workers)]  # fmt: skip
         self.stopping = False
@@ -135,7 +137,7 @@ class Supervisor:
 
     def _start(self, worker: _Worker) -> None:
         role = WorkerRole(worker.index, len(self.workers), self.folder, os.getpid(),
-                          worker.sock.fileno())  # fmt: skip
+                          worker.sock.fileno(), self.daemon_key)  # fmt: skip
         env = {name: value for name, value in os.environ.items()
                if name not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}  # fmt: skip
         env[ROLE_VARIABLE] = role.encode()
@@ -365,11 +367,12 @@ def whole_lines() -> None:
 
 
 def join_supervisor(role: WorkerRole) -> None:
-    """In a worker, first thing: die with the supervisor, and name the worker in every log
-    event."""
+    """In a worker, first thing: die with the supervisor, name the worker in every log
+    event, and mark json roots as the group's."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != role.supervisor_pid:
         os._exit(1)  # the supervisor died before the line above
     logs.bind_process(worker=role.index)
+    json_serving.serve_for(role.daemon_key)
