@@ -21,8 +21,9 @@ everything about the connection and nothing about the API:
   ``Expect: 100-continue``, HEAD. Requests the parser rejects, and requests
   HTTP/1.1 forbids (no ``Host``, two ``Authorization`` headers), get a JSON
   400 counted like any answer, and the connection closes after it.
-* **Browsers.** A write a browser sends for a page of another origin is a
-  403 before its body is read (:mod:`chanstore.http.cross_origin`).
+* **Browsers.** A write a browser sends for a page of another origin, and
+  any request of a page that names the daemon by a name (DNS rebinding), is
+  a 403 before its body is read (:mod:`chanstore.http.cross_origin`).
 
 Each answer is written with one system call; answers made while one read is
 parsed (pipelined cached reads) go out together with one call.
