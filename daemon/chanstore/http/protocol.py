@@ -98,6 +98,8 @@ class HttpProtocol(asyncio.Protocol):
         #: The headers the connection itself checks (a short list, usually one: Host).
         self.checked: list[tuple[bytes, bytes]] = []
         self.host = False
+        #: Whether the request says a browser sent it (see :mod:`chanstore.http.cross_origin`).
+        self.from_browser = False
         self.request_id: bytes | None = None
         self.body: list[bytes] = []
         self.body_size = 0
@@ -254,6 +256,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = []
         self.checked = []
         self.host = False
+        self.from_browser = False
         self.request_id = None
 
     def on_url(self, url: bytes) -> None:
@@ -275,6 +278,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.request_id = value
             else:
                 self.checked.append((name, value))
+                if name in cross_origin.HEADERS:
+                    self.from_browser = True
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -473,7 +478,9 @@ class HttpProtocol(asyncio.Protocol):
                                   "(or HTTP/1.0)", code="unsupported_version")  # fmt: skip
         if request.version == "1.1" and not self.host:
             return HttpError(400, "an HTTP/1.1 request must have a Host header")
-        if refused := cross_origin.refusal(request.method, self.checked, request.header(b"host")):
+        if self.from_browser and (
+            refused := cross_origin.refusal(request.method, self.checked, request.header(b"host"))
+        ):
             return refused
         if len(checked) < len(self.checked) and self._repeated(b"authorization"):
             return HttpError(400, "more than one Authorization header")
