@@ -36,7 +36,7 @@ from daemon_harness import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import chanstore
-from chanstore.server.group import FORWARD_CONNECTIONS
+from chanstore.server.group import FORWARD_CONNECTIONS, ROLE_VARIABLE, WorkerRole
 from chanstore.server.metrics_merge import MERGE, MIN
 
 WORKERS = ["--workers", "2"]
@@ -80,6 +80,19 @@ def worker_pids(daemon: DaemonProcess) -> dict[int, int]:
 
     wait_until(both, 20, "both workers answering /healthz")
     return found
+
+
+def test_a_role_from_a_supervisor_of_an_earlier_release_is_read(monkeypatch) -> None:
+    """After an upgrade, a supervisor still running the earlier release starts a worker of
+    this one (a worker that died is started again): its role has no daemon key, and the
+    worker must start all the same, as a daemon of its own in the marks of json roots."""
+    role = WorkerRole(1, 2, Path("/run/chanstore/g"), 4321, 5, daemon_key=77)
+    monkeypatch.setenv(ROLE_VARIABLE, role.encode())
+    assert WorkerRole.from_environment() == role
+    earlier = {k: v for k, v in json.loads(role.encode()).items() if k != "daemon_key"}
+    monkeypatch.setenv(ROLE_VARIABLE, json.dumps(earlier))
+    assert WorkerRole.from_environment() == WorkerRole(1, 2, Path("/run/chanstore/g"), 4321, 5,
+                                                       daemon_key=None)  # fmt: skip
 
 
 def test_connections_reach_both_workers_and_healthz_names_the_service(group) -> None:

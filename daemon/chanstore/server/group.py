@@ -73,8 +73,9 @@ class WorkerRole:
     #: The inherited listening socket's descriptor.
     listen_fd: int
     #: The group's key in the marks of the json roots it serves, one for all its workers
-    #: (:func:`chanstore.backends.json_serving.serve_for`).
-    daemon_key: int
+    #: (:func:`chanstore.backends.json_serving.serve_for`); None from a supervisor of an
+    #: earlier release, which a worker of this one can be started by after an upgrade.
+    daemon_key: int | None
 
     @classmethod
     def from_environment(cls) -> WorkerRole | None:
@@ -84,7 +85,7 @@ class WorkerRole:
         fields = json.loads(text)
         return cls(fields["index"], fields["count"], Path(fields["folder"]),
                    fields["supervisor_pid"], fields["listen_fd"],
-                   fields["daemon_key"])  # fmt: skip
+                   fields.get("daemon_key"))  # fmt: skip
 
     def encode(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "folder": str(self.folder)})

@@ -375,4 +375,5 @@ def join_supervisor(role: WorkerRole) -> None:
     if os.getppid() != role.supervisor_pid:
         os._exit(1)  # the supervisor died before the line above
     logs.bind_process(worker=role.index)
-    json_serving.serve_for(role.daemon_key)
+    if role.daemon_key is not None:
+        json_serving.serve_for(role.daemon_key)
