@@ -21,9 +21,8 @@ everything about the connection and nothing about the API:
   ``Expect: 100-continue``, HEAD. Requests the parser rejects, and requests
   HTTP/1.1 forbids (no ``Host``, two ``Authorization`` headers), get a JSON
   400 counted like any answer, and the connection closes after it.
-* **Browsers.** A write a browser sends for a page of another origin, and
-  any request of a page that names the daemon by a name (DNS rebinding), is
-  a 403 before its body is read (:mod:`chanstore.http.cross_origin`).
+* **Browsers.** What a web page may not have a browser ask is a 403 before
+  its body is read (:mod:`chanstore.http.cross_origin`).
 
 Each answer is written with one system call; answers made while one read is
 parsed (pipelined cached reads) go out together with one call.
@@ -97,9 +96,7 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         #: The headers the connection itself checks (a short list, usually one: Host).
         self.checked: list[tuple[bytes, bytes]] = []
-        self.host = False
-        #: Whether the request says a browser sent it (see :mod:`chanstore.http.cross_origin`).
-        self.from_browser = False
+        self.host = self.from_browser = False  # whether it has a Host, a browser's header
         self.request_id: bytes | None = None
         self.body: list[bytes] = []
         self.body_size = 0
@@ -255,8 +252,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.checked = []
-        self.host = False
-        self.from_browser = False
+        self.host = self.from_browser = False
         self.request_id = None
 
     def on_url(self, url: bytes) -> None:
