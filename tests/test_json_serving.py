@@ -145,6 +145,39 @@ def test_a_worker_is_not_told_that_its_own_group_serves_a_root(tmp_path):
         assert JSONDatabase.served_elsewhere(settings(tmp_path)) is not None
 
 
+#: Seconds the marking and asking race of the next test runs.
+RACE_SECONDS = 2.0
+
+
+@needs_byte_locks
+def test_a_sibling_marking_again_and_again_is_never_taken_for_another_daemon(tmp_path):
+    """One worker marks a root and takes the mark back, over and over, while a sibling
+    asks, over and over: the sibling must never see the one lock without the other, and
+    so never be told another daemon serves the root (a reload of a group was refused so,
+    once, when the shared lock was taken first)."""
+    racing = textwrap.dedent(f"""
+        import sys, time
+        {as_daemon(SIBLINGS)}
+        from chanstore.backends import json_serving
+        root, until = {str(tmp_path)!r}, time.monotonic() + {RACE_SECONDS}
+        times = wrong = 0
+        while time.monotonic() < until:
+            times += 1
+            if sys.argv[1] == "mark":
+                json_serving.mark_served(root)()
+            else:
+                wrong += json_serving.served(root)
+        print(times, wrong)
+    """)
+    json_serving.mark_served(str(tmp_path))()  # the mark exists for the asker from the start
+    racers = [subprocess.Popen([sys.executable, "-c", racing, role], stdout=subprocess.PIPE,
+                               text=True) for role in ("mark", "ask")]  # fmt: skip
+    (marks, _), (asks, wrong) = [map(int, racer.communicate(timeout=HELPER_TIMEOUT)[0].split())
+                                 for racer in racers]  # fmt: skip
+    assert marks > 100 and asks > 100, (marks, asks)
+    assert wrong == 0, f"told another daemon serves the root {wrong} times of {asks}"
+
+
 @needs_byte_locks
 def test_a_worker_is_told_of_another_daemon_beside_its_own_group(tmp_path):
     with holding(tmp_path, OTHERS), holding(tmp_path, SIBLINGS):

@@ -25,11 +25,13 @@ marked it a moment before (its own daemon) from another daemon. So each
 holder also takes a read lock (an open file description's, ``F_OFD_SETLK``)
 on one byte of the mark: its daemon's, a number drawn at random for a daemon
 on its own and shared by a group's workers (:func:`new_daemon_key`,
-:func:`serve_for`). A process whose daemon marks a root asks whether any
-other byte is locked; every other process asks the shared lock, which also
-tells of a daemon of an earlier release, which locks no byte. Where open
-file description locks are missing (not Linux), a daemon's workers are not
-told apart and a root this process marks is not served elsewhere for it.
+:func:`serve_for`), taken before the shared lock and let go after it.
+Asking, a process looks for another daemon's byte, then at the shared lock
+(which also tells of a daemon of an earlier release, which locks no byte),
+then at the bytes again (see :func:`_served_by_bytes`): only its own
+daemon's, and the root is not served elsewhere. Where open file description
+locks are missing (not Linux), a daemon's workers are not told apart and a
+root this process marks is not served elsewhere for it.
 
 The in-process library takes no mark: several processes of one service
 writing a root, uncoordinated, is the original SDK's contract, kept.
@@ -80,6 +82,9 @@ _held_lock = threading.Lock()
 _FLOCK = struct.Struct("hhqqi4x")
 #: Whether holders lock their daemon's byte (see "Whose mark").
 BYTE_LOCKS = hasattr(fcntl, "F_OFD_SETLK") and sys.maxsize > 2**32
+#: How often :func:`served` looks at a mark whose shared lock it found held and no byte
+#: locked (see :func:`_served_by_bytes`).
+_LOOKS = 3
 #: Daemon keys are drawn from 1 to this; two daemons drawing one are told apart by
 #: nothing, at odds of one in a trillion.
 _KEYS = 2**40
@@ -114,9 +119,11 @@ def mark_served(root: str) -> Callable[[], None]:
     if fd is None:  # cannot happen: the root was just made
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), root)
     try:
-        _share(fd)
-        if BYTE_LOCKS:  # a read lock fails only against a write lock, which nobody takes
+        # The byte first: a sibling that sees this process's shared lock must see whose it
+        # is (a read lock fails only against a write lock, which nobody takes).
+        if BYTE_LOCKS:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, _daemon_key, 1))
+        _share(fd)
     except BaseException:
         os.close(fd)
         raise
@@ -150,14 +157,9 @@ def served(root: str) -> bool:
     if fd is None:
         return False
     try:
-        if marked_here or (BYTE_LOCKS and _locked(fd, _daemon_key, 1)):
-            return _locked(fd, 0, _daemon_key) or _locked(fd, _daemon_key + 1, 0)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return _served_by_bytes(fd, marked_here) if BYTE_LOCKS else _shared_lock_held(fd)
     finally:
-        os.close(fd)  # and with it the exclusive lock, held for this instant only
-    return False
+        os.close(fd)
 
 
 def served_by_daemon(root: str) -> str | None:
@@ -207,7 +209,10 @@ def _unmarking(key: str, fd: int) -> Callable[[], None]:
             _held[key] -= 1
             if not _held[key]:
                 del _held[key]
-        os.close(fd)  # and with it the shared lock
+        # The shared lock before the byte (which goes with the descriptor): while this
+        # process holds the one, it holds the other (see _served_by_bytes).
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
     return unmark
 
@@ -231,6 +236,43 @@ def _open_mark(root: str, create: bool) -> int | None:
             raise named(exc, root_fd, MARK_NAME, os.path.join(folder.path, MARK_NAME)) from None
     finally:
         folder.close()
+
+
+def _served_by_bytes(fd: int, marked_here: bool) -> bool:
+    """Whether a process of another daemon holds the mark ``fd``, as its byte locks tell.
+
+    Each holder takes its byte before the shared lock and lets it go after it,
+    so a holder of the shared lock holds its byte. The two are looked at one
+    after the other, not at once: the shared lock held and no byte locked a
+    moment later is a holder that let go in between, or a daemon of an
+    earlier release, which locks no byte. Looked at again, the first is gone;
+    after :data:`_LOOKS` looks, the second is taken for what it is.
+    """
+    for _ in range(_LOOKS):
+        if _other_daemons_byte(fd):
+            return True
+        if not _shared_lock_held(fd):
+            return False
+        if _other_daemons_byte(fd):
+            return True
+        if marked_here or _locked(fd, _daemon_key, 1):
+            return False  # this daemon's processes hold it, and no other daemon's
+    return True
+
+
+def _other_daemons_byte(fd: int) -> bool:
+    return _locked(fd, 0, _daemon_key) or _locked(fd, _daemon_key + 1, 0)
+
+
+def _shared_lock_held(fd: int) -> bool:
+    """Whether any process holds the mark ``fd``'s shared lock (the exclusive one that
+    asks is let go at once)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def _flock(kind: int, start: int, length: int) -> bytes:
