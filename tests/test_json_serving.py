@@ -171,9 +171,19 @@ def test_a_sibling_marking_again_and_again_is_never_taken_for_another_daemon(tmp
     """)
     json_serving.mark_served(str(tmp_path))()  # the mark exists for the asker from the start
     racers = [subprocess.Popen([sys.executable, "-c", racing, role], stdout=subprocess.PIPE,
-                               text=True) for role in ("mark", "ask")]  # fmt: skip
-    (marks, _), (asks, wrong) = [map(int, racer.communicate(timeout=HELPER_TIMEOUT)[0].split())
-                                 for racer in racers]  # fmt: skip
+                               stderr=subprocess.PIPE, text=True)
+              for role in ("mark", "ask")]  # fmt: skip
+    counts = []
+    try:
+        for racer in racers:
+            out, err = racer.communicate(timeout=HELPER_TIMEOUT)
+            assert racer.returncode == 0, err
+            counts.append([int(number) for number in out.split()])
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.wait(HELPER_TIMEOUT)
+    (marks, _), (asks, wrong) = counts
     assert marks > 100 and asks > 100, (marks, asks)
     assert wrong == 0, f"told another daemon serves the root {wrong} times of {asks}"
 
