@@ -6,8 +6,9 @@ reach: every write route, with the headers browsers send, from another site
 (403 ``cross_origin``, nothing changed, counted) and from the daemon's own
 origin or no browser at all (served); a page that reached the daemon by a
 name, as DNS rebinding makes one (403 ``browser_by_name``, reads too), and
-by an address (served). The browsers' header sets are the ones Chromium and
-Firefox send for a page's ``fetch`` and form post.
+by an address (served). The browsers' header sets are the ones Chromium
+sends for a page's ``fetch``, and an older browser's, without Sec-Fetch-*,
+for a form post.
 """
 
 from __future__ import annotations
