@@ -4,8 +4,8 @@ Starting and stopping the processes a benchmark measures (free ports, polling
 with a deadline, a redis-server that answers), finding the ``chanstore``
 script and the source it runs, timing a call in one process, progress lines,
 the text and markdown tables each benchmark prints, and the domain names a
-Redis write is made for without a backend. The benchmarks import it as a sibling module
-(``python3 bench/feed.py`` puts bench/ first on the path).
+Redis write is made for without a backend. The benchmarks import it as a
+sibling module (``python3 bench/feed.py`` puts bench/ first on the path).
 """
 
 from __future__ import annotations
